@@ -1,0 +1,23 @@
+//! The `credstream.v1` API.
+//!
+//! - [`v1`]: the generated messages and the client and server stubs of
+//!   `PublisherService`, `AgentService` and `AdminService`.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server
+//!   reflection.
+//! - `secret`: hand-written `Debug` (lengths, never values) and zeroize-on-drop
+//!   for every message that carries a secret.
+//! - `convert`: small helpers between the generated types and `SystemTime`.
+
+pub mod convert;
+mod secret;
+
+/// The generated `credstream.v1` package.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("credstream.v1");
+}
+
+/// Encoded `FileDescriptorSet` of `credstream.v1` (and its imports), for
+/// server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/credstream_descriptor.bin"));
