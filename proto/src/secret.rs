@@ -96,19 +96,16 @@ mod tests {
 
     #[test]
     fn debug_never_prints_secret_values() {
+        let mut aws = AwsCredential::default();
+        aws.access_key_id = "ASIAEXAMPLE".into();
+        aws.secret_access_key = "very-secret-key".into();
+        aws.session_token = "very-secret-session".into();
         let update = CredentialUpdate {
-            credential: Some(credential_update::Credential::Aws(AwsCredential {
-                access_key_id: "ASIAEXAMPLE".into(),
-                secret_access_key: "very-secret-key".into(),
-                session_token: "very-secret-session".into(),
-                ..Default::default()
-            })),
+            credential: Some(credential_update::Credential::Aws(aws)),
             ..Default::default()
         };
-        let gcp = GcpCredential {
-            access_token: "ya29.very-secret-token".into(),
-            ..Default::default()
-        };
+        let mut gcp = GcpCredential::default();
+        gcp.access_token = "ya29.very-secret-token".into();
         let env = EnvVar {
             name: "DB_PASSWORD".into(),
             value: "hunter2-very-secret".into(),
