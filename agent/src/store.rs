@@ -1,0 +1,256 @@
+//! The agent's latest state: what it serves to local processes.
+//!
+//! [`CredentialStore`] applies messages from the broker with the design's
+//! rules — an item replaces what is held only if its version is newer (broker
+//! versions keep increasing across broker restarts, see the broker's `hub`),
+//! an empty snapshot (a restarted broker) wipes nothing, only a revocation
+//! does —
+//! and publishes every change on a `watch` channel that the HTTP surfaces, the
+//! env file writer and `exec` read. Expiry is checked when reading: an
+//! expired credential is held (for diagnostics) but never returned by the
+//! `live_*` accessors.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use credstream_proto::v1::{
+    ClusterInfo, ClusterSnapshot, CredentialKind, CredentialUpdate, PrivateEnv, Revocation,
+    subscribe_response,
+};
+use tokio::sync::watch;
+
+/// Everything the agent holds. Cheap to clone (reference-counted items).
+#[derive(Clone, Debug, Default)]
+pub struct AgentState {
+    /// What the publisher declared, once known.
+    pub info: Option<ClusterInfo>,
+    /// The latest AWS credential (possibly expired; see [`AgentState::live`]).
+    pub aws: Option<Arc<CredentialUpdate>>,
+    /// The latest GCP credential (possibly expired).
+    pub gcp: Option<Arc<CredentialUpdate>>,
+    /// The whole private environment, once received.
+    pub env: Option<Arc<PrivateEnv>>,
+    /// The highest cluster version applied (what the agent acknowledges).
+    pub version: u64,
+    /// Per-slot versions, including revocations, so that an older message
+    /// never resurrects a revoked slot.
+    slot_versions: SlotVersions,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct SlotVersions {
+    aws: u64,
+    gcp: u64,
+    env: u64,
+    info: u64,
+}
+
+/// Why the agent is not ready, as `/readyz` and `exec` report it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// No snapshot yet and nothing held: the broker has not been reached.
+    #[error("waiting for the first snapshot from the broker")]
+    NoSnapshot,
+    /// The broker has no publisher declaration for this cluster yet.
+    #[error("waiting for a publisher to connect to the cluster")]
+    NoPublisher,
+    /// A declared credential is missing.
+    #[error("no {0} credential received yet")]
+    Missing(&'static str),
+    /// A declared credential has expired.
+    #[error("the {0} credential has expired; waiting for a refreshed one")]
+    Expired(&'static str),
+    /// The publisher declared a private env that has not arrived.
+    #[error("the private environment has not arrived yet")]
+    NoPrivateEnv,
+}
+
+impl AgentState {
+    /// The credential of `kind` if it is unexpired at `now`.
+    pub fn live(&self, kind: CredentialKind, now: SystemTime) -> Option<&Arc<CredentialUpdate>> {
+        let held = match kind {
+            CredentialKind::Aws => self.aws.as_ref(),
+            CredentialKind::Gcp => self.gcp.as_ref(),
+            CredentialKind::Unspecified => None,
+        }?;
+        held.expiry().filter(|expiry| *expiry > now).map(|_| held)
+    }
+
+    /// The version held for a credential kind (0 if none or revoked).
+    pub fn held_version(&self, kind: CredentialKind) -> u64 {
+        match kind {
+            CredentialKind::Aws => self.aws.as_ref().map_or(0, |c| c.version),
+            CredentialKind::Gcp => self.gcp.as_ref().map_or(0, |c| c.version),
+            CredentialKind::Unspecified => 0,
+        }
+    }
+
+    /// Ready means: an unexpired credential of every declared kind, and the
+    /// private env if one was declared.
+    pub fn readiness(&self, now: SystemTime) -> Result<(), NotReady> {
+        let Some(info) = &self.info else {
+            return Err(if self.version == 0 {
+                NotReady::NoSnapshot
+            } else {
+                NotReady::NoPublisher
+            });
+        };
+        for kind in info.kinds() {
+            if self.live(kind, now).is_none() {
+                let held = match kind {
+                    CredentialKind::Aws => self.aws.is_some(),
+                    CredentialKind::Gcp => self.gcp.is_some(),
+                    CredentialKind::Unspecified => continue,
+                };
+                return Err(if held {
+                    NotReady::Expired(kind.label())
+                } else {
+                    NotReady::Missing(kind.label())
+                });
+            }
+        }
+        if info.private_env && self.env.is_none() {
+            return Err(NotReady::NoPrivateEnv);
+        }
+        Ok(())
+    }
+
+    /// The private env as name/value pairs (empty if none).
+    pub fn env_vars(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.env
+            .iter()
+            .flat_map(|env| env.set.iter().map(|v| (v.name.as_str(), v.value.as_str())))
+    }
+}
+
+/// The agent's state plus its change notifications.
+#[derive(Clone, Debug)]
+pub struct CredentialStore {
+    state: Arc<watch::Sender<AgentState>>,
+    snapshot_seen: Arc<watch::Sender<bool>>,
+}
+
+impl Default for CredentialStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CredentialStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            state: Arc::new(watch::Sender::new(AgentState::default())),
+            snapshot_seen: Arc::new(watch::Sender::new(false)),
+        }
+    }
+
+    /// A copy of the current state.
+    pub fn current(&self) -> AgentState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees every change.
+    pub fn subscribe(&self) -> watch::Receiver<AgentState> {
+        self.state.subscribe()
+    }
+
+    /// Resolves once the first snapshot from any broker has been applied.
+    pub async fn first_snapshot(&self) {
+        let mut seen = self.snapshot_seen.subscribe();
+        let _ = seen.wait_for(|seen| *seen).await;
+    }
+
+    /// Applies one message from the broker. Returns true if anything changed.
+    pub fn apply(&self, message: subscribe_response::Message) -> bool {
+        use subscribe_response::Message;
+        let is_snapshot = matches!(message, Message::Snapshot(_));
+        let changed = self.state.send_if_modified(|state| match message {
+            Message::Snapshot(snapshot) => apply_snapshot(state, snapshot),
+            Message::Credential(update) => apply_credential(state, update),
+            Message::PrivateEnv(env) => apply_env(state, env),
+            Message::Revocation(revocation) => apply_revocation(state, revocation),
+            Message::ClusterInfo(info) => apply_info(state, info),
+        });
+        if is_snapshot {
+            self.snapshot_seen.send_replace(true);
+        }
+        changed
+    }
+}
+
+fn bump(state: &mut AgentState, version: u64) {
+    state.version = state.version.max(version);
+}
+
+fn apply_snapshot(state: &mut AgentState, snapshot: ClusterSnapshot) -> bool {
+    let mut changed = false;
+    if let Some(info) = snapshot.info {
+        changed |= apply_info(state, info);
+    }
+    for update in snapshot.credentials {
+        changed |= apply_credential(state, update);
+    }
+    if let Some(env) = snapshot.private_env {
+        changed |= apply_env(state, env);
+    }
+    changed
+}
+
+fn apply_info(state: &mut AgentState, info: ClusterInfo) -> bool {
+    if info.version <= state.slot_versions.info && state.info.is_some() {
+        return false;
+    }
+    state.slot_versions.info = info.version;
+    bump(state, info.version);
+    state.info = Some(info);
+    true
+}
+
+fn apply_credential(state: &mut AgentState, update: CredentialUpdate) -> bool {
+    let version = update.version;
+    let (slot, held_version) = match update.kind() {
+        CredentialKind::Aws => (&mut state.aws, &mut state.slot_versions.aws),
+        CredentialKind::Gcp => (&mut state.gcp, &mut state.slot_versions.gcp),
+        CredentialKind::Unspecified => return false,
+    };
+    if version <= *held_version {
+        return false;
+    }
+    *held_version = version;
+    *slot = Some(Arc::new(update));
+    bump(state, version);
+    true
+}
+
+fn apply_env(state: &mut AgentState, env: PrivateEnv) -> bool {
+    if env.version <= state.slot_versions.env {
+        return false;
+    }
+    state.slot_versions.env = env.version;
+    bump(state, env.version);
+    state.env = Some(Arc::new(env));
+    true
+}
+
+fn apply_revocation(state: &mut AgentState, revocation: Revocation) -> bool {
+    let version = revocation.version;
+    let mut changed = false;
+    for kind in revocation.kinds() {
+        let (slot, held_version) = match kind {
+            CredentialKind::Aws => (&mut state.aws, &mut state.slot_versions.aws),
+            CredentialKind::Gcp => (&mut state.gcp, &mut state.slot_versions.gcp),
+            CredentialKind::Unspecified => continue,
+        };
+        if version > *held_version {
+            *held_version = version;
+            changed |= slot.take().is_some();
+        }
+    }
+    if revocation.private_env && version > state.slot_versions.env {
+        state.slot_versions.env = version;
+        changed |= state.env.take().is_some();
+    }
+    bump(state, revocation.version);
+    changed
+}

@@ -1,0 +1,55 @@
+//! Minting: turning the user's local identity into a short-lived credential.
+//!
+//! One [`Minter`] per credential kind. The session (`crate::session`) calls
+//! [`Minter::mint`] when the broker sends a `RefreshRequest` for that kind (and
+//! on its own only when no broker is reachable and its last credential is
+//! near expiry). Each call must return a *fresh* credential, not a cached one
+//! about to expire.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use credstream_proto::v1::{CredentialKind, CredentialUpdate};
+
+/// A boxed future returned by [`Minter::mint`].
+pub type MintFuture<'a> = Pin<Box<dyn Future<Output = Result<CredentialUpdate, MintError>> + Send + 'a>>;
+
+/// Mints credentials of one kind.
+pub trait Minter: Send + Sync + 'static {
+    /// The kind this minter produces.
+    fn kind(&self) -> CredentialKind;
+
+    /// Mints a new credential. The returned update has `expires_at` set and
+    /// `version` / `refresh_request_id` left empty (the session fills in the
+    /// request id).
+    fn mint(&self) -> MintFuture<'_>;
+}
+
+/// Why minting failed. Every message says what the user can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum MintError {
+    /// No local credentials of this kind were found.
+    #[error("no local {kind} credentials: {hint}")]
+    NoCredentials {
+        /// `AWS` or `GCP`.
+        kind: &'static str,
+        /// What to do (log in, set a profile, …).
+        hint: String,
+    },
+    /// The identity provider refused (access denied, expired SSO session, …).
+    #[error("{kind} refused to mint: {message}")]
+    Refused {
+        /// `AWS` or `GCP`.
+        kind: &'static str,
+        /// The provider's message and the fix.
+        message: String,
+    },
+    /// The identity provider could not be reached or answered nonsense.
+    #[error("{kind} minting failed: {message}")]
+    Failed {
+        /// `AWS` or `GCP`.
+        kind: &'static str,
+        /// What happened.
+        message: String,
+    },
+}

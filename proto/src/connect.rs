@@ -1,0 +1,252 @@
+//! How a publisher or an agent reaches the broker: URL checks, TLS, the
+//! bearer token and the cluster routing header.
+//!
+//! The rule from the design: a token is never sent in plaintext to a host
+//! that is not loopback unless the caller explicitly allows it (`--insecure`).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Request, Status};
+
+/// The metadata key an L7 proxy routes on.
+pub const CLUSTER_HEADER: &str = "x-credstream-cluster";
+
+/// Errors opening a connection to the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The broker URL does not parse; use `http://host:port` or
+    /// `https://host:port`.
+    #[error("invalid broker URL {url:?}: {reason} (expected http://HOST:PORT or https://HOST:PORT)")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Plain `http://` to a host that is not loopback would send the bearer
+    /// token in clear text.
+    #[error(
+        "refusing to send a token in plaintext to {host}: use https:// (with --ca-cert if the broker's certificate is private) or pass --insecure"
+    )]
+    PlaintextToRemote {
+        /// The host named in the URL.
+        host: String,
+    },
+    /// The CA certificate file cannot be read.
+    #[error("cannot read CA certificate {path}: {source}")]
+    CaCert {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The token contains characters that cannot go into a header.
+    #[error("the token contains characters that are not allowed in a gRPC header; check the token file")]
+    InvalidToken,
+    /// The transport could not be configured or could not connect.
+    #[error("cannot connect to the broker at {url}: {source}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+}
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct BrokerAddress {
+    /// `http://host:port` or `https://host:port`.
+    pub url: String,
+    /// The bearer token (publisher or agent role).
+    pub token: String,
+    /// The cluster, sent as `x-credstream-cluster`.
+    pub cluster_id: String,
+    /// A PEM CA bundle to trust instead of the system roots.
+    pub ca_cert: Option<PathBuf>,
+    /// Allow plaintext to a non-loopback host.
+    pub insecure: bool,
+}
+
+impl std::fmt::Debug for BrokerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerAddress")
+            .field("url", &self.url)
+            .field("token", &format_args!("<redacted {} bytes>", self.token.len()))
+            .field("cluster_id", &self.cluster_id)
+            .field("ca_cert", &self.ca_cert)
+            .field("insecure", &self.insecure)
+            .finish()
+    }
+}
+
+/// True for 127.0.0.0/8, ::1 and `localhost`.
+pub fn is_loopback_host(host: &str) -> bool {
+    let trimmed = host.trim_start_matches('[').trim_end_matches(']');
+    if trimmed.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    trimmed
+        .parse::<IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(false)
+}
+
+impl BrokerAddress {
+    /// Builds the endpoint, checking the plaintext rule and configuring TLS.
+    /// The connection itself is made lazily on first use, so a broker that is
+    /// down does not fail this call.
+    pub fn endpoint(&self) -> Result<Endpoint, ConnectError> {
+        let uri: http::Uri = self.url.parse().map_err(|e: http::uri::InvalidUri| {
+            ConnectError::InvalidUrl {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        let host = uri.host().unwrap_or_default().to_string();
+        if host.is_empty() {
+            return Err(ConnectError::InvalidUrl {
+                url: self.url.clone(),
+                reason: "no host".into(),
+            });
+        }
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => {
+                return Err(ConnectError::InvalidUrl {
+                    url: self.url.clone(),
+                    reason: "scheme must be http or https".into(),
+                });
+            }
+        };
+        if !tls && !self.insecure && !is_loopback_host(&host) {
+            return Err(ConnectError::PlaintextToRemote { host });
+        }
+        let transport = |source| ConnectError::Transport {
+            url: self.url.clone(),
+            source,
+        };
+        let mut endpoint = Endpoint::from(uri)
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        if tls {
+            let mut config = ClientTlsConfig::new().domain_name(host.trim_matches(['[', ']']));
+            match &self.ca_cert {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|source| ConnectError::CaCert {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    config = config.ca_certificate(Certificate::from_pem(pem));
+                }
+                None => config = config.with_enabled_roots(),
+            }
+            endpoint = endpoint.tls_config(config).map_err(transport)?;
+        }
+        Ok(endpoint)
+    }
+
+    /// A lazily connecting channel to the broker.
+    pub fn channel(&self) -> Result<Channel, ConnectError> {
+        Ok(self.endpoint()?.connect_lazy())
+    }
+
+    /// The interceptor that adds `authorization` and `x-credstream-cluster`
+    /// to every call.
+    pub fn interceptor(&self) -> Result<CallCredentials, ConnectError> {
+        let authorization: AsciiMetadataValue = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| ConnectError::InvalidToken)?;
+        let cluster = MetadataValue::try_from(self.cluster_id.as_str()).ok();
+        Ok(CallCredentials {
+            authorization,
+            cluster,
+        })
+    }
+}
+
+/// Adds the bearer token and the cluster header to each request.
+#[derive(Clone)]
+pub struct CallCredentials {
+    authorization: AsciiMetadataValue,
+    cluster: Option<AsciiMetadataValue>,
+}
+
+impl CallCredentials {
+    /// Credentials for a bearer token alone (no cluster header), for admin
+    /// calls.
+    pub fn bearer(token: &str) -> Result<Self, ConnectError> {
+        Ok(Self {
+            authorization: format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ConnectError::InvalidToken)?,
+            cluster: None,
+        })
+    }
+}
+
+impl std::fmt::Debug for CallCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallCredentials(<redacted>)")
+    }
+}
+
+impl tonic::service::Interceptor for CallCredentials {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let metadata = request.metadata_mut();
+        metadata.insert("authorization", self.authorization.clone());
+        if let Some(cluster) = &self.cluster {
+            metadata.insert(CLUSTER_HEADER, cluster.clone());
+        }
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn address(url: &str, insecure: bool) -> BrokerAddress {
+        BrokerAddress {
+            url: url.into(),
+            token: "t".into(),
+            cluster_id: "c".into(),
+            ca_cert: None,
+            insecure,
+        }
+    }
+
+    #[test]
+    fn plaintext_is_allowed_only_to_loopback_or_with_insecure() {
+        assert!(address("http://127.0.0.1:50051", false).endpoint().is_ok());
+        assert!(address("http://localhost:50051", false).endpoint().is_ok());
+        assert!(address("http://[::1]:50051", false).endpoint().is_ok());
+        let err = address("http://broker.example.com:50051", false)
+            .endpoint()
+            .unwrap_err();
+        assert!(matches!(err, ConnectError::PlaintextToRemote { .. }), "{err}");
+        assert!(err.to_string().contains("--insecure"));
+        assert!(address("http://broker.example.com:50051", true).endpoint().is_ok());
+    }
+
+    #[test]
+    fn bad_urls_are_explained() {
+        let err = address("ftp://x:1", false).endpoint().unwrap_err();
+        assert!(err.to_string().contains("scheme"), "{err}");
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        let mut a = address("http://127.0.0.1:1", false);
+        a.token = "super-secret-token".into();
+        assert!(!format!("{a:?}").contains("super-secret"));
+    }
+}
