@@ -1,1 +1,10 @@
-//! placeholder
+//! Test harness for credstream's integration and end-to-end tests.
+//!
+//! - [`tools`]: where the external peers (the project's Python venv, grpcurl,
+//!   buf, Node modules) are, as provided by `scripts/test.sh`; tests that need
+//!   one and do not find it print that they were skipped.
+//! - [`bins`]: paths of the workspace binaries, building them once if a test
+//!   runs before `cargo build`.
+
+pub mod bins;
+pub mod tools;
