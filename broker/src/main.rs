@@ -1,1 +1,200 @@
-fn main() {}
+//! `credstream-broker`: flags, logging, signals. Everything else is the
+//! library (`credstream_broker::server::start`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use credstream_broker::auth::{Role, TokenKey};
+use credstream_broker::refresh::RefreshConfig;
+use credstream_broker::server::{self, BrokerConfig, TlsFiles};
+
+/// The credstream broker: holds each cluster's short-lived credentials in
+/// memory, fans them out to the cluster's agents, and asks the publisher to
+/// re-mint them before they expire.
+#[derive(Debug, Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a signed token (alone, on stdout).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CREDSTREAM_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Development mode: an in-memory key, and ready tokens and commands for
+    /// cluster `dev` printed on stdout.
+    #[arg(long, env = "CREDSTREAM_DEV")]
+    dev: bool,
+    /// File holding the token signing key (at least 32 random bytes:
+    /// `head -c 32 /dev/urandom > key`).
+    #[arg(long, env = "CREDSTREAM_TOKEN_KEY_FILE", required_unless_present = "dev")]
+    token_key_file: Option<PathBuf>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, env = "CREDSTREAM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, env = "CREDSTREAM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA bundle: require client certificates it signed (mutual TLS).
+    #[arg(long, env = "CREDSTREAM_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Allow plaintext on a non-loopback address (only behind a
+    /// TLS-terminating proxy).
+    #[arg(long, env = "CREDSTREAM_INSECURE")]
+    insecure: bool,
+    /// Fraction of a credential's lifetime after which the broker asks for a
+    /// new one (0.1 to 0.9).
+    #[arg(long, env = "CREDSTREAM_REFRESH_AT", default_value_t = 0.5)]
+    refresh_at: f64,
+    /// Log format.
+    #[arg(long, env = "CREDSTREAM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+struct TokenArgs {
+    /// File holding the token signing key.
+    #[arg(long, env = "CREDSTREAM_TOKEN_KEY_FILE")]
+    token_key_file: PathBuf,
+    /// The token's role.
+    #[arg(long, value_enum)]
+    role: Role,
+    /// The cluster the token is for (required except for admin).
+    #[arg(long, env = "CREDSTREAM_CLUSTER")]
+    cluster: Option<String>,
+    /// Lifetime, e.g. `12h`, `30m`, `7d`.
+    #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Token(args)) = cli.command {
+        return print_token(args);
+    }
+    init_logging(cli.serve.log_format);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(serve(cli.serve))
+}
+
+fn print_token(args: TokenArgs) -> anyhow::Result<()> {
+    let key = TokenKey::from_file(&args.token_key_file)?;
+    let token = key.issue(args.role, args.cluster.as_deref(), args.ttl)?;
+    println!("{token}");
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if !(0.1..=0.9).contains(&args.refresh_at) {
+        bail!("--refresh-at must be between 0.1 and 0.9 (got {})", args.refresh_at);
+    }
+    let token_key = match (&args.token_key_file, args.dev) {
+        (Some(path), _) => TokenKey::from_file(path)?,
+        (None, true) => TokenKey::generate(),
+        (None, false) => bail!("--token-key-file is required (or --dev for an in-memory key)"),
+    };
+    let mut config = BrokerConfig::new(args.listen, token_key.clone());
+    config.insecure = args.insecure;
+    config.refresh = RefreshConfig {
+        refresh_at: args.refresh_at,
+        ..RefreshConfig::default()
+    };
+    config.tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: args.client_ca,
+        }),
+        _ => None,
+    };
+    let mut broker = server::start(config).await?;
+    println!("listening on {}", broker.local_addr);
+    if args.dev {
+        print_dev_banner(&token_key, &broker.url())?;
+    }
+    use std::io::Write;
+    std::io::stdout().flush().ok();
+
+    tokio::select! {
+        result = broker.wait() => return result,
+        signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
+    }
+    broker.shutdown().await;
+    Ok(())
+}
+
+fn print_dev_banner(key: &TokenKey, url: &str) -> anyhow::Result<()> {
+    let ttl = Duration::from_secs(12 * 3600);
+    let publisher = key.issue(Role::Publisher, Some("dev"), ttl)?;
+    let agent = key.issue(Role::Agent, Some("dev"), ttl)?;
+    let admin = key.issue(Role::Admin, None, ttl)?;
+    println!("CREDSTREAM_PUBLISHER_TOKEN={publisher}");
+    println!("CREDSTREAM_AGENT_TOKEN={agent}");
+    println!("CREDSTREAM_ADMIN_TOKEN={admin}");
+    println!(
+        r#"
+Development broker for cluster "dev" (in-memory key: tokens die with this process; valid 12h).
+
+Publish your local AWS/GCP identity (on your machine):
+  credstream publish --broker {url} --cluster dev --token {publisher}
+
+Run an agent (on a worker; then `credstream-agent exec ... -- python your_script.py`):
+  credstream-agent run --broker {url} --cluster dev --agent-id worker-1 --token {agent}
+
+Inspect:
+  grpcurl -plaintext {addr} list
+  grpcurl -plaintext -H "authorization: Bearer {admin}" -d '{{"cluster_id": "dev"}}' {addr} credstream.v1.AdminService/GetCluster
+"#,
+        addr = url.trim_start_matches("http://").trim_start_matches("https://"),
+    );
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return "SIGINT";
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}

@@ -1,0 +1,792 @@
+//! Per-cluster latest state and its fan-out.
+//!
+//! [`ClusterHub`] maps cluster ids to [`Cluster`]s. A cluster's state as
+//! agents see it is one immutable [`ClusterState`] behind a `watch` channel:
+//! publishing replaces it, and every agent stream diffs the newest state
+//! against what it already sent. That is the design's "latest value, not a
+//! queue": a slow agent skips intermediate versions, nothing is buffered per
+//! agent beyond the transport's own window, and a fast agent is never held
+//! back by a slow one.
+//!
+//! Versions are a hybrid clock: each change gets `max(previous + 1, the
+//! broker's wall clock in microseconds)`. They increase strictly within a
+//! broker's life and keep increasing across a restart (as long as the wall
+//! clock does not jump back), so an agent's plain "newer than what I hold"
+//! rule accepts what a restarted broker re-publishes.
+//!
+//! Everything else about a cluster — the publisher slot, the agent tally,
+//! the refresh planner — lives in its mutex-protected inner part; the fan-out
+//! path takes no lock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use credstream_proto::v1::{
+    AgentStatus, ClusterInfo, ClusterSnapshot, ClusterStatus, ClusterSummary, CredentialKind,
+    CredentialStatus, CredentialUpdate, EnvVar, PrivateEnv, PrivateEnvStatus, RefreshReason,
+    RefreshRequest, Revocation, UpdateAck, credential_update::Credential, subscribe_response,
+};
+use credstream_proto::convert::timestamp;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+use tonic::Status;
+
+use crate::limits;
+use crate::refresh::{RefreshConfig, RefreshPlanner};
+
+/// One slot of a cluster's state.
+#[derive(Clone, Debug, Default)]
+pub enum Slot {
+    /// Nothing held (never published, or expired).
+    #[default]
+    Empty,
+    /// A live credential and when it expires on the broker's clock.
+    Credential {
+        /// The update as agents receive it (version set).
+        update: Arc<CredentialUpdate>,
+        /// Expiry on the tokio clock.
+        expires: Instant,
+    },
+    /// The whole private env (replace_all set).
+    Env(Arc<PrivateEnv>),
+    /// Revoked at this version.
+    Revoked(u64),
+}
+
+impl Slot {
+    /// The version of what the slot holds; 0 when empty.
+    pub fn version(&self) -> u64 {
+        match self {
+            Slot::Empty => 0,
+            Slot::Credential { update, .. } => update.version,
+            Slot::Env(env) => env.version,
+            Slot::Revoked(version) => *version,
+        }
+    }
+}
+
+/// A cluster's state as agents see it. Immutable once published.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterState {
+    /// The latest version of anything in the cluster.
+    pub version: u64,
+    /// The publisher's declaration.
+    pub info: Option<ClusterInfo>,
+    /// The AWS credential slot.
+    pub aws: Slot,
+    /// The GCP credential slot.
+    pub gcp: Slot,
+    /// The private env slot.
+    pub env: Slot,
+}
+
+impl ClusterState {
+    fn credential_slot(&self, kind: CredentialKind) -> Option<&Slot> {
+        match kind {
+            CredentialKind::Aws => Some(&self.aws),
+            CredentialKind::Gcp => Some(&self.gcp),
+            CredentialKind::Unspecified => None,
+        }
+    }
+
+    fn credential_slot_mut(&mut self, kind: CredentialKind) -> Option<&mut Slot> {
+        match kind {
+            CredentialKind::Aws => Some(&mut self.aws),
+            CredentialKind::Gcp => Some(&mut self.gcp),
+            CredentialKind::Unspecified => None,
+        }
+    }
+
+    /// The live credential of `kind` at `now`, if any.
+    pub fn live(&self, kind: CredentialKind, now: Instant) -> Option<&Arc<CredentialUpdate>> {
+        match self.credential_slot(kind)? {
+            Slot::Credential { update, expires } if *expires > now => Some(update),
+            _ => None,
+        }
+    }
+
+    /// The full snapshot an agent receives first.
+    pub fn snapshot(&self, now: Instant) -> ClusterSnapshot {
+        ClusterSnapshot {
+            version: self.version,
+            info: self.info.clone(),
+            credentials: [CredentialKind::Aws, CredentialKind::Gcp]
+                .into_iter()
+                .filter_map(|kind| self.live(kind, now).map(|u| (**u).clone()))
+                .collect(),
+            private_env: match &self.env {
+                Slot::Env(env) => Some((**env).clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// What an agent stream has already sent, per slot.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SentVersions {
+    info: u64,
+    aws: u64,
+    gcp: u64,
+    env: u64,
+}
+
+impl SentVersions {
+    /// The versions a snapshot of `state` covers.
+    pub fn of(state: &ClusterState) -> Self {
+        Self {
+            info: state.info.as_ref().map_or(0, |i| i.version),
+            aws: state.aws.version(),
+            gcp: state.gcp.version(),
+            env: state.env.version(),
+        }
+    }
+
+    /// The messages that bring an agent from `self` to `state`, oldest slot
+    /// first; updates `self`. Expired credentials are skipped, never sent.
+    pub fn catch_up(&mut self, state: &ClusterState, now: Instant, out: &mut Vec<subscribe_response::Message>) {
+        use subscribe_response::Message;
+        if let Some(info) = &state.info
+            && info.version > self.info
+        {
+            self.info = info.version;
+            out.push(Message::ClusterInfo(info.clone()));
+        }
+        for (kind, sent) in [(CredentialKind::Aws, &mut self.aws), (CredentialKind::Gcp, &mut self.gcp)] {
+            let slot = state.credential_slot(kind).expect("known kind");
+            if slot.version() <= *sent {
+                continue;
+            }
+            *sent = slot.version();
+            match slot {
+                Slot::Credential { update, expires } if *expires > now => {
+                    out.push(Message::Credential((**update).clone()));
+                }
+                Slot::Revoked(version) => out.push(Message::Revocation(Revocation {
+                    kinds: vec![kind as i32],
+                    private_env: false,
+                    version: *version,
+                })),
+                _ => {}
+            }
+        }
+        if state.env.version() > self.env {
+            self.env = state.env.version();
+            match &state.env {
+                Slot::Env(env) => out.push(Message::PrivateEnv((**env).clone())),
+                Slot::Revoked(version) => out.push(Message::Revocation(Revocation {
+                    kinds: vec![],
+                    private_env: true,
+                    version: *version,
+                })),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Messages the broker pushes to the connected publisher.
+#[derive(Debug)]
+pub enum PublisherEvent {
+    /// Send this refresh request.
+    Refresh(RefreshRequest),
+    /// Another publisher took over: end the stream with ABORTED.
+    TakenOver,
+}
+
+struct PublisherSlot {
+    conn: u64,
+    events: mpsc::UnboundedSender<PublisherEvent>,
+}
+
+struct AgentEntry {
+    conn: u64,
+    acked: u64,
+    connected_at: SystemTime,
+}
+
+struct Inner {
+    publisher: Option<PublisherSlot>,
+    agents: HashMap<String, AgentEntry>,
+    /// Agents whose ack covers the latest version.
+    agents_current: u32,
+    planner: RefreshPlanner,
+    /// Lifetimes of the held credentials, for `GetCluster`.
+    issued: BTreeMap<i32, SystemTime>,
+    expires_wall: BTreeMap<i32, SystemTime>,
+    next_conn: u64,
+}
+
+/// One cluster: latest state, publisher, agents, refresh planner.
+pub struct Cluster {
+    id: String,
+    state: watch::Sender<Arc<ClusterState>>,
+    acks: watch::Sender<UpdateAck>,
+    inner: Mutex<Inner>,
+    wake_planner: Notify,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+fn wall_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// Registration of a live publisher stream; ends it in the cluster on drop.
+#[derive(Debug)]
+pub struct PublisherRegistration {
+    cluster: Arc<Cluster>,
+    conn: u64,
+}
+
+impl Drop for PublisherRegistration {
+    fn drop(&mut self) {
+        self.cluster.publisher_gone(self.conn);
+    }
+}
+
+/// Registration of a live agent stream; removes it from the tally on drop
+/// (dropping the response stream unsubscribes).
+#[derive(Debug)]
+pub struct AgentRegistration {
+    cluster: Arc<Cluster>,
+    agent_id: String,
+    conn: u64,
+}
+
+impl AgentRegistration {
+    /// The cluster.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// Records an ack from this agent.
+    pub fn ack(&self, version: u64) {
+        self.cluster.ack(&self.agent_id, self.conn, version);
+    }
+}
+
+impl Drop for AgentRegistration {
+    fn drop(&mut self) {
+        self.cluster.agent_gone(&self.agent_id, self.conn);
+    }
+}
+
+impl Cluster {
+    fn new(id: String, refresh: RefreshConfig) -> Self {
+        Self {
+            id,
+            state: watch::Sender::new(Arc::new(ClusterState::default())),
+            acks: watch::Sender::new(UpdateAck::default()),
+            inner: Mutex::new(Inner {
+                publisher: None,
+                agents: HashMap::new(),
+                agents_current: 0,
+                planner: RefreshPlanner::new(refresh),
+                issued: BTreeMap::new(),
+                expires_wall: BTreeMap::new(),
+                next_conn: 1,
+            }),
+            wake_planner: Notify::new(),
+        }
+    }
+
+    /// The cluster id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A receiver of the cluster's state, for an agent stream.
+    pub fn watch(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.state.subscribe()
+    }
+
+    /// A receiver of ack progress, for the publisher stream.
+    pub fn watch_acks(&self) -> watch::Receiver<UpdateAck> {
+        self.acks.subscribe()
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Arc<ClusterState> {
+        self.state.borrow().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Applies `change` to a copy of the state under the cluster lock and
+    /// publishes it with the next version. Returns that version.
+    fn publish_with(&self, inner: &mut Inner, change: impl FnOnce(&mut ClusterState, u64)) -> u64 {
+        let mut version = 0;
+        self.state.send_modify(|state| {
+            let mut next = (**state).clone();
+            version = (next.version + 1).max(wall_micros());
+            next.version = version;
+            change(&mut next, version);
+            *state = Arc::new(next);
+        });
+        // Nobody holds the new version yet.
+        inner.agents_current = 0;
+        self.publish_acks(inner);
+        version
+    }
+
+    fn publish_acks(&self, inner: &Inner) {
+        let ack = UpdateAck {
+            version: self.state.borrow().version,
+            agents_current: inner.agents_current,
+            agents_connected: inner.agents.len() as u32,
+        };
+        self.acks.send_if_modified(|held| {
+            let changed = *held != ack;
+            *held = ack;
+            changed
+        });
+    }
+
+    fn info(&self) -> Option<ClusterInfo> {
+        self.state.borrow().info.clone()
+    }
+
+    /// Registers a publisher after its hello; takes over from an older one.
+    /// Returns the registration, the event receiver and the refresh
+    /// requests to send right after the welcome.
+    pub fn connect_publisher(
+        self: &Arc<Self>,
+        kinds: Vec<CredentialKind>,
+        private_env: bool,
+    ) -> (PublisherRegistration, mpsc::UnboundedReceiver<PublisherEvent>, Vec<RefreshRequest>) {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let mut inner = self.lock();
+        let conn = inner.next_conn;
+        inner.next_conn += 1;
+        if let Some(old) = inner.publisher.replace(PublisherSlot { conn, events }) {
+            tracing::info!(cluster = %self.id, "a new publisher takes over the cluster");
+            let _ = old.events.send(PublisherEvent::TakenOver);
+        }
+        let kind_values: Vec<i32> = kinds.iter().map(|k| *k as i32).collect();
+        self.publish_with(&mut inner, |state, version| {
+            state.info = Some(ClusterInfo {
+                kinds: kind_values,
+                private_env,
+                publisher_connected: true,
+                version,
+            });
+        });
+        let now = Instant::now();
+        let state = self.state();
+        let requests = inner
+            .planner
+            .publisher_connected(&kinds, |kind| state.live(kind, now).is_some(), now);
+        drop(inner);
+        self.wake_planner.notify_one();
+        (PublisherRegistration { cluster: self.clone(), conn }, receiver, requests)
+    }
+
+    fn publisher_gone(&self, conn: u64) {
+        let mut inner = self.lock();
+        if inner.publisher.as_ref().is_none_or(|p| p.conn != conn) {
+            return; // taken over: the new publisher owns the slot
+        }
+        inner.publisher = None;
+        inner.planner.publisher_disconnected();
+        if let Some(mut info) = self.info() {
+            self.publish_with(&mut inner, |state, version| {
+                info.publisher_connected = false;
+                info.version = version;
+                state.info = Some(info);
+            });
+        }
+    }
+
+    /// The welcome for a publisher that just connected.
+    pub fn missing(&self, kinds: &[CredentialKind]) -> (Vec<CredentialKind>, bool, u32) {
+        let state = self.state();
+        let now = Instant::now();
+        let missing = kinds.iter().copied().filter(|k| state.live(*k, now).is_none()).collect();
+        let env_missing = !matches!(state.env, Slot::Env(_));
+        (missing, env_missing, self.lock().agents.len() as u32)
+    }
+
+    /// Accepts a checked credential from the publisher; returns its version.
+    pub fn publish_credential(&self, mut update: CredentialUpdate, lifetime: limits::CheckedLifetime) -> u64 {
+        let kind = update.kind();
+        let now = Instant::now();
+        let now_wall = SystemTime::now();
+        let remaining = lifetime.expires_at.duration_since(now_wall).unwrap_or_default();
+        update.issued_at = Some(timestamp(lifetime.issued_at));
+        let mut inner = self.lock();
+        let version = self.publish_with(&mut inner, |state, version| {
+            update.version = version;
+            *state.credential_slot_mut(kind).expect("checked kind") = Slot::Credential {
+                update: Arc::new(update),
+                expires: now + remaining,
+            };
+        });
+        inner
+            .planner
+            .credential_accepted(kind, lifetime.issued_at, lifetime.expires_at, now, now_wall);
+        inner.issued.insert(kind as i32, lifetime.issued_at);
+        inner.expires_wall.insert(kind as i32, lifetime.expires_at);
+        drop(inner);
+        self.wake_planner.notify_one();
+        version
+    }
+
+    /// Applies a checked private env change; returns the version that holds
+    /// it (unchanged if the change changed nothing).
+    pub fn publish_env(&self, change: PrivateEnv) -> Result<u64, Status> {
+        let mut inner = self.lock();
+        let state = self.state();
+        let current: &[EnvVar] = match &state.env {
+            Slot::Env(env) => &env.set,
+            _ => &[],
+        };
+        let mut vars: BTreeMap<&str, &str> = if change.replace_all {
+            BTreeMap::new()
+        } else {
+            current.iter().map(|v| (v.name.as_str(), v.value.as_str())).collect()
+        };
+        for var in &change.set {
+            vars.insert(&var.name, &var.value);
+        }
+        if !change.replace_all {
+            for name in &change.unset {
+                vars.remove(name.as_str());
+            }
+        }
+        let set: Vec<EnvVar> = vars
+            .into_iter()
+            .map(|(name, value)| EnvVar {
+                name: name.to_owned(),
+                value: value.to_owned(),
+            })
+            .collect();
+        limits::check_env_result(&set)?;
+        if matches!(state.env, Slot::Env(_)) && set.as_slice() == current {
+            return Ok(state.env.version());
+        }
+        Ok(self.publish_with(&mut inner, |state, version| {
+            state.env = Slot::Env(Arc::new(PrivateEnv {
+                set,
+                unset: vec![],
+                replace_all: true,
+                version,
+            }));
+        }))
+    }
+
+    /// Revokes credential kinds (and the env); agents stop serving them at
+    /// once. Returns the revocation's version.
+    pub fn revoke(&self, kinds: &[CredentialKind], env: bool) -> u64 {
+        let mut inner = self.lock();
+        for kind in kinds {
+            inner.planner.revoked(*kind);
+            inner.issued.remove(&(*kind as i32));
+            inner.expires_wall.remove(&(*kind as i32));
+        }
+        self.publish_with(&mut inner, |state, version| {
+            for kind in kinds {
+                if let Some(slot) = state.credential_slot_mut(*kind) {
+                    *slot = Slot::Revoked(version);
+                }
+            }
+            if env {
+                state.env = Slot::Revoked(version);
+            }
+        })
+    }
+
+    /// Records a publisher's refresh error.
+    pub fn refresh_failed(&self, id: &str, message: String) {
+        let known = self.lock().planner.refresh_failed(id, message, Instant::now());
+        if known {
+            self.wake_planner.notify_one();
+        } else {
+            tracing::debug!(cluster = %self.id, request = id, "refresh error for an unknown or superseded request");
+        }
+    }
+
+    /// An agent's hint: asks for a refresh unless the broker already holds a
+    /// newer credential than the agent, or one is in flight.
+    pub fn hint(&self, kind: CredentialKind, held_version: u64) {
+        let state = self.state();
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let newer_and_fresh = state.live(kind, now).is_some_and(|held| held.version > held_version)
+            && inner.planner.due(kind).is_none_or(|due| due > now);
+        if newer_and_fresh {
+            return;
+        }
+        let request = inner.planner.trigger(kind, RefreshReason::AgentRequested, now);
+        self.send_requests(&inner, request.into_iter());
+        drop(inner);
+        self.wake_planner.notify_one();
+    }
+
+    fn send_requests(&self, inner: &Inner, requests: impl Iterator<Item = RefreshRequest>) {
+        for request in requests {
+            tracing::info!(cluster = %self.id, id = %request.id, kind = request.kind().label(),
+                reason = ?request.reason(), "asking the publisher to refresh");
+            if let Some(publisher) = &inner.publisher {
+                let _ = publisher.events.send(PublisherEvent::Refresh(request));
+            }
+        }
+    }
+
+    /// Registers an agent stream.
+    pub fn connect_agent(self: &Arc<Self>, agent_id: String) -> AgentRegistration {
+        let mut inner = self.lock();
+        let conn = inner.next_conn;
+        inner.next_conn += 1;
+        let previous = inner.agents.insert(
+            agent_id.clone(),
+            AgentEntry {
+                conn,
+                acked: 0,
+                connected_at: SystemTime::now(),
+            },
+        );
+        let latest = self.state.borrow().version;
+        if previous.is_some_and(|p| p.acked >= latest && latest > 0) {
+            inner.agents_current = inner.agents_current.saturating_sub(1);
+        }
+        self.publish_acks(&inner);
+        AgentRegistration {
+            cluster: self.clone(),
+            agent_id,
+            conn,
+        }
+    }
+
+    fn ack(&self, agent_id: &str, conn: u64, version: u64) {
+        let latest = self.state.borrow().version;
+        let mut inner = self.lock();
+        let Some(entry) = inner.agents.get_mut(agent_id).filter(|e| e.conn == conn) else {
+            return;
+        };
+        // An ack beyond the latest version (an agent still holding what a
+        // previous broker sent) covers no more than the latest.
+        let version = version.min(latest);
+        if version <= entry.acked {
+            return;
+        }
+        let was_current = entry.acked >= latest;
+        entry.acked = version;
+        if !was_current && version >= latest {
+            inner.agents_current += 1;
+            self.publish_acks(&inner);
+        }
+    }
+
+    fn agent_gone(&self, agent_id: &str, conn: u64) {
+        let latest = self.state.borrow().version;
+        let mut inner = self.lock();
+        if inner.agents.get(agent_id).is_some_and(|e| e.conn == conn) {
+            let entry = inner.agents.remove(agent_id).expect("checked");
+            if entry.acked >= latest && latest > 0 {
+                inner.agents_current = inner.agents_current.saturating_sub(1);
+            }
+            self.publish_acks(&inner);
+        }
+    }
+
+    /// Runs the planner's due work; returns when to run again.
+    fn plan(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let (plan, next) = inner.planner.tick(now);
+        if !plan.expired.is_empty() {
+            // Drop expired credentials from the state without a new
+            // version: agents check expiry themselves; later snapshots
+            // simply no longer carry them.
+            for kind in &plan.expired {
+                tracing::info!(cluster = %self.id, kind = kind.label(), "credential expired; dropped");
+                inner.issued.remove(&(*kind as i32));
+                inner.expires_wall.remove(&(*kind as i32));
+            }
+            self.state.send_if_modified(|state| {
+                let mut next = (**state).clone();
+                let mut changed = false;
+                for kind in &plan.expired {
+                    let slot = next.credential_slot_mut(*kind).expect("known kind");
+                    if matches!(slot, Slot::Credential { expires, .. } if *expires <= now) {
+                        *slot = Slot::Empty;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    *state = Arc::new(next);
+                }
+                changed
+            });
+        }
+        self.send_requests(&inner, plan.send.into_iter());
+        next
+    }
+
+    /// Everything about the cluster except secrets.
+    pub fn status(&self) -> ClusterStatus {
+        let state = self.state();
+        let now = Instant::now();
+        let inner = self.lock();
+        let credentials = [CredentialKind::Aws, CredentialKind::Gcp]
+            .into_iter()
+            .filter_map(|kind| {
+                let update = state.live(kind, now)?;
+                let (principal, account) = match &update.credential {
+                    Some(Credential::Aws(aws)) => (aws.principal_arn.clone(), aws.account_id.clone()),
+                    Some(Credential::Gcp(gcp)) => (gcp.principal_email.clone(), gcp.project_id.clone()),
+                    None => Default::default(),
+                };
+                Some(CredentialStatus {
+                    kind: kind as i32,
+                    version: update.version,
+                    issued_at: update.issued_at,
+                    expires_at: update.expires_at,
+                    principal,
+                    account,
+                })
+            })
+            .collect();
+        let private_env = match &state.env {
+            Slot::Env(env) => Some(PrivateEnvStatus {
+                version: env.version,
+                names: env.set.iter().map(|v| v.name.clone()).collect(),
+            }),
+            _ => None,
+        };
+        let mut agents: Vec<AgentStatus> = inner
+            .agents
+            .iter()
+            .map(|(id, entry)| AgentStatus {
+                agent_id: id.clone(),
+                acked_version: entry.acked,
+                connected_at: Some(timestamp(entry.connected_at)),
+            })
+            .collect();
+        agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        ClusterStatus {
+            cluster_id: self.id.clone(),
+            version: state.version,
+            info: state.info.clone(),
+            credentials,
+            private_env,
+            agents,
+            pending_refreshes: inner.planner.pending(),
+            refresh_counts: inner.planner.counts(),
+            last_refresh_error: inner.planner.last_error().to_owned(),
+        }
+    }
+
+    /// One line of `ListClusters`.
+    pub fn summary(&self) -> ClusterSummary {
+        let state = self.state();
+        ClusterSummary {
+            cluster_id: self.id.clone(),
+            version: state.version,
+            publisher_connected: state.info.as_ref().is_some_and(|i| i.publisher_connected),
+            agents_connected: self.lock().agents.len() as u32,
+        }
+    }
+
+    /// Requests created for `reason` so far (tests, metrics).
+    pub fn refresh_requested(&self, reason: RefreshReason) -> u64 {
+        self.lock().planner.requested(reason)
+    }
+}
+
+/// Hub-wide settings.
+#[derive(Clone, Debug, Default)]
+pub struct HubConfig {
+    /// Refresh planning.
+    pub refresh: RefreshConfig,
+}
+
+/// All clusters of this broker.
+#[derive(Debug)]
+pub struct ClusterHub {
+    clusters: RwLock<HashMap<String, Arc<Cluster>>>,
+    config: HubConfig,
+    shutdown: watch::Sender<bool>,
+}
+
+impl ClusterHub {
+    /// An empty hub.
+    pub fn new(config: HubConfig) -> Arc<Self> {
+        Arc::new(Self {
+            clusters: RwLock::new(HashMap::new()),
+            config,
+            shutdown: watch::Sender::new(false),
+        })
+    }
+
+    /// The cluster `id`, created (with its planner task) if new.
+    pub fn cluster(self: &Arc<Self>, id: &str) -> Arc<Cluster> {
+        if let Some(cluster) = self.get(id) {
+            return cluster;
+        }
+        let mut clusters = self.clusters.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(cluster) = clusters.get(id) {
+            return cluster.clone();
+        }
+        let cluster = Arc::new(Cluster::new(id.to_owned(), self.config.refresh.clone()));
+        clusters.insert(id.to_owned(), cluster.clone());
+        tokio::spawn(drive_planner(cluster.clone(), self.shutdown.subscribe()));
+        cluster
+    }
+
+    /// The cluster `id`, if the broker has state for it.
+    pub fn get(&self, id: &str) -> Option<Arc<Cluster>> {
+        self.clusters.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    /// Every cluster, sorted by id.
+    pub fn all(&self) -> Vec<Arc<Cluster>> {
+        let mut all: Vec<_> = self
+            .clusters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// Resolves when the broker starts shutting down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Starts shutting down: every stream ends with UNAVAILABLE.
+    pub fn shut_down(&self) {
+        self.shutdown.send_replace(true);
+    }
+}
+
+async fn drive_planner(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let next = cluster.plan();
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = sleep => {}
+            () = cluster.wake_planner.notified() => {}
+            _ = shutdown.wait_for(|down| *down) => return,
+        }
+    }
+}

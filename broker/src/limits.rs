@@ -1,0 +1,256 @@
+//! Input bounds and checks. Every message from a peer passes through here
+//! before it touches a cluster's state, so a rejected message leaves the
+//! state exactly as it was. Each error is an `INVALID_ARGUMENT` status whose
+//! message names the field and the rule, never a secret value.
+
+use std::time::{Duration, SystemTime};
+
+use credstream_proto::convert::system_time;
+use credstream_proto::v1::{CredentialUpdate, EnvVar, PrivateEnv, credential_update::Credential};
+use tonic::Status;
+
+/// Largest gRPC message the broker decodes, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Most variables a private env may hold.
+pub const MAX_ENV_VARS: usize = 1000;
+/// Longest env var name, in bytes.
+pub const MAX_ENV_NAME_BYTES: usize = 256;
+/// Longest env var value, in bytes.
+pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+/// Most bytes of names and values in one private env.
+pub const MAX_ENV_TOTAL_BYTES: usize = 256 * 1024;
+/// Longest cluster or agent id.
+pub const MAX_ID_BYTES: usize = 128;
+/// Longest credential field (session tokens are ~1–2 KiB; OAuth tokens less).
+pub const MAX_SECRET_FIELD_BYTES: usize = 16 * 1024;
+/// Longest credential lifetime accepted (STS allows 36 h for some roles).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest refresh error message kept.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+fn invalid(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message.into())
+}
+
+/// Checks a cluster or agent id: 1–128 bytes of `[A-Za-z0-9._-]`, starting
+/// with a letter or digit.
+pub fn check_id(field: &str, id: &str) -> Result<(), Status> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_BYTES
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{field} must be 1 to {MAX_ID_BYTES} characters of [A-Za-z0-9._-] starting with a letter or digit"
+        )))
+    }
+}
+
+/// True for a valid env var name: `[A-Za-z_][A-Za-z0-9_]*`, bounded.
+pub fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= MAX_ENV_NAME_BYTES
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn check_env_name(name: &str) -> Result<(), Status> {
+    if is_env_name(name) {
+        Ok(())
+    } else {
+        // The name is not secret, but may be long or hostile: show a bounded
+        // prefix of it.
+        let shown: String = name.chars().take(64).collect();
+        Err(invalid(format!(
+            "env var name {shown:?} is invalid: names must match [A-Za-z_][A-Za-z0-9_]* and be at most {MAX_ENV_NAME_BYTES} bytes"
+        )))
+    }
+}
+
+fn check_env_var(var: &EnvVar) -> Result<(), Status> {
+    check_env_name(&var.name)?;
+    if var.value.len() > MAX_ENV_VALUE_BYTES {
+        return Err(invalid(format!(
+            "the value of env var {} is {} bytes; the limit is {MAX_ENV_VALUE_BYTES}",
+            var.name,
+            var.value.len()
+        )));
+    }
+    if var.value.contains('\0') {
+        return Err(invalid(format!("the value of env var {} contains a NUL byte", var.name)));
+    }
+    Ok(())
+}
+
+/// Checks a private env change from a publisher (names and sizes of what it
+/// sets and unsets).
+pub fn check_env_change(env: &PrivateEnv) -> Result<(), Status> {
+    if env.set.len() > MAX_ENV_VARS || env.unset.len() > MAX_ENV_VARS {
+        return Err(invalid(format!("a private env may hold at most {MAX_ENV_VARS} variables")));
+    }
+    for var in &env.set {
+        check_env_var(var)?;
+    }
+    for name in &env.unset {
+        check_env_name(name)?;
+    }
+    Ok(())
+}
+
+/// Checks the env that results from applying a change.
+pub fn check_env_result(vars: &[EnvVar]) -> Result<(), Status> {
+    if vars.len() > MAX_ENV_VARS {
+        return Err(invalid(format!(
+            "the private env would hold {} variables; the limit is {MAX_ENV_VARS}",
+            vars.len()
+        )));
+    }
+    let total: usize = vars.iter().map(|v| v.name.len() + v.value.len()).sum();
+    if total > MAX_ENV_TOTAL_BYTES {
+        return Err(invalid(format!(
+            "the private env would hold {total} bytes of names and values; the limit is {MAX_ENV_TOTAL_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_field(what: &str, value: &str, required: bool) -> Result<(), Status> {
+    if required && value.is_empty() {
+        return Err(invalid(format!("{what} is required")));
+    }
+    if value.len() > MAX_SECRET_FIELD_BYTES {
+        return Err(invalid(format!("{what} is longer than {MAX_SECRET_FIELD_BYTES} bytes")));
+    }
+    Ok(())
+}
+
+/// A credential that passed the checks, with its lifetime resolved.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckedLifetime {
+    /// When it was minted (the publisher's value, or now).
+    pub issued_at: SystemTime,
+    /// When it expires; in the future.
+    pub expires_at: SystemTime,
+}
+
+/// Checks a credential from a publisher: exactly one credential with its
+/// required fields, bounded sizes, and a lifetime that has not ended.
+pub fn check_credential(update: &CredentialUpdate, now: SystemTime) -> Result<CheckedLifetime, Status> {
+    match &update.credential {
+        Some(Credential::Aws(aws)) => {
+            check_field("aws.access_key_id", &aws.access_key_id, true)?;
+            check_field("aws.secret_access_key", &aws.secret_access_key, true)?;
+            check_field("aws.session_token", &aws.session_token, true).map_err(|_| {
+                invalid("aws.session_token is required: credstream forwards only temporary (STS) credentials, never long-term keys")
+            })?;
+            for (what, value) in [
+                ("aws.principal_arn", &aws.principal_arn),
+                ("aws.account_id", &aws.account_id),
+                ("aws.region", &aws.region),
+            ] {
+                check_field(what, value, false)?;
+            }
+            if aws.access_key_id.contains(['\r', '\n']) {
+                return Err(invalid("aws.access_key_id contains a line break"));
+            }
+        }
+        Some(Credential::Gcp(gcp)) => {
+            check_field("gcp.access_token", &gcp.access_token, true)?;
+            for (what, value) in [
+                ("gcp.token_type", &gcp.token_type),
+                ("gcp.project_id", &gcp.project_id),
+                ("gcp.principal_email", &gcp.principal_email),
+            ] {
+                check_field(what, value, false)?;
+            }
+            if gcp.scopes.len() > 64 || gcp.scopes.iter().any(|s| s.len() > 1024) {
+                return Err(invalid("gcp.scopes: at most 64 scopes of at most 1024 bytes"));
+            }
+        }
+        None => return Err(invalid("credential update carries no credential (set aws or gcp)")),
+    }
+    if update.refresh_request_id.len() > MAX_ID_BYTES {
+        return Err(invalid("refresh_request_id is too long"));
+    }
+    let expires_at = update
+        .expires_at
+        .as_ref()
+        .ok_or_else(|| invalid("expires_at is required"))
+        .and_then(|ts| system_time(ts).ok_or_else(|| invalid("expires_at is not a valid timestamp")))?;
+    let issued_at = match &update.issued_at {
+        Some(ts) => system_time(ts).ok_or_else(|| invalid("issued_at is not a valid timestamp"))?,
+        None => now,
+    };
+    if expires_at <= now {
+        return Err(invalid(
+            "the credential has already expired (expires_at is in the past); mint a new one",
+        ));
+    }
+    if expires_at <= issued_at {
+        return Err(invalid("expires_at must be after issued_at"));
+    }
+    if expires_at.duration_since(now).unwrap_or_default() > MAX_LIFETIME {
+        return Err(invalid("expires_at is more than 7 days away"));
+    }
+    Ok(CheckedLifetime {
+        issued_at: issued_at.min(now),
+        expires_at,
+    })
+}
+
+/// Bounds a publisher's refresh error message (kept for `GetCluster`).
+pub fn bounded_message(message: &str) -> String {
+    let mut end = message.len().min(MAX_ERROR_MESSAGE_BYTES);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_follow_the_documented_syntax() {
+        assert!(check_id("cluster_id", "dev").is_ok());
+        assert!(check_id("cluster_id", "a.b_c-1").is_ok());
+        for bad in ["", "-x", "a b", "a/b", &"x".repeat(129)] {
+            assert!(check_id("cluster_id", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_names_follow_posix_shape() {
+        assert!(is_env_name("AUTH_TOKEN_FOR_CUSTOM_DATABASE"));
+        assert!(is_env_name("_x1"));
+        for bad in ["", "1A", "A-B", "A B", "Ä"] {
+            assert!(!is_env_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_errors_never_show_values() {
+        let env = PrivateEnv {
+            set: vec![EnvVar {
+                name: "OK".into(),
+                value: format!("secret-{}", "x".repeat(MAX_ENV_VALUE_BYTES)),
+            }],
+            ..Default::default()
+        };
+        let err = check_env_change(&env).unwrap_err();
+        assert!(!err.message().contains("secret-"), "{}", err.message());
+    }
+
+    #[test]
+    fn bounded_message_respects_char_boundaries() {
+        let long = "é".repeat(MAX_ERROR_MESSAGE_BYTES);
+        assert!(bounded_message(&long).len() <= MAX_ERROR_MESSAGE_BYTES);
+    }
+}

@@ -1,0 +1,539 @@
+//! The refresh planner: when to ask the publisher for a new credential, and
+//! how to make a thousand reasons to ask cost one mint.
+//!
+//! One [`RefreshPlanner`] per cluster, owned by the cluster (see `hub`) and
+//! driven by its timer task. It is plain state on `tokio::time::Instant`, so
+//! tests drive it with a paused clock.
+//!
+//! Rules (DESIGN §2 "Refresh"):
+//! - A credential is due for refresh when `refresh_at` (default ½) of its
+//!   lifetime has passed, ±5% jitter so that clusters spread out.
+//! - Single flight: while a request for a kind is outstanding (or waiting
+//!   out a backoff), every further trigger joins it.
+//! - A request not answered by its deadline, or answered with an error, is
+//!   retried with exponential backoff and jitter — until the credential
+//!   expires; then the kind is missing and the planner waits for a trigger
+//!   (a publisher hello or an agent hint).
+//! - Requests made while no publisher is connected are held and sent when
+//!   one connects.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use credstream_proto::convert::timestamp;
+use credstream_proto::v1::{CredentialKind, PendingRefresh, RefreshCount, RefreshReason, RefreshRequest};
+use rand::Rng;
+use tokio::time::Instant;
+
+/// Tunables of the planner.
+#[derive(Clone, Debug)]
+pub struct RefreshConfig {
+    /// Fraction of the lifetime after which a credential is refreshed.
+    pub refresh_at: f64,
+    /// Relative jitter applied to the refresh point (0.05 = ±5%).
+    pub jitter: f64,
+    /// How long the publisher has to answer a request.
+    pub deadline: Duration,
+    /// First retry delay; doubles per attempt.
+    pub backoff_base: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        Self {
+            refresh_at: 0.5,
+            jitter: 0.05,
+            deadline: Duration::from_secs(60),
+            backoff_base: Duration::from_secs(2),
+            backoff_max: Duration::from_secs(300),
+        }
+    }
+}
+
+const KINDS: [CredentialKind; 2] = [CredentialKind::Aws, CredentialKind::Gcp];
+
+fn slot(kind: CredentialKind) -> Option<usize> {
+    match kind {
+        CredentialKind::Aws => Some(0),
+        CredentialKind::Gcp => Some(1),
+        CredentialKind::Unspecified => None,
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    id: String,
+    reason: RefreshReason,
+    deadline: Instant,
+    deadline_wall: SystemTime,
+    attempts: u32,
+    sent: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Retry {
+    at: Instant,
+    reason: RefreshReason,
+    attempts: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+struct KindPlan {
+    /// When the held credential is due for refresh.
+    due: Option<Instant>,
+    /// When the held credential expires.
+    expires: Option<Instant>,
+    pending: Option<Pending>,
+    retry: Option<Retry>,
+}
+
+/// What the cluster must do after the planner ran.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Requests to send to the connected publisher now.
+    pub send: Vec<RefreshRequest>,
+    /// Kinds whose credential has expired and must be dropped.
+    pub expired: Vec<CredentialKind>,
+}
+
+/// Per-cluster refresh state. See the module docs.
+#[derive(Debug)]
+pub struct RefreshPlanner {
+    config: RefreshConfig,
+    kinds: [KindPlan; 2],
+    publisher_connected: bool,
+    counts: BTreeMap<(i32, &'static str), u64>,
+    last_error: String,
+    next_id: u64,
+    id_prefix: u32,
+}
+
+impl RefreshPlanner {
+    /// A planner with nothing held.
+    pub fn new(config: RefreshConfig) -> Self {
+        Self {
+            config,
+            kinds: Default::default(),
+            publisher_connected: false,
+            counts: BTreeMap::new(),
+            last_error: String::new(),
+            next_id: 1,
+            id_prefix: rand::thread_rng().r#gen(),
+        }
+    }
+
+    fn count(&mut self, reason: RefreshReason, outcome: &'static str) {
+        *self.counts.entry((reason as i32, outcome)).or_default() += 1;
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        let exp = self
+            .config
+            .backoff_base
+            .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
+            .min(self.config.backoff_max);
+        // Equal jitter: half fixed, half random, so retries of many clusters
+        // spread out but none retries immediately.
+        let half = exp / 2;
+        half + half.mul_f64(rand::thread_rng().r#gen::<f64>())
+    }
+
+    fn request(&mut self, kind: CredentialKind, reason: RefreshReason, attempts: u32, now: Instant) -> Option<RefreshRequest> {
+        let i = slot(kind)?;
+        let id = format!("r{:08x}-{}", self.id_prefix, self.next_id);
+        self.next_id += 1;
+        let deadline_wall = SystemTime::now() + self.config.deadline;
+        let pending = Pending {
+            id: id.clone(),
+            reason,
+            deadline: now + self.config.deadline,
+            deadline_wall,
+            attempts,
+            sent: self.publisher_connected,
+        };
+        self.count(reason, "requested");
+        self.kinds[i].pending = Some(pending);
+        self.kinds[i].retry = None;
+        self.publisher_connected.then(|| RefreshRequest {
+            id,
+            kind: kind as i32,
+            reason: reason as i32,
+            deadline: Some(timestamp(deadline_wall)),
+        })
+    }
+
+    /// Asks for a new credential of `kind` unless a request is already
+    /// outstanding or backing off (single flight). Returns the request to
+    /// send, if one was created and a publisher is connected.
+    pub fn trigger(&mut self, kind: CredentialKind, reason: RefreshReason, now: Instant) -> Option<RefreshRequest> {
+        let plan = &self.kinds[slot(kind)?];
+        if plan.pending.is_some() || plan.retry.is_some() {
+            self.count(reason, "joined");
+            return None;
+        }
+        self.request(kind, reason, 1, now)
+    }
+
+    /// True if a request for `kind` is outstanding or backing off.
+    pub fn in_flight(&self, kind: CredentialKind) -> bool {
+        slot(kind).is_some_and(|i| self.kinds[i].pending.is_some() || self.kinds[i].retry.is_some())
+    }
+
+    /// Records a new credential: completes any outstanding request for its
+    /// kind and schedules the next refresh.
+    pub fn credential_accepted(
+        &mut self,
+        kind: CredentialKind,
+        issued_at: SystemTime,
+        expires_at: SystemTime,
+        now: Instant,
+        now_wall: SystemTime,
+    ) {
+        let Some(i) = slot(kind) else { return };
+        let lifetime = expires_at.duration_since(issued_at).unwrap_or_default();
+        let elapsed = now_wall.duration_since(issued_at).unwrap_or_default();
+        let remaining = expires_at.duration_since(now_wall).unwrap_or_default();
+        let jitter = 1.0 + self.config.jitter * (2.0 * rand::thread_rng().r#gen::<f64>() - 1.0);
+        let due_after_issue = lifetime.mul_f64((self.config.refresh_at * jitter).clamp(0.0, 1.0));
+        let due_in = due_after_issue.saturating_sub(elapsed);
+        let plan = &mut self.kinds[i];
+        plan.expires = Some(now + remaining);
+        plan.due = Some(now + due_in);
+        plan.retry = None;
+        if let Some(pending) = plan.pending.take() {
+            self.count(pending.reason, "fulfilled");
+        }
+    }
+
+    /// Records a publisher's failure to answer request `id`; schedules a
+    /// retry. Unknown or stale ids are ignored (the request was already
+    /// retried under a new id). Returns true if `id` was outstanding.
+    pub fn refresh_failed(&mut self, id: &str, message: String, now: Instant) -> bool {
+        let Some(i) = self
+            .kinds
+            .iter()
+            .position(|plan| plan.pending.as_ref().is_some_and(|p| p.id == id))
+        else {
+            return false;
+        };
+        let pending = self.kinds[i].pending.take().expect("found above");
+        self.count(pending.reason, "failed");
+        self.last_error = message;
+        self.schedule_retry(i, pending, now);
+        true
+    }
+
+    fn schedule_retry(&mut self, i: usize, pending: Pending, now: Instant) {
+        let at = now + self.backoff(pending.attempts);
+        let plan = &mut self.kinds[i];
+        if plan.expires.is_some_and(|expires| at >= expires) {
+            // Retrying past expiry is pointless: the kind becomes missing and
+            // the next hello or hint asks again.
+            self.count(pending.reason, "abandoned");
+            return;
+        }
+        plan.retry = Some(Retry {
+            at,
+            reason: pending.reason,
+            attempts: pending.attempts + 1,
+        });
+    }
+
+    /// A publisher connected (or took over): everything outstanding is sent
+    /// to it, and every declared kind without a live credential is asked
+    /// for (reason MISSING). `live` says which kinds the cluster holds.
+    pub fn publisher_connected(
+        &mut self,
+        declared: &[CredentialKind],
+        live: impl Fn(CredentialKind) -> bool,
+        now: Instant,
+    ) -> Vec<RefreshRequest> {
+        self.publisher_connected = true;
+        let mut send = Vec::new();
+        for kind in KINDS {
+            let i = slot(kind).expect("known kind");
+            if let Some(pending) = &mut self.kinds[i].pending {
+                // The new publisher never saw this request: send it again
+                // with a fresh deadline.
+                pending.sent = true;
+                pending.deadline = now + self.config.deadline;
+                pending.deadline_wall = SystemTime::now() + self.config.deadline;
+                send.push(RefreshRequest {
+                    id: pending.id.clone(),
+                    kind: kind as i32,
+                    reason: pending.reason as i32,
+                    deadline: Some(timestamp(pending.deadline_wall)),
+                });
+                continue;
+            }
+            if !declared.contains(&kind) {
+                continue;
+            }
+            if !live(kind) {
+                self.kinds[i].retry = None;
+                send.extend(self.request(kind, RefreshReason::Missing, 1, now));
+            } else if self.kinds[i].due.is_some_and(|due| due <= now) && self.kinds[i].retry.is_none() {
+                send.extend(self.request(kind, RefreshReason::Expiring, 1, now));
+            }
+        }
+        send
+    }
+
+    /// The publisher went away: requests are held until the next one.
+    pub fn publisher_disconnected(&mut self) {
+        self.publisher_connected = false;
+        for plan in &mut self.kinds {
+            if let Some(pending) = &mut plan.pending {
+                pending.sent = false;
+            }
+        }
+    }
+
+    /// Forgets everything about `kind` (revocation).
+    pub fn revoked(&mut self, kind: CredentialKind) {
+        let Some(i) = slot(kind) else { return };
+        if let Some(pending) = self.kinds[i].pending.take() {
+            self.count(pending.reason, "cancelled");
+        }
+        self.kinds[i] = KindPlan::default();
+    }
+
+    /// Does what is due at `now` and says when to run again.
+    pub fn tick(&mut self, now: Instant) -> (Plan, Option<Instant>) {
+        let mut plan = Plan::default();
+        for kind in KINDS {
+            let i = slot(kind).expect("known kind");
+            if self.kinds[i].expires.is_some_and(|at| at <= now) {
+                plan.expired.push(kind);
+                let stale = std::mem::take(&mut self.kinds[i]);
+                if let Some(pending) = stale.pending {
+                    self.count(pending.reason, "abandoned");
+                }
+                if let Some(retry) = stale.retry {
+                    self.count(retry.reason, "abandoned");
+                }
+                continue;
+            }
+            if let Some(pending) = &self.kinds[i].pending
+                && pending.sent
+                && pending.deadline <= now
+            {
+                let pending = self.kinds[i].pending.take().expect("checked");
+                self.count(pending.reason, "timed_out");
+                self.schedule_retry(i, pending, now);
+            }
+            if let Some(retry) = self.kinds[i].retry.clone()
+                && retry.at <= now
+            {
+                plan.send.extend(self.request(kind, retry.reason, retry.attempts, now));
+            }
+            let plan_i = &self.kinds[i];
+            if plan_i.due.is_some_and(|due| due <= now) && plan_i.pending.is_none() && plan_i.retry.is_none() {
+                // Only once per credential: the next is scheduled when the
+                // new credential arrives.
+                self.kinds[i].due = None;
+                plan.send.extend(self.request(kind, RefreshReason::Expiring, 1, now));
+            }
+        }
+        (plan, self.next_wake())
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        self.kinds
+            .iter()
+            .flat_map(|plan| {
+                [
+                    plan.expires,
+                    plan.due.filter(|_| plan.pending.is_none() && plan.retry.is_none()),
+                    plan.pending.as_ref().filter(|p| p.sent).map(|p| p.deadline),
+                    plan.retry.as_ref().map(|r| r.at),
+                ]
+            })
+            .flatten()
+            .min()
+    }
+
+    /// When the held credential of `kind` is due for refresh, if scheduled.
+    pub fn due(&self, kind: CredentialKind) -> Option<Instant> {
+        slot(kind).and_then(|i| self.kinds[i].due)
+    }
+
+    /// Outstanding requests, for `GetCluster`.
+    pub fn pending(&self) -> Vec<PendingRefresh> {
+        KINDS
+            .iter()
+            .filter_map(|kind| {
+                let plan = &self.kinds[slot(*kind)?];
+                if let Some(p) = &plan.pending {
+                    return Some(PendingRefresh {
+                        id: p.id.clone(),
+                        kind: *kind as i32,
+                        reason: p.reason as i32,
+                        deadline: Some(timestamp(p.deadline_wall)),
+                        attempts: p.attempts,
+                        sent: p.sent,
+                    });
+                }
+                plan.retry.as_ref().map(|r| PendingRefresh {
+                    id: String::new(),
+                    kind: *kind as i32,
+                    reason: r.reason as i32,
+                    deadline: None,
+                    attempts: r.attempts.saturating_sub(1),
+                    sent: false,
+                })
+            })
+            .collect()
+    }
+
+    /// Counters by reason and outcome, for `GetCluster`.
+    pub fn counts(&self) -> Vec<RefreshCount> {
+        self.counts
+            .iter()
+            .map(|(&(reason, outcome), &count)| RefreshCount {
+                reason,
+                outcome: outcome.to_owned(),
+                count,
+            })
+            .collect()
+    }
+
+    /// How many requests were created for `reason` (for tests and metrics).
+    pub fn requested(&self, reason: RefreshReason) -> u64 {
+        self.counts.get(&(reason as i32, "requested")).copied().unwrap_or(0)
+    }
+
+    /// The last error a publisher reported.
+    pub fn last_error(&self) -> &str {
+        &self.last_error
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    fn planner() -> RefreshPlanner {
+        let mut p = RefreshPlanner::new(RefreshConfig::default());
+        p.publisher_connected(&[], |_| true, Instant::now());
+        p
+    }
+
+    /// Runs the planner's timer until it asks for a refresh; returns the
+    /// time that took and the request.
+    async fn wait_for_request(p: &mut RefreshPlanner) -> (Duration, RefreshRequest) {
+        let start = Instant::now();
+        loop {
+            let (plan, next) = p.tick(Instant::now());
+            if let Some(req) = plan.send.into_iter().next() {
+                return (start.elapsed(), req);
+            }
+            tokio::time::sleep_until(next.expect("something is scheduled")).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refresh_happens_inside_the_planned_window_for_15m_1h_12h() {
+        for lifetime in [15 * MIN, 60 * MIN, 12 * 60 * MIN] {
+            for _ in 0..20 {
+                let mut p = planner();
+                let now = SystemTime::now();
+                p.credential_accepted(CredentialKind::Aws, now, now + lifetime, Instant::now(), now);
+                let (after, req) = wait_for_request(&mut p).await;
+                assert_eq!(req.reason, RefreshReason::Expiring as i32);
+                let (lo, hi) = (lifetime.mul_f64(0.475), lifetime.mul_f64(0.525));
+                assert!(after >= lo && after <= hi, "lifetime {lifetime:?}: refreshed after {after:?}");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_credential_already_past_its_refresh_point_is_refreshed_at_once() {
+        let mut p = planner();
+        let now = SystemTime::now();
+        // Issued 40 minutes ago, 60-minute lifetime: past half-life.
+        p.credential_accepted(CredentialKind::Gcp, now - 40 * MIN, now + 20 * MIN, Instant::now(), now);
+        let (after, req) = wait_for_request(&mut p).await;
+        assert_eq!(after, Duration::ZERO);
+        assert_eq!(req.kind, CredentialKind::Gcp as i32);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn triggers_join_the_outstanding_request() {
+        let mut p = planner();
+        let now = Instant::now();
+        let first = p.trigger(CredentialKind::Aws, RefreshReason::AgentRequested, now);
+        assert!(first.is_some());
+        for _ in 0..10_000 {
+            assert!(p.trigger(CredentialKind::Aws, RefreshReason::AgentRequested, now).is_none());
+        }
+        assert_eq!(p.requested(RefreshReason::AgentRequested), 1);
+        // A different kind is its own flight.
+        assert!(p.trigger(CredentialKind::Gcp, RefreshReason::AgentRequested, now).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_and_missed_deadlines_back_off_and_stop_at_expiry() {
+        let mut p = planner();
+        let wall = SystemTime::now();
+        p.credential_accepted(CredentialKind::Aws, wall, wall + 15 * MIN, Instant::now(), wall);
+        let start = Instant::now();
+        let (_, first) = wait_for_request(&mut p).await;
+        assert!(p.refresh_failed(&first.id, "denied".into(), Instant::now()));
+        assert!(!p.refresh_failed(&first.id, "again".into(), Instant::now()), "stale ids are ignored");
+        assert_eq!(p.last_error(), "denied");
+        let mut ids = vec![first.id.clone()];
+        let mut gaps = Vec::new();
+        let mut last = Instant::now();
+        // Never answer again: every retry times out.
+        loop {
+            let (plan, next) = p.tick(Instant::now());
+            if !plan.expired.is_empty() {
+                break;
+            }
+            for req in plan.send {
+                assert!(!ids.contains(&req.id), "each retry has a new id");
+                ids.push(req.id);
+                gaps.push(Instant::now() - last);
+                last = Instant::now();
+            }
+            tokio::time::sleep_until(next.expect("scheduled")).await;
+        }
+        assert!(Instant::now() - start >= 15 * MIN);
+        assert!(ids.len() >= 3, "retried: {ids:?}");
+        assert!(gaps.windows(2).take(3).all(|w| w[1] >= w[0]), "backoff grows: {gaps:?}");
+        // After expiry nothing is scheduled until a trigger.
+        let (plan, next) = p.tick(Instant::now());
+        assert!(plan.send.is_empty() && next.is_none());
+        assert!(!p.in_flight(CredentialKind::Aws));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_wait_for_a_publisher_and_are_resent_on_reconnect() {
+        let mut p = planner();
+        p.publisher_disconnected();
+        assert!(p.trigger(CredentialKind::Aws, RefreshReason::AgentRequested, Instant::now()).is_none());
+        assert!(p.in_flight(CredentialKind::Aws));
+        assert!(!p.pending()[0].sent);
+        let sent = p.publisher_connected(&[CredentialKind::Aws, CredentialKind::Gcp], |_| false, Instant::now());
+        assert_eq!(sent.len(), 2, "the held AWS request plus GCP missing");
+        assert_eq!(sent[0].reason, RefreshReason::AgentRequested as i32);
+        assert_eq!(sent[1].reason, RefreshReason::Missing as i32);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_credential_fulfils_the_request() {
+        let mut p = planner();
+        let req = p.trigger(CredentialKind::Aws, RefreshReason::Missing, Instant::now()).unwrap();
+        assert!(!req.id.is_empty());
+        let wall = SystemTime::now();
+        p.credential_accepted(CredentialKind::Aws, wall, wall + 60 * MIN, Instant::now(), wall);
+        assert!(!p.in_flight(CredentialKind::Aws));
+        let fulfilled = p.counts().iter().find(|c| c.outcome == "fulfilled").map(|c| c.count);
+        assert_eq!(fulfilled, Some(1));
+    }
+}

@@ -1,0 +1,229 @@
+//! The tonic server: listener, TLS, the tower layers, the services, health,
+//! reflection and shutdown.
+//!
+//! [`start`] binds (port 0 works), spawns the server and returns a
+//! [`RunningBroker`]; `main.rs` and the tests both use it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use credstream_proto::FILE_DESCRIPTOR_SET;
+use credstream_proto::v1::admin_service_server::AdminServiceServer;
+use credstream_proto::v1::agent_service_server::AgentServiceServer;
+use credstream_proto::v1::publisher_service_server::PublisherServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::auth::{AuthLayer, TokenKey};
+use crate::hub::{ClusterHub, HubConfig};
+use crate::limits::MAX_MESSAGE_BYTES;
+use crate::refresh::RefreshConfig;
+use crate::service::admin::AdminServer;
+use crate::service::agent::AgentServer;
+use crate::service::publisher::PublisherServer;
+
+/// TLS files.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA bundle: when set, clients must present a certificate it
+    /// signed (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Everything the broker needs to run.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Where to listen; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The token signing key.
+    pub token_key: TokenKey,
+    /// TLS, or plaintext when `None`.
+    pub tls: Option<TlsFiles>,
+    /// Allow plaintext on a non-loopback address.
+    pub insecure: bool,
+    /// Refresh planning.
+    pub refresh: RefreshConfig,
+    /// How often one agent may hint per kind.
+    pub hint_interval: Duration,
+    /// How long shutdown waits for connections to drain.
+    pub drain_timeout: Duration,
+}
+
+impl BrokerConfig {
+    /// Defaults for a broker on `listen` with `token_key`.
+    pub fn new(listen: SocketAddr, token_key: TokenKey) -> Self {
+        Self {
+            listen,
+            token_key,
+            tls: None,
+            insecure: false,
+            refresh: RefreshConfig::default(),
+            hint_interval: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Plaintext on 127.0.0.1, a free port: what tests use.
+    pub fn for_tests(token_key: TokenKey) -> Self {
+        Self::new(SocketAddr::from(([127, 0, 0, 1], 0)), token_key)
+    }
+}
+
+/// A broker serving in the background.
+#[derive(Debug)]
+pub struct RunningBroker {
+    /// The bound address.
+    pub local_addr: SocketAddr,
+    /// The hub, for in-process inspection by tests.
+    pub hub: Arc<ClusterHub>,
+    tls: bool,
+    health: tonic_health::server::HealthReporter,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    drain_timeout: Duration,
+}
+
+impl RunningBroker {
+    /// The URL clients use (`http://` or `https://`).
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.local_addr)
+    }
+
+    /// Health NOT_SERVING, every stream ends with UNAVAILABLE, then the
+    /// server stops; waits at most the drain timeout.
+    pub async fn shutdown(mut self) {
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        for service in SERVICES {
+            self.health
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        self.hub.shut_down();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match tokio::time::timeout(self.drain_timeout, &mut self.task).await {
+            Ok(Ok(Ok(()))) => tracing::info!("broker stopped"),
+            Ok(Ok(Err(error))) => tracing::warn!(%error, "server ended with an error"),
+            Ok(Err(error)) => tracing::warn!(%error, "server task failed"),
+            Err(_) => {
+                tracing::warn!("connections did not drain in time; closing them");
+                self.task.abort();
+            }
+        }
+    }
+
+    /// Waits until the server task ends (it ends only on shutdown or error).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        (&mut self.task).await.context("server task")?.context("server")
+    }
+}
+
+const SERVICES: [&str; 3] = [
+    "credstream.v1.PublisherService",
+    "credstream.v1.AgentService",
+    "credstream.v1.AdminService",
+];
+
+fn read(path: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
+}
+
+/// Binds and starts the broker.
+pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
+    if config.tls.is_none() && !config.insecure && !config.listen.ip().is_loopback() {
+        bail!(
+            "refusing to serve plaintext on {}: bearer tokens would cross the network in clear text; \
+             give --tls-cert and --tls-key, listen on 127.0.0.1, or pass --insecure (behind a TLS-terminating proxy only)",
+            config.listen
+        );
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let local_addr = listener.local_addr()?;
+
+    let hub = ClusterHub::new(HubConfig {
+        refresh: config.refresh.clone(),
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in SERVICES {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection v1")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("reflection v1alpha")?;
+
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .concurrency_limit_per_connection(64)
+        .max_concurrent_streams(Some(64))
+        .http2_max_header_list_size(16 * 1024);
+    let tls = config.tls.is_some();
+    if let Some(files) = &config.tls {
+        let identity = Identity::from_pem(read(&files.cert, "TLS certificate")?, read(&files.key, "TLS key")?);
+        let mut tls_config = ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &files.client_ca {
+            tls_config = tls_config.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+        }
+        builder = builder.tls_config(tls_config).context("TLS configuration")?;
+    }
+
+    let router = builder
+        .layer(AuthLayer::new(config.token_key.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            PublisherServiceServer::new(PublisherServer::new(hub.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AgentServiceServer::new(AgentServer::new(hub.clone(), config.hint_interval))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AdminServiceServer::new(AdminServer::new(hub.clone(), config.token_key.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        );
+
+    let (stop, stopped) = oneshot::channel::<()>();
+    let incoming = TcpListenerStream::new(listener);
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let _ = stopped.await;
+    }));
+    tracing::info!(%local_addr, tls, "broker listening");
+    Ok(RunningBroker {
+        local_addr,
+        hub,
+        tls,
+        health,
+        stop: Some(stop),
+        task,
+        drain_timeout: config.drain_timeout,
+    })
+}

@@ -1,0 +1,98 @@
+//! `AdminService`: inspection without secrets, and agent tokens for
+//! publishers.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use credstream_proto::convert::timestamp;
+use credstream_proto::v1::admin_service_server::AdminService;
+use credstream_proto::v1::{
+    CreateAgentTokenRequest, CreateAgentTokenResponse, GetClusterRequest, GetClusterResponse,
+    ListClustersRequest, ListClustersResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{self, Role, TokenKey};
+use crate::hub::ClusterHub;
+use crate::limits;
+
+const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
+const MAX_AGENT_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The `AdminService` implementation.
+#[derive(Debug, Clone)]
+pub struct AdminServer {
+    hub: Arc<ClusterHub>,
+    key: TokenKey,
+}
+
+impl AdminServer {
+    /// Inspects `hub`; issues agent tokens with `key`.
+    pub fn new(hub: Arc<ClusterHub>, key: TokenKey) -> Self {
+        Self { hub, key }
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminServer {
+    async fn list_clusters(
+        &self,
+        request: Request<ListClustersRequest>,
+    ) -> Result<Response<ListClustersResponse>, Status> {
+        let claims = auth::claims(&request)?;
+        let clusters = self
+            .hub
+            .all()
+            .into_iter()
+            .filter(|cluster| claims.covers(cluster.id()))
+            .map(|cluster| cluster.summary())
+            .collect();
+        Ok(Response::new(ListClustersResponse { clusters }))
+    }
+
+    async fn get_cluster(
+        &self,
+        request: Request<GetClusterRequest>,
+    ) -> Result<Response<GetClusterResponse>, Status> {
+        let claims = auth::claims(&request)?;
+        let id = &request.get_ref().cluster_id;
+        limits::check_id("cluster_id", id)?;
+        claims.require_cluster(id)?;
+        let cluster = self
+            .hub
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("the broker holds no state for cluster {id:?}")))?;
+        Ok(Response::new(GetClusterResponse {
+            cluster: Some(cluster.status()),
+        }))
+    }
+
+    async fn create_agent_token(
+        &self,
+        request: Request<CreateAgentTokenRequest>,
+    ) -> Result<Response<CreateAgentTokenResponse>, Status> {
+        let claims = auth::claims(&request)?;
+        let body = request.get_ref();
+        limits::check_id("cluster_id", &body.cluster_id)?;
+        claims.require_cluster(&body.cluster_id)?;
+        if !matches!(claims.role, Role::Admin | Role::Publisher) {
+            return Err(Status::permission_denied("only admin and publisher tokens may issue agent tokens"));
+        }
+        let ttl = match body.ttl_seconds {
+            0 => DEFAULT_AGENT_TOKEN_TTL,
+            secs => Duration::from_secs(secs),
+        };
+        if ttl > MAX_AGENT_TOKEN_TTL {
+            return Err(Status::invalid_argument("ttl_seconds is more than 7 days"));
+        }
+        let token = self
+            .key
+            .issue(Role::Agent, Some(&body.cluster_id), ttl)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(cluster = %body.cluster_id, issuer = %claims.role, "issued an agent token");
+        Ok(Response::new(CreateAgentTokenResponse {
+            token,
+            expires_at: Some(timestamp(SystemTime::now() + ttl)),
+        }))
+    }
+}

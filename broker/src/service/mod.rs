@@ -1,0 +1,50 @@
+//! The gRPC services: thin adapters between streams and the hub.
+//!
+//! - [`publisher`]: `PublisherService.Publish`.
+//! - [`agent`]: `AgentService.Subscribe`.
+//! - [`admin`]: `AdminService`.
+
+pub mod admin;
+pub mod agent;
+pub mod publisher;
+
+use tonic::{Request, Status};
+
+use credstream_proto::connect::CLUSTER_HEADER;
+
+/// The `x-credstream-cluster` header of a request, if any.
+fn routing_cluster<T>(request: &Request<T>) -> Result<Option<String>, Status> {
+    request
+        .metadata()
+        .get(CLUSTER_HEADER)
+        .map(|value| {
+            value
+                .to_str()
+                .map(str::to_owned)
+                .map_err(|_| Status::invalid_argument(format!("{CLUSTER_HEADER} is not valid ASCII")))
+        })
+        .transpose()
+}
+
+/// Checks that the routing header (if sent) names the hello's cluster.
+fn check_routing(header: Option<&str>, cluster_id: &str) -> Result<(), Status> {
+    match header {
+        Some(header) if header != cluster_id => Err(Status::invalid_argument(format!(
+            "the {CLUSTER_HEADER} header ({header:?}) does not match the hello's cluster_id ({cluster_id:?})"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The status that ends every stream when the broker shuts down.
+fn shutting_down() -> Status {
+    Status::unavailable("the broker is shutting down; reconnect with backoff")
+}
+
+/// Resolves once the broker starts shutting down (holds no borrow of the
+/// channel across the await, so the future stays `Send`).
+async fn shutdown_requested(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    if shutdown.wait_for(|down| *down).await.is_err() {
+        // The hub is gone: nothing will ever signal; treat as shutdown.
+    }
+}

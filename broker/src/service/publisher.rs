@@ -1,0 +1,213 @@
+//! `PublisherService.Publish`: the user's stream. Reads the hello, registers
+//! the publisher (taking over from an older one), then relays checked
+//! changes into the cluster and refresh requests and ack progress back out.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use credstream_proto::v1::publisher_service_server::PublisherService;
+use credstream_proto::v1::{
+    CredentialKind, PublishRequest, PublishResponse, PublisherHello, PublisherWelcome, publish_request,
+    publish_response,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{self, Claims};
+use crate::hub::{Cluster, ClusterHub, PublisherEvent};
+use crate::limits;
+
+/// The `PublisherService` implementation.
+#[derive(Debug, Clone)]
+pub struct PublisherServer {
+    hub: Arc<ClusterHub>,
+}
+
+impl PublisherServer {
+    /// A service publishing into `hub`.
+    pub fn new(hub: Arc<ClusterHub>) -> Self {
+        Self { hub }
+    }
+}
+
+type Outbound = mpsc::Sender<Result<PublishResponse, Status>>;
+
+#[tonic::async_trait]
+impl PublisherService for PublisherServer {
+    type PublishStream = ReceiverStream<Result<PublishResponse, Status>>;
+
+    async fn publish(
+        &self,
+        request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<Self::PublishStream>, Status> {
+        let claims = auth::claims(&request)?;
+        let routing = super::routing_cluster(&request)?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            let shutdown = hub.shutdown_signal();
+            if let Err(status) = session(hub, claims, routing, inbound, &tx, shutdown).await {
+                tracing::debug!(code = ?status.code(), message = status.message(), "publish stream ended");
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn declared_kinds(hello: &PublisherHello) -> Result<Vec<CredentialKind>, Status> {
+    let mut kinds = Vec::new();
+    for raw in &hello.kinds {
+        match CredentialKind::try_from(*raw) {
+            Ok(kind @ (CredentialKind::Aws | CredentialKind::Gcp)) => {
+                if !kinds.contains(&kind) {
+                    kinds.push(kind);
+                }
+            }
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "hello.kinds holds {raw}, which is not a credential kind (use CREDENTIAL_KIND_AWS or CREDENTIAL_KIND_GCP)"
+                )));
+            }
+        }
+    }
+    Ok(kinds)
+}
+
+async fn send(tx: &Outbound, message: publish_response::Message) -> Result<(), Status> {
+    tx.send(Ok(PublishResponse { message: Some(message) }))
+        .await
+        .map_err(|_| Status::cancelled("the publisher went away"))
+}
+
+async fn session(
+    hub: Arc<ClusterHub>,
+    claims: Claims,
+    routing: Option<String>,
+    mut inbound: Streaming<PublishRequest>,
+    tx: &Outbound,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), Status> {
+    let first = tokio::select! {
+        message = inbound.message() => message?,
+        () = super::shutdown_requested(&mut shutdown) => return Err(super::shutting_down()),
+    };
+    let Some(PublishRequest {
+        message: Some(publish_request::Message::Hello(hello)),
+    }) = first
+    else {
+        return Err(Status::failed_precondition(
+            "the first message on Publish must be a hello (PublisherHello) naming the cluster",
+        ));
+    };
+    limits::check_id("hello.cluster_id", &hello.cluster_id)?;
+    claims.require_cluster(&hello.cluster_id)?;
+    super::check_routing(routing.as_deref(), &hello.cluster_id)?;
+    if hello.publisher_name.len() > limits::MAX_ID_BYTES {
+        return Err(Status::invalid_argument("hello.publisher_name is longer than 128 bytes"));
+    }
+    let kinds = declared_kinds(&hello)?;
+    let cluster = hub.cluster(&hello.cluster_id);
+    let (missing, private_env_missing, agents_connected) = cluster.missing(&kinds);
+    let (_registration, mut events, requests) = cluster.connect_publisher(kinds, hello.private_env);
+    tracing::info!(cluster = %hello.cluster_id, publisher = %hello.publisher_name, "publisher connected");
+    send(
+        tx,
+        publish_response::Message::Welcome(PublisherWelcome {
+            version: cluster.state().version,
+            missing: missing.into_iter().map(|k| k as i32).collect(),
+            private_env_missing,
+            agents_connected,
+        }),
+    )
+    .await?;
+    for request in requests {
+        send(tx, publish_response::Message::RefreshRequest(request)).await?;
+    }
+    let mut acks = cluster.watch_acks();
+    let mut inbound_open = true;
+    loop {
+        tokio::select! {
+            message = inbound.message(), if inbound_open => match message {
+                Ok(Some(request)) => handle(&cluster, request)?,
+                // A half-closed publisher keeps receiving, like an agent.
+                Ok(None) => inbound_open = false,
+                Err(status) => {
+                    tracing::debug!(cluster = %cluster.id(), code = ?status.code(), "publisher stream broke");
+                    return Ok(());
+                }
+            },
+            event = events.recv() => match event {
+                Some(PublisherEvent::Refresh(request)) => {
+                    send(tx, publish_response::Message::RefreshRequest(request)).await?;
+                }
+                Some(PublisherEvent::TakenOver) | None => {
+                    return Err(Status::aborted(format!(
+                        "another publisher took over cluster {:?}; this stream ends (do not reconnect)",
+                        cluster.id()
+                    )));
+                }
+            },
+            changed = acks.changed() => {
+                if changed.is_ok() {
+                    let ack = *acks.borrow_and_update();
+                    send(tx, publish_response::Message::UpdateAck(ack)).await?;
+                }
+            }
+            () = super::shutdown_requested(&mut shutdown) => return Err(super::shutting_down()),
+            () = tx.closed() => return Ok(()),
+        }
+    }
+}
+
+fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
+    use publish_request::Message;
+    match request.message {
+        Some(Message::Hello(_)) => Err(Status::failed_precondition(
+            "a second hello on the same Publish stream; open a new stream to publish to another cluster",
+        )),
+        Some(Message::Credential(update)) => {
+            let lifetime = limits::check_credential(&update, SystemTime::now())?;
+            let kind = update.kind();
+            let answered = update.refresh_request_id.clone();
+            let version = cluster.publish_credential(update, lifetime);
+            tracing::info!(cluster = %cluster.id(), kind = kind.label(), version, refresh = %answered, "credential published");
+            Ok(())
+        }
+        Some(Message::PrivateEnv(env)) => {
+            limits::check_env_change(&env)?;
+            let version = cluster.publish_env(env)?;
+            tracing::info!(cluster = %cluster.id(), version, "private env published");
+            Ok(())
+        }
+        Some(Message::RefreshError(error)) => {
+            if error.refresh_request_id.is_empty() || error.refresh_request_id.len() > limits::MAX_ID_BYTES {
+                return Err(Status::invalid_argument("refresh_error.refresh_request_id is required (at most 128 bytes)"));
+            }
+            let message = limits::bounded_message(&error.message);
+            tracing::warn!(cluster = %cluster.id(), request = %error.refresh_request_id, error = %message, "publisher could not refresh");
+            cluster.refresh_failed(&error.refresh_request_id, message);
+            Ok(())
+        }
+        Some(Message::Revoke(revoke)) => {
+            let mut kinds = Vec::new();
+            for raw in &revoke.kinds {
+                match CredentialKind::try_from(*raw) {
+                    Ok(kind @ (CredentialKind::Aws | CredentialKind::Gcp)) => kinds.push(kind),
+                    _ => return Err(Status::invalid_argument(format!("revoke.kinds holds {raw}, which is not a credential kind"))),
+                }
+            }
+            if revoke.all {
+                kinds = vec![CredentialKind::Aws, CredentialKind::Gcp];
+            } else if kinds.is_empty() {
+                return Err(Status::invalid_argument("revoke needs kinds or all = true"));
+            }
+            let version = cluster.revoke(&kinds, revoke.all);
+            tracing::info!(cluster = %cluster.id(), version, all = revoke.all, "revoked");
+            Ok(())
+        }
+        None => Err(Status::invalid_argument("empty PublishRequest: set exactly one message")),
+    }
+}
