@@ -1,0 +1,223 @@
+//! The `Subscribe` stream loop: hello, snapshot, updates, acks, refresh
+//! hints, reconnects.
+//!
+//! [`run`] keeps one stream open to the broker and applies everything it
+//! receives to the [`CredentialStore`]. After each applied message it
+//! acknowledges the highest version it holds. While a declared credential is
+//! in its last quarter of life (the broker should have refreshed it at half
+//! life) or missing, it sends a refresh hint at most every
+//! [`SubscriptionConfig::hint_every`]; the broker folds all hints of a
+//! cluster into one refresh.
+//!
+//! Reconnects use exponential backoff with full jitter; the store keeps
+//! serving what it holds meanwhile (until expiry). Statuses that no retry can
+//! fix (a bad token, a token for another cluster, a malformed hello) end
+//! [`run`] with a [`SubscriptionError`].
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use credstream_proto::connect::{BrokerAddress, ConnectError};
+use credstream_proto::convert::system_time;
+use credstream_proto::v1::agent_service_client::AgentServiceClient;
+use credstream_proto::v1::{
+    AgentAck, AgentHello, CredentialKind, RefreshHint, SubscribeRequest, subscribe_request,
+};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use crate::store::{AgentState, CredentialStore};
+
+/// Where and as whom to subscribe.
+#[derive(Clone, Debug)]
+pub struct SubscriptionConfig {
+    /// The broker and the agent token.
+    pub address: BrokerAddress,
+    /// This agent's id (unique in the cluster, e.g. the host name).
+    pub agent_id: String,
+    /// Fraction of a credential's lifetime after which the agent hints.
+    pub hint_after: f64,
+    /// How often to repeat a hint while the condition holds.
+    pub hint_every: Duration,
+}
+
+impl SubscriptionConfig {
+    /// Defaults: hint in the last quarter of a credential's life, every 30 s.
+    pub fn new(address: BrokerAddress, agent_id: impl Into<String>) -> Self {
+        Self {
+            address,
+            agent_id: agent_id.into(),
+            hint_after: 0.75,
+            hint_every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the subscription ended for good.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    /// The broker address or token is unusable.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The broker refused the token.
+    #[error("the broker rejected the agent token: {0}; ask the publisher for a new one")]
+    Unauthenticated(String),
+    /// The token is not for this cluster or not an agent token.
+    #[error("the token may not subscribe to this cluster: {0}")]
+    PermissionDenied(String),
+    /// The broker rejected the hello or a message.
+    #[error("the broker rejected the subscription: {0}")]
+    Rejected(String),
+}
+
+enum Ended {
+    Retry(String),
+    Fatal(SubscriptionError),
+    Shutdown,
+}
+
+fn classify(status: tonic::Status) -> Ended {
+    let message = status.message().to_owned();
+    match status.code() {
+        Code::Unauthenticated => Ended::Fatal(SubscriptionError::Unauthenticated(message)),
+        Code::PermissionDenied => Ended::Fatal(SubscriptionError::PermissionDenied(message)),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            Ended::Fatal(SubscriptionError::Rejected(message))
+        }
+        code => Ended::Retry(format!("{code:?}: {message}")),
+    }
+}
+
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+fn full_jitter(attempt: u32) -> Duration {
+    BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX)
+        .mul_f64(rand::thread_rng().r#gen::<f64>())
+}
+
+/// The kinds for which a hint is due now: declared, and missing, expired or
+/// in the last part of their life.
+pub fn hints_due(state: &AgentState, hint_after: f64, now: SystemTime) -> Vec<(CredentialKind, u64)> {
+    let Some(info) = &state.info else {
+        return Vec::new();
+    };
+    info.kinds()
+        .filter(|kind| *kind != CredentialKind::Unspecified)
+        .filter(|kind| {
+            let held = match kind {
+                CredentialKind::Aws => state.aws.as_ref(),
+                _ => state.gcp.as_ref(),
+            };
+            let Some(held) = held else { return true };
+            let (Some(expires), issued) = (held.expiry(), held.issued_at.as_ref().and_then(system_time)) else {
+                return true;
+            };
+            let issued = issued.unwrap_or(now);
+            let lifetime = expires.duration_since(issued).unwrap_or_default();
+            let hint_at = issued + lifetime.mul_f64(hint_after);
+            now >= hint_at
+        })
+        .map(|kind| (kind, state.held_version(kind)))
+        .collect()
+}
+
+/// Runs the subscription until `shutdown` resolves or a terminal error.
+pub async fn run(
+    config: SubscriptionConfig,
+    store: CredentialStore,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SubscriptionError> {
+    let channel = config.address.channel()?;
+    let credentials = config.address.interceptor()?;
+    let mut client = AgentServiceClient::with_interceptor(channel, credentials).max_decoding_message_size(1024 * 1024);
+    tokio::pin!(shutdown);
+    let mut attempt = 0u32;
+    loop {
+        let ended = tokio::select! {
+            ended = connection(&config, &store, &mut client, &mut attempt) => ended,
+            () = &mut shutdown => Ended::Shutdown,
+        };
+        match ended {
+            Ended::Shutdown => return Ok(()),
+            Ended::Fatal(error) => return Err(error),
+            Ended::Retry(reason) => {
+                let delay = full_jitter(attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(%reason, ?delay, "subscription lost; serving what is held and reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = &mut shutdown => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+type Client = AgentServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, credstream_proto::connect::CallCredentials>,
+>;
+
+fn message(message: subscribe_request::Message) -> SubscribeRequest {
+    SubscribeRequest { message: Some(message) }
+}
+
+async fn connection(
+    config: &SubscriptionConfig,
+    store: &CredentialStore,
+    client: &mut Client,
+    attempt: &mut u32,
+) -> Ended {
+    let (tx, rx) = mpsc::channel(8);
+    let hello = AgentHello {
+        cluster_id: config.address.cluster_id.clone(),
+        agent_id: config.agent_id.clone(),
+    };
+    let _ = tx.send(message(subscribe_request::Message::Hello(hello))).await;
+    let mut inbound = match client.subscribe(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return classify(status),
+    };
+    let mut hint_timer = tokio::time::interval(config.hint_every);
+    hint_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acked = 0;
+    loop {
+        tokio::select! {
+            received = inbound.message() => {
+                let response = match received {
+                    Ok(Some(response)) => response,
+                    Ok(None) => return Ended::Retry("the broker closed the stream".into()),
+                    Err(status) => return classify(status),
+                };
+                let Some(update) = response.message else { continue };
+                let snapshot = matches!(update, credstream_proto::v1::subscribe_response::Message::Snapshot(_));
+                store.apply(update);
+                if snapshot {
+                    *attempt = 0;
+                    tracing::info!(version = store.current().version, "snapshot received");
+                }
+                let version = store.current().version;
+                if version > acked || snapshot {
+                    acked = version;
+                    if tx.send(message(subscribe_request::Message::Ack(AgentAck { version }))).await.is_err() {
+                        return Ended::Retry("the stream closed while acknowledging".into());
+                    }
+                }
+            }
+            _ = hint_timer.tick() => {
+                let state = store.current();
+                for (kind, held_version) in hints_due(&state, config.hint_after, SystemTime::now()) {
+                    tracing::debug!(kind = kind.label(), held_version, "hinting for a refresh");
+                    let hint = RefreshHint { kind: kind as i32, held_version };
+                    if tx.send(message(subscribe_request::Message::RefreshHint(hint))).await.is_err() {
+                        return Ended::Retry("the stream closed while hinting".into());
+                    }
+                }
+            }
+        }
+    }
+}

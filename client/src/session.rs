@@ -1,0 +1,564 @@
+//! The publish session: one `Publish` stream to the broker for one cluster,
+//! kept open across broker restarts.
+//!
+//! A [`PublishSession`] sends the hello (declaring the kinds its minters
+//! produce and whether it has a private env), re-sends its whole private env
+//! on every connect (a restarted broker has lost it), and answers each
+//! `RefreshRequest` by running the matching [`Minter`] and sending the
+//! credential — or a `RefreshError` with the reason. It mints only when asked:
+//! the broker knows when a credential is due, and asks again for whatever it
+//! lacks when the session reconnects, so minting while disconnected would only
+//! spend identity-provider calls on a credential nobody can receive.
+//!
+//! Reconnects use exponential backoff with full jitter. Statuses that no
+//! retry can fix (bad token, wrong cluster, taken over) end the session with
+//! a [`SessionError`].
+//!
+//! ```no_run
+//! # async fn example(minter: std::sync::Arc<dyn credstream_client::mint::Minter>) -> Result<(), Box<dyn std::error::Error>> {
+//! use credstream_client::session::PublishSession;
+//! use credstream_proto::connect::BrokerAddress;
+//!
+//! let address = BrokerAddress {
+//!     url: "http://127.0.0.1:50051".into(),
+//!     token: std::env::var("CREDSTREAM_TOKEN")?,
+//!     cluster_id: "dev".into(),
+//!     ca_cert: None,
+//!     insecure: false,
+//! };
+//! let session = PublishSession::builder(address).minter(minter).start()?;
+//! session.send_private_envs([("AUTH_TOKEN_FOR_CUSTOM_DATABASE", "s3cret")]).await?;
+//! session.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use credstream_proto::connect::{BrokerAddress, ConnectError};
+use credstream_proto::convert::system_time;
+use credstream_proto::v1::publisher_service_client::PublisherServiceClient;
+use credstream_proto::v1::{
+    CredentialKind, CredentialUpdate, EnvVar, PrivateEnv, PublishRequest, PublisherHello, RefreshError,
+    RefreshReason, RefreshRequest, Revoke, UpdateAck, credential_update::Credential, publish_request,
+    publish_response,
+};
+use rand::Rng;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use zeroize::Zeroizing;
+
+use crate::mint::Minter;
+
+/// Why a session ended for good.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The broker address or token is unusable.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The broker refused the token (`UNAUTHENTICATED`).
+    #[error("the broker rejected the token: {0}; issue a new publisher token (`credstream-broker token --role publisher --cluster …`)")]
+    Unauthenticated(String),
+    /// The token is valid but not for this cluster or role.
+    #[error("the token may not publish to this cluster: {0}")]
+    PermissionDenied(String),
+    /// Another publisher took over the cluster.
+    #[error("another publisher took over the cluster: {0}")]
+    TakenOver(String),
+    /// The broker rejected something the session sent.
+    #[error("the broker rejected a message: {0}")]
+    Rejected(String),
+    /// The session task is gone.
+    #[error("the publish session has ended")]
+    Closed,
+}
+
+/// Something that happened in the session, for the CLI's event lines and
+/// for tests.
+#[derive(Clone, Debug)]
+pub enum SessionEvent {
+    /// The stream is open and the broker welcomed the session.
+    Connected {
+        /// Agents subscribed at that moment.
+        agents: u32,
+    },
+    /// The broker asked for a new credential.
+    RefreshRequested {
+        /// The kind.
+        kind: CredentialKind,
+        /// Why.
+        reason: RefreshReason,
+    },
+    /// A credential was minted and sent.
+    Minted {
+        /// The kind.
+        kind: CredentialKind,
+        /// The AWS ARN or GCP principal, when known.
+        principal: String,
+        /// When it expires.
+        expires_at: Option<SystemTime>,
+    },
+    /// Minting failed; the broker was told and will retry.
+    MintFailed {
+        /// The kind.
+        kind: CredentialKind,
+        /// Why (no secrets).
+        message: String,
+    },
+    /// How many agents hold the latest version.
+    Delivered(UpdateAck),
+    /// The stream broke; the session reconnects after `retry_in`.
+    Disconnected {
+        /// The reason.
+        reason: String,
+        /// When the next attempt is made.
+        retry_in: Duration,
+    },
+}
+
+enum Command {
+    Env(PrivateEnv, oneshot::Sender<()>),
+    Credential(CredentialUpdate, oneshot::Sender<()>),
+    Revoke(Revoke, oneshot::Sender<()>),
+    Shutdown,
+}
+
+/// Builds a [`PublishSession`].
+pub struct SessionBuilder {
+    address: BrokerAddress,
+    minters: Vec<Arc<dyn Minter>>,
+    env: BTreeMap<String, Zeroizing<String>>,
+    declare_env: bool,
+    publisher_name: String,
+    revoke_on_exit: bool,
+}
+
+impl SessionBuilder {
+    /// Adds a minter; its kind is declared in the hello.
+    pub fn minter(mut self, minter: Arc<dyn Minter>) -> Self {
+        self.minters.push(minter);
+        self
+    }
+
+    /// Sets the initial private env (and declares one, so that agents'
+    /// `exec` waits for it).
+    pub fn private_env<K: Into<String>, V: Into<String>>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Self {
+        self.declare_env = true;
+        for (name, value) in vars {
+            self.env.insert(name.into(), Zeroizing::new(value.into()));
+        }
+        self
+    }
+
+    /// A display name for the broker's status (`user@host`).
+    pub fn publisher_name(mut self, name: impl Into<String>) -> Self {
+        self.publisher_name = name.into();
+        self
+    }
+
+    /// Revoke everything at [`PublishSession::shutdown`].
+    pub fn revoke_on_exit(mut self, revoke: bool) -> Self {
+        self.revoke_on_exit = revoke;
+        self
+    }
+
+    /// Starts the session in the background.
+    pub fn start(self) -> Result<PublishSession, SessionError> {
+        let channel = self.address.channel()?;
+        let credentials = self.address.interceptor()?;
+        let client = PublisherServiceClient::with_interceptor(channel, credentials)
+            .max_decoding_message_size(1024 * 1024);
+        let (commands, command_rx) = mpsc::channel(64);
+        let (events, _) = broadcast::channel(256);
+        let (acks, _) = watch::channel(UpdateAck::default());
+        let revoke_on_exit = self.revoke_on_exit;
+        let runner = Runner {
+            cluster_id: self.address.cluster_id.clone(),
+            client,
+            minters: self.minters,
+            env: self.env,
+            declare_env: self.declare_env,
+            publisher_name: self.publisher_name,
+            events: events.clone(),
+            acks: acks.clone(),
+        };
+        let task = tokio::spawn(runner.run(command_rx));
+        Ok(PublishSession {
+            commands,
+            events,
+            acks,
+            task,
+            revoke_on_exit,
+        })
+    }
+}
+
+/// A running publish session. See the module docs.
+pub struct PublishSession {
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<SessionEvent>,
+    acks: watch::Sender<UpdateAck>,
+    task: JoinHandle<Result<(), SessionError>>,
+    revoke_on_exit: bool,
+}
+
+impl std::fmt::Debug for PublishSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishSession").finish_non_exhaustive()
+    }
+}
+
+impl PublishSession {
+    /// A builder for a session to `address`.
+    pub fn builder(address: BrokerAddress) -> SessionBuilder {
+        SessionBuilder {
+            address,
+            minters: Vec::new(),
+            env: BTreeMap::new(),
+            declare_env: false,
+            publisher_name: default_publisher_name(),
+            revoke_on_exit: false,
+        }
+    }
+
+    /// Session events (connected, minted, delivered, …).
+    pub fn events(&self) -> broadcast::Receiver<SessionEvent> {
+        self.events.subscribe()
+    }
+
+    /// The latest delivery progress the broker reported.
+    pub fn acks(&self) -> watch::Receiver<UpdateAck> {
+        self.acks.subscribe()
+    }
+
+    async fn command(&self, make: impl FnOnce(oneshot::Sender<()>) -> Command) -> Result<(), SessionError> {
+        let (done, queued) = oneshot::channel();
+        self.commands.send(make(done)).await.map_err(|_| SessionError::Closed)?;
+        queued.await.map_err(|_| SessionError::Closed)
+    }
+
+    /// Sets (merges) private env vars on every agent. Kept by the session
+    /// and re-sent after a broker restart. Resolves once queued on the
+    /// stream (or held for the next connection).
+    pub async fn send_private_envs<K: Into<String>, V: Into<String>>(
+        &self,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<(), SessionError> {
+        let set = vars
+            .into_iter()
+            .map(|(name, value)| EnvVar {
+                name: name.into(),
+                value: value.into(),
+            })
+            .collect();
+        self.command(|done| Command::Env(PrivateEnv { set, ..Default::default() }, done))
+            .await
+    }
+
+    /// Removes private env vars from every agent.
+    pub async fn unset_private_envs<S: Into<String>>(&self, names: impl IntoIterator<Item = S>) -> Result<(), SessionError> {
+        let unset = names.into_iter().map(Into::into).collect();
+        self.command(|done| Command::Env(PrivateEnv { unset, ..Default::default() }, done))
+            .await
+    }
+
+    /// Publishes a credential minted elsewhere (unprompted).
+    pub async fn publish_credential(&self, update: CredentialUpdate) -> Result<(), SessionError> {
+        self.command(|done| Command::Credential(update, done)).await
+    }
+
+    /// Revokes credential kinds, or everything with `all` (the private env
+    /// too); agents stop serving them at once.
+    pub async fn revoke(&self, kinds: &[CredentialKind], all: bool) -> Result<(), SessionError> {
+        let revoke = Revoke {
+            kinds: kinds.iter().map(|k| *k as i32).collect(),
+            all,
+        };
+        self.command(|done| Command::Revoke(revoke, done)).await
+    }
+
+    /// Ends the session (revoking first if configured) and returns how it
+    /// ended.
+    pub async fn shutdown(self) -> Result<(), SessionError> {
+        if self.revoke_on_exit {
+            let _ = self.revoke(&[], true).await;
+        }
+        let _ = self.commands.send(Command::Shutdown).await;
+        self.task.await.map_err(|_| SessionError::Closed)?
+    }
+
+    /// Waits until the session ends on its own (a terminal error).
+    pub async fn wait(&mut self) -> Result<(), SessionError> {
+        (&mut self.task).await.map_err(|_| SessionError::Closed)?
+    }
+}
+
+fn default_publisher_name() -> String {
+    let user = std::env::var("USER").unwrap_or_else(|_| "user".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    let mut name = format!("{user}@{host}");
+    name.truncate(128);
+    name
+}
+
+type Client = PublisherServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, credstream_proto::connect::CallCredentials>,
+>;
+
+struct Runner {
+    cluster_id: String,
+    client: Client,
+    minters: Vec<Arc<dyn Minter>>,
+    env: BTreeMap<String, Zeroizing<String>>,
+    declare_env: bool,
+    publisher_name: String,
+    events: broadcast::Sender<SessionEvent>,
+    acks: watch::Sender<UpdateAck>,
+}
+
+/// How one connection ended.
+enum Ended {
+    Shutdown,
+    Retry(String),
+    Fatal(SessionError),
+}
+
+fn classify(status: tonic::Status) -> Ended {
+    let message = status.message().to_owned();
+    match status.code() {
+        Code::Unauthenticated => Ended::Fatal(SessionError::Unauthenticated(message)),
+        Code::PermissionDenied => Ended::Fatal(SessionError::PermissionDenied(message)),
+        Code::Aborted => Ended::Fatal(SessionError::TakenOver(message)),
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            Ended::Fatal(SessionError::Rejected(message))
+        }
+        code => Ended::Retry(format!("{code:?}: {message}")),
+    }
+}
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Full jitter: a random delay up to the exponential bound.
+pub(crate) fn full_jitter(attempt: u32) -> Duration {
+    let bound = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    bound.mul_f64(rand::thread_rng().r#gen::<f64>())
+}
+
+type MintResult = (RefreshRequest, Result<CredentialUpdate, String>);
+
+impl Runner {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> Result<(), SessionError> {
+        let mut attempt = 0u32;
+        // Commands that arrive while disconnected are applied to the local
+        // env (re-sent on connect) or held until the next connection.
+        let mut held: Vec<PublishRequest> = Vec::new();
+        loop {
+            match self.connection(&mut commands, &mut held, &mut attempt).await {
+                Ended::Shutdown => return Ok(()),
+                Ended::Fatal(error) => return Err(error),
+                Ended::Retry(reason) => {
+                    let retry_in = full_jitter(attempt);
+                    attempt = attempt.saturating_add(1);
+                    tracing::warn!(cluster = %self.cluster_id, %reason, ?retry_in, "publish stream lost; reconnecting");
+                    let _ = self.events.send(SessionEvent::Disconnected { reason, retry_in });
+                    let sleep = tokio::time::sleep(retry_in);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            () = &mut sleep => break,
+                            command = commands.recv() => match command {
+                                None | Some(Command::Shutdown) => return Ok(()),
+                                Some(command) => self.hold(command, &mut held),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn kinds(&self) -> Vec<i32> {
+        self.minters.iter().map(|m| m.kind() as i32).collect()
+    }
+
+    fn full_env(&self) -> PrivateEnv {
+        PrivateEnv {
+            set: self
+                .env
+                .iter()
+                .map(|(name, value)| EnvVar {
+                    name: name.clone(),
+                    value: value.as_str().to_owned(),
+                })
+                .collect(),
+            unset: vec![],
+            replace_all: true,
+            version: 0,
+        }
+    }
+
+    fn apply_env_locally(&mut self, change: &PrivateEnv) {
+        for var in &change.set {
+            self.env.insert(var.name.clone(), Zeroizing::new(var.value.clone()));
+        }
+        for name in &change.unset {
+            self.env.remove(name);
+        }
+    }
+
+    /// Applies a command while disconnected: env changes are folded into
+    /// the local env (sent whole on connect); the rest waits.
+    fn hold(&mut self, command: Command, held: &mut Vec<PublishRequest>) {
+        match command {
+            Command::Env(change, done) => {
+                self.apply_env_locally(&change);
+                let _ = done.send(());
+            }
+            Command::Credential(update, done) => {
+                held.push(request(publish_request::Message::Credential(update)));
+                let _ = done.send(());
+            }
+            Command::Revoke(revoke, done) => {
+                held.push(request(publish_request::Message::Revoke(revoke)));
+                let _ = done.send(());
+            }
+            Command::Shutdown => {}
+        }
+    }
+
+    async fn connection(
+        &mut self,
+        commands: &mut mpsc::Receiver<Command>,
+        held: &mut Vec<PublishRequest>,
+        attempt: &mut u32,
+    ) -> Ended {
+        let (tx, rx) = mpsc::channel::<PublishRequest>(32);
+        let hello = PublisherHello {
+            cluster_id: self.cluster_id.clone(),
+            kinds: self.kinds(),
+            private_env: self.declare_env || !self.env.is_empty(),
+            publisher_name: self.publisher_name.clone(),
+        };
+        let _ = tx.send(request(publish_request::Message::Hello(hello))).await;
+        if !self.env.is_empty() || self.declare_env {
+            let _ = tx.send(request(publish_request::Message::PrivateEnv(self.full_env()))).await;
+        }
+        for message in held.drain(..) {
+            let _ = tx.send(message).await;
+        }
+        let mut inbound = match self.client.publish(ReceiverStream::new(rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return classify(status),
+        };
+        let (minted_tx, mut minted) = mpsc::channel::<MintResult>(8);
+        loop {
+            tokio::select! {
+                message = inbound.message() => {
+                    let response = match message {
+                        Ok(Some(response)) => response,
+                        Ok(None) => return Ended::Retry("the broker closed the stream".into()),
+                        Err(status) => return classify(status),
+                    };
+                    match response.message {
+                        Some(publish_response::Message::Welcome(welcome)) => {
+                            *attempt = 0;
+                            tracing::info!(cluster = %self.cluster_id, agents = welcome.agents_connected, "connected to the broker");
+                            let _ = self.events.send(SessionEvent::Connected { agents: welcome.agents_connected });
+                        }
+                        Some(publish_response::Message::RefreshRequest(req)) => {
+                            self.start_mint(req, minted_tx.clone());
+                        }
+                        Some(publish_response::Message::UpdateAck(ack)) => {
+                            self.acks.send_replace(ack);
+                            let _ = self.events.send(SessionEvent::Delivered(ack));
+                        }
+                        None => {}
+                    }
+                }
+                Some((req, result)) = minted.recv() => {
+                    let message = self.minted(req, result);
+                    if tx.send(message).await.is_err() {
+                        return Ended::Retry("the stream closed while sending".into());
+                    }
+                }
+                command = commands.recv() => {
+                    let message = match command {
+                        None | Some(Command::Shutdown) => return Ended::Shutdown,
+                        Some(Command::Env(change, done)) => {
+                            self.apply_env_locally(&change);
+                            let _ = done.send(());
+                            request(publish_request::Message::PrivateEnv(change))
+                        }
+                        Some(Command::Credential(update, done)) => {
+                            let _ = done.send(());
+                            request(publish_request::Message::Credential(update))
+                        }
+                        Some(Command::Revoke(revoke, done)) => {
+                            let _ = done.send(());
+                            request(publish_request::Message::Revoke(revoke))
+                        }
+                    };
+                    if tx.send(message).await.is_err() {
+                        return Ended::Retry("the stream closed while sending".into());
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_mint(&self, req: RefreshRequest, results: mpsc::Sender<MintResult>) {
+        let kind = req.kind();
+        let reason = req.reason();
+        tracing::info!(cluster = %self.cluster_id, kind = kind.label(), ?reason, id = %req.id, "refresh requested");
+        let _ = self.events.send(SessionEvent::RefreshRequested { kind, reason });
+        let Some(minter) = self.minters.iter().find(|m| m.kind() == kind).cloned() else {
+            let message = format!("this publisher has no {} minter", kind.label());
+            tokio::spawn(async move {
+                let _ = results.send((req, Err(message))).await;
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let result = minter.mint().await.map_err(|e| e.to_string());
+            let _ = results.send((req, result)).await;
+        });
+    }
+
+    fn minted(&self, req: RefreshRequest, result: Result<CredentialUpdate, String>) -> PublishRequest {
+        let kind = req.kind();
+        match result {
+            Ok(mut update) => {
+                update.refresh_request_id = req.id;
+                let principal = match &update.credential {
+                    Some(Credential::Aws(aws)) => aws.principal_arn.clone(),
+                    Some(Credential::Gcp(gcp)) => gcp.principal_email.clone(),
+                    None => String::new(),
+                };
+                let expires_at = update.expires_at.as_ref().and_then(system_time);
+                tracing::info!(cluster = %self.cluster_id, kind = kind.label(), %principal, "minted and sent");
+                let _ = self.events.send(SessionEvent::Minted { kind, principal, expires_at });
+                request(publish_request::Message::Credential(update))
+            }
+            Err(message) => {
+                tracing::warn!(cluster = %self.cluster_id, kind = kind.label(), error = %message, "minting failed");
+                let _ = self.events.send(SessionEvent::MintFailed { kind, message: message.clone() });
+                request(publish_request::Message::RefreshError(RefreshError {
+                    refresh_request_id: req.id,
+                    message,
+                }))
+            }
+        }
+    }
+}
+
+fn request(message: publish_request::Message) -> PublishRequest {
+    PublishRequest { message: Some(message) }
+}

@@ -182,7 +182,13 @@ async fn read_agent(
         };
         let request = match message {
             Ok(Some(request)) => request,
-            Ok(None) | Err(_) => return, // half-closed or gone
+            Ok(None) => return, // half-closed: keep streaming
+            Err(status) => {
+                // Undecodable input ends the stream with its status; if the
+                // agent is simply gone, nobody reads it.
+                let _ = fail.send(status);
+                return;
+            }
         };
         let result = match request.message {
             Some(subscribe_request::Message::Ack(ack)) => {

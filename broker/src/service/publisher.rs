@@ -134,10 +134,10 @@ async fn session(
                 Ok(Some(request)) => handle(&cluster, request)?,
                 // A half-closed publisher keeps receiving, like an agent.
                 Ok(None) => inbound_open = false,
-                Err(status) => {
-                    tracing::debug!(cluster = %cluster.id(), code = ?status.code(), "publisher stream broke");
-                    return Ok(());
-                }
+                // A message the broker could not decode (over the size
+                // limit, malformed) ends the stream with that status; if
+                // the publisher is simply gone, nobody reads it.
+                Err(status) => return Err(status),
             },
             event = events.recv() => match event {
                 Some(PublisherEvent::Refresh(request)) => {
