@@ -5,6 +5,13 @@
 //! on its own only when no broker is reachable and its last credential is
 //! near expiry). Each call must return a *fresh* credential, not a cached one
 //! about to expire.
+//!
+//! - [`aws`]: [`aws::AwsMinter`], STS from the default AWS credential chain.
+//! - [`gcp`]: [`gcp::GcpMinter`], OAuth2 access tokens from Google's
+//!   application default credentials.
+
+pub mod aws;
+pub mod gcp;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,7 +19,8 @@ use std::pin::Pin;
 use credstream_proto::v1::{CredentialKind, CredentialUpdate};
 
 /// A boxed future returned by [`Minter::mint`].
-pub type MintFuture<'a> = Pin<Box<dyn Future<Output = Result<CredentialUpdate, MintError>> + Send + 'a>>;
+pub type MintFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<CredentialUpdate, MintError>> + Send + 'a>>;
 
 /// Mints credentials of one kind.
 pub trait Minter: Send + Sync + 'static {
@@ -42,6 +50,16 @@ pub enum MintError {
         /// `AWS` or `GCP`.
         kind: &'static str,
         /// The provider's message and the fix.
+        message: String,
+    },
+    /// The minter's own settings are wrong (an unreadable session policy, a
+    /// duration out of range, an unsupported credentials file): fix the flag
+    /// or file the message names. Retrying will not help.
+    #[error("{kind} minting is misconfigured: {message}")]
+    InvalidConfig {
+        /// `AWS` or `GCP`.
+        kind: &'static str,
+        /// What is wrong and how to fix it.
         message: String,
     },
     /// The identity provider could not be reached or answered nonsense.
