@@ -1,0 +1,233 @@
+//! Tokens, roles, cluster isolation, TLS and mutual TLS, and the plaintext
+//! rule.
+
+use std::time::Duration;
+
+use credstream_broker::auth::{Role, TokenKey};
+use credstream_broker::server::{self, BrokerConfig, TlsFiles};
+use credstream_proto::connect::{BrokerAddress, CallCredentials};
+use credstream_proto::v1::admin_service_client::AdminServiceClient;
+use credstream_proto::v1::{CreateAgentTokenRequest, CredentialKind, GetClusterRequest, ListClustersRequest, publish_request, subscribe_response};
+use credstream_tests::broker::{TestBroker, aws_update, open_agent, open_publisher, publisher_hello};
+use tonic::Code;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn each_auth_failure_gets_the_documented_code() {
+    let broker = TestBroker::start().await;
+    let cluster = "auth";
+    let hello = || Some(publisher_hello(cluster, &[], false));
+    let cases: Vec<(&str, String, Code)> = vec![
+        ("no token", String::new(), Code::Unauthenticated),
+        ("bad signature", TokenKey::generate().issue(Role::Publisher, Some(cluster), HOUR).unwrap(), Code::Unauthenticated),
+        ("expired", broker.key.issue(Role::Publisher, Some(cluster), Duration::ZERO).unwrap(), Code::Unauthenticated),
+        ("garbage", "not-a-token".into(), Code::Unauthenticated),
+        ("wrong role", broker.token(Role::Agent, Some(cluster)), Code::PermissionDenied),
+        ("wrong cluster", broker.token(Role::Publisher, Some("other")), Code::PermissionDenied),
+    ];
+    for (name, token, code) in cases {
+        let status = if token.is_empty() {
+            // No authorization metadata at all.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(credstream_proto::v1::PublishRequest { message: hello() }).await.unwrap();
+            let mut client = credstream_proto::v1::publisher_service_client::PublisherServiceClient::new(broker.channel());
+            client.publish(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map(|_| ()).unwrap_err()
+        } else {
+            match open_publisher(broker.channel(), &token, hello()).await {
+                Err(status) => status,
+                Ok(mut publisher) => loop {
+                    match publisher.next().await {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => panic!("{name}: accepted"),
+                        Err(status) => break status,
+                    }
+                },
+            }
+        };
+        assert_eq!(status.code(), code, "{name}: {status:?}");
+        assert!(!status.message().is_empty(), "{name}: the error says why");
+    }
+    // Admin: an agent token may not inspect; a publisher only its cluster.
+    let admin_as = |token: String| {
+        AdminServiceClient::with_interceptor(broker.channel(), CallCredentials::bearer(&token).unwrap())
+    };
+    let err = admin_as(broker.token(Role::Agent, Some(cluster)))
+        .list_clusters(ListClustersRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = admin_as(broker.token(Role::Publisher, Some("mine")))
+        .get_cluster(GetClusterRequest { cluster_id: "theirs".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_publisher_of_cluster_a_never_reaches_agents_of_b() {
+    let broker = TestBroker::start().await;
+    let mut agent_b = open_agent(broker.channel(), &broker.token(Role::Agent, Some("b")), "b", "agent-b").await.unwrap();
+    let _ = agent_b.expect().await;
+    let publisher_a = open_publisher(broker.channel(), &broker.token(Role::Publisher, Some("a")), Some(publisher_hello("a", &[CredentialKind::Aws], false)))
+        .await
+        .unwrap();
+    publisher_a.send(publish_request::Message::Credential(aws_update("for-a", HOUR))).await;
+    let mut agent_a = open_agent(broker.channel(), &broker.token(Role::Agent, Some("a")), "a", "agent-a").await.unwrap();
+    // Agent A gets it (snapshot or update) ...
+    loop {
+        match agent_a.expect().await {
+            subscribe_response::Message::Snapshot(s) if !s.credentials.is_empty() => break,
+            subscribe_response::Message::Credential(_) => break,
+            _ => {}
+        }
+    }
+    // ... and B got nothing at all.
+    let nothing = tokio::time::timeout(Duration::from_millis(300), agent_b.rx.message()).await;
+    assert!(nothing.is_err(), "agent of b received {nothing:?}");
+    // An agent token for A cannot subscribe to B.
+    let err = open_agent(broker.channel(), &broker.token(Role::Agent, Some("a")), "b", "sneaky").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn publishers_issue_agent_tokens_for_their_cluster_only() {
+    let broker = TestBroker::start().await;
+    let mut admin = AdminServiceClient::with_interceptor(broker.channel(), CallCredentials::bearer(&broker.token(Role::Publisher, Some("c"))).unwrap());
+    let response = admin
+        .create_agent_token(CreateAgentTokenRequest { cluster_id: "c".into(), ttl_seconds: 60 })
+        .await
+        .unwrap()
+        .into_inner();
+    let claims = broker.key.verify(&response.token).unwrap();
+    assert_eq!((claims.role, claims.cluster.as_deref()), (Role::Agent, Some("c")));
+    assert!(!format!("{response:?}").contains(&response.token), "Debug hides the token");
+    let err = admin
+        .create_agent_token(CreateAgentTokenRequest { cluster_id: "d".into(), ttl_seconds: 60 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn plaintext_on_a_non_loopback_address_is_refused() {
+    let mut config = BrokerConfig::new("0.0.0.0:0".parse().unwrap(), TokenKey::generate());
+    let err = server::start(config.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("refusing to serve plaintext"), "{err}");
+    assert!(err.contains("--insecure"), "{err}");
+    config.insecure = true;
+    server::start(config).await.expect("allowed with --insecure").shutdown().await;
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "credstream test CA");
+        let ca = params.self_signed(&ca_key).unwrap();
+        Self { dir: tempfile::tempdir().unwrap(), ca_pem: ca.pem(), ca, ca_key }
+    }
+
+    /// Writes a leaf certificate and key; returns their paths.
+    fn leaf(&self, name: &str, sans: &[&str]) -> (std::path::PathBuf, std::path::PathBuf, String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        let cert_path = self.dir.path().join(format!("{name}.pem"));
+        let key_path = self.dir.path().join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path, cert.pem(), key.serialize_pem())
+    }
+
+    fn ca_path(&self) -> std::path::PathBuf {
+        let path = self.dir.path().join("ca.pem");
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
+}
+
+#[tokio::test]
+async fn tls_serves_the_protocol_and_the_client_library_verifies_the_server() {
+    let pki = Pki::new();
+    let (cert, key, _, _) = pki.leaf("server", &["localhost", "127.0.0.1"]);
+    let broker = TestBroker::start_with(|config| {
+        config.tls = Some(TlsFiles { cert, key, client_ca: None });
+    })
+    .await;
+    assert!(broker.url().starts_with("https://"));
+    let port = broker.broker.local_addr.port();
+    let address = BrokerAddress {
+        url: format!("https://localhost:{port}"),
+        token: broker.token(Role::Agent, Some("tls")),
+        cluster_id: "tls".into(),
+        ca_cert: Some(pki.ca_path()),
+        insecure: false,
+    };
+    let mut client = credstream_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
+        address.channel().unwrap(),
+        address.interceptor().unwrap(),
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(credstream_proto::v1::SubscribeRequest {
+        message: Some(credstream_proto::v1::subscribe_request::Message::Hello(credstream_proto::v1::AgentHello {
+            cluster_id: "tls".into(),
+            agent_id: "a".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert!(matches!(stream.message().await.unwrap().unwrap().message, Some(subscribe_response::Message::Snapshot(_))));
+
+    // A client that does not trust the CA fails the handshake.
+    let other_pki = Pki::new();
+    let untrusting = BrokerAddress { ca_cert: Some(other_pki.ca_path()), ..address.clone() };
+    let mut client = AdminServiceClient::with_interceptor(untrusting.channel().unwrap(), untrusting.interceptor().unwrap());
+    let err = client.list_clusters(ListClustersRequest {}).await.unwrap_err();
+    assert!(err.message().contains("invalid peer certificate"), "{err:?}");
+}
+
+#[tokio::test]
+async fn mutual_tls_requires_a_client_certificate_signed_by_the_client_ca() {
+    let pki = Pki::new();
+    let (cert, key, _, _) = pki.leaf("server", &["localhost"]);
+    let client_ca = pki.ca_path();
+    let broker = TestBroker::start_with(|config| {
+        config.tls = Some(TlsFiles { cert, key, client_ca: Some(client_ca) });
+    })
+    .await;
+    let port = broker.broker.local_addr.port();
+    let admin_token = broker.token(Role::Admin, None);
+    let call = |identity: Option<Identity>| {
+        let ca = pki.ca_pem.clone();
+        let token = admin_token.clone();
+        async move {
+            let mut tls = ClientTlsConfig::new().domain_name("localhost").ca_certificate(Certificate::from_pem(ca));
+            if let Some(identity) = identity {
+                tls = tls.identity(identity);
+            }
+            let channel = Endpoint::from_shared(format!("https://localhost:{port}")).unwrap().tls_config(tls).unwrap().connect_lazy();
+            AdminServiceClient::with_interceptor(channel, CallCredentials::bearer(&token).unwrap())
+                .list_clusters(ListClustersRequest {})
+                .await
+        }
+    };
+    let (_, _, client_cert, client_key) = pki.leaf("client", &["worker-1"]);
+    call(Some(Identity::from_pem(client_cert, client_key))).await.expect("a client certificate from the CA is accepted");
+    let err = call(None).await.unwrap_err();
+    assert!(format!("{err:?}").contains("CertificateRequired"), "no client certificate: {err:?}");
+    let stranger = Pki::new();
+    let (_, _, cert, key) = stranger.leaf("stranger", &["x"]);
+    let err = call(Some(Identity::from_pem(cert, key))).await.unwrap_err();
+    assert!(format!("{err:?}").contains("alert"), "foreign client certificate: {err:?}");
+}
