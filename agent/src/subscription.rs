@@ -102,7 +102,11 @@ fn full_jitter(attempt: u32) -> Duration {
 
 /// The kinds for which a hint is due now: declared, and missing, expired or
 /// in the last part of their life.
-pub fn hints_due(state: &AgentState, hint_after: f64, now: SystemTime) -> Vec<(CredentialKind, u64)> {
+pub fn hints_due(
+    state: &AgentState,
+    hint_after: f64,
+    now: SystemTime,
+) -> Vec<(CredentialKind, u64)> {
     let Some(info) = &state.info else {
         return Vec::new();
     };
@@ -114,7 +118,9 @@ pub fn hints_due(state: &AgentState, hint_after: f64, now: SystemTime) -> Vec<(C
                 _ => state.gcp.as_ref(),
             };
             let Some(held) = held else { return true };
-            let (Some(expires), issued) = (held.expiry(), held.issued_at.as_ref().and_then(system_time)) else {
+            let (Some(expires), issued) =
+                (held.expiry(), held.issued_at.as_ref().and_then(system_time))
+            else {
                 return true;
             };
             let issued = issued.unwrap_or(now);
@@ -134,7 +140,8 @@ pub async fn run(
 ) -> Result<(), SubscriptionError> {
     let channel = config.address.channel()?;
     let credentials = config.address.interceptor()?;
-    let mut client = AgentServiceClient::with_interceptor(channel, credentials).max_decoding_message_size(1024 * 1024);
+    let mut client = AgentServiceClient::with_interceptor(channel, credentials)
+        .max_decoding_message_size(1024 * 1024);
     tokio::pin!(shutdown);
     let mut attempt = 0u32;
     loop {
@@ -159,11 +166,16 @@ pub async fn run(
 }
 
 type Client = AgentServiceClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, credstream_proto::connect::CallCredentials>,
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        credstream_proto::connect::CallCredentials,
+    >,
 >;
 
 fn message(message: subscribe_request::Message) -> SubscribeRequest {
-    SubscribeRequest { message: Some(message) }
+    SubscribeRequest {
+        message: Some(message),
+    }
 }
 
 async fn connection(
@@ -177,7 +189,9 @@ async fn connection(
         cluster_id: config.address.cluster_id.clone(),
         agent_id: config.agent_id.clone(),
     };
-    let _ = tx.send(message(subscribe_request::Message::Hello(hello))).await;
+    let _ = tx
+        .send(message(subscribe_request::Message::Hello(hello)))
+        .await;
     let mut inbound = match client.subscribe(ReceiverStream::new(rx)).await {
         Ok(response) => response.into_inner(),
         Err(status) => return classify(status),

@@ -162,7 +162,12 @@ impl TokenKey {
     }
 
     /// Issues a token. Publisher and agent tokens need a cluster.
-    pub fn issue(&self, role: Role, cluster: Option<&str>, ttl: Duration) -> Result<String, KeyError> {
+    pub fn issue(
+        &self,
+        role: Role,
+        cluster: Option<&str>,
+        ttl: Duration,
+    ) -> Result<String, KeyError> {
         if cluster.is_none() && role != Role::Admin {
             return Err(KeyError::ClusterRequired(role));
         }
@@ -171,14 +176,17 @@ impl TokenKey {
             cluster: cluster.map(str::to_owned),
             expires: now_secs().saturating_add(ttl.as_secs()),
         };
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
+        let payload =
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
         let tag = URL_SAFE_NO_PAD.encode(self.mac(&payload).finalize().into_bytes());
         Ok(format!("{TOKEN_PREFIX}.{payload}.{tag}"))
     }
 
     /// Verifies a token; the error is the `UNAUTHENTICATED` status to send.
     pub fn verify(&self, token: &str) -> Result<Claims, Status> {
-        let malformed = || Status::unauthenticated("malformed bearer token: expected a credstream token (cs1.…)");
+        let malformed = || {
+            Status::unauthenticated("malformed bearer token: expected a credstream token (cs1.…)")
+        };
         let mut parts = token.split('.');
         let (Some(TOKEN_PREFIX), Some(payload), Some(tag), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -186,9 +194,11 @@ impl TokenKey {
             return Err(malformed());
         };
         let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| malformed())?;
-        self.mac(payload)
-            .verify_slice(&tag)
-            .map_err(|_| Status::unauthenticated("bearer token signature is invalid (issued by another broker key?)"))?;
+        self.mac(payload).verify_slice(&tag).map_err(|_| {
+            Status::unauthenticated(
+                "bearer token signature is invalid (issued by another broker key?)",
+            )
+        })?;
         let claims: Claims = URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
@@ -217,10 +227,7 @@ fn role_allowed(path: &str, role: Role) -> Option<bool> {
 
 fn authenticate<B>(key: &TokenKey, request: &http::Request<B>) -> Result<Option<Claims>, Status> {
     let path = request.uri().path();
-    let Some(service_is_ours) = path
-        .strip_prefix('/')
-        .map(|p| p.starts_with("credstream."))
-    else {
+    let Some(service_is_ours) = path.strip_prefix('/').map(|p| p.starts_with("credstream.")) else {
         return Ok(None);
     };
     if !service_is_ours {
@@ -229,12 +236,16 @@ fn authenticate<B>(key: &TokenKey, request: &http::Request<B>) -> Result<Option<
     let header = request
         .headers()
         .get(http::header::AUTHORIZATION)
-        .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` metadata"))?;
+        .ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+        })?;
     let token = header
         .to_str()
         .ok()
         .and_then(|value| value.strip_prefix("Bearer "))
-        .ok_or_else(|| Status::unauthenticated("the authorization metadata must be `Bearer <token>`"))?;
+        .ok_or_else(|| {
+            Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
+        })?;
     let claims = key.verify(token.trim())?;
     if role_allowed(path, claims.role) != Some(true) {
         return Err(Status::permission_denied(format!(
@@ -242,7 +253,11 @@ fn authenticate<B>(key: &TokenKey, request: &http::Request<B>) -> Result<Option<
             claims.role
         )));
     }
-    if let Some(cluster) = request.headers().get(CLUSTER_HEADER).and_then(|v| v.to_str().ok()) {
+    if let Some(cluster) = request
+        .headers()
+        .get(CLUSTER_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
         claims.require_cluster(cluster)?;
     }
     Ok(Some(claims))
@@ -328,7 +343,9 @@ mod tests {
     #[test]
     fn issued_tokens_verify_and_carry_their_scope() {
         let key = TokenKey::generate();
-        let token = key.issue(Role::Agent, Some("c1"), Duration::from_secs(60)).unwrap();
+        let token = key
+            .issue(Role::Agent, Some("c1"), Duration::from_secs(60))
+            .unwrap();
         let claims = key.verify(&token).unwrap();
         assert_eq!(claims.role, Role::Agent);
         assert_eq!(claims.cluster.as_deref(), Some("c1"));
@@ -339,14 +356,24 @@ mod tests {
     fn forged_expired_and_foreign_tokens_are_unauthenticated() {
         let key = TokenKey::generate();
         let other = TokenKey::generate();
-        let foreign = other.issue(Role::Admin, None, Duration::from_secs(60)).unwrap();
-        assert_eq!(key.verify(&foreign).unwrap_err().code(), tonic::Code::Unauthenticated);
+        let foreign = other
+            .issue(Role::Admin, None, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            key.verify(&foreign).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         let expired = key.issue(Role::Admin, None, Duration::ZERO).unwrap();
         let err = key.verify(&expired).unwrap_err();
         assert!(err.message().contains("expired"), "{err:?}");
-        assert_eq!(key.verify("nonsense").unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            key.verify("nonsense").unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         // Changing the claims breaks the signature.
-        let token = key.issue(Role::Agent, Some("a"), Duration::from_secs(60)).unwrap();
+        let token = key
+            .issue(Role::Agent, Some("a"), Duration::from_secs(60))
+            .unwrap();
         let mut parts: Vec<&str> = token.split('.').collect();
         let forged_claims = URL_SAFE_NO_PAD.encode(br#"{"r":"admin","exp":99999999999}"#);
         parts[1] = &forged_claims;
@@ -356,7 +383,10 @@ mod tests {
     #[test]
     fn cluster_scoped_roles_need_a_cluster() {
         let key = TokenKey::generate();
-        assert!(key.issue(Role::Publisher, None, Duration::from_secs(1)).is_err());
+        assert!(
+            key.issue(Role::Publisher, None, Duration::from_secs(1))
+                .is_err()
+        );
         assert!(key.issue(Role::Admin, None, Duration::from_secs(1)).is_ok());
     }
 

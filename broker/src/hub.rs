@@ -22,12 +22,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use credstream_proto::convert::timestamp;
 use credstream_proto::v1::{
     AgentStatus, ClusterInfo, ClusterSnapshot, ClusterStatus, ClusterSummary, CredentialKind,
     CredentialStatus, CredentialUpdate, EnvVar, PrivateEnv, PrivateEnvStatus, RefreshReason,
     RefreshRequest, Revocation, UpdateAck, credential_update::Credential, subscribe_response,
 };
-use credstream_proto::convert::timestamp;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tonic::Status;
@@ -145,7 +145,12 @@ impl SentVersions {
 
     /// The messages that bring an agent from `self` to `state`, oldest slot
     /// first; updates `self`. Expired credentials are skipped, never sent.
-    pub fn catch_up(&mut self, state: &ClusterState, now: Instant, out: &mut Vec<subscribe_response::Message>) {
+    pub fn catch_up(
+        &mut self,
+        state: &ClusterState,
+        now: Instant,
+        out: &mut Vec<subscribe_response::Message>,
+    ) {
         use subscribe_response::Message;
         if let Some(info) = &state.info
             && info.version > self.info
@@ -153,7 +158,10 @@ impl SentVersions {
             self.info = info.version;
             out.push(Message::ClusterInfo(info.clone()));
         }
-        for (kind, sent) in [(CredentialKind::Aws, &mut self.aws), (CredentialKind::Gcp, &mut self.gcp)] {
+        for (kind, sent) in [
+            (CredentialKind::Aws, &mut self.aws),
+            (CredentialKind::Gcp, &mut self.gcp),
+        ] {
             let slot = state.credential_slot(kind).expect("known kind");
             if slot.version() <= *sent {
                 continue;
@@ -229,7 +237,9 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Cluster")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -320,7 +330,9 @@ impl Cluster {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Applies `change` to a copy of the state under the cluster lock and
@@ -364,7 +376,11 @@ impl Cluster {
         self: &Arc<Self>,
         kinds: Vec<CredentialKind>,
         private_env: bool,
-    ) -> (PublisherRegistration, mpsc::UnboundedReceiver<PublisherEvent>, Vec<RefreshRequest>) {
+    ) -> (
+        PublisherRegistration,
+        mpsc::UnboundedReceiver<PublisherEvent>,
+        Vec<RefreshRequest>,
+    ) {
         let (events, receiver) = mpsc::unbounded_channel();
         let mut inner = self.lock();
         let conn = inner.next_conn;
@@ -384,12 +400,20 @@ impl Cluster {
         });
         let now = Instant::now();
         let state = self.state();
-        let requests = inner
-            .planner
-            .publisher_connected(&kinds, |kind| state.live(kind, now).is_some(), now);
+        let requests =
+            inner
+                .planner
+                .publisher_connected(&kinds, |kind| state.live(kind, now).is_some(), now);
         drop(inner);
         self.wake_planner.notify_one();
-        (PublisherRegistration { cluster: self.clone(), conn }, receiver, requests)
+        (
+            PublisherRegistration {
+                cluster: self.clone(),
+                conn,
+            },
+            receiver,
+            requests,
+        )
     }
 
     fn publisher_gone(&self, conn: u64) {
@@ -412,17 +436,28 @@ impl Cluster {
     pub fn missing(&self, kinds: &[CredentialKind]) -> (Vec<CredentialKind>, bool, u32) {
         let state = self.state();
         let now = Instant::now();
-        let missing = kinds.iter().copied().filter(|k| state.live(*k, now).is_none()).collect();
+        let missing = kinds
+            .iter()
+            .copied()
+            .filter(|k| state.live(*k, now).is_none())
+            .collect();
         let env_missing = !matches!(state.env, Slot::Env(_));
         (missing, env_missing, self.lock().agents.len() as u32)
     }
 
     /// Accepts a checked credential from the publisher; returns its version.
-    pub fn publish_credential(&self, mut update: CredentialUpdate, lifetime: limits::CheckedLifetime) -> u64 {
+    pub fn publish_credential(
+        &self,
+        mut update: CredentialUpdate,
+        lifetime: limits::CheckedLifetime,
+    ) -> u64 {
         let kind = update.kind();
         let now = Instant::now();
         let now_wall = SystemTime::now();
-        let remaining = lifetime.expires_at.duration_since(now_wall).unwrap_or_default();
+        let remaining = lifetime
+            .expires_at
+            .duration_since(now_wall)
+            .unwrap_or_default();
         update.issued_at = Some(timestamp(lifetime.issued_at));
         let mut inner = self.lock();
         let version = self.publish_with(&mut inner, |state, version| {
@@ -432,9 +467,13 @@ impl Cluster {
                 expires: now + remaining,
             };
         });
-        inner
-            .planner
-            .credential_accepted(kind, lifetime.issued_at, lifetime.expires_at, now, now_wall);
+        inner.planner.credential_accepted(
+            kind,
+            lifetime.issued_at,
+            lifetime.expires_at,
+            now,
+            now_wall,
+        );
         inner.issued.insert(kind as i32, lifetime.issued_at);
         inner.expires_wall.insert(kind as i32, lifetime.expires_at);
         drop(inner);
@@ -454,7 +493,10 @@ impl Cluster {
         let mut vars: BTreeMap<&str, &str> = if change.replace_all {
             BTreeMap::new()
         } else {
-            current.iter().map(|v| (v.name.as_str(), v.value.as_str())).collect()
+            current
+                .iter()
+                .map(|v| (v.name.as_str(), v.value.as_str()))
+                .collect()
         };
         for var in &change.set {
             vars.insert(&var.name, &var.value);
@@ -508,7 +550,10 @@ impl Cluster {
 
     /// Records a publisher's refresh error.
     pub fn refresh_failed(&self, id: &str, message: String) {
-        let known = self.lock().planner.refresh_failed(id, message, Instant::now());
+        let known = self
+            .lock()
+            .planner
+            .refresh_failed(id, message, Instant::now());
         if known {
             self.wake_planner.notify_one();
         } else {
@@ -522,12 +567,16 @@ impl Cluster {
         let state = self.state();
         let now = Instant::now();
         let mut inner = self.lock();
-        let newer_and_fresh = state.live(kind, now).is_some_and(|held| held.version > held_version)
+        let newer_and_fresh = state
+            .live(kind, now)
+            .is_some_and(|held| held.version > held_version)
             && inner.planner.due(kind).is_none_or(|due| due > now);
         if newer_and_fresh {
             return;
         }
-        let request = inner.planner.trigger(kind, RefreshReason::AgentRequested, now);
+        let request = inner
+            .planner
+            .trigger(kind, RefreshReason::AgentRequested, now);
         self.send_requests(&inner, request.into_iter());
         drop(inner);
         self.wake_planner.notify_one();
@@ -644,8 +693,12 @@ impl Cluster {
             .filter_map(|kind| {
                 let update = state.live(kind, now)?;
                 let (principal, account) = match &update.credential {
-                    Some(Credential::Aws(aws)) => (aws.principal_arn.clone(), aws.account_id.clone()),
-                    Some(Credential::Gcp(gcp)) => (gcp.principal_email.clone(), gcp.project_id.clone()),
+                    Some(Credential::Aws(aws)) => {
+                        (aws.principal_arn.clone(), aws.account_id.clone())
+                    }
+                    Some(Credential::Gcp(gcp)) => {
+                        (gcp.principal_email.clone(), gcp.project_id.clone())
+                    }
                     None => Default::default(),
                 };
                 Some(CredentialStatus {
@@ -747,7 +800,11 @@ impl ClusterHub {
 
     /// The cluster `id`, if the broker has state for it.
     pub fn get(&self, id: &str) -> Option<Arc<Cluster>> {
-        self.clusters.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.clusters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     /// Every cluster, sorted by id.

@@ -83,7 +83,10 @@ fn check_env_var(var: &EnvVar) -> Result<(), Status> {
         )));
     }
     if var.value.contains('\0') {
-        return Err(invalid(format!("the value of env var {} contains a NUL byte", var.name)));
+        return Err(invalid(format!(
+            "the value of env var {} contains a NUL byte",
+            var.name
+        )));
     }
     Ok(())
 }
@@ -92,7 +95,9 @@ fn check_env_var(var: &EnvVar) -> Result<(), Status> {
 /// sets and unsets).
 pub fn check_env_change(env: &PrivateEnv) -> Result<(), Status> {
     if env.set.len() > MAX_ENV_VARS || env.unset.len() > MAX_ENV_VARS {
-        return Err(invalid(format!("a private env may hold at most {MAX_ENV_VARS} variables")));
+        return Err(invalid(format!(
+            "a private env may hold at most {MAX_ENV_VARS} variables"
+        )));
     }
     for var in &env.set {
         check_env_var(var)?;
@@ -125,7 +130,9 @@ fn check_field(what: &str, value: &str, required: bool) -> Result<(), Status> {
         return Err(invalid(format!("{what} is required")));
     }
     if value.len() > MAX_SECRET_FIELD_BYTES {
-        return Err(invalid(format!("{what} is longer than {MAX_SECRET_FIELD_BYTES} bytes")));
+        return Err(invalid(format!(
+            "{what} is longer than {MAX_SECRET_FIELD_BYTES} bytes"
+        )));
     }
     Ok(())
 }
@@ -141,7 +148,10 @@ pub struct CheckedLifetime {
 
 /// Checks a credential from a publisher: exactly one credential with its
 /// required fields, bounded sizes, and a lifetime that has not ended.
-pub fn check_credential(update: &CredentialUpdate, now: SystemTime) -> Result<CheckedLifetime, Status> {
+pub fn check_credential(
+    update: &CredentialUpdate,
+    now: SystemTime,
+) -> Result<CheckedLifetime, Status> {
     match &update.credential {
         Some(Credential::Aws(aws)) => {
             check_field("aws.access_key_id", &aws.access_key_id, true)?;
@@ -170,10 +180,16 @@ pub fn check_credential(update: &CredentialUpdate, now: SystemTime) -> Result<Ch
                 check_field(what, value, false)?;
             }
             if gcp.scopes.len() > 64 || gcp.scopes.iter().any(|s| s.len() > 1024) {
-                return Err(invalid("gcp.scopes: at most 64 scopes of at most 1024 bytes"));
+                return Err(invalid(
+                    "gcp.scopes: at most 64 scopes of at most 1024 bytes",
+                ));
             }
         }
-        None => return Err(invalid("credential update carries no credential (set aws or gcp)")),
+        None => {
+            return Err(invalid(
+                "credential update carries no credential (set aws or gcp)",
+            ));
+        }
     }
     if update.refresh_request_id.len() > MAX_ID_BYTES {
         return Err(invalid("refresh_request_id is too long"));
@@ -182,7 +198,9 @@ pub fn check_credential(update: &CredentialUpdate, now: SystemTime) -> Result<Ch
         .expires_at
         .as_ref()
         .ok_or_else(|| invalid("expires_at is required"))
-        .and_then(|ts| system_time(ts).ok_or_else(|| invalid("expires_at is not a valid timestamp")))?;
+        .and_then(|ts| {
+            system_time(ts).ok_or_else(|| invalid("expires_at is not a valid timestamp"))
+        })?;
     let issued_at = match &update.issued_at {
         Some(ts) => system_time(ts).ok_or_else(|| invalid("issued_at is not a valid timestamp"))?,
         None => now,

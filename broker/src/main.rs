@@ -40,7 +40,11 @@ struct ServeArgs {
     dev: bool,
     /// File holding the token signing key (at least 32 random bytes:
     /// `head -c 32 /dev/urandom > key`).
-    #[arg(long, env = "CREDSTREAM_TOKEN_KEY_FILE", required_unless_present = "dev")]
+    #[arg(
+        long,
+        env = "CREDSTREAM_TOKEN_KEY_FILE",
+        required_unless_present = "dev"
+    )]
     token_key_file: Option<PathBuf>,
     /// PEM certificate chain for TLS.
     #[arg(long, env = "CREDSTREAM_TLS_CERT", requires = "tls_key")]
@@ -120,7 +124,10 @@ fn print_token(args: TokenArgs) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !(0.1..=0.9).contains(&args.refresh_at) {
-        bail!("--refresh-at must be between 0.1 and 0.9 (got {})", args.refresh_at);
+        bail!(
+            "--refresh-at must be between 0.1 and 0.9 (got {})",
+            args.refresh_at
+        );
     }
     let token_key = match (&args.token_key_file, args.dev) {
         (Some(path), _) => TokenKey::from_file(path)?,
@@ -179,7 +186,9 @@ Inspect:
   grpcurl -plaintext {addr} list
   grpcurl -plaintext -H "authorization: Bearer {admin}" -d '{{"cluster_id": "dev"}}' {addr} credstream.v1.AdminService/GetCluster
 "#,
-        addr = url.trim_start_matches("http://").trim_start_matches("https://"),
+        addr = url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://"),
     );
     Ok(())
 }

@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use credstream_proto::convert::timestamp;
-use credstream_proto::v1::{CredentialKind, PendingRefresh, RefreshCount, RefreshReason, RefreshRequest};
+use credstream_proto::v1::{
+    CredentialKind, PendingRefresh, RefreshCount, RefreshReason, RefreshRequest,
+};
 use rand::Rng;
 use tokio::time::Instant;
 
@@ -140,7 +142,13 @@ impl RefreshPlanner {
         half + half.mul_f64(rand::thread_rng().r#gen::<f64>())
     }
 
-    fn request(&mut self, kind: CredentialKind, reason: RefreshReason, attempts: u32, now: Instant) -> Option<RefreshRequest> {
+    fn request(
+        &mut self,
+        kind: CredentialKind,
+        reason: RefreshReason,
+        attempts: u32,
+        now: Instant,
+    ) -> Option<RefreshRequest> {
         let i = slot(kind)?;
         let id = format!("r{:08x}-{}", self.id_prefix, self.next_id);
         self.next_id += 1;
@@ -167,7 +175,12 @@ impl RefreshPlanner {
     /// Asks for a new credential of `kind` unless a request is already
     /// outstanding or backing off (single flight). Returns the request to
     /// send, if one was created and a publisher is connected.
-    pub fn trigger(&mut self, kind: CredentialKind, reason: RefreshReason, now: Instant) -> Option<RefreshRequest> {
+    pub fn trigger(
+        &mut self,
+        kind: CredentialKind,
+        reason: RefreshReason,
+        now: Instant,
+    ) -> Option<RefreshRequest> {
         let plan = &self.kinds[slot(kind)?];
         if plan.pending.is_some() || plan.retry.is_some() {
             self.count(reason, "joined");
@@ -274,7 +287,9 @@ impl RefreshPlanner {
             if !live(kind) {
                 self.kinds[i].retry = None;
                 send.extend(self.request(kind, RefreshReason::Missing, 1, now));
-            } else if self.kinds[i].due.is_some_and(|due| due <= now) && self.kinds[i].retry.is_none() {
+            } else if self.kinds[i].due.is_some_and(|due| due <= now)
+                && self.kinds[i].retry.is_none()
+            {
                 send.extend(self.request(kind, RefreshReason::Expiring, 1, now));
             }
         }
@@ -327,14 +342,19 @@ impl RefreshPlanner {
             if let Some(retry) = self.kinds[i].retry.clone()
                 && retry.at <= now
             {
-                plan.send.extend(self.request(kind, retry.reason, retry.attempts, now));
+                plan.send
+                    .extend(self.request(kind, retry.reason, retry.attempts, now));
             }
             let plan_i = &self.kinds[i];
-            if plan_i.due.is_some_and(|due| due <= now) && plan_i.pending.is_none() && plan_i.retry.is_none() {
+            if plan_i.due.is_some_and(|due| due <= now)
+                && plan_i.pending.is_none()
+                && plan_i.retry.is_none()
+            {
                 // Only once per credential: the next is scheduled when the
                 // new credential arrives.
                 self.kinds[i].due = None;
-                plan.send.extend(self.request(kind, RefreshReason::Expiring, 1, now));
+                plan.send
+                    .extend(self.request(kind, RefreshReason::Expiring, 1, now));
             }
         }
         (plan, self.next_wake())
@@ -346,7 +366,8 @@ impl RefreshPlanner {
             .flat_map(|plan| {
                 [
                     plan.expires,
-                    plan.due.filter(|_| plan.pending.is_none() && plan.retry.is_none()),
+                    plan.due
+                        .filter(|_| plan.pending.is_none() && plan.retry.is_none()),
                     plan.pending.as_ref().filter(|p| p.sent).map(|p| p.deadline),
                     plan.retry.as_ref().map(|r| r.at),
                 ]
@@ -402,7 +423,10 @@ impl RefreshPlanner {
 
     /// How many requests were created for `reason` (for tests and metrics).
     pub fn requested(&self, reason: RefreshReason) -> u64 {
-        self.counts.get(&(reason as i32, "requested")).copied().unwrap_or(0)
+        self.counts
+            .get(&(reason as i32, "requested"))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The last error a publisher reported.
@@ -442,11 +466,20 @@ mod tests {
             for _ in 0..20 {
                 let mut p = planner();
                 let now = SystemTime::now();
-                p.credential_accepted(CredentialKind::Aws, now, now + lifetime, Instant::now(), now);
+                p.credential_accepted(
+                    CredentialKind::Aws,
+                    now,
+                    now + lifetime,
+                    Instant::now(),
+                    now,
+                );
                 let (after, req) = wait_for_request(&mut p).await;
                 assert_eq!(req.reason, RefreshReason::Expiring as i32);
                 let (lo, hi) = (lifetime.mul_f64(0.475), lifetime.mul_f64(0.525));
-                assert!(after >= lo && after <= hi, "lifetime {lifetime:?}: refreshed after {after:?}");
+                assert!(
+                    after >= lo && after <= hi,
+                    "lifetime {lifetime:?}: refreshed after {after:?}"
+                );
             }
         }
     }
@@ -456,7 +489,13 @@ mod tests {
         let mut p = planner();
         let now = SystemTime::now();
         // Issued 40 minutes ago, 60-minute lifetime: past half-life.
-        p.credential_accepted(CredentialKind::Gcp, now - 40 * MIN, now + 20 * MIN, Instant::now(), now);
+        p.credential_accepted(
+            CredentialKind::Gcp,
+            now - 40 * MIN,
+            now + 20 * MIN,
+            Instant::now(),
+            now,
+        );
         let (after, req) = wait_for_request(&mut p).await;
         assert_eq!(after, Duration::ZERO);
         assert_eq!(req.kind, CredentialKind::Gcp as i32);
@@ -469,22 +508,37 @@ mod tests {
         let first = p.trigger(CredentialKind::Aws, RefreshReason::AgentRequested, now);
         assert!(first.is_some());
         for _ in 0..10_000 {
-            assert!(p.trigger(CredentialKind::Aws, RefreshReason::AgentRequested, now).is_none());
+            assert!(
+                p.trigger(CredentialKind::Aws, RefreshReason::AgentRequested, now)
+                    .is_none()
+            );
         }
         assert_eq!(p.requested(RefreshReason::AgentRequested), 1);
         // A different kind is its own flight.
-        assert!(p.trigger(CredentialKind::Gcp, RefreshReason::AgentRequested, now).is_some());
+        assert!(
+            p.trigger(CredentialKind::Gcp, RefreshReason::AgentRequested, now)
+                .is_some()
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn errors_and_missed_deadlines_back_off_and_stop_at_expiry() {
         let mut p = planner();
         let wall = SystemTime::now();
-        p.credential_accepted(CredentialKind::Aws, wall, wall + 15 * MIN, Instant::now(), wall);
+        p.credential_accepted(
+            CredentialKind::Aws,
+            wall,
+            wall + 15 * MIN,
+            Instant::now(),
+            wall,
+        );
         let start = Instant::now();
         let (_, first) = wait_for_request(&mut p).await;
         assert!(p.refresh_failed(&first.id, "denied".into(), Instant::now()));
-        assert!(!p.refresh_failed(&first.id, "again".into(), Instant::now()), "stale ids are ignored");
+        assert!(
+            !p.refresh_failed(&first.id, "again".into(), Instant::now()),
+            "stale ids are ignored"
+        );
         assert_eq!(p.last_error(), "denied");
         let mut ids = vec![first.id.clone()];
         let mut gaps = Vec::new();
@@ -505,7 +559,10 @@ mod tests {
         }
         assert!(Instant::now() - start >= 15 * MIN);
         assert!(ids.len() >= 3, "retried: {ids:?}");
-        assert!(gaps.windows(2).take(3).all(|w| w[1] >= w[0]), "backoff grows: {gaps:?}");
+        assert!(
+            gaps.windows(2).take(3).all(|w| w[1] >= w[0]),
+            "backoff grows: {gaps:?}"
+        );
         // After expiry nothing is scheduled until a trigger.
         let (plan, next) = p.tick(Instant::now());
         assert!(plan.send.is_empty() && next.is_none());
@@ -516,10 +573,21 @@ mod tests {
     async fn requests_wait_for_a_publisher_and_are_resent_on_reconnect() {
         let mut p = planner();
         p.publisher_disconnected();
-        assert!(p.trigger(CredentialKind::Aws, RefreshReason::AgentRequested, Instant::now()).is_none());
+        assert!(
+            p.trigger(
+                CredentialKind::Aws,
+                RefreshReason::AgentRequested,
+                Instant::now()
+            )
+            .is_none()
+        );
         assert!(p.in_flight(CredentialKind::Aws));
         assert!(!p.pending()[0].sent);
-        let sent = p.publisher_connected(&[CredentialKind::Aws, CredentialKind::Gcp], |_| false, Instant::now());
+        let sent = p.publisher_connected(
+            &[CredentialKind::Aws, CredentialKind::Gcp],
+            |_| false,
+            Instant::now(),
+        );
         assert_eq!(sent.len(), 2, "the held AWS request plus GCP missing");
         assert_eq!(sent[0].reason, RefreshReason::AgentRequested as i32);
         assert_eq!(sent[1].reason, RefreshReason::Missing as i32);
@@ -528,12 +596,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_new_credential_fulfils_the_request() {
         let mut p = planner();
-        let req = p.trigger(CredentialKind::Aws, RefreshReason::Missing, Instant::now()).unwrap();
+        let req = p
+            .trigger(CredentialKind::Aws, RefreshReason::Missing, Instant::now())
+            .unwrap();
         assert!(!req.id.is_empty());
         let wall = SystemTime::now();
-        p.credential_accepted(CredentialKind::Aws, wall, wall + 60 * MIN, Instant::now(), wall);
+        p.credential_accepted(
+            CredentialKind::Aws,
+            wall,
+            wall + 60 * MIN,
+            Instant::now(),
+            wall,
+        );
         assert!(!p.in_flight(CredentialKind::Aws));
-        let fulfilled = p.counts().iter().find(|c| c.outcome == "fulfilled").map(|c| c.count);
+        let fulfilled = p
+            .counts()
+            .iter()
+            .find(|c| c.outcome == "fulfilled")
+            .map(|c| c.count);
         assert_eq!(fulfilled, Some(1));
     }
 }

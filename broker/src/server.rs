@@ -128,7 +128,10 @@ impl RunningBroker {
 
     /// Waits until the server task ends (it ends only on shutdown or error).
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        (&mut self.task).await.context("server task")?.context("server")
+        (&mut self.task)
+            .await
+            .context("server task")?
+            .context("server")
     }
 }
 
@@ -172,7 +175,9 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
     };
     let reflection_v1 = reflection().build_v1().context("reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
@@ -186,12 +191,17 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
         .http2_max_header_list_size(16 * 1024);
     let tls = config.tls.is_some();
     if let Some(files) = &config.tls {
-        let identity = Identity::from_pem(read(&files.cert, "TLS certificate")?, read(&files.key, "TLS key")?);
+        let identity = Identity::from_pem(
+            read(&files.cert, "TLS certificate")?,
+            read(&files.key, "TLS key")?,
+        );
         let mut tls_config = ServerTlsConfig::new().identity(identity);
         if let Some(ca) = &files.client_ca {
             tls_config = tls_config.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
         }
-        builder = builder.tls_config(tls_config).context("TLS configuration")?;
+        builder = builder
+            .tls_config(tls_config)
+            .context("TLS configuration")?;
     }
 
     let router = builder

@@ -40,9 +40,9 @@ use credstream_proto::connect::{BrokerAddress, ConnectError};
 use credstream_proto::convert::system_time;
 use credstream_proto::v1::publisher_service_client::PublisherServiceClient;
 use credstream_proto::v1::{
-    CredentialKind, CredentialUpdate, EnvVar, PrivateEnv, PublishRequest, PublisherHello, RefreshError,
-    RefreshReason, RefreshRequest, Revoke, UpdateAck, credential_update::Credential, publish_request,
-    publish_response,
+    CredentialKind, CredentialUpdate, EnvVar, PrivateEnv, PublishRequest, PublisherHello,
+    RefreshError, RefreshReason, RefreshRequest, Revoke, UpdateAck, credential_update::Credential,
+    publish_request, publish_response,
 };
 use rand::Rng;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -60,7 +60,9 @@ pub enum SessionError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     /// The broker refused the token (`UNAUTHENTICATED`).
-    #[error("the broker rejected the token: {0}; issue a new publisher token (`credstream-broker token --role publisher --cluster …`)")]
+    #[error(
+        "the broker rejected the token: {0}; issue a new publisher token (`credstream-broker token --role publisher --cluster …`)"
+    )]
     Unauthenticated(String),
     /// The token is valid but not for this cluster or role.
     #[error("the token may not publish to this cluster: {0}")]
@@ -145,7 +147,10 @@ impl SessionBuilder {
 
     /// Sets the initial private env (and declares one, so that agents'
     /// `exec` waits for it).
-    pub fn private_env<K: Into<String>, V: Into<String>>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Self {
+    pub fn private_env<K: Into<String>, V: Into<String>>(
+        mut self,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
         self.declare_env = true;
         for (name, value) in vars {
             self.env.insert(name.into(), Zeroizing::new(value.into()));
@@ -234,9 +239,15 @@ impl PublishSession {
         self.acks.subscribe()
     }
 
-    async fn command(&self, make: impl FnOnce(oneshot::Sender<()>) -> Command) -> Result<(), SessionError> {
+    async fn command(
+        &self,
+        make: impl FnOnce(oneshot::Sender<()>) -> Command,
+    ) -> Result<(), SessionError> {
         let (done, queued) = oneshot::channel();
-        self.commands.send(make(done)).await.map_err(|_| SessionError::Closed)?;
+        self.commands
+            .send(make(done))
+            .await
+            .map_err(|_| SessionError::Closed)?;
         queued.await.map_err(|_| SessionError::Closed)
     }
 
@@ -254,15 +265,34 @@ impl PublishSession {
                 value: value.into(),
             })
             .collect();
-        self.command(|done| Command::Env(PrivateEnv { set, ..Default::default() }, done))
-            .await
+        self.command(|done| {
+            Command::Env(
+                PrivateEnv {
+                    set,
+                    ..Default::default()
+                },
+                done,
+            )
+        })
+        .await
     }
 
     /// Removes private env vars from every agent.
-    pub async fn unset_private_envs<S: Into<String>>(&self, names: impl IntoIterator<Item = S>) -> Result<(), SessionError> {
+    pub async fn unset_private_envs<S: Into<String>>(
+        &self,
+        names: impl IntoIterator<Item = S>,
+    ) -> Result<(), SessionError> {
         let unset = names.into_iter().map(Into::into).collect();
-        self.command(|done| Command::Env(PrivateEnv { unset, ..Default::default() }, done))
-            .await
+        self.command(|done| {
+            Command::Env(
+                PrivateEnv {
+                    unset,
+                    ..Default::default()
+                },
+                done,
+            )
+        })
+        .await
     }
 
     /// Publishes a credential minted elsewhere (unprompted).
@@ -307,7 +337,10 @@ fn default_publisher_name() -> String {
 }
 
 type Client = PublisherServiceClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, credstream_proto::connect::CallCredentials>,
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        credstream_proto::connect::CallCredentials,
+    >,
 >;
 
 struct Runner {
@@ -361,14 +394,19 @@ impl Runner {
         // env (re-sent on connect) or held until the next connection.
         let mut held: Vec<PublishRequest> = Vec::new();
         loop {
-            match self.connection(&mut commands, &mut held, &mut attempt).await {
+            match self
+                .connection(&mut commands, &mut held, &mut attempt)
+                .await
+            {
                 Ended::Shutdown => return Ok(()),
                 Ended::Fatal(error) => return Err(error),
                 Ended::Retry(reason) => {
                     let retry_in = full_jitter(attempt);
                     attempt = attempt.saturating_add(1);
                     tracing::warn!(cluster = %self.cluster_id, %reason, ?retry_in, "publish stream lost; reconnecting");
-                    let _ = self.events.send(SessionEvent::Disconnected { reason, retry_in });
+                    let _ = self
+                        .events
+                        .send(SessionEvent::Disconnected { reason, retry_in });
                     let sleep = tokio::time::sleep(retry_in);
                     tokio::pin!(sleep);
                     loop {
@@ -407,7 +445,8 @@ impl Runner {
 
     fn apply_env_locally(&mut self, change: &PrivateEnv) {
         for var in &change.set {
-            self.env.insert(var.name.clone(), Zeroizing::new(var.value.clone()));
+            self.env
+                .insert(var.name.clone(), Zeroizing::new(var.value.clone()));
         }
         for name in &change.unset {
             self.env.remove(name);
@@ -447,9 +486,15 @@ impl Runner {
             private_env: self.declare_env || !self.env.is_empty(),
             publisher_name: self.publisher_name.clone(),
         };
-        let _ = tx.send(request(publish_request::Message::Hello(hello))).await;
+        let _ = tx
+            .send(request(publish_request::Message::Hello(hello)))
+            .await;
         if !self.env.is_empty() || self.declare_env {
-            let _ = tx.send(request(publish_request::Message::PrivateEnv(self.full_env()))).await;
+            let _ = tx
+                .send(request(publish_request::Message::PrivateEnv(
+                    self.full_env(),
+                )))
+                .await;
         }
         for message in held.drain(..) {
             let _ = tx.send(message).await;
@@ -518,7 +563,9 @@ impl Runner {
         let kind = req.kind();
         let reason = req.reason();
         tracing::info!(cluster = %self.cluster_id, kind = kind.label(), ?reason, id = %req.id, "refresh requested");
-        let _ = self.events.send(SessionEvent::RefreshRequested { kind, reason });
+        let _ = self
+            .events
+            .send(SessionEvent::RefreshRequested { kind, reason });
         let Some(minter) = self.minters.iter().find(|m| m.kind() == kind).cloned() else {
             let message = format!("this publisher has no {} minter", kind.label());
             tokio::spawn(async move {
@@ -532,7 +579,11 @@ impl Runner {
         });
     }
 
-    fn minted(&self, req: RefreshRequest, result: Result<CredentialUpdate, String>) -> PublishRequest {
+    fn minted(
+        &self,
+        req: RefreshRequest,
+        result: Result<CredentialUpdate, String>,
+    ) -> PublishRequest {
         let kind = req.kind();
         match result {
             Ok(mut update) => {
@@ -544,12 +595,19 @@ impl Runner {
                 };
                 let expires_at = update.expires_at.as_ref().and_then(system_time);
                 tracing::info!(cluster = %self.cluster_id, kind = kind.label(), %principal, "minted and sent");
-                let _ = self.events.send(SessionEvent::Minted { kind, principal, expires_at });
+                let _ = self.events.send(SessionEvent::Minted {
+                    kind,
+                    principal,
+                    expires_at,
+                });
                 request(publish_request::Message::Credential(update))
             }
             Err(message) => {
                 tracing::warn!(cluster = %self.cluster_id, kind = kind.label(), error = %message, "minting failed");
-                let _ = self.events.send(SessionEvent::MintFailed { kind, message: message.clone() });
+                let _ = self.events.send(SessionEvent::MintFailed {
+                    kind,
+                    message: message.clone(),
+                });
                 request(publish_request::Message::RefreshError(RefreshError {
                     refresh_request_id: req.id,
                     message,
@@ -560,5 +618,7 @@ impl Runner {
 }
 
 fn request(message: publish_request::Message) -> PublishRequest {
-    PublishRequest { message: Some(message) }
+    PublishRequest {
+        message: Some(message),
+    }
 }

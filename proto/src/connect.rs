@@ -20,7 +20,9 @@ pub const CLUSTER_HEADER: &str = "x-credstream-cluster";
 pub enum ConnectError {
     /// The broker URL does not parse; use `http://host:port` or
     /// `https://host:port`.
-    #[error("invalid broker URL {url:?}: {reason} (expected http://HOST:PORT or https://HOST:PORT)")]
+    #[error(
+        "invalid broker URL {url:?}: {reason} (expected http://HOST:PORT or https://HOST:PORT)"
+    )]
     InvalidUrl {
         /// The URL given.
         url: String,
@@ -45,7 +47,9 @@ pub enum ConnectError {
         source: std::io::Error,
     },
     /// The token contains characters that cannot go into a header.
-    #[error("the token contains characters that are not allowed in a gRPC header; check the token file")]
+    #[error(
+        "the token contains characters that are not allowed in a gRPC header; check the token file"
+    )]
     InvalidToken,
     /// The transport could not be configured or could not connect.
     #[error("cannot connect to the broker at {url}: {source}")]
@@ -76,7 +80,10 @@ impl std::fmt::Debug for BrokerAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BrokerAddress")
             .field("url", &self.url)
-            .field("token", &format_args!("<redacted {} bytes>", self.token.len()))
+            .field(
+                "token",
+                &format_args!("<redacted {} bytes>", self.token.len()),
+            )
             .field("cluster_id", &self.cluster_id)
             .field("ca_cert", &self.ca_cert)
             .field("insecure", &self.insecure)
@@ -101,12 +108,13 @@ impl BrokerAddress {
     /// The connection itself is made lazily on first use, so a broker that is
     /// down does not fail this call.
     pub fn endpoint(&self) -> Result<Endpoint, ConnectError> {
-        let uri: http::Uri = self.url.parse().map_err(|e: http::uri::InvalidUri| {
-            ConnectError::InvalidUrl {
-                url: self.url.clone(),
-                reason: e.to_string(),
-            }
-        })?;
+        let uri: http::Uri =
+            self.url
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| ConnectError::InvalidUrl {
+                    url: self.url.clone(),
+                    reason: e.to_string(),
+                })?;
         let host = uri.host().unwrap_or_default().to_string();
         if host.is_empty() {
             return Err(ConnectError::InvalidUrl {
@@ -232,9 +240,16 @@ mod tests {
         let err = address("http://broker.example.com:50051", false)
             .endpoint()
             .unwrap_err();
-        assert!(matches!(err, ConnectError::PlaintextToRemote { .. }), "{err}");
+        assert!(
+            matches!(err, ConnectError::PlaintextToRemote { .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("--insecure"));
-        assert!(address("http://broker.example.com:50051", true).endpoint().is_ok());
+        assert!(
+            address("http://broker.example.com:50051", true)
+                .endpoint()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -53,7 +53,9 @@ impl TestBroker {
 
     /// A 1-hour token.
     pub fn token(&self, role: Role, cluster: Option<&str>) -> String {
-        self.key.issue(role, cluster, Duration::from_secs(3600)).expect("token")
+        self.key
+            .issue(role, cluster, Duration::from_secs(3600))
+            .expect("token")
     }
 
     /// The address a client or agent library uses for `cluster`.
@@ -69,7 +71,9 @@ impl TestBroker {
 
     /// A lazily connecting channel.
     pub fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).expect("url").connect_lazy()
+        Channel::from_shared(self.url())
+            .expect("url")
+            .connect_lazy()
     }
 
     /// An admin client with an admin token.
@@ -139,18 +143,35 @@ pub struct RawPublisher {
 }
 
 /// Opens a Publish stream with `token` and sends `first` (usually a hello).
-pub async fn open_publisher(channel: Channel, token: &str, first: Option<publish_request::Message>) -> Result<RawPublisher, Status> {
+pub async fn open_publisher(
+    channel: Channel,
+    token: &str,
+    first: Option<publish_request::Message>,
+) -> Result<RawPublisher, Status> {
     let (tx, rx) = mpsc::channel(64);
     if let Some(first) = first {
-        tx.send(PublishRequest { message: Some(first) }).await.expect("queue");
+        tx.send(PublishRequest {
+            message: Some(first),
+        })
+        .await
+        .expect("queue");
     }
-    let mut client = PublisherServiceClient::with_interceptor(channel, bearer(token)).max_decoding_message_size(4 << 20).max_encoding_message_size(4 << 20);
+    let mut client = PublisherServiceClient::with_interceptor(channel, bearer(token))
+        .max_decoding_message_size(4 << 20)
+        .max_encoding_message_size(4 << 20);
     let response = client.publish(ReceiverStream::new(rx)).await?;
-    Ok(RawPublisher { tx, rx: response.into_inner() })
+    Ok(RawPublisher {
+        tx,
+        rx: response.into_inner(),
+    })
 }
 
 /// The hello for `cluster` declaring `kinds`.
-pub fn publisher_hello(cluster: &str, kinds: &[CredentialKind], env: bool) -> publish_request::Message {
+pub fn publisher_hello(
+    cluster: &str,
+    kinds: &[CredentialKind],
+    env: bool,
+) -> publish_request::Message {
     publish_request::Message::Hello(PublisherHello {
         cluster_id: cluster.into(),
         kinds: kinds.iter().map(|k| *k as i32).collect(),
@@ -162,12 +183,19 @@ pub fn publisher_hello(cluster: &str, kinds: &[CredentialKind], env: bool) -> pu
 impl RawPublisher {
     /// Sends one message.
     pub async fn send(&self, message: publish_request::Message) {
-        self.tx.send(PublishRequest { message: Some(message) }).await.expect("stream open");
+        self.tx
+            .send(PublishRequest {
+                message: Some(message),
+            })
+            .await
+            .expect("stream open");
     }
 
     /// The next message, or the status that ended the stream.
     pub async fn next(&mut self) -> Result<Option<PublishResponse>, Status> {
-        tokio::time::timeout(WAIT, self.rx.message()).await.expect("publisher stream stalled")
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("publisher stream stalled")
     }
 
     /// Reads until `accept` returns a value; fails on stream end or timeout.
@@ -191,38 +219,70 @@ pub struct RawAgent {
 }
 
 /// Opens a Subscribe stream as `agent_id` of `cluster`.
-pub async fn open_agent(channel: Channel, token: &str, cluster: &str, agent_id: &str) -> Result<RawAgent, Status> {
-    open_agent_with(channel, token, Some(subscribe_request::Message::Hello(AgentHello {
-        cluster_id: cluster.into(),
-        agent_id: agent_id.into(),
-    })))
+pub async fn open_agent(
+    channel: Channel,
+    token: &str,
+    cluster: &str,
+    agent_id: &str,
+) -> Result<RawAgent, Status> {
+    open_agent_with(
+        channel,
+        token,
+        Some(subscribe_request::Message::Hello(AgentHello {
+            cluster_id: cluster.into(),
+            agent_id: agent_id.into(),
+        })),
+    )
     .await
 }
 
 /// Opens a Subscribe stream sending `first` first.
-pub async fn open_agent_with(channel: Channel, token: &str, first: Option<subscribe_request::Message>) -> Result<RawAgent, Status> {
+pub async fn open_agent_with(
+    channel: Channel,
+    token: &str,
+    first: Option<subscribe_request::Message>,
+) -> Result<RawAgent, Status> {
     let (tx, rx) = mpsc::channel(64);
     if let Some(first) = first {
-        tx.send(SubscribeRequest { message: Some(first) }).await.expect("queue");
+        tx.send(SubscribeRequest {
+            message: Some(first),
+        })
+        .await
+        .expect("queue");
     }
     let mut client = AgentServiceClient::with_interceptor(channel, bearer(token));
     let response = client.subscribe(ReceiverStream::new(rx)).await?;
-    Ok(RawAgent { tx, rx: response.into_inner() })
+    Ok(RawAgent {
+        tx,
+        rx: response.into_inner(),
+    })
 }
 
 impl RawAgent {
     /// The next message, or the status that ended the stream.
     pub async fn next(&mut self) -> Result<Option<SubscribeResponse>, Status> {
-        tokio::time::timeout(WAIT, self.rx.message()).await.expect("agent stream stalled")
+        tokio::time::timeout(WAIT, self.rx.message())
+            .await
+            .expect("agent stream stalled")
     }
 
     /// The next message, which must be there.
     pub async fn expect(&mut self) -> credstream_proto::v1::subscribe_response::Message {
-        self.next().await.expect("stream ok").expect("stream open").message.expect("a message")
+        self.next()
+            .await
+            .expect("stream ok")
+            .expect("stream open")
+            .message
+            .expect("a message")
     }
 
     /// Sends one message.
     pub async fn send(&self, message: subscribe_request::Message) {
-        self.tx.send(SubscribeRequest { message: Some(message) }).await.expect("stream open");
+        self.tx
+            .send(SubscribeRequest {
+                message: Some(message),
+            })
+            .await
+            .expect("stream open");
     }
 }

@@ -5,9 +5,11 @@
 //!   one and do not find it print that they were skipped.
 //! - [`broker`]: an in-process broker on port 0, tokens, raw protocol clients
 //!   and credential builders.
+//! - [`minter`]: a counting fake minter for refresh tests.
 //! - [`bins`]: paths of the workspace binaries, building them once if a test
 //!   runs before `cargo build`.
 
 pub mod bins;
 pub mod broker;
+pub mod minter;
 pub mod tools;

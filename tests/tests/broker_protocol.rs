@@ -9,7 +9,8 @@ use credstream_proto::v1::{
     subscribe_request, subscribe_response,
 };
 use credstream_tests::broker::{
-    TestBroker, WAIT, aws_update, gcp_update, open_agent, open_agent_with, open_publisher, publisher_hello,
+    TestBroker, WAIT, aws_update, gcp_update, open_agent, open_agent_with, open_publisher,
+    publisher_hello,
 };
 use futures::future::join_all;
 use tonic::Code;
@@ -45,11 +46,21 @@ fn version_of(message: &subscribe_response::Message) -> u64 {
 async fn hundred_agents_receive_the_snapshot_and_every_update_in_version_order() {
     let broker = TestBroker::start().await;
     let cluster = "fanout";
-    let mut publisher = open_publisher(broker.channel(), &broker.token(Role::Publisher, Some(cluster)), Some(publisher_hello(cluster, &[AWS], false)))
-        .await
-        .unwrap();
-    publisher.until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(())).await;
-    publisher.send(publish_request::Message::Credential(aws_update("first", HOUR))).await;
+    let mut publisher = open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some(cluster)),
+        Some(publisher_hello(cluster, &[AWS], false)),
+    )
+    .await
+    .unwrap();
+    publisher
+        .until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
+        .await;
+    publisher
+        .send(publish_request::Message::Credential(aws_update(
+            "first", HOUR,
+        )))
+        .await;
     // Wait until the broker holds it.
     let first_version = loop {
         let status = broker.status(cluster).await.unwrap();
@@ -63,11 +74,15 @@ async fn hundred_agents_receive_the_snapshot_and_every_update_in_version_order()
     let channels: Vec<_> = (0..10).map(|_| broker.channel()).collect();
     let token = broker.token(Role::Agent, Some(cluster));
     let ids: Vec<String> = (0..100).map(|i| format!("agent-{i}")).collect();
-    let mut agents = join_all(ids.iter().enumerate().map(|(i, id)| open_agent(channels[i % 10].clone(), &token, cluster, id)))
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect::<Vec<_>>();
+    let mut agents = join_all(
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| open_agent(channels[i % 10].clone(), &token, cluster, id)),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect::<Vec<_>>();
     for agent in &mut agents {
         let subscribe_response::Message::Snapshot(snapshot) = agent.expect().await else {
             panic!("snapshot first")
@@ -80,31 +95,49 @@ async fn hundred_agents_receive_the_snapshot_and_every_update_in_version_order()
     // Five updates; every agent sees each one, versions strictly increasing.
     let mut last = vec![first_version; agents.len()];
     for round in 0..5 {
-        publisher.send(publish_request::Message::Credential(aws_update(&format!("r{round}"), HOUR))).await;
+        publisher
+            .send(publish_request::Message::Credential(aws_update(
+                &format!("r{round}"),
+                HOUR,
+            )))
+            .await;
         let results = join_all(agents.iter_mut().map(|agent| async move {
             let message = agent.expect().await;
             let subscribe_response::Message::Credential(update) = &message else {
                 panic!("expected a credential, got {message:?}")
             };
             let v = update.version;
-            agent.send(subscribe_request::Message::Ack(credstream_proto::v1::AgentAck { version: v })).await;
+            agent
+                .send(subscribe_request::Message::Ack(
+                    credstream_proto::v1::AgentAck { version: v },
+                ))
+                .await;
             (v, update.clone())
         }))
         .await;
         for (i, (version, update)) in results.iter().enumerate() {
             assert!(*version > last[i], "versions strictly increase");
             last[i] = *version;
-            let Some(credstream_proto::v1::credential_update::Credential::Aws(aws)) = &update.credential else {
+            let Some(credstream_proto::v1::credential_update::Credential::Aws(aws)) =
+                &update.credential
+            else {
                 panic!()
             };
             assert_eq!(aws.access_key_id, format!("ASIAr{round}"));
         }
-        assert!(results.windows(2).all(|w| w[0].0 == w[1].0), "every agent got the same version");
+        assert!(
+            results.windows(2).all(|w| w[0].0 == w[1].0),
+            "every agent got the same version"
+        );
         // The publisher learns that all 100 hold it.
         let target = results[0].0;
         publisher
             .until(|m| match &m.message {
-                Some(publish_response::Message::UpdateAck(ack)) if ack.version == target && ack.agents_current == 100 => Some(()),
+                Some(publish_response::Message::UpdateAck(ack))
+                    if ack.version == target && ack.agents_current == 100 =>
+                {
+                    Some(())
+                }
                 _ => None,
             })
             .await;
@@ -114,8 +147,12 @@ async fn hundred_agents_receive_the_snapshot_and_every_update_in_version_order()
     assert!(status.agents.iter().all(|a| a.acked_version == last[0]));
 
     // A late agent gets the latest state in its snapshot.
-    let mut late = open_agent(broker.channel(), &token, cluster, "late").await.unwrap();
-    let subscribe_response::Message::Snapshot(snapshot) = late.expect().await else { panic!() };
+    let mut late = open_agent(broker.channel(), &token, cluster, "late")
+        .await
+        .unwrap();
+    let subscribe_response::Message::Snapshot(snapshot) = late.expect().await else {
+        panic!()
+    };
     assert_eq!(snapshot.credentials[0].version, last[0]);
 }
 
@@ -123,9 +160,13 @@ async fn hundred_agents_receive_the_snapshot_and_every_update_in_version_order()
 async fn a_stalled_agent_does_not_delay_others_and_converges_on_the_latest() {
     let broker = TestBroker::start().await;
     let cluster = "stall";
-    let publisher = open_publisher(broker.channel(), &broker.token(Role::Publisher, Some(cluster)), Some(publisher_hello(cluster, &[], true)))
-        .await
-        .unwrap();
+    let publisher = open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some(cluster)),
+        Some(publisher_hello(cluster, &[], true)),
+    )
+    .await
+    .unwrap();
     let token = broker.token(Role::Agent, Some(cluster));
     // The stalled agent has its own connection with a 64 KiB window and
     // never reads after the snapshot.
@@ -134,21 +175,32 @@ async fn a_stalled_agent_does_not_delay_others_and_converges_on_the_latest() {
         .initial_stream_window_size(65_535)
         .initial_connection_window_size(65_535)
         .connect_lazy();
-    let mut stalled = open_agent(small_window, &token, cluster, "stalled").await.unwrap();
+    let mut stalled = open_agent(small_window, &token, cluster, "stalled")
+        .await
+        .unwrap();
     let _ = stalled.expect().await;
-    let mut healthy = open_agent(broker.channel(), &token, cluster, "healthy").await.unwrap();
+    let mut healthy = open_agent(broker.channel(), &token, cluster, "healthy")
+        .await
+        .unwrap();
     let _ = healthy.expect().await;
 
     // 400 env updates of ~8 KiB each: ~3 MiB, far beyond the HTTP/2 window.
     let big = "x".repeat(8 * 1024);
     let mut last_version = 0;
     for i in 0..400 {
-        publisher.send(publish_request::Message::PrivateEnv(env(&[("BIG", &big), ("ROUND", &i.to_string())]))).await;
+        publisher
+            .send(publish_request::Message::PrivateEnv(env(&[
+                ("BIG", &big),
+                ("ROUND", &i.to_string()),
+            ])))
+            .await;
         // The healthy agent keeps up (it may skip versions, never stalls).
         loop {
             let message = healthy.expect().await;
             if let subscribe_response::Message::PrivateEnv(e) = &message
-                && e.set.iter().any(|v| v.name == "ROUND" && v.value == i.to_string())
+                && e.set
+                    .iter()
+                    .any(|v| v.name == "ROUND" && v.value == i.to_string())
             {
                 assert!(e.version > last_version);
                 last_version = e.version;
@@ -168,22 +220,41 @@ async fn a_stalled_agent_does_not_delay_others_and_converges_on_the_latest() {
             break;
         }
     }
-    assert!(received <= 64, "the stalled agent was queued {received} messages");
+    assert!(
+        received <= 64,
+        "the stalled agent was queued {received} messages"
+    );
 }
 
 #[tokio::test]
 async fn a_half_closed_agent_keeps_receiving() {
     let broker = TestBroker::start().await;
     let cluster = "halfclose";
-    let publisher = open_publisher(broker.channel(), &broker.token(Role::Publisher, Some(cluster)), Some(publisher_hello(cluster, &[AWS], false)))
-        .await
-        .unwrap();
-    let mut agent = open_agent(broker.channel(), &broker.token(Role::Agent, Some(cluster)), cluster, "a1").await.unwrap();
+    let publisher = open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some(cluster)),
+        Some(publisher_hello(cluster, &[AWS], false)),
+    )
+    .await
+    .unwrap();
+    let mut agent = open_agent(
+        broker.channel(),
+        &broker.token(Role::Agent, Some(cluster)),
+        cluster,
+        "a1",
+    )
+    .await
+    .unwrap();
     let _ = agent.expect().await;
     // Half-close: drop the sending side.
     let (dummy, _) = tokio::sync::mpsc::channel(1);
     drop(std::mem::replace(&mut agent.tx, dummy));
-    publisher.send(publish_request::Message::Credential(aws_update("after-close", HOUR))).await;
+    publisher
+        .send(publish_request::Message::Credential(aws_update(
+            "after-close",
+            HOUR,
+        )))
+        .await;
     loop {
         if let subscribe_response::Message::Credential(update) = agent.expect().await {
             assert!(update.version > 0);
@@ -196,18 +267,33 @@ async fn a_half_closed_agent_keeps_receiving() {
 async fn snapshot_carries_credentials_env_and_declaration() {
     let broker = TestBroker::start().await;
     let cluster = "snap";
-    let mut publisher = open_publisher(broker.channel(), &broker.token(Role::Publisher, Some(cluster)), Some(publisher_hello(cluster, &[AWS, GCP], true)))
-        .await
-        .unwrap();
-    let welcome = publisher.until(|m| match &m.message {
-        Some(publish_response::Message::Welcome(w)) => Some(w.clone()),
-        _ => None,
-    }).await;
+    let mut publisher = open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some(cluster)),
+        Some(publisher_hello(cluster, &[AWS, GCP], true)),
+    )
+    .await
+    .unwrap();
+    let welcome = publisher
+        .until(|m| match &m.message {
+            Some(publish_response::Message::Welcome(w)) => Some(w.clone()),
+            _ => None,
+        })
+        .await;
     assert_eq!(welcome.missing.len(), 2);
     assert!(welcome.private_env_missing);
-    publisher.send(publish_request::Message::Credential(aws_update("a", HOUR))).await;
-    publisher.send(publish_request::Message::Credential(gcp_update("g", HOUR))).await;
-    publisher.send(publish_request::Message::PrivateEnv(env(&[("AUTH_TOKEN_FOR_CUSTOM_DATABASE", "db-secret")]))).await;
+    publisher
+        .send(publish_request::Message::Credential(aws_update("a", HOUR)))
+        .await;
+    publisher
+        .send(publish_request::Message::Credential(gcp_update("g", HOUR)))
+        .await;
+    publisher
+        .send(publish_request::Message::PrivateEnv(env(&[(
+            "AUTH_TOKEN_FOR_CUSTOM_DATABASE",
+            "db-secret",
+        )])))
+        .await;
     let status = loop {
         let status = broker.status(cluster).await.unwrap();
         if status.credentials.len() == 2 && status.private_env.is_some() {
@@ -215,11 +301,26 @@ async fn snapshot_carries_credentials_env_and_declaration() {
         }
         tokio::task::yield_now().await;
     };
-    assert_eq!(status.private_env.unwrap().names, vec!["AUTH_TOKEN_FOR_CUSTOM_DATABASE"]);
-    let mut agent = open_agent(broker.channel(), &broker.token(Role::Agent, Some(cluster)), cluster, "a").await.unwrap();
-    let subscribe_response::Message::Snapshot(snapshot) = agent.expect().await else { panic!() };
+    assert_eq!(
+        status.private_env.unwrap().names,
+        vec!["AUTH_TOKEN_FOR_CUSTOM_DATABASE"]
+    );
+    let mut agent = open_agent(
+        broker.channel(),
+        &broker.token(Role::Agent, Some(cluster)),
+        cluster,
+        "a",
+    )
+    .await
+    .unwrap();
+    let subscribe_response::Message::Snapshot(snapshot) = agent.expect().await else {
+        panic!()
+    };
     assert_eq!(snapshot.credentials.len(), 2);
-    assert_eq!(snapshot.private_env.as_ref().unwrap().set[0].value, "db-secret");
+    assert_eq!(
+        snapshot.private_env.as_ref().unwrap().set[0].value,
+        "db-secret"
+    );
     assert!(snapshot.private_env.unwrap().replace_all);
     let info = snapshot.info.unwrap();
     assert_eq!(info.kinds, vec![AWS as i32, GCP as i32]);
@@ -231,10 +332,24 @@ async fn a_new_publisher_takes_over_and_the_old_stream_ends_aborted() {
     let broker = TestBroker::start().await;
     let cluster = "takeover";
     let token = broker.token(Role::Publisher, Some(cluster));
-    let mut old = open_publisher(broker.channel(), &token, Some(publisher_hello(cluster, &[AWS], false))).await.unwrap();
-    old.until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(())).await;
-    let mut new = open_publisher(broker.channel(), &token, Some(publisher_hello(cluster, &[AWS], false))).await.unwrap();
-    new.until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(())).await;
+    let mut old = open_publisher(
+        broker.channel(),
+        &token,
+        Some(publisher_hello(cluster, &[AWS], false)),
+    )
+    .await
+    .unwrap();
+    old.until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
+        .await;
+    let mut new = open_publisher(
+        broker.channel(),
+        &token,
+        Some(publisher_hello(cluster, &[AWS], false)),
+    )
+    .await
+    .unwrap();
+    new.until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
+        .await;
     let status = loop {
         match old.next().await {
             Ok(Some(_)) => continue,
@@ -250,26 +365,45 @@ async fn a_new_publisher_takes_over_and_the_old_stream_ends_aborted() {
 async fn revocation_reaches_every_agent() {
     let broker = TestBroker::start().await;
     let cluster = "revoke";
-    let publisher = open_publisher(broker.channel(), &broker.token(Role::Publisher, Some(cluster)), Some(publisher_hello(cluster, &[AWS], true)))
-        .await
-        .unwrap();
-    publisher.send(publish_request::Message::Credential(aws_update("r", HOUR))).await;
-    publisher.send(publish_request::Message::PrivateEnv(env(&[("K", "v")]))).await;
+    let publisher = open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some(cluster)),
+        Some(publisher_hello(cluster, &[AWS], true)),
+    )
+    .await
+    .unwrap();
+    publisher
+        .send(publish_request::Message::Credential(aws_update("r", HOUR)))
+        .await;
+    publisher
+        .send(publish_request::Message::PrivateEnv(env(&[("K", "v")])))
+        .await;
     let token = broker.token(Role::Agent, Some(cluster));
     let mut agents = Vec::new();
     for i in 0..20 {
-        let mut agent = open_agent(broker.channel(), &token, cluster, &format!("a{i}")).await.unwrap();
+        let mut agent = open_agent(broker.channel(), &token, cluster, &format!("a{i}"))
+            .await
+            .unwrap();
         loop {
             // Wait until this agent holds the env (snapshot or update).
             match agent.expect().await {
-                subscribe_response::Message::Snapshot(s) if s.private_env.is_some() && !s.credentials.is_empty() => break,
+                subscribe_response::Message::Snapshot(s)
+                    if s.private_env.is_some() && !s.credentials.is_empty() =>
+                {
+                    break;
+                }
                 subscribe_response::Message::PrivateEnv(_) => break,
                 _ => {}
             }
         }
         agents.push(agent);
     }
-    publisher.send(publish_request::Message::Revoke(Revoke { kinds: vec![], all: true })).await;
+    publisher
+        .send(publish_request::Message::Revoke(Revoke {
+            kinds: vec![],
+            all: true,
+        }))
+        .await;
     for agent in &mut agents {
         let revocation = loop {
             if let subscribe_response::Message::Revocation(r) = agent.expect().await {
@@ -293,15 +427,30 @@ async fn revocation_reaches_every_agent() {
 }
 
 /// Expects the stream to end with `code`, and returns the message.
-async fn publisher_error(broker: &TestBroker, cluster: &str, messages: Vec<publish_request::Message>) -> tonic::Status {
+async fn publisher_error(
+    broker: &TestBroker,
+    cluster: &str,
+    messages: Vec<publish_request::Message>,
+) -> tonic::Status {
     let mut iter = messages.into_iter();
     let first = iter.next();
-    let mut publisher = match open_publisher(broker.channel(), &broker.token(Role::Publisher, Some(cluster)), first).await {
+    let mut publisher = match open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some(cluster)),
+        first,
+    )
+    .await
+    {
         Ok(p) => p,
         Err(status) => return status,
     };
     for message in iter {
-        let _ = publisher.tx.send(credstream_proto::v1::PublishRequest { message: Some(message) }).await;
+        let _ = publisher
+            .tx
+            .send(credstream_proto::v1::PublishRequest {
+                message: Some(message),
+            })
+            .await;
     }
     loop {
         match publisher.next().await {
@@ -317,11 +466,19 @@ async fn bad_input_gets_a_clear_error_and_keeps_the_state() {
     let broker = TestBroker::start().await;
     let cluster = "bad";
     // Establish a good state first.
-    let good = open_publisher(broker.channel(), &broker.token(Role::Publisher, Some(cluster)), Some(publisher_hello(cluster, &[AWS], true)))
-        .await
-        .unwrap();
-    good.send(publish_request::Message::Credential(aws_update("good", HOUR))).await;
-    good.send(publish_request::Message::PrivateEnv(env(&[("GOOD", "1")]))).await;
+    let good = open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some(cluster)),
+        Some(publisher_hello(cluster, &[AWS], true)),
+    )
+    .await
+    .unwrap();
+    good.send(publish_request::Message::Credential(aws_update(
+        "good", HOUR,
+    )))
+    .await;
+    good.send(publish_request::Message::PrivateEnv(env(&[("GOOD", "1")])))
+        .await;
     let before = loop {
         let s = broker.status(cluster).await.unwrap();
         if !s.credentials.is_empty() && s.private_env.is_some() {
@@ -329,60 +486,160 @@ async fn bad_input_gets_a_clear_error_and_keeps_the_state() {
         }
         tokio::task::yield_now().await;
     };
-    let mut agent = open_agent(broker.channel(), &broker.token(Role::Agent, Some(cluster)), cluster, "watcher").await.unwrap();
+    let mut agent = open_agent(
+        broker.channel(),
+        &broker.token(Role::Agent, Some(cluster)),
+        cluster,
+        "watcher",
+    )
+    .await
+    .unwrap();
     let _ = agent.expect().await;
 
     let hello = || publisher_hello(cluster, &[AWS], true);
     // Each bad message comes on a new stream that takes over first, so test
     // the message rather than the takeover: messages after a valid hello.
     let cases: Vec<(&str, Vec<publish_request::Message>, Code, &str)> = vec![
-        ("no hello", vec![publish_request::Message::Credential(aws_update("x", HOUR))], Code::FailedPrecondition, "first message"),
-        ("second hello", vec![hello(), hello()], Code::FailedPrecondition, "second hello"),
-        ("bad env name", vec![hello(), publish_request::Message::PrivateEnv(env(&[("BAD-NAME", "v")]))], Code::InvalidArgument, "BAD-NAME"),
-        ("too many env vars", vec![hello(), publish_request::Message::PrivateEnv(PrivateEnv {
-            set: (0..1001).map(|i| EnvVar { name: format!("V{i}"), value: "v".into() }).collect(),
-            ..Default::default()
-        })], Code::InvalidArgument, "at most 1000"),
-        ("expired credential", vec![hello(), publish_request::Message::Credential({
-            let mut u = aws_update("old", HOUR);
-            u.expires_at = Some(credstream_proto::convert::timestamp(std::time::SystemTime::now() - HOUR));
-            u.issued_at = None;
-            u
-        })], Code::InvalidArgument, "already expired"),
-        ("long-term keys", vec![hello(), publish_request::Message::Credential({
-            let mut u = aws_update("lt", HOUR);
-            if let Some(credstream_proto::v1::credential_update::Credential::Aws(aws)) = &mut u.credential { aws.session_token.clear(); }
-            u
-        })], Code::InvalidArgument, "session_token is required"),
-        ("empty message", vec![hello(), publish_request::Message::RefreshError(RefreshError::default())], Code::InvalidArgument, "refresh_request_id"),
-        ("oversized", vec![hello(), publish_request::Message::PrivateEnv(env(&[("HUGE", &"x".repeat(300 * 1024))]))], Code::OutOfRange, "too large"),
+        (
+            "no hello",
+            vec![publish_request::Message::Credential(aws_update("x", HOUR))],
+            Code::FailedPrecondition,
+            "first message",
+        ),
+        (
+            "second hello",
+            vec![hello(), hello()],
+            Code::FailedPrecondition,
+            "second hello",
+        ),
+        (
+            "bad env name",
+            vec![
+                hello(),
+                publish_request::Message::PrivateEnv(env(&[("BAD-NAME", "v")])),
+            ],
+            Code::InvalidArgument,
+            "BAD-NAME",
+        ),
+        (
+            "too many env vars",
+            vec![
+                hello(),
+                publish_request::Message::PrivateEnv(PrivateEnv {
+                    set: (0..1001)
+                        .map(|i| EnvVar {
+                            name: format!("V{i}"),
+                            value: "v".into(),
+                        })
+                        .collect(),
+                    ..Default::default()
+                }),
+            ],
+            Code::InvalidArgument,
+            "at most 1000",
+        ),
+        (
+            "expired credential",
+            vec![
+                hello(),
+                publish_request::Message::Credential({
+                    let mut u = aws_update("old", HOUR);
+                    u.expires_at = Some(credstream_proto::convert::timestamp(
+                        std::time::SystemTime::now() - HOUR,
+                    ));
+                    u.issued_at = None;
+                    u
+                }),
+            ],
+            Code::InvalidArgument,
+            "already expired",
+        ),
+        (
+            "long-term keys",
+            vec![
+                hello(),
+                publish_request::Message::Credential({
+                    let mut u = aws_update("lt", HOUR);
+                    if let Some(credstream_proto::v1::credential_update::Credential::Aws(aws)) =
+                        &mut u.credential
+                    {
+                        aws.session_token.clear();
+                    }
+                    u
+                }),
+            ],
+            Code::InvalidArgument,
+            "session_token is required",
+        ),
+        (
+            "empty message",
+            vec![
+                hello(),
+                publish_request::Message::RefreshError(RefreshError::default()),
+            ],
+            Code::InvalidArgument,
+            "refresh_request_id",
+        ),
+        (
+            "oversized",
+            vec![
+                hello(),
+                publish_request::Message::PrivateEnv(env(&[("HUGE", &"x".repeat(300 * 1024))])),
+            ],
+            Code::OutOfRange,
+            "too large",
+        ),
     ];
     for (name, messages, code, needle) in cases {
         // Reconnect the good publisher state check after each case.
         let status = publisher_error(&broker, cluster, messages).await;
         assert_eq!(status.code(), code, "{name}: {status:?}");
-        assert!(status.message().contains(needle), "{name}: {:?}", status.message());
+        assert!(
+            status.message().contains(needle),
+            "{name}: {:?}",
+            status.message()
+        );
         assert!(!status.message().contains("SECRETKEY"), "{name}");
         let after = broker.status(cluster).await.unwrap();
-        assert_eq!(after.credentials, before.credentials, "{name}: credentials intact");
+        assert_eq!(
+            after.credentials, before.credentials,
+            "{name}: credentials intact"
+        );
         assert_eq!(after.private_env, before.private_env, "{name}: env intact");
     }
     // Agents never saw a change to the credentials or env.
-    while let Ok(Ok(Some(message))) = tokio::time::timeout(Duration::from_millis(200), agent.rx.message()).await {
+    while let Ok(Ok(Some(message))) =
+        tokio::time::timeout(Duration::from_millis(200), agent.rx.message()).await
+    {
         let message = message.message.unwrap();
-        assert!(matches!(message, subscribe_response::Message::ClusterInfo(_)), "unexpected {message:?}");
+        assert!(
+            matches!(message, subscribe_response::Message::ClusterInfo(_)),
+            "unexpected {message:?}"
+        );
     }
 
     // Agent-side bad input.
     let token = broker.token(Role::Agent, Some(cluster));
-    let err = open_agent_with(broker.channel(), &token, Some(subscribe_request::Message::Ack(Default::default()))).await.unwrap_err();
+    let err = open_agent_with(
+        broker.channel(),
+        &token,
+        Some(subscribe_request::Message::Ack(Default::default())),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    let err = open_agent(broker.channel(), &token, cluster, "bad id!").await.unwrap_err();
+    let err = open_agent(broker.channel(), &token, cluster, "bad id!")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("agent_id"));
-    let mut agent = open_agent(broker.channel(), &token, cluster, "twice").await.unwrap();
+    let mut agent = open_agent(broker.channel(), &token, cluster, "twice")
+        .await
+        .unwrap();
     let _ = agent.expect().await;
-    agent.send(subscribe_request::Message::Hello(Default::default())).await;
+    agent
+        .send(subscribe_request::Message::Hello(Default::default()))
+        .await;
     let status = loop {
         match agent.next().await {
             Ok(Some(_)) => continue,
@@ -402,9 +659,20 @@ async fn a_hello_for_another_cluster_than_the_token_and_header_is_denied() {
     let channel = address.channel().unwrap();
     let creds = address.interceptor().unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(credstream_proto::v1::PublishRequest { message: Some(publisher_hello("b", &[], false)) }).await.unwrap();
-    let mut client = credstream_proto::v1::publisher_service_client::PublisherServiceClient::with_interceptor(channel, creds);
-    let mut stream = client.publish(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tx.send(credstream_proto::v1::PublishRequest {
+        message: Some(publisher_hello("b", &[], false)),
+    })
+    .await
+    .unwrap();
+    let mut client =
+        credstream_proto::v1::publisher_service_client::PublisherServiceClient::with_interceptor(
+            channel, creds,
+        );
+    let mut stream = client
+        .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let err = stream.message().await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 }
@@ -413,20 +681,37 @@ async fn a_hello_for_another_cluster_than_the_token_and_header_is_denied() {
 async fn shutdown_ends_streams_with_unavailable_and_health_turns_not_serving() {
     let broker = TestBroker::start().await;
     let cluster = "shutdown";
-    let mut agent = open_agent(broker.channel(), &broker.token(Role::Agent, Some(cluster)), cluster, "a").await.unwrap();
+    let mut agent = open_agent(
+        broker.channel(),
+        &broker.token(Role::Agent, Some(cluster)),
+        cluster,
+        "a",
+    )
+    .await
+    .unwrap();
     let _ = agent.expect().await;
-    let mut publisher = open_publisher(broker.channel(), &broker.token(Role::Publisher, Some(cluster)), Some(publisher_hello(cluster, &[], false)))
-        .await
-        .unwrap();
-    publisher.until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(())).await;
+    let mut publisher = open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some(cluster)),
+        Some(publisher_hello(cluster, &[], false)),
+    )
+    .await
+    .unwrap();
+    publisher
+        .until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
+        .await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(broker.channel());
     let mut watch = health
-        .watch(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status, 1, "SERVING");
-    let TestBroker { broker: running, .. } = broker;
+    let TestBroker {
+        broker: running, ..
+    } = broker;
     let stopping = tokio::spawn(running.shutdown());
     let status = loop {
         match agent.next().await {

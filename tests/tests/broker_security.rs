@@ -7,8 +7,13 @@ use credstream_broker::auth::{Role, TokenKey};
 use credstream_broker::server::{self, BrokerConfig, TlsFiles};
 use credstream_proto::connect::{BrokerAddress, CallCredentials};
 use credstream_proto::v1::admin_service_client::AdminServiceClient;
-use credstream_proto::v1::{CreateAgentTokenRequest, CredentialKind, GetClusterRequest, ListClustersRequest, publish_request, subscribe_response};
-use credstream_tests::broker::{TestBroker, aws_update, open_agent, open_publisher, publisher_hello};
+use credstream_proto::v1::{
+    CreateAgentTokenRequest, CredentialKind, GetClusterRequest, ListClustersRequest,
+    publish_request, subscribe_response,
+};
+use credstream_tests::broker::{
+    TestBroker, aws_update, open_agent, open_publisher, publisher_hello,
+};
 use tonic::Code;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -21,19 +26,49 @@ async fn each_auth_failure_gets_the_documented_code() {
     let hello = || Some(publisher_hello(cluster, &[], false));
     let cases: Vec<(&str, String, Code)> = vec![
         ("no token", String::new(), Code::Unauthenticated),
-        ("bad signature", TokenKey::generate().issue(Role::Publisher, Some(cluster), HOUR).unwrap(), Code::Unauthenticated),
-        ("expired", broker.key.issue(Role::Publisher, Some(cluster), Duration::ZERO).unwrap(), Code::Unauthenticated),
+        (
+            "bad signature",
+            TokenKey::generate()
+                .issue(Role::Publisher, Some(cluster), HOUR)
+                .unwrap(),
+            Code::Unauthenticated,
+        ),
+        (
+            "expired",
+            broker
+                .key
+                .issue(Role::Publisher, Some(cluster), Duration::ZERO)
+                .unwrap(),
+            Code::Unauthenticated,
+        ),
         ("garbage", "not-a-token".into(), Code::Unauthenticated),
-        ("wrong role", broker.token(Role::Agent, Some(cluster)), Code::PermissionDenied),
-        ("wrong cluster", broker.token(Role::Publisher, Some("other")), Code::PermissionDenied),
+        (
+            "wrong role",
+            broker.token(Role::Agent, Some(cluster)),
+            Code::PermissionDenied,
+        ),
+        (
+            "wrong cluster",
+            broker.token(Role::Publisher, Some("other")),
+            Code::PermissionDenied,
+        ),
     ];
     for (name, token, code) in cases {
         let status = if token.is_empty() {
             // No authorization metadata at all.
             let (tx, rx) = tokio::sync::mpsc::channel(1);
-            tx.send(credstream_proto::v1::PublishRequest { message: hello() }).await.unwrap();
-            let mut client = credstream_proto::v1::publisher_service_client::PublisherServiceClient::new(broker.channel());
-            client.publish(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map(|_| ()).unwrap_err()
+            tx.send(credstream_proto::v1::PublishRequest { message: hello() })
+                .await
+                .unwrap();
+            let mut client =
+                credstream_proto::v1::publisher_service_client::PublisherServiceClient::new(
+                    broker.channel(),
+                );
+            client
+                .publish(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map(|_| ())
+                .unwrap_err()
         } else {
             match open_publisher(broker.channel(), &token, hello()).await {
                 Err(status) => status,
@@ -51,7 +86,10 @@ async fn each_auth_failure_gets_the_documented_code() {
     }
     // Admin: an agent token may not inspect; a publisher only its cluster.
     let admin_as = |token: String| {
-        AdminServiceClient::with_interceptor(broker.channel(), CallCredentials::bearer(&token).unwrap())
+        AdminServiceClient::with_interceptor(
+            broker.channel(),
+            CallCredentials::bearer(&token).unwrap(),
+        )
     };
     let err = admin_as(broker.token(Role::Agent, Some(cluster)))
         .list_clusters(ListClustersRequest {})
@@ -59,7 +97,9 @@ async fn each_auth_failure_gets_the_documented_code() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     let err = admin_as(broker.token(Role::Publisher, Some("mine")))
-        .get_cluster(GetClusterRequest { cluster_id: "theirs".into() })
+        .get_cluster(GetClusterRequest {
+            cluster_id: "theirs".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -68,13 +108,35 @@ async fn each_auth_failure_gets_the_documented_code() {
 #[tokio::test]
 async fn a_publisher_of_cluster_a_never_reaches_agents_of_b() {
     let broker = TestBroker::start().await;
-    let mut agent_b = open_agent(broker.channel(), &broker.token(Role::Agent, Some("b")), "b", "agent-b").await.unwrap();
+    let mut agent_b = open_agent(
+        broker.channel(),
+        &broker.token(Role::Agent, Some("b")),
+        "b",
+        "agent-b",
+    )
+    .await
+    .unwrap();
     let _ = agent_b.expect().await;
-    let publisher_a = open_publisher(broker.channel(), &broker.token(Role::Publisher, Some("a")), Some(publisher_hello("a", &[CredentialKind::Aws], false)))
-        .await
-        .unwrap();
-    publisher_a.send(publish_request::Message::Credential(aws_update("for-a", HOUR))).await;
-    let mut agent_a = open_agent(broker.channel(), &broker.token(Role::Agent, Some("a")), "a", "agent-a").await.unwrap();
+    let publisher_a = open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some("a")),
+        Some(publisher_hello("a", &[CredentialKind::Aws], false)),
+    )
+    .await
+    .unwrap();
+    publisher_a
+        .send(publish_request::Message::Credential(aws_update(
+            "for-a", HOUR,
+        )))
+        .await;
+    let mut agent_a = open_agent(
+        broker.channel(),
+        &broker.token(Role::Agent, Some("a")),
+        "a",
+        "agent-a",
+    )
+    .await
+    .unwrap();
     // Agent A gets it (snapshot or update) ...
     loop {
         match agent_a.expect().await {
@@ -87,24 +149,46 @@ async fn a_publisher_of_cluster_a_never_reaches_agents_of_b() {
     let nothing = tokio::time::timeout(Duration::from_millis(300), agent_b.rx.message()).await;
     assert!(nothing.is_err(), "agent of b received {nothing:?}");
     // An agent token for A cannot subscribe to B.
-    let err = open_agent(broker.channel(), &broker.token(Role::Agent, Some("a")), "b", "sneaky").await.unwrap_err();
+    let err = open_agent(
+        broker.channel(),
+        &broker.token(Role::Agent, Some("a")),
+        "b",
+        "sneaky",
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
 #[tokio::test]
 async fn publishers_issue_agent_tokens_for_their_cluster_only() {
     let broker = TestBroker::start().await;
-    let mut admin = AdminServiceClient::with_interceptor(broker.channel(), CallCredentials::bearer(&broker.token(Role::Publisher, Some("c"))).unwrap());
+    let mut admin = AdminServiceClient::with_interceptor(
+        broker.channel(),
+        CallCredentials::bearer(&broker.token(Role::Publisher, Some("c"))).unwrap(),
+    );
     let response = admin
-        .create_agent_token(CreateAgentTokenRequest { cluster_id: "c".into(), ttl_seconds: 60 })
+        .create_agent_token(CreateAgentTokenRequest {
+            cluster_id: "c".into(),
+            ttl_seconds: 60,
+        })
         .await
         .unwrap()
         .into_inner();
     let claims = broker.key.verify(&response.token).unwrap();
-    assert_eq!((claims.role, claims.cluster.as_deref()), (Role::Agent, Some("c")));
-    assert!(!format!("{response:?}").contains(&response.token), "Debug hides the token");
+    assert_eq!(
+        (claims.role, claims.cluster.as_deref()),
+        (Role::Agent, Some("c"))
+    );
+    assert!(
+        !format!("{response:?}").contains(&response.token),
+        "Debug hides the token"
+    );
     let err = admin
-        .create_agent_token(CreateAgentTokenRequest { cluster_id: "d".into(), ttl_seconds: 60 })
+        .create_agent_token(CreateAgentTokenRequest {
+            cluster_id: "d".into(),
+            ttl_seconds: 60,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -117,7 +201,11 @@ async fn plaintext_on_a_non_loopback_address_is_refused() {
     assert!(err.contains("refusing to serve plaintext"), "{err}");
     assert!(err.contains("--insecure"), "{err}");
     config.insecure = true;
-    server::start(config).await.expect("allowed with --insecure").shutdown().await;
+    server::start(config)
+        .await
+        .expect("allowed with --insecure")
+        .shutdown()
+        .await;
 }
 
 struct Pki {
@@ -132,15 +220,28 @@ impl Pki {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "credstream test CA");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "credstream test CA");
         let ca = params.self_signed(&ca_key).unwrap();
-        Self { dir: tempfile::tempdir().unwrap(), ca_pem: ca.pem(), ca, ca_key }
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            ca_pem: ca.pem(),
+            ca,
+            ca_key,
+        }
     }
 
     /// Writes a leaf certificate and key; returns their paths.
-    fn leaf(&self, name: &str, sans: &[&str]) -> (std::path::PathBuf, std::path::PathBuf, String, String) {
+    fn leaf(
+        &self,
+        name: &str,
+        sans: &[&str],
+    ) -> (std::path::PathBuf, std::path::PathBuf, String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
         let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
         let cert_path = self.dir.path().join(format!("{name}.pem"));
         let key_path = self.dir.path().join(format!("{name}.key"));
@@ -161,7 +262,11 @@ async fn tls_serves_the_protocol_and_the_client_library_verifies_the_server() {
     let pki = Pki::new();
     let (cert, key, _, _) = pki.leaf("server", &["localhost", "127.0.0.1"]);
     let broker = TestBroker::start_with(|config| {
-        config.tls = Some(TlsFiles { cert, key, client_ca: None });
+        config.tls = Some(TlsFiles {
+            cert,
+            key,
+            client_ca: None,
+        });
     })
     .await;
     assert!(broker.url().starts_with("https://"));
@@ -173,28 +278,50 @@ async fn tls_serves_the_protocol_and_the_client_library_verifies_the_server() {
         ca_cert: Some(pki.ca_path()),
         insecure: false,
     };
-    let mut client = credstream_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
-        address.channel().unwrap(),
-        address.interceptor().unwrap(),
-    );
+    let mut client =
+        credstream_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
+            address.channel().unwrap(),
+            address.interceptor().unwrap(),
+        );
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(credstream_proto::v1::SubscribeRequest {
-        message: Some(credstream_proto::v1::subscribe_request::Message::Hello(credstream_proto::v1::AgentHello {
-            cluster_id: "tls".into(),
-            agent_id: "a".into(),
-        })),
+        message: Some(credstream_proto::v1::subscribe_request::Message::Hello(
+            credstream_proto::v1::AgentHello {
+                cluster_id: "tls".into(),
+                agent_id: "a".into(),
+            },
+        )),
     })
     .await
     .unwrap();
-    let mut stream = client.subscribe(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    assert!(matches!(stream.message().await.unwrap().unwrap().message, Some(subscribe_response::Message::Snapshot(_))));
+    let mut stream = client
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        stream.message().await.unwrap().unwrap().message,
+        Some(subscribe_response::Message::Snapshot(_))
+    ));
 
     // A client that does not trust the CA fails the handshake.
     let other_pki = Pki::new();
-    let untrusting = BrokerAddress { ca_cert: Some(other_pki.ca_path()), ..address.clone() };
-    let mut client = AdminServiceClient::with_interceptor(untrusting.channel().unwrap(), untrusting.interceptor().unwrap());
-    let err = client.list_clusters(ListClustersRequest {}).await.unwrap_err();
-    assert!(err.message().contains("invalid peer certificate"), "{err:?}");
+    let untrusting = BrokerAddress {
+        ca_cert: Some(other_pki.ca_path()),
+        ..address.clone()
+    };
+    let mut client = AdminServiceClient::with_interceptor(
+        untrusting.channel().unwrap(),
+        untrusting.interceptor().unwrap(),
+    );
+    let err = client
+        .list_clusters(ListClustersRequest {})
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("invalid peer certificate"),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -203,7 +330,11 @@ async fn mutual_tls_requires_a_client_certificate_signed_by_the_client_ca() {
     let (cert, key, _, _) = pki.leaf("server", &["localhost"]);
     let client_ca = pki.ca_path();
     let broker = TestBroker::start_with(|config| {
-        config.tls = Some(TlsFiles { cert, key, client_ca: Some(client_ca) });
+        config.tls = Some(TlsFiles {
+            cert,
+            key,
+            client_ca: Some(client_ca),
+        });
     })
     .await;
     let port = broker.broker.local_addr.port();
@@ -212,22 +343,36 @@ async fn mutual_tls_requires_a_client_certificate_signed_by_the_client_ca() {
         let ca = pki.ca_pem.clone();
         let token = admin_token.clone();
         async move {
-            let mut tls = ClientTlsConfig::new().domain_name("localhost").ca_certificate(Certificate::from_pem(ca));
+            let mut tls = ClientTlsConfig::new()
+                .domain_name("localhost")
+                .ca_certificate(Certificate::from_pem(ca));
             if let Some(identity) = identity {
                 tls = tls.identity(identity);
             }
-            let channel = Endpoint::from_shared(format!("https://localhost:{port}")).unwrap().tls_config(tls).unwrap().connect_lazy();
+            let channel = Endpoint::from_shared(format!("https://localhost:{port}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect_lazy();
             AdminServiceClient::with_interceptor(channel, CallCredentials::bearer(&token).unwrap())
                 .list_clusters(ListClustersRequest {})
                 .await
         }
     };
     let (_, _, client_cert, client_key) = pki.leaf("client", &["worker-1"]);
-    call(Some(Identity::from_pem(client_cert, client_key))).await.expect("a client certificate from the CA is accepted");
+    call(Some(Identity::from_pem(client_cert, client_key)))
+        .await
+        .expect("a client certificate from the CA is accepted");
     let err = call(None).await.unwrap_err();
-    assert!(format!("{err:?}").contains("CertificateRequired"), "no client certificate: {err:?}");
+    assert!(
+        format!("{err:?}").contains("CertificateRequired"),
+        "no client certificate: {err:?}"
+    );
     let stranger = Pki::new();
     let (_, _, cert, key) = stranger.leaf("stranger", &["x"]);
     let err = call(Some(Identity::from_pem(cert, key))).await.unwrap_err();
-    assert!(format!("{err:?}").contains("alert"), "foreign client certificate: {err:?}");
+    assert!(
+        format!("{err:?}").contains("alert"),
+        "foreign client certificate: {err:?}"
+    );
 }

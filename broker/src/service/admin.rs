@@ -58,10 +58,9 @@ impl AdminService for AdminServer {
         let id = &request.get_ref().cluster_id;
         limits::check_id("cluster_id", id)?;
         claims.require_cluster(id)?;
-        let cluster = self
-            .hub
-            .get(id)
-            .ok_or_else(|| Status::not_found(format!("the broker holds no state for cluster {id:?}")))?;
+        let cluster = self.hub.get(id).ok_or_else(|| {
+            Status::not_found(format!("the broker holds no state for cluster {id:?}"))
+        })?;
         Ok(Response::new(GetClusterResponse {
             cluster: Some(cluster.status()),
         }))
@@ -76,7 +75,9 @@ impl AdminService for AdminServer {
         limits::check_id("cluster_id", &body.cluster_id)?;
         claims.require_cluster(&body.cluster_id)?;
         if !matches!(claims.role, Role::Admin | Role::Publisher) {
-            return Err(Status::permission_denied("only admin and publisher tokens may issue agent tokens"));
+            return Err(Status::permission_denied(
+                "only admin and publisher tokens may issue agent tokens",
+            ));
         }
         let ttl = match body.ttl_seconds {
             0 => DEFAULT_AGENT_TOKEN_TTL,

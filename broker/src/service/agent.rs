@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use credstream_proto::v1::agent_service_server::AgentService;
 use credstream_proto::v1::{
-    CredentialKind, SubscribeRequest, SubscribeResponse, subscribe_request,
-    subscribe_response,
+    CredentialKind, SubscribeRequest, SubscribeResponse, subscribe_request, subscribe_response,
 };
 use futures::Stream;
 use tokio::sync::{oneshot, watch};
@@ -123,7 +122,12 @@ fn fan_out(
     futures::stream::unfold(fan_out, |mut f| async move {
         loop {
             if let Some(message) = f.queue.pop_front() {
-                return Some((Ok(SubscribeResponse { message: Some(message) }), f));
+                return Some((
+                    Ok(SubscribeResponse {
+                        message: Some(message),
+                    }),
+                    f,
+                ));
             }
             if f.done {
                 return None;
@@ -195,25 +199,29 @@ async fn read_agent(
                 registration.ack(ack.version);
                 Ok(())
             }
-            Some(subscribe_request::Message::RefreshHint(hint)) => match CredentialKind::try_from(hint.kind) {
-                Ok(kind @ (CredentialKind::Aws | CredentialKind::Gcp)) => {
-                    let slot = &mut last_hint[(kind == CredentialKind::Gcp) as usize];
-                    let now = Instant::now();
-                    if slot.is_none_or(|at| now >= at + hint_interval) {
-                        *slot = Some(now);
-                        registration.cluster().hint(kind, hint.held_version);
+            Some(subscribe_request::Message::RefreshHint(hint)) => {
+                match CredentialKind::try_from(hint.kind) {
+                    Ok(kind @ (CredentialKind::Aws | CredentialKind::Gcp)) => {
+                        let slot = &mut last_hint[(kind == CredentialKind::Gcp) as usize];
+                        let now = Instant::now();
+                        if slot.is_none_or(|at| now >= at + hint_interval) {
+                            *slot = Some(now);
+                            registration.cluster().hint(kind, hint.held_version);
+                        }
+                        Ok(())
                     }
-                    Ok(())
+                    _ => Err(Status::invalid_argument(format!(
+                        "refresh_hint.kind holds {}, which is not a credential kind",
+                        hint.kind
+                    ))),
                 }
-                _ => Err(Status::invalid_argument(format!(
-                    "refresh_hint.kind holds {}, which is not a credential kind",
-                    hint.kind
-                ))),
-            },
+            }
             Some(subscribe_request::Message::Hello(_)) => Err(Status::failed_precondition(
                 "a second hello on the same Subscribe stream",
             )),
-            None => Err(Status::invalid_argument("empty SubscribeRequest: set exactly one message")),
+            None => Err(Status::invalid_argument(
+                "empty SubscribeRequest: set exactly one message",
+            )),
         };
         if let Err(status) = result {
             let _ = fail.send(status);

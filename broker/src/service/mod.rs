@@ -18,10 +18,9 @@ fn routing_cluster<T>(request: &Request<T>) -> Result<Option<String>, Status> {
         .metadata()
         .get(CLUSTER_HEADER)
         .map(|value| {
-            value
-                .to_str()
-                .map(str::to_owned)
-                .map_err(|_| Status::invalid_argument(format!("{CLUSTER_HEADER} is not valid ASCII")))
+            value.to_str().map(str::to_owned).map_err(|_| {
+                Status::invalid_argument(format!("{CLUSTER_HEADER} is not valid ASCII"))
+            })
         })
         .transpose()
 }

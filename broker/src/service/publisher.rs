@@ -7,8 +7,8 @@ use std::time::SystemTime;
 
 use credstream_proto::v1::publisher_service_server::PublisherService;
 use credstream_proto::v1::{
-    CredentialKind, PublishRequest, PublishResponse, PublisherHello, PublisherWelcome, publish_request,
-    publish_response,
+    CredentialKind, PublishRequest, PublishResponse, PublisherHello, PublisherWelcome,
+    publish_request, publish_response,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -77,9 +77,11 @@ fn declared_kinds(hello: &PublisherHello) -> Result<Vec<CredentialKind>, Status>
 }
 
 async fn send(tx: &Outbound, message: publish_response::Message) -> Result<(), Status> {
-    tx.send(Ok(PublishResponse { message: Some(message) }))
-        .await
-        .map_err(|_| Status::cancelled("the publisher went away"))
+    tx.send(Ok(PublishResponse {
+        message: Some(message),
+    }))
+    .await
+    .map_err(|_| Status::cancelled("the publisher went away"))
 }
 
 async fn session(
@@ -106,7 +108,9 @@ async fn session(
     claims.require_cluster(&hello.cluster_id)?;
     super::check_routing(routing.as_deref(), &hello.cluster_id)?;
     if hello.publisher_name.len() > limits::MAX_ID_BYTES {
-        return Err(Status::invalid_argument("hello.publisher_name is longer than 128 bytes"));
+        return Err(Status::invalid_argument(
+            "hello.publisher_name is longer than 128 bytes",
+        ));
     }
     let kinds = declared_kinds(&hello)?;
     let cluster = hub.cluster(&hello.cluster_id);
@@ -183,8 +187,12 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
             Ok(())
         }
         Some(Message::RefreshError(error)) => {
-            if error.refresh_request_id.is_empty() || error.refresh_request_id.len() > limits::MAX_ID_BYTES {
-                return Err(Status::invalid_argument("refresh_error.refresh_request_id is required (at most 128 bytes)"));
+            if error.refresh_request_id.is_empty()
+                || error.refresh_request_id.len() > limits::MAX_ID_BYTES
+            {
+                return Err(Status::invalid_argument(
+                    "refresh_error.refresh_request_id is required (at most 128 bytes)",
+                ));
             }
             let message = limits::bounded_message(&error.message);
             tracing::warn!(cluster = %cluster.id(), request = %error.refresh_request_id, error = %message, "publisher could not refresh");
@@ -196,7 +204,11 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
             for raw in &revoke.kinds {
                 match CredentialKind::try_from(*raw) {
                     Ok(kind @ (CredentialKind::Aws | CredentialKind::Gcp)) => kinds.push(kind),
-                    _ => return Err(Status::invalid_argument(format!("revoke.kinds holds {raw}, which is not a credential kind"))),
+                    _ => {
+                        return Err(Status::invalid_argument(format!(
+                            "revoke.kinds holds {raw}, which is not a credential kind"
+                        )));
+                    }
                 }
             }
             if revoke.all {
@@ -208,6 +220,8 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
             tracing::info!(cluster = %cluster.id(), version, all = revoke.all, "revoked");
             Ok(())
         }
-        None => Err(Status::invalid_argument("empty PublishRequest: set exactly one message")),
+        None => Err(Status::invalid_argument(
+            "empty PublishRequest: set exactly one message",
+        )),
     }
 }
