@@ -153,7 +153,11 @@ async function main() {
         expires_at: expiresAt,
       },
     });
-    const ack = await publisherNext((m) => m.message === 'update_ack', 'update_ack');
+    // The first ack whose version is past the welcome's is the one for our change.
+    const ack = await publisherNext(
+      (m) => m.message === 'update_ack' && Number(m.update_ack.version) > Number(welcome.welcome.version),
+      'update_ack',
+    );
     result.ack_version = Number(ack.update_ack.version);
 
     const update = await agentNext(

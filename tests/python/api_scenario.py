@@ -197,7 +197,10 @@ def main():
             "has_deadline": refresh.HasField("deadline"),
         }
         publisher.send(pb.PublishRequest(credential=aws_credential(AWS_KEY_1, refresh.id)))
-        ack = publisher.recv_until("update_ack", "update_ack for the credential", timeout)
+        welcome_version = first.welcome.version
+        ack = publisher.recv_until(
+            "update_ack", "update_ack for the credential", timeout, lambda a: a.version > welcome_version
+        )
         credential_version = ack.version
 
         publisher.send(
