@@ -765,6 +765,7 @@ async fn api_usage_doc_commands_run() {
     for block in &blocks {
         if block.background {
             let mut child = shell(&block.script)
+                .process_group(0) // so that the whole pipeline can be stopped
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -810,7 +811,13 @@ async fn api_usage_doc_commands_run() {
         env.to_string().contains("n3w-s3cr3t"),
         "the watch did not see the second publish: {env}"
     );
-    child.start_kill().unwrap();
+    // Ctrl-C, as the doc says: the whole pipeline, not just its shell.
+    let group = format!("-{}", child.id().expect("the watch is running"));
+    run_ok(
+        Command::new("kill").args(["-INT", "--", &group]),
+        "kill the watch",
+    )
+    .await;
     let _ = tokio::time::timeout(WAIT, child.wait()).await;
     broker.child.start_kill().unwrap();
     let _ = tokio::time::timeout(WAIT, broker.child.wait()).await;
