@@ -254,3 +254,91 @@ fn apply_revocation(state: &mut AgentState, revocation: Revocation) -> bool {
     bump(state, revocation.version);
     changed
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use credstream_proto::convert::timestamp;
+    use credstream_proto::v1::{AwsCredential, credential_update::Credential};
+
+    use super::*;
+
+    fn aws(version: u64, expires_in: Duration) -> subscribe_response::Message {
+        let mut credential = AwsCredential::default();
+        credential.access_key_id = format!("ASIA{version}");
+        subscribe_response::Message::Credential(CredentialUpdate {
+            credential: Some(Credential::Aws(credential)),
+            expires_at: Some(timestamp(SystemTime::now() + expires_in)),
+            version,
+            ..Default::default()
+        })
+    }
+
+    fn info(version: u64) -> subscribe_response::Message {
+        subscribe_response::Message::ClusterInfo(ClusterInfo {
+            kinds: vec![CredentialKind::Aws as i32],
+            private_env: false,
+            publisher_connected: true,
+            version,
+        })
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn older_versions_are_ignored() {
+        let store = CredentialStore::new();
+        assert!(store.apply(aws(5, HOUR)));
+        assert!(!store.apply(aws(4, HOUR)));
+        assert!(!store.apply(aws(5, HOUR)));
+        assert_eq!(store.current().held_version(CredentialKind::Aws), 5);
+    }
+
+    #[test]
+    fn an_empty_snapshot_wipes_nothing() {
+        let store = CredentialStore::new();
+        store.apply(info(1));
+        store.apply(aws(2, HOUR));
+        assert!(!store.apply(subscribe_response::Message::Snapshot(
+            ClusterSnapshot::default()
+        )));
+        let state = store.current();
+        assert!(state.readiness(SystemTime::now()).is_ok());
+        assert_eq!(state.held_version(CredentialKind::Aws), 2);
+    }
+
+    #[test]
+    fn revocation_stops_serving_at_once_and_is_not_undone_by_older_messages() {
+        let store = CredentialStore::new();
+        store.apply(info(1));
+        store.apply(aws(2, HOUR));
+        store.apply(subscribe_response::Message::Revocation(Revocation {
+            kinds: vec![CredentialKind::Aws as i32],
+            private_env: false,
+            version: 3,
+        }));
+        let state = store.current();
+        assert!(state.live(CredentialKind::Aws, SystemTime::now()).is_none());
+        assert_eq!(
+            state.readiness(SystemTime::now()),
+            Err(NotReady::Missing("aws"))
+        );
+        assert!(
+            !store.apply(aws(2, HOUR)),
+            "a stale re-delivery does not resurrect it"
+        );
+        assert!(store.apply(aws(4, HOUR)), "a newer credential does");
+    }
+
+    #[test]
+    fn expired_credentials_are_held_but_never_live() {
+        let store = CredentialStore::new();
+        store.apply(info(1));
+        store.apply(aws(2, Duration::from_secs(1)));
+        let later = SystemTime::now() + Duration::from_secs(2);
+        let state = store.current();
+        assert!(state.live(CredentialKind::Aws, later).is_none());
+        assert_eq!(state.readiness(later), Err(NotReady::Expired("aws")));
+    }
+}
