@@ -73,6 +73,9 @@ pub enum SessionError {
     /// The broker rejected something the session sent.
     #[error("the broker rejected a message: {0}")]
     Rejected(String),
+    /// A private env var was refused before sending (the session stays up).
+    #[error("invalid private env: {0}")]
+    InvalidEnv(String),
     /// The session task is gone.
     #[error("the publish session has ended")]
     Closed,
@@ -258,13 +261,25 @@ impl PublishSession {
         &self,
         vars: impl IntoIterator<Item = (K, V)>,
     ) -> Result<(), SessionError> {
-        let set = vars
+        let set: Vec<EnvVar> = vars
             .into_iter()
             .map(|(name, value)| EnvVar {
                 name: name.into(),
                 value: value.into(),
             })
             .collect();
+        // Checked here so that a bad variable is the caller's error, not a
+        // broker rejection that would end the whole session.
+        for var in &set {
+            crate::env::validate_name(&var.name).map_err(SessionError::InvalidEnv)?;
+            if var.value.contains('\0') || var.value.len() > 32 * 1024 {
+                return Err(SessionError::InvalidEnv(format!(
+                    "the value of {} must be at most 32 KiB without NUL bytes",
+                    var.name
+                )));
+            }
+        }
+        crate::env::check_limits(&set).map_err(|e| SessionError::InvalidEnv(e.to_string()))?;
         self.command(|done| {
             Command::Env(
                 PrivateEnv {
@@ -282,7 +297,10 @@ impl PublishSession {
         &self,
         names: impl IntoIterator<Item = S>,
     ) -> Result<(), SessionError> {
-        let unset = names.into_iter().map(Into::into).collect();
+        let unset: Vec<String> = names.into_iter().map(Into::into).collect();
+        for name in &unset {
+            crate::env::validate_name(name).map_err(SessionError::InvalidEnv)?;
+        }
         self.command(|done| {
             Command::Env(
                 PrivateEnv {
