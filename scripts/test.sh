@@ -23,6 +23,7 @@ export CREDSTREAM_TEST_GRPCURL
 export CREDSTREAM_TEST_BUF="$ROOT/node_modules/.bin/buf"
 export CREDSTREAM_TEST_NODE_MODULES="$ROOT/node_modules"
 BUF="$CREDSTREAM_TEST_BUF"
+env | grep '^CREDSTREAM_TEST_' | sort
 
 section "cargo fmt --all -- --check"
 cargo fmt --all -- --check
