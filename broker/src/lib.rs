@@ -1,13 +1,13 @@
 //! `credstream-broker`: per-cluster credential state, fan-out and refresh.
 //!
-//! - [`hub`]: per-cluster latest state (a `watch` per cluster), the agent
+//! - [`hub`] — per-cluster latest state (a `watch` per cluster), the agent
 //!   tally and the publisher slot.
-//! - [`refresh`]: the refresh planner — when to ask the publisher for a new
+//! - [`refresh`] — the refresh planner — when to ask the publisher for a new
 //!   credential, single flight, retries with backoff.
-//! - [`auth`]: signed bearer tokens and the tower layer that checks them.
-//! - [`limits`]: bounds and checks on every input.
-//! - [`service`]: the thin gRPC services (publisher, agent, admin).
-//! - [`server`]: the tonic server: TLS, health, reflection, shutdown.
+//! - [`auth`] — signed bearer tokens and the tower layer that checks them.
+//! - [`limits`] — bounds and checks on every input.
+//! - [`service`] — the thin gRPC services (publisher, agent, admin).
+//! - [`server`] — the tonic server: TLS, health, reflection, shutdown.
 #![warn(missing_docs)]
 
 pub mod auth;

@@ -1,11 +1,11 @@
 //! `credstream`: the user side of credstream.
 //!
-//! - [`env`]: the private environment (`--env KEY=VALUE`, `--env-file F`),
+//! - [`env`] — the private environment (`--env KEY=VALUE`, `--env-file F`),
 //!   parsed and validated before it is sent.
-//! - [`mint`]: one [`mint::Minter`] per credential kind.
-//! - [`session`]: the `Publish` stream loop: hello, publishing credentials and
+//! - [`mint`] — one [`mint::Minter`] per credential kind.
+//! - [`session`] — the `Publish` stream loop: hello, publishing credentials and
 //!   the private env, answering refresh requests, reconnecting.
-//! - [`whoami`]: which AWS identity and GCP principal would be forwarded.
+//! - [`whoami`] — which AWS identity and GCP principal would be forwarded.
 #![warn(missing_docs)]
 
 pub mod env;

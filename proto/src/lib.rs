@@ -6,9 +6,9 @@
 //!   reflection.
 //! - `secret`: hand-written `Debug` (lengths, never values) and zeroize-on-drop
 //!   for every message that carries a secret.
-//! - [`connect`]: reaching the broker (plaintext rule, TLS, bearer token,
+//! - [`connect`] — reaching the broker (plaintext rule, TLS, bearer token,
 //!   routing header), shared by the client and the agent.
-//! - [`convert`]: small helpers between the generated types and `SystemTime`.
+//! - [`convert`] — small helpers between the generated types and `SystemTime`.
 
 pub mod connect;
 pub mod convert;

@@ -1,12 +1,12 @@
 //! Test harness for credstream's integration and end-to-end tests.
 //!
-//! - [`tools`]: where the external peers (the project's Python venv, grpcurl,
+//! - [`tools`] — where the external peers (the project's Python venv, grpcurl,
 //!   buf, Node modules) are, as provided by `scripts/test.sh`; tests that need
 //!   one and do not find it print that they were skipped.
-//! - [`broker`]: an in-process broker on port 0, tokens, raw protocol clients
+//! - [`broker`] — an in-process broker on port 0, tokens, raw protocol clients
 //!   and credential builders.
-//! - [`minter`]: a counting fake minter for refresh tests.
-//! - [`bins`]: paths of the workspace binaries, building them once if a test
+//! - [`minter`] — a counting fake minter for refresh tests.
+//! - [`bins`] — paths of the workspace binaries, building them once if a test
 //!   runs before `cargo build`.
 
 pub mod bins;

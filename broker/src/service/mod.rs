@@ -1,8 +1,8 @@
 //! The gRPC services: thin adapters between streams and the hub.
 //!
-//! - [`publisher`]: `PublisherService.Publish`.
-//! - [`agent`]: `AgentService.Subscribe`.
-//! - [`admin`]: `AdminService`.
+//! - [`publisher`] — `PublisherService.Publish`.
+//! - [`agent`] — `AgentService.Subscribe`.
+//! - [`admin`] — `AdminService`.
 
 pub mod admin;
 pub mod agent;
