@@ -1,10 +1,21 @@
 //! `credstream-agent`: the worker side of credstream.
 //!
-//! - [`store`]: the latest credentials and private env, with the version and
+//! - [`store`] — the latest credentials and private env, with the version and
 //!   expiry rules; every other module reads it.
-//! - [`subscription`]: the `Subscribe` stream loop: hello, snapshot, updates,
+//! - [`subscription`] — the `Subscribe` stream loop: hello, snapshot, updates,
 //!   acks, refresh hints, reconnect with backoff.
+//! - [`http`] — the loopback listener user processes reach: the AWS container
+//!   credential endpoint, the GCE metadata emulation, `/env` and `/readyz`;
+//!   and [`http::LocalEndpoints::child_env`], the variables that point a
+//!   process at them.
+//! - [`env_file`] — the env file (mode 0600, rewritten atomically on every
+//!   change) for shells and systemd units.
+//! - [`exec`] — starting a user command once the agent is ready, forwarding
+//!   signals, restarting it when the private env changes.
 #![warn(missing_docs)]
 
+pub mod env_file;
+pub mod exec;
+pub mod http;
 pub mod store;
 pub mod subscription;

@@ -1,0 +1,199 @@
+//! The agent's one loopback HTTP listener: every local surface that user
+//! processes reach without knowing about credstream.
+//!
+//! | path | module | guard |
+//! |------|--------|-------|
+//! | `GET /aws/credentials` | [`aws`] | `Authorization: <token>` |
+//! | `GET /` and `/computeMetadata/v1/…` | [`gce`] | `Metadata-Flavor: Google`, no `X-Forwarded-For` |
+//! | `GET /env` | `env` | `Authorization: <token>` |
+//! | `GET /readyz` | `ready` | none (no secret in it) |
+//!
+//! Everything else is 404; methods other than GET/HEAD are 405; every error
+//! is JSON `{"code", "message"}` (see [`HttpError`]).
+//!
+//! The listener binds loopback only ([`LocalServer::bind`] refuses anything
+//! else): the AWS SDKs accept plain http only to loopback, and nothing off
+//! the machine should ever reach these secrets. Input is bounded by the
+//! HTTP/1 parser (header block at most [`MAX_HEADER_BYTES`], at most
+//! [`MAX_HEADERS`] headers, [`HEADER_READ_TIMEOUT`] to send them) and by
+//! [`MAX_CONNECTIONS`] concurrent connections; no handler reads a body.
+
+pub mod aws;
+mod child_env;
+mod env;
+mod error;
+pub mod gce;
+mod ready;
+mod token;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::middleware::from_fn;
+use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+pub use child_env::{ChildEnv, LocalEndpoints};
+pub use error::HttpError;
+pub use token::{AuthToken, TokenFile};
+
+use crate::store::CredentialStore;
+
+/// The path of the AWS container credential endpoint.
+pub const AWS_CREDENTIALS_PATH: &str = "/aws/credentials";
+/// The path of the private env as JSON.
+pub const ENV_PATH: &str = "/env";
+/// The readiness path.
+pub const READY_PATH: &str = "/readyz";
+
+/// The largest request head (request line and headers) accepted. Requests
+/// over it are answered 431 by hyper. hyper's minimum is 8 KiB; 16 KiB is
+/// ample for the few short headers these clients send.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// The most headers one request may carry.
+pub const MAX_HEADERS: usize = 64;
+/// How long a client has to send its request head before the connection is
+/// closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent connections; further clients wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long open connections get to finish after shutdown is signalled.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors starting or running the listener.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// `--listen` names an address that is not loopback. Use `127.0.0.1:PORT`
+    /// or `[::1]:PORT`: the secrets served here must not leave the machine.
+    #[error(
+        "refusing to listen on {addr}: the agent serves credentials on loopback only (use 127.0.0.1:PORT)"
+    )]
+    NotLoopback {
+        /// The address given.
+        addr: SocketAddr,
+    },
+    /// The address could not be bound (in use, or no permission).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address given.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+struct AppState {
+    store: CredentialStore,
+    token: AuthToken,
+}
+
+/// The routes, with `gce_metadata` deciding whether the metadata emulation
+/// is mounted (off: `/` and `/computeMetadata/…` are plain 404s, so a real
+/// GCE worker's libraries are never pointed here by mistake).
+pub fn router(store: CredentialStore, token: AuthToken, gce_metadata: bool) -> Router {
+    let state = AppState { store, token };
+    let mut router = Router::new()
+        .route(AWS_CREDENTIALS_PATH, get(aws::credentials))
+        .route(ENV_PATH, get(env::private_env))
+        .route(READY_PATH, get(ready::readyz));
+    if gce_metadata {
+        let metadata = Router::new()
+            .route("/", get(gce::ping))
+            .route("/computeMetadata", get(gce::metadata))
+            .route("/computeMetadata/", get(gce::metadata))
+            .route("/computeMetadata/{*path}", get(gce::metadata))
+            .layer(from_fn(gce::guard));
+        router = router.merge(metadata);
+    }
+    router
+        .fallback(|| async { HttpError::NotFound })
+        .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
+        .with_state(state)
+}
+
+/// A bound loopback listener and its routes, ready to serve.
+pub struct LocalServer {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl LocalServer {
+    /// Binds `addr` (port 0 picks a free port) after checking it is loopback.
+    pub async fn bind(addr: SocketAddr, router: Router) -> Result<Self, ServeError> {
+        if !addr.ip().is_loopback() {
+            return Err(ServeError::NotLoopback { addr });
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        Ok(Self { listener, router })
+    }
+
+    /// The bound address (with the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound TCP listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and gives open
+    /// connections [`DRAIN_TIMEOUT`] to finish.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let Self { listener, router } = self;
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .max_headers(MAX_HEADERS);
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let slot = tokio::select! {
+                () = &mut shutdown => break,
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            };
+            let stream = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => stream,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off
+                        // instead of spinning on the error.
+                        tracing::warn!(%error, "cannot accept a local connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let service = TowerToHyperService::new(router.clone());
+            let connection =
+                graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "local connection ended with an error");
+                }
+                drop(slot);
+            });
+        }
+        drop(listener);
+        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::debug!("local connections still open after the drain timeout");
+        }
+    }
+}
