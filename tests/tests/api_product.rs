@@ -9,7 +9,8 @@
 //! - grpcurl: lists and describes every service and message through
 //!   reflection, checks health, calls AdminService, watches a subscription.
 //! - buf: lint and format are clean.
-//! - `docs/api-usage.md`: its shell commands run verbatim.
+//! - README.md's "Use from another language" and "Inspect with grpcurl":
+//!   their shell commands run verbatim.
 //!
 //! Each external tool comes from `scripts/test.sh` (see
 //! `credstream_tests::tools`); without it the test prints `skipped: ...`.
@@ -641,7 +642,7 @@ async fn buf_lint_and_format_are_clean() {
 }
 
 // ---------------------------------------------------------------------------
-// docs/api-usage.md, run verbatim
+// README.md's API sections, run verbatim
 // ---------------------------------------------------------------------------
 
 /// One ```sh block of the doc.
@@ -650,6 +651,19 @@ struct DocBlock {
     /// Preceded by `<!-- doc-test: background -->`: started, then left
     /// running while the later blocks run.
     background: bool,
+}
+
+/// The part of the README between `<!-- doc-test: begin` and
+/// `<!-- doc-test: end -->`: the "Use from another language" and "Inspect
+/// with grpcurl" sections.
+fn doc_section(readme: &str) -> &str {
+    let start = readme
+        .find("<!-- doc-test: begin")
+        .expect("README has a doc-test: begin marker");
+    let end = readme
+        .find("<!-- doc-test: end -->")
+        .expect("README has a doc-test: end marker");
+    &readme[start..end]
 }
 
 fn doc_blocks(doc: &str) -> Vec<DocBlock> {
@@ -728,12 +742,12 @@ async fn api_usage_doc_commands_run() {
     let (Some(python), Some(grpcurl_path)) = (tools::python(test), tools::grpcurl(test)) else {
         return;
     };
-    let doc_path = tools::repo_root().join("docs/api-usage.md");
-    let doc = std::fs::read_to_string(&doc_path).expect("read docs/api-usage.md");
-    let blocks = doc_blocks(&doc);
+    let doc_path = tools::repo_root().join("README.md");
+    let readme = std::fs::read_to_string(&doc_path).expect("read README.md");
+    let blocks = doc_blocks(doc_section(&readme));
     assert!(
         blocks.len() >= 6,
-        "docs/api-usage.md has too few ```sh blocks"
+        "README.md's doc-test section has too few ```sh blocks"
     );
     assert!(blocks.iter().any(|b| b.background));
 
