@@ -32,6 +32,8 @@ pub struct AgentState {
     pub env: Option<Arc<PrivateEnv>>,
     /// The highest cluster version applied (what the agent acknowledges).
     pub version: u64,
+    /// True once a snapshot from some broker was applied.
+    pub snapshot_received: bool,
     /// Per-slot versions, including revocations, so that an older message
     /// never resurrects a revoked slot.
     slot_versions: SlotVersions,
@@ -89,7 +91,7 @@ impl AgentState {
     /// private env if one was declared.
     pub fn readiness(&self, now: SystemTime) -> Result<(), NotReady> {
         let Some(info) = &self.info else {
-            return Err(if self.version == 0 {
+            return Err(if !self.snapshot_received {
                 NotReady::NoSnapshot
             } else {
                 NotReady::NoPublisher
@@ -166,7 +168,10 @@ impl CredentialStore {
         use subscribe_response::Message;
         let is_snapshot = matches!(message, Message::Snapshot(_));
         let changed = self.state.send_if_modified(|state| match message {
-            Message::Snapshot(snapshot) => apply_snapshot(state, snapshot),
+            Message::Snapshot(snapshot) => {
+                let first = !std::mem::replace(&mut state.snapshot_received, true);
+                apply_snapshot(state, snapshot) || first
+            }
             Message::Credential(update) => apply_credential(state, update),
             Message::PrivateEnv(env) => apply_env(state, env),
             Message::Revocation(revocation) => apply_revocation(state, revocation),
@@ -287,6 +292,22 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     #[test]
+    fn an_empty_first_snapshot_means_waiting_for_a_publisher() {
+        let store = CredentialStore::new();
+        assert_eq!(
+            store.current().readiness(SystemTime::now()),
+            Err(NotReady::NoSnapshot)
+        );
+        assert!(store.apply(subscribe_response::Message::Snapshot(
+            ClusterSnapshot::default()
+        )));
+        assert_eq!(
+            store.current().readiness(SystemTime::now()),
+            Err(NotReady::NoPublisher)
+        );
+    }
+
+    #[test]
     fn older_versions_are_ignored() {
         let store = CredentialStore::new();
         assert!(store.apply(aws(5, HOUR)));
@@ -300,9 +321,10 @@ mod tests {
         let store = CredentialStore::new();
         store.apply(info(1));
         store.apply(aws(2, HOUR));
-        assert!(!store.apply(subscribe_response::Message::Snapshot(
-            ClusterSnapshot::default()
-        )));
+        // The empty snapshot of a restarted broker: nothing is dropped.
+        store.apply(subscribe_response::Message::Snapshot(
+            ClusterSnapshot::default(),
+        ));
         let state = store.current();
         assert!(state.readiness(SystemTime::now()).is_ok());
         assert_eq!(state.held_version(CredentialKind::Aws), 2);
