@@ -1,1 +1,200 @@
-fn main() {}
+//! `credstream`: flags and exit codes; the work is in `cli/` and the library.
+//!
+//! - `publish`: mint from the local identity and keep a cluster supplied.
+//! - `whoami`: the identities `publish` would forward.
+//! - `status`: what the broker holds for a cluster (never a secret).
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use credstream_proto::v1::EnvVar;
+use tracing_subscriber::EnvFilter;
+
+/// Forward your own short-lived AWS and Google Cloud credentials (and private
+/// environment variables) to every worker of a remote cluster.
+#[derive(Parser)]
+#[command(name = "credstream", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Publish credentials minted from your local identity to a cluster and
+    /// keep them fresh until stopped (Ctrl-C or SIGTERM).
+    ///
+    /// Prints one line per event: connected, refresh requested (and why),
+    /// minted (for which principal, valid until when), delivered (to how
+    /// many agents). A kind without local credentials is skipped with a
+    /// note; `publish` fails only if nothing at all can be published.
+    Publish(PublishArgs),
+    /// Show the AWS identity and GCP principal `publish` would forward.
+    /// Exits non-zero if a kind asked about has no usable credentials.
+    Whoami(IdentityArgs),
+    /// Show what the broker holds for a cluster: agents and the versions
+    /// they hold, credential principals and expiry times, pending refreshes.
+    /// Never a secret.
+    Status(BrokerArgs),
+}
+
+/// Where the broker is and how to authenticate to it.
+#[derive(Args, Clone)]
+struct BrokerArgs {
+    /// The broker's URL: https://HOST:PORT, or http://127.0.0.1:PORT for a
+    /// broker on this machine.
+    #[arg(long, env = "CREDSTREAM_BROKER")]
+    broker: String,
+    /// The cluster id.
+    #[arg(long, env = "CREDSTREAM_CLUSTER")]
+    cluster: String,
+    /// The publisher token for the cluster (prefer --token-file: arguments
+    /// are visible in `ps`). A token the broker rejects (malformed, forged,
+    /// issued by another broker, expired) stops with "the broker rejected
+    /// the token: <why>" and the command to issue a new one, exit status 1.
+    #[arg(
+        long,
+        env = "CREDSTREAM_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file",
+        required_unless_present = "token_file"
+    )]
+    token: Option<String>,
+    /// A file holding the publisher token.
+    #[arg(long, env = "CREDSTREAM_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// A PEM CA bundle to trust for the broker's certificate instead of the
+    /// system roots.
+    #[arg(long, env = "CREDSTREAM_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Allow sending the token in plaintext (http://) to a broker that is
+    /// not on this machine.
+    #[arg(long, env = "CREDSTREAM_INSECURE")]
+    insecure: bool,
+}
+
+/// Which local identities to use and how to mint from them.
+#[derive(Args, Clone)]
+struct IdentityArgs {
+    /// Do not publish AWS credentials.
+    #[arg(long, env = "CREDSTREAM_NO_AWS")]
+    no_aws: bool,
+    /// Do not publish a Google Cloud access token.
+    #[arg(long, env = "CREDSTREAM_NO_GCP")]
+    no_gcp: bool,
+    /// The AWS profile to mint from (default: AWS_PROFILE, then `default`).
+    #[arg(long, env = "CREDSTREAM_AWS_PROFILE")]
+    aws_profile: Option<String>,
+    /// Forward credentials of this IAM role (AssumeRole) instead of your own
+    /// identity's session credentials.
+    #[arg(long, env = "CREDSTREAM_AWS_ROLE_ARN")]
+    aws_role_arn: Option<String>,
+    /// Down-scope the role with the IAM policy in this JSON file (needs
+    /// --aws-role-arn).
+    #[arg(long, env = "CREDSTREAM_AWS_SESSION_POLICY")]
+    aws_session_policy: Option<PathBuf>,
+    /// Lifetime of each minted AWS credential (15m to 36h; at most 12h with
+    /// a role). Default 12h.
+    #[arg(long, env = "CREDSTREAM_AWS_DURATION", value_parser = humantime::parse_duration)]
+    aws_duration: Option<Duration>,
+    /// OAuth2 scopes of the Google access token, comma-separated (default:
+    /// cloud-platform).
+    #[arg(long, env = "CREDSTREAM_GCP_SCOPES", value_delimiter = ',')]
+    gcp_scopes: Vec<String>,
+}
+
+#[derive(Args)]
+struct PublishArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    identity: IdentityArgs,
+    /// A private environment variable for the cluster's processes, as
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", env = "CREDSTREAM_ENV", hide_env_values = true, value_parser = credstream_client::env::parse_assignment)]
+    env: Vec<EnvVar>,
+    /// A dotenv file of private environment variables (repeatable; later
+    /// files and --env win).
+    #[arg(long, env = "CREDSTREAM_ENV_FILE")]
+    env_file: Vec<PathBuf>,
+    /// At exit, revoke everything published so agents stop serving it at
+    /// once.
+    #[arg(long, env = "CREDSTREAM_REVOKE_ON_EXIT")]
+    revoke_on_exit: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Event lines are the output; logs only when asked for (RUST_LOG).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("credstream: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Publish(args) => cli::publish::run(args.into()).await,
+            Command::Whoami(args) => cli::identity::whoami(&args.into()).await,
+            Command::Status(args) => cli::status::run(&args.into()).await,
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("credstream: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl From<BrokerArgs> for cli::broker::BrokerOptions {
+    fn from(args: BrokerArgs) -> Self {
+        Self {
+            url: args.broker,
+            cluster: args.cluster,
+            token: args.token,
+            token_file: args.token_file,
+            ca_cert: args.ca_cert,
+            insecure: args.insecure,
+        }
+    }
+}
+
+impl From<IdentityArgs> for cli::identity::IdentityOptions {
+    fn from(args: IdentityArgs) -> Self {
+        Self {
+            aws: !args.no_aws,
+            gcp: !args.no_gcp,
+            aws_profile: args.aws_profile,
+            aws_role_arn: args.aws_role_arn,
+            aws_session_policy: args.aws_session_policy,
+            aws_duration: args.aws_duration,
+            gcp_scopes: args.gcp_scopes,
+        }
+    }
+}
+
+impl From<PublishArgs> for cli::publish::PublishOptions {
+    fn from(args: PublishArgs) -> Self {
+        Self {
+            broker: args.broker.into(),
+            identity: args.identity.into(),
+            env: args.env,
+            env_files: args.env_file,
+            revoke_on_exit: args.revoke_on_exit,
+        }
+    }
+}

@@ -12,4 +12,6 @@
 pub mod bins;
 pub mod broker;
 pub mod minter;
+pub mod moto;
+pub mod processes;
 pub mod tools;

@@ -1,0 +1,166 @@
+//! Reaching the broker from the command line: the address from flags, an
+//! eager connection (so that a typo in the URL or a TLS problem shows at
+//! once, not as an endless reconnect loop), and errors that say what to do.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, anyhow, bail};
+use credstream_proto::connect::{BrokerAddress, CallCredentials};
+use credstream_proto::v1::admin_service_client::AdminServiceClient;
+use credstream_proto::v1::{ClusterStatus, GetClusterRequest};
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// The broker flags shared by `publish` and `status`.
+pub struct BrokerOptions {
+    /// `--broker`.
+    pub url: String,
+    /// `--cluster`.
+    pub cluster: String,
+    /// `--token`.
+    pub token: Option<String>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
+    /// `--ca-cert`.
+    pub ca_cert: Option<PathBuf>,
+    /// `--insecure`.
+    pub insecure: bool,
+}
+
+impl BrokerOptions {
+    /// The checked address: token read, URL parsed, plaintext rule applied,
+    /// CA file read.
+    pub fn address(&self) -> Result<BrokerAddress> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => token.trim().to_owned(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?
+                .trim()
+                .to_owned(),
+            (None, None) => bail!("give the publisher token with --token-file or --token"),
+        };
+        if token.is_empty() {
+            bail!("the token is empty; give the publisher token with --token-file or --token");
+        }
+        let address = BrokerAddress {
+            url: self.url.clone(),
+            token,
+            cluster_id: self.cluster.clone(),
+            ca_cert: self.ca_cert.clone(),
+            insecure: self.insecure,
+        };
+        address.endpoint()?;
+        Ok(address)
+    }
+}
+
+/// An `AdminService` client with the caller's token.
+pub type AdminClient = AdminServiceClient<InterceptedService<Channel, CallCredentials>>;
+
+/// Connects now (TCP, TLS, HTTP/2) and returns an admin client.
+pub async fn connect_admin(address: &BrokerAddress) -> Result<AdminClient> {
+    let channel = address
+        .endpoint()?
+        .connect()
+        .await
+        .map_err(|error| transport_error(address, &error))?;
+    let credentials = CallCredentials::bearer(&address.token)?;
+    Ok(AdminServiceClient::with_interceptor(channel, credentials))
+}
+
+/// `GetCluster` for the address's cluster; `None` when the broker holds
+/// nothing for it (NOT_FOUND).
+pub async fn get_cluster(
+    client: &mut AdminClient,
+    address: &BrokerAddress,
+) -> Result<Option<ClusterStatus>> {
+    let request = GetClusterRequest {
+        cluster_id: address.cluster_id.clone(),
+    };
+    match client.get_cluster(request).await {
+        Ok(response) => Ok(response.into_inner().cluster),
+        Err(status) if status.code() == Code::NotFound => Ok(None),
+        Err(status) => Err(status_error(address, &status)),
+    }
+}
+
+/// The fix for a status the broker answered with.
+pub fn status_error(address: &BrokerAddress, status: &tonic::Status) -> anyhow::Error {
+    let message = status.message();
+    let cluster = &address.cluster_id;
+    match status.code() {
+        Code::Unauthenticated => anyhow!(
+            "the broker rejected the token: {message}\n  \
+             fix: ask the broker's operator for a new publisher token \
+             (`credstream-broker token --token-key-file KEY --role publisher --cluster {cluster}`) \
+             and pass it with --token-file"
+        ),
+        Code::PermissionDenied => anyhow!(
+            "the token may not be used for cluster {cluster:?}: {message}\n  \
+             fix: use a publisher token issued for cluster {cluster:?}"
+        ),
+        Code::Unavailable => anyhow!(
+            "cannot reach the broker at {}: {message}\n  \
+             fix: check --broker and that credstream-broker is running and reachable from here",
+            address.url
+        ),
+        code => anyhow!("the broker answered {code:?}: {message}"),
+    }
+}
+
+/// The fix for a connection that could not be made.
+pub fn transport_error(
+    address: &BrokerAddress,
+    error: &(dyn std::error::Error + 'static),
+) -> anyhow::Error {
+    let chain = error_chain(error);
+    let url = &address.url;
+    let lower = chain.to_ascii_lowercase();
+    let https = url.starts_with("https://");
+    let tls_words = [
+        "certificate",
+        "tls",
+        "handshake",
+        "corrupt message",
+        "peer sent",
+        "unknownissuer",
+    ];
+    if https && lower.contains("invalidcontenttype") {
+        anyhow!(
+            "the broker at {url} did not answer with TLS: {chain}\n  \
+             fix: check the port in --broker; a broker without TLS (on this machine) is reached with http://"
+        )
+    } else if https && tls_words.iter().any(|word| lower.contains(word)) {
+        anyhow!(
+            "TLS with the broker at {url} failed: {chain}\n  \
+             fix: if the broker's certificate comes from a private CA, pass that CA with --ca-cert FILE; \
+             check that the host in --broker is a name the certificate is issued for; \
+             a broker without TLS is reached with http:// (loopback only)"
+        )
+    } else if !https && (lower.contains("frame") || lower.contains("protocol")) {
+        anyhow!(
+            "the broker at {url} does not speak plaintext gRPC: {chain}\n  \
+             fix: if it serves TLS, use https:// in --broker"
+        )
+    } else {
+        anyhow!(
+            "cannot reach the broker at {url}: {chain}\n  \
+             fix: check the host and port in --broker and that credstream-broker is running and reachable from here"
+        )
+    }
+}
+
+/// An error and its sources, `: `-separated, without repeats.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(next) = source {
+        let text = next.to_string();
+        if !parts.iter().any(|seen| seen.contains(&text)) {
+            parts.push(text);
+        }
+        source = next.source();
+    }
+    parts.join(": ")
+}

@@ -1,0 +1,14 @@
+//! The `credstream` subcommands.
+//!
+//! - [`broker`]: the broker address from flags, connecting, and error
+//!   messages that name the fix (token, reachability, TLS).
+//! - [`identity`]: the minters from flags, and `whoami`.
+//! - [`publish`]: `credstream publish`, the long-running publisher.
+//! - [`status`]: `credstream status`, `AdminService.GetCluster` for people.
+//! - [`output`]: event lines, the live agent count on a terminal, times.
+
+pub mod broker;
+pub mod identity;
+pub mod output;
+pub mod publish;
+pub mod status;

@@ -1,0 +1,303 @@
+//! `credstream publish`: check the broker and the local identities, start a
+//! [`PublishSession`], and print what happens until a signal or a terminal
+//! error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, bail};
+use credstream_client::session::{PublishSession, SessionError, SessionEvent};
+use credstream_proto::connect::BrokerAddress;
+use credstream_proto::v1::{EnvVar, UpdateAck};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::broker::{self, BrokerOptions};
+use super::identity::{self, IdentityOptions};
+use super::output::{Printer, kind_name, reason_name, time_and_distance};
+
+/// How long to wait for the broker to confirm a revocation at exit.
+const REVOKE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The `publish` flags.
+pub struct PublishOptions {
+    /// Where to publish.
+    pub broker: BrokerOptions,
+    /// What to mint from.
+    pub identity: IdentityOptions,
+    /// `--env KEY=VALUE`.
+    pub env: Vec<EnvVar>,
+    /// `--env-file F`.
+    pub env_files: Vec<PathBuf>,
+    /// `--revoke-on-exit`.
+    pub revoke_on_exit: bool,
+}
+
+/// Runs `credstream publish` until Ctrl-C / SIGTERM (exit 0) or an error
+/// no retry can fix (exit 1).
+pub async fn run(options: PublishOptions) -> Result<ExitCode> {
+    let address = options.broker.address()?;
+    let env = credstream_client::env::collect(&options.env_files, &options.env)?;
+    if !options.identity.aws && !options.identity.gcp && env.is_empty() {
+        bail!("nothing to publish: --no-aws and --no-gcp were given, and no --env or --env-file");
+    }
+    let minters = options.identity.minters().await?;
+    let mut signals = Signals::install()?;
+
+    // The identities and the broker are independent: check both at once, so
+    // a wrong URL or token is reported before anything is minted.
+    let (usable, checked) = tokio::join!(identity::usable(minters), preflight(&address));
+    checked?;
+    let mut printer = Printer::stdout();
+    for line in &usable.lines {
+        printer.line(line);
+    }
+    if usable.minters.is_empty() && env.is_empty() {
+        bail!(
+            "nothing to publish: no local credentials were found for the kinds asked for (see above), and no --env or --env-file was given"
+        );
+    }
+    let mut what: Vec<String> = usable
+        .minters
+        .iter()
+        .map(|m| kind_name(m.kind()).to_owned())
+        .collect();
+    if !env.is_empty() {
+        what.push(format!(
+            "{} private env variable{}",
+            env.len(),
+            if env.len() == 1 { "" } else { "s" }
+        ));
+    }
+    printer.line(format!(
+        "publishing {} to cluster {} at {}",
+        what.join(", "),
+        address.cluster_id,
+        address.url
+    ));
+
+    let mut builder = PublishSession::builder(address.clone());
+    for minter in usable.minters {
+        builder = builder.minter(minter);
+    }
+    if !env.is_empty() {
+        builder = builder.private_env(env.iter().map(|v| (v.name.clone(), v.value.clone())));
+    }
+    drop(env);
+    let mut session = builder.start()?;
+    let mut events = session.events();
+    let mut view = EventView::default();
+
+    let stop = loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok(event) => view.show(&mut printer, &address, event),
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => {}
+            },
+            name = signals.recv() => break Stop::Signal(name),
+            ended = session.wait() => break Stop::Ended(ended),
+        }
+    };
+    while let Ok(event) = events.try_recv() {
+        view.show(&mut printer, &address, event);
+    }
+
+    match stop {
+        Stop::Signal(name) => {
+            printer.line(format!("stopping ({name})"));
+            if options.revoke_on_exit {
+                revoke(&session, &mut printer, &address).await;
+            }
+            let ended = session.shutdown().await;
+            printer.finish();
+            ended.map_err(|error| session_error(&address, error))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Stop::Ended(ended) => {
+            printer.finish();
+            match ended {
+                Ok(()) => Err(anyhow!("the publish session ended unexpectedly")),
+                Err(error) => Err(session_error(&address, error)),
+            }
+        }
+    }
+}
+
+enum Stop {
+    Signal(&'static str),
+    Ended(Result<(), SessionError>),
+}
+
+/// Connects and asks for the cluster's status: proves the URL, TLS and the
+/// token before the session starts retrying in the background.
+async fn preflight(address: &BrokerAddress) -> Result<()> {
+    let mut admin = broker::connect_admin(address).await?;
+    broker::get_cluster(&mut admin, address).await?;
+    Ok(())
+}
+
+/// Revokes everything and waits (bounded) until the broker has applied it.
+async fn revoke(session: &PublishSession, printer: &mut Printer, address: &BrokerAddress) {
+    let mut acks = session.acks();
+    let before = acks.borrow_and_update().version;
+    if session.revoke(&[], true).await.is_err() {
+        printer.line("could not revoke: the session has ended");
+        return;
+    }
+    let confirmed = tokio::time::timeout(
+        REVOKE_CONFIRM_TIMEOUT,
+        acks.wait_for(|ack| ack.version > before),
+    )
+    .await;
+    match confirmed {
+        Ok(Ok(_)) => printer.line(format!(
+            "revoked everything published to cluster {}; agents stop serving it now",
+            address.cluster_id
+        )),
+        _ => printer.line(format!(
+            "could not confirm the revocation within {}s (is the broker reachable?)",
+            REVOKE_CONFIRM_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// A session error with the fix spelled out.
+fn session_error(address: &BrokerAddress, error: SessionError) -> anyhow::Error {
+    match error {
+        SessionError::Unauthenticated(message) => {
+            broker::status_error(address, &tonic::Status::unauthenticated(message))
+        }
+        SessionError::PermissionDenied(message) => {
+            broker::status_error(address, &tonic::Status::permission_denied(message))
+        }
+        SessionError::TakenOver(message) => anyhow!(
+            "another publisher took over cluster {}: {message}\n  \
+             only one publisher per cluster is live at a time; this one stops",
+            address.cluster_id
+        ),
+        other => anyhow!(other),
+    }
+}
+
+/// Turns session events into lines, remembering what was already said.
+#[derive(Default)]
+struct EventView {
+    /// The last "delivered" line printed: (version, agents).
+    delivered: Option<(u64, u32)>,
+    /// True while the last thing said about the connection is "lost".
+    disconnected: bool,
+}
+
+impl EventView {
+    fn show(&mut self, printer: &mut Printer, address: &BrokerAddress, event: SessionEvent) {
+        match event {
+            SessionEvent::Connected { agents } => {
+                self.disconnected = false;
+                printer.line(format!(
+                    "connected to the broker at {} (cluster {}, {agents} agent{} connected)",
+                    address.url,
+                    address.cluster_id,
+                    plural(agents)
+                ));
+                printer.status(format!("agents: {agents} connected"));
+            }
+            SessionEvent::RefreshRequested { kind, reason } => {
+                printer.line(format!(
+                    "refresh requested: {} ({})",
+                    kind_name(kind),
+                    reason_name(reason)
+                ));
+            }
+            SessionEvent::Minted {
+                kind,
+                principal,
+                expires_at,
+            } => {
+                let mut line = format!("minted {}", kind_name(kind));
+                if !principal.is_empty() {
+                    line.push_str(&format!(" for {principal}"));
+                }
+                if let Some(at) = expires_at {
+                    line.push_str(&format!(", valid until {}", time_and_distance(at)));
+                }
+                printer.line(line);
+            }
+            SessionEvent::MintFailed { kind, message } => {
+                printer.line(format!(
+                    "could not mint {}: {message}; the broker will ask again",
+                    kind_name(kind)
+                ));
+            }
+            SessionEvent::Delivered(ack) => self.delivered(printer, ack),
+            SessionEvent::Disconnected { reason, retry_in } => {
+                let retry = format!("{:.1}s", retry_in.as_secs_f64());
+                if self.disconnected {
+                    printer.status(format!("broker unreachable; retrying in {retry}"));
+                } else {
+                    printer.line(format!(
+                        "lost the broker: {reason}; reconnecting in {retry} (agents keep serving what they hold)"
+                    ));
+                    printer.status(format!("broker unreachable; retrying in {retry}"));
+                }
+                self.disconnected = true;
+            }
+        }
+    }
+
+    fn delivered(&mut self, printer: &mut Printer, ack: UpdateAck) {
+        printer.status(format!(
+            "agents: {}/{} hold version {}",
+            ack.agents_current, ack.agents_connected, ack.version
+        ));
+        if ack.agents_current < ack.agents_connected {
+            return;
+        }
+        let key = (ack.version, ack.agents_connected);
+        if self.delivered == Some(key) {
+            return;
+        }
+        self.delivered = Some(key);
+        if ack.agents_connected == 0 {
+            printer.line(format!(
+                "version {} is with the broker; no agents are connected yet",
+                ack.version
+            ));
+        } else {
+            printer.line(format!(
+                "delivered version {} to {}/{} agent{}",
+                ack.version,
+                ack.agents_current,
+                ack.agents_connected,
+                plural(ack.agents_connected)
+            ));
+        }
+    }
+}
+
+fn plural(n: u32) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// Ctrl-C and SIGTERM, installed once so none is missed between polls.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "interrupted",
+            _ = self.terminate.recv() => "terminated",
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! `credstream status`: `AdminService.GetCluster`, printed for people. The
+//! answer holds no secret (the broker never returns one); this prints
+//! principals, versions, expiry times, env variable names, agents and
+//! pending refreshes.
+
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use anyhow::Result;
+use credstream_proto::convert::system_time;
+use credstream_proto::v1::{ClusterStatus, CredentialKind};
+use prost_types::Timestamp;
+
+use super::broker::{self, BrokerOptions};
+use super::output::{kind_name, kind_name_raw, reason_name_raw, time_and_distance};
+
+/// Runs `credstream status`: exit 0 with the report, 1 if the broker holds
+/// nothing for the cluster or cannot be asked.
+pub async fn run(options: &BrokerOptions) -> Result<ExitCode> {
+    let address = options.address()?;
+    let mut admin = broker::connect_admin(&address).await?;
+    match broker::get_cluster(&mut admin, &address).await? {
+        Some(status) => {
+            for line in report(&status, SystemTime::now()) {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            println!(
+                "the broker at {} holds nothing for cluster {:?}: no publisher has connected to it since the broker started",
+                address.url, address.cluster_id
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn when(ts: &Option<Timestamp>) -> String {
+    ts.as_ref()
+        .and_then(system_time)
+        .map(time_and_distance)
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The report's lines.
+fn report(status: &ClusterStatus, now: SystemTime) -> Vec<String> {
+    let mut lines = vec![format!(
+        "cluster {} at version {}",
+        status.cluster_id, status.version
+    )];
+    match &status.info {
+        Some(info) => {
+            let mut declared: Vec<&str> = info.kinds.iter().map(|k| kind_name_raw(*k)).collect();
+            if info.private_env {
+                declared.push("private env");
+            }
+            lines.push(format!(
+                "publisher: {}; publishes {}",
+                if info.publisher_connected {
+                    "connected"
+                } else {
+                    "not connected"
+                },
+                if declared.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    declared.join(", ")
+                }
+            ));
+        }
+        None => lines.push("publisher: none since the broker started".to_owned()),
+    }
+
+    if status.credentials.is_empty() {
+        lines.push("credentials: none".to_owned());
+    } else {
+        lines.push("credentials:".to_owned());
+        for credential in &status.credentials {
+            let kind = CredentialKind::try_from(credential.kind).unwrap_or_default();
+            let mut line = format!("  {} version {}", kind_name(kind), credential.version);
+            if !credential.principal.is_empty() {
+                line.push_str(&format!(", {}", credential.principal));
+            }
+            if !credential.account.is_empty() {
+                let label = if kind == CredentialKind::Gcp {
+                    "project"
+                } else {
+                    "account"
+                };
+                line.push_str(&format!(" ({label} {})", credential.account));
+            }
+            let expired = credential
+                .expires_at
+                .as_ref()
+                .and_then(system_time)
+                .is_some_and(|at| at <= now);
+            line.push_str(&format!(
+                ", issued {}, {} {}",
+                when(&credential.issued_at),
+                if expired { "expired" } else { "expires" },
+                when(&credential.expires_at)
+            ));
+            lines.push(line);
+        }
+    }
+
+    match &status.private_env {
+        Some(env) if !env.names.is_empty() => lines.push(format!(
+            "private env: version {}, {} variable{}: {}",
+            env.version,
+            env.names.len(),
+            if env.names.len() == 1 { "" } else { "s" },
+            env.names.join(", ")
+        )),
+        Some(env) => lines.push(format!("private env: version {}, empty", env.version)),
+        None => lines.push("private env: none".to_owned()),
+    }
+
+    if status.agents.is_empty() {
+        lines.push("agents: none connected".to_owned());
+    } else {
+        let current = status
+            .agents
+            .iter()
+            .filter(|a| a.acked_version >= status.version)
+            .count();
+        lines.push(format!(
+            "agents: {} connected, {current} at version {}",
+            status.agents.len(),
+            status.version
+        ));
+        for agent in &status.agents {
+            lines.push(format!(
+                "  {} holds version {}{}, connected since {}",
+                agent.agent_id,
+                agent.acked_version,
+                if agent.acked_version >= status.version {
+                    " (current)"
+                } else {
+                    ""
+                },
+                when(&agent.connected_at)
+            ));
+        }
+    }
+
+    if status.pending_refreshes.is_empty() {
+        lines.push("pending refreshes: none".to_owned());
+    } else {
+        lines.push("pending refreshes:".to_owned());
+        for pending in &status.pending_refreshes {
+            lines.push(format!(
+                "  {} ({}), attempt {}, {}, deadline {}",
+                kind_name_raw(pending.kind),
+                reason_name_raw(pending.reason),
+                pending.attempts,
+                if pending.sent {
+                    "sent to the publisher"
+                } else {
+                    "waiting for a publisher"
+                },
+                when(&pending.deadline)
+            ));
+        }
+    }
+
+    let counts: Vec<String> = status
+        .refresh_counts
+        .iter()
+        .filter(|c| c.count > 0)
+        .map(|c| format!("{} {} {}", reason_name_raw(c.reason), c.outcome, c.count))
+        .collect();
+    if !counts.is_empty() {
+        lines.push(format!("refreshes: {}", counts.join("; ")));
+    }
+    if !status.last_refresh_error.is_empty() {
+        lines.push(format!("last refresh error: {}", status.last_refresh_error));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use credstream_proto::convert::timestamp;
+    use credstream_proto::v1::{
+        AgentStatus, ClusterInfo, CredentialStatus, PendingRefresh, PrivateEnvStatus, RefreshReason,
+    };
+    use std::time::Duration;
+
+    #[test]
+    fn report_names_agents_versions_expiry_and_pending_refreshes() {
+        let now = SystemTime::now();
+        let status = ClusterStatus {
+            cluster_id: "dev".into(),
+            version: 7,
+            info: Some(ClusterInfo {
+                kinds: vec![CredentialKind::Aws as i32],
+                private_env: true,
+                publisher_connected: true,
+                version: 1,
+            }),
+            credentials: vec![CredentialStatus {
+                kind: CredentialKind::Aws as i32,
+                version: 6,
+                issued_at: Some(timestamp(now)),
+                expires_at: Some(timestamp(now + Duration::from_secs(3600))),
+                principal: "arn:aws:sts::123456789012:assumed-role/r/s".into(),
+                account: "123456789012".into(),
+            }],
+            private_env: Some(PrivateEnvStatus {
+                version: 2,
+                names: vec!["AUTH_TOKEN_FOR_CUSTOM_DATABASE".into()],
+            }),
+            agents: vec![
+                AgentStatus {
+                    agent_id: "worker-1".into(),
+                    acked_version: 7,
+                    connected_at: Some(timestamp(now)),
+                },
+                AgentStatus {
+                    agent_id: "worker-2".into(),
+                    acked_version: 5,
+                    connected_at: Some(timestamp(now)),
+                },
+            ],
+            pending_refreshes: vec![PendingRefresh {
+                id: "r1".into(),
+                kind: CredentialKind::Aws as i32,
+                reason: RefreshReason::Expiring as i32,
+                deadline: Some(timestamp(now + Duration::from_secs(30))),
+                attempts: 1,
+                sent: true,
+            }],
+            refresh_counts: vec![],
+            last_refresh_error: String::new(),
+        };
+        let text = report(&status, now).join("\n");
+        assert!(text.contains("cluster dev at version 7"), "{text}");
+        assert!(
+            text.contains("publisher: connected; publishes AWS, private env"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "AWS version 6, arn:aws:sts::123456789012:assumed-role/r/s (account 123456789012)"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("expires "), "{text}");
+        assert!(
+            text.contains("private env: version 2, 1 variable: AUTH_TOKEN_FOR_CUSTOM_DATABASE"),
+            "{text}"
+        );
+        assert!(
+            text.contains("agents: 2 connected, 1 at version 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("worker-1 holds version 7 (current)"),
+            "{text}"
+        );
+        assert!(text.contains("worker-2 holds version 5,"), "{text}");
+        assert!(
+            text.contains("AWS (expiring), attempt 1, sent to the publisher"),
+            "{text}"
+        );
+    }
+}

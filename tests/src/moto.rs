@@ -1,0 +1,271 @@
+//! moto as the AWS peer: a real `moto.server` process on a free loopback
+//! port, seeded with an IAM user, a role and an S3 object through boto3,
+//! then switched to enforcing authentication (FACTS 15) so that only
+//! credentials moto itself issued are accepted.
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::processes::{Process, clean_command};
+
+/// A loopback port below 32768 that was free a moment ago (above is the
+/// ephemeral range, where a just-closed client port may still be taken;
+/// FACTS 18).
+pub fn free_low_port() -> u16 {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    loop {
+        let port = rng.gen_range(20_000..32_000);
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A running moto server, killed (by PID) when dropped.
+pub struct Moto {
+    /// The server process.
+    pub process: Process,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    addr: SocketAddr,
+}
+
+impl Moto {
+    /// Starts `python -m moto.server` on a free low port and waits until it
+    /// answers `/moto-api/`. Authentication is off until
+    /// [`Moto::require_auth`].
+    pub async fn start(python: &Path) -> Moto {
+        for _attempt in 0..5 {
+            let port = free_low_port();
+            let mut command = clean_command(python);
+            command.args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ]);
+            let mut process = Process::spawn("moto", command);
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            // Werkzeug says `Running on http://…` on stderr once it listens,
+            // or exits if the port was taken meanwhile.
+            let ready = process
+                .stderr_line_or_end(|l| l.contains("Running on"))
+                .await;
+            if ready.is_none() {
+                continue;
+            }
+            let (status, body) = http(addr, "GET", "/moto-api/", "")
+                .await
+                .unwrap_or_else(|e| panic!("moto on {addr}: {e}\n{}", process.output()));
+            assert_eq!(status, 200, "moto on {addr}: {body}");
+            return Moto {
+                process,
+                url: format!("http://{addr}"),
+                addr,
+            };
+        }
+        panic!("moto did not start after 5 attempts");
+    }
+
+    /// From now on moto authenticates and authorizes every request: only
+    /// keys of IAM users it holds and credentials its STS issued, signed
+    /// correctly and allowed by IAM policy (`POST /moto-api/reset-auth`).
+    pub async fn require_auth(&self) {
+        let (status, body) = http(self.addr, "POST", "/moto-api/reset-auth", "0")
+            .await
+            .expect("reset-auth");
+        assert_eq!(status, 200, "reset-auth: {body}");
+    }
+
+    /// moto's record of every model it holds (`/moto-api/data.json`).
+    pub async fn data(&self) -> serde_json::Value {
+        let (status, body) = http(self.addr, "GET", "/moto-api/data.json", "")
+            .await
+            .expect("moto data");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("moto data is JSON")
+    }
+
+    /// The STS models of one kind (`Token` for GetSessionToken calls,
+    /// `AssumedRole` for AssumeRole calls).
+    pub async fn sts_records(&self, model: &str) -> Vec<serde_json::Value> {
+        self.data().await["sts"][model]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+/// What [`seed`] created.
+#[derive(Clone, Debug)]
+pub struct Seeded {
+    /// The IAM user's long-term access key id (the "laptop" identity).
+    pub access_key_id: String,
+    /// Its secret access key.
+    pub secret_access_key: String,
+    /// `arn:aws:iam::123456789012:user/laptop-user`.
+    pub user_arn: String,
+    /// A role the user may assume, allowed to read the bucket.
+    pub role_arn: String,
+    /// The bucket.
+    pub bucket: String,
+    /// The object's key.
+    pub key: String,
+    /// The object's content.
+    pub body: String,
+}
+
+const SEED_SCRIPT: &str = r#"
+import json, sys
+import boto3
+url = sys.argv[1]
+kw = dict(endpoint_url=url, region_name="us-east-1",
+          aws_access_key_id="seed", aws_secret_access_key="seed")
+iam = boto3.client("iam", **kw)
+s3 = boto3.client("s3", **kw)
+user = iam.create_user(UserName="laptop-user")["User"]
+iam.put_user_policy(UserName="laptop-user", PolicyName="mint", PolicyDocument=json.dumps({
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow",
+                   "Action": ["sts:AssumeRole", "sts:GetSessionToken", "sts:GetCallerIdentity"],
+                   "Resource": "*"}]}))
+key = iam.create_access_key(UserName="laptop-user")["AccessKey"]
+role = iam.create_role(RoleName="cluster-reader", AssumeRolePolicyDocument=json.dumps({
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Principal": {"AWS": user["Arn"]},
+                   "Action": "sts:AssumeRole"}]}))["Role"]
+iam.put_role_policy(RoleName="cluster-reader", PolicyName="read", PolicyDocument=json.dumps({
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject"],
+                   "Resource": "arn:aws:s3:::seed-data/*"}]}))
+s3.create_bucket(Bucket="seed-data")
+s3.put_object(Bucket="seed-data", Key="reports/hello.txt", Body=b"hello from moto s3")
+print(json.dumps({"access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"],
+                  "user_arn": user["Arn"], "role_arn": role["Arn"]}))
+"#;
+
+/// Creates, with auth still off: IAM user `laptop-user` (long-term keys,
+/// allowed to call STS only), role `cluster-reader` (allowed to read
+/// `seed-data/*`), bucket `seed-data` and object `reports/hello.txt`.
+pub async fn seed(python: &Path, moto: &Moto) -> Seeded {
+    let mut command = clean_command(python);
+    command.args(["-c", SEED_SCRIPT, &moto.url]);
+    let mut process = Process::spawn("moto seed", command);
+    let status = process.exit().await;
+    assert!(
+        status.success(),
+        "seeding moto failed\n{}",
+        process.output()
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(process.stdout().trim()).expect("the seed script prints JSON");
+    let text = |name: &str| json[name].as_str().expect(name).to_owned();
+    Seeded {
+        access_key_id: text("access_key_id"),
+        secret_access_key: text("secret_access_key"),
+        user_arn: text("user_arn"),
+        role_arn: text("role_arn"),
+        bucket: "seed-data".into(),
+        key: "reports/hello.txt".into(),
+        body: "hello from moto s3".into(),
+    }
+}
+
+/// The environment of the "laptop": the seeded user's long-term keys, STS
+/// at moto, no config files, no instance metadata. `home` is an empty
+/// directory.
+pub fn laptop_env(moto: &Moto, seeded: &Seeded, home: &Path) -> Vec<(String, String)> {
+    let empty = empty_file(home, "empty-aws-file");
+    vec![
+        ("HOME".into(), home.display().to_string()),
+        ("USER".into(), "laptop-user".into()),
+        ("AWS_ACCESS_KEY_ID".into(), seeded.access_key_id.clone()),
+        (
+            "AWS_SECRET_ACCESS_KEY".into(),
+            seeded.secret_access_key.clone(),
+        ),
+        ("AWS_REGION".into(), "us-east-1".into()),
+        ("AWS_ENDPOINT_URL_STS".into(), moto.url.clone()),
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ("AWS_CONFIG_FILE".into(), empty.display().to_string()),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE".into(),
+            empty.display().to_string(),
+        ),
+    ]
+}
+
+/// The environment of a "worker": no AWS credentials of its own (empty
+/// config and credentials files, no keys, no instance metadata), only
+/// `AWS_ENDPOINT_URL` so that S3 calls reach moto. `home` is an empty
+/// directory.
+pub fn worker_env(moto: &Moto, home: &Path) -> Vec<(String, String)> {
+    let empty = empty_file(home, "empty-aws-file");
+    vec![
+        ("HOME".into(), home.display().to_string()),
+        ("AWS_ENDPOINT_URL".into(), moto.url.clone()),
+        ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ("AWS_CONFIG_FILE".into(), empty.display().to_string()),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE".into(),
+            empty.display().to_string(),
+        ),
+    ]
+}
+
+fn empty_file(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, "").expect("write an empty file");
+    path
+}
+
+/// A minimal HTTP/1.1 request (no dependencies): status and body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}

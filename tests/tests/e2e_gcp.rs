@@ -1,0 +1,253 @@
+//! End to end on Google Cloud (DESIGN §7): `credstream publish --no-aws`
+//! mints from a service account key (whose `token_uri` is a local token
+//! endpoint) and, on a "worker" with no Google credentials of its own,
+//! unmodified `google.auth.default()` in a process started by
+//! `credstream-agent exec` finds the agent's metadata emulation and gets
+//! exactly the token the endpoint issued; `CLOUDSDK_AUTH_ACCESS_TOKEN` holds
+//! it too.
+//!
+//! Real peers: google-auth (and `cryptography` for the test's RSA key) from
+//! the project's Python venv, and the three binaries. Without the venv the
+//! test prints `skipped:`.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use credstream_tests::bins::binary;
+use credstream_tests::processes::{BrokerProcess, Process, clean_command, write_file};
+use credstream_tests::tools;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const EMAIL: &str = "pipeline@credstream-e2e.iam.gserviceaccount.com";
+const PROJECT: &str = "credstream-e2e";
+
+/// What the worker runs: Google's default credentials, refreshed, printed.
+const ADC_SCRIPT: &str = r#"import os
+import google.auth
+from google.auth.transport.requests import Request
+
+credentials, project = google.auth.default()
+credentials.refresh(Request())
+print("class=" + type(credentials).__module__ + "." + type(credentials).__name__)
+print("project=" + str(project))
+print("email=" + str(getattr(credentials, "service_account_email", None)))
+print("token=" + credentials.token)
+print("CLOUDSDK_AUTH_ACCESS_TOKEN=" + os.environ.get("CLOUDSDK_AUTH_ACCESS_TOKEN", "<unset>"))
+"#;
+
+/// A PKCS#8 RSA key in PEM, generated with the venv's `cryptography`.
+async fn generate_key(python: &Path) -> String {
+    let script = "\
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization as s
+k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+print(k.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()).decode(), end='')
+";
+    let mut command = clean_command(python);
+    command.args(["-c", script]);
+    let mut process = Process::spawn("generate an RSA key", command);
+    assert!(process.exit().await.success(), "{}", process.output());
+    process.stdout() + "\n"
+}
+
+/// An OAuth2 token endpoint on 127.0.0.1:0 that answers every POST with a
+/// new token (`ya29.e2e-1`, `ya29.e2e-2`, …) valid for an hour, and
+/// remembers what it issued.
+struct TokenEndpoint {
+    url: String,
+    issued: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TokenEndpoint {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let issued = Arc::new(Mutex::new(Vec::new()));
+        let log = issued.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let _ = answer(stream, log).await;
+                });
+            }
+        });
+        Self { url, issued, task }
+    }
+
+    fn issued(&self) -> Vec<String> {
+        self.issued.lock().unwrap().clone()
+    }
+}
+
+impl Drop for TokenEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(mut stream: TcpStream, issued: Arc<Mutex<Vec<String>>>) -> std::io::Result<()> {
+    // Read the head and the body it announces (a JWT-bearer grant).
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        raw.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&raw).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if raw.len() >= end + 4 + length {
+                break;
+            }
+        }
+    }
+    let token = {
+        let mut issued = issued.lock().unwrap();
+        let token = format!("ya29.e2e-{}", issued.len() + 1);
+        issued.push(token.clone());
+        token
+    };
+    let body =
+        format!(r#"{{"access_token": "{token}", "expires_in": 3600, "token_type": "Bearer"}}"#);
+    let response = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn key_file(dir: &Path, pem: &str, token_uri: &str) -> String {
+    let json = serde_json::json!({
+        "type": "service_account",
+        "project_id": PROJECT,
+        "private_key_id": "0123456789abcdef",
+        "private_key": pem,
+        "client_email": EMAIL,
+        "client_id": "100000000000000000002",
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": token_uri,
+    });
+    write_file(dir, "service-account.json", &json.to_string())
+        .display()
+        .to_string()
+}
+
+/// A "worker" environment: an empty home (no gcloud configuration, no
+/// application default credentials), nothing else.
+fn worker_env(home: &Path) -> Vec<(String, String)> {
+    vec![
+        ("HOME".into(), home.display().to_string()),
+        (
+            "CLOUDSDK_CONFIG".into(),
+            home.join("gcloud").display().to_string(),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn google_auth_default_on_a_worker_gets_the_token_the_client_published() {
+    let test = "google_auth_default_on_a_worker_gets_the_token_the_client_published";
+    let Some(python) = tools::python(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let laptop_home = dir.path().join("laptop");
+    let worker_home = dir.path().join("worker");
+    std::fs::create_dir_all(&laptop_home).unwrap();
+    std::fs::create_dir_all(&worker_home).unwrap();
+    let endpoint = TokenEndpoint::start().await;
+    let key = key_file(dir.path(), &generate_key(&python).await, &endpoint.url);
+    let script = write_file(dir.path(), "adc.py", ADC_SCRIPT);
+    let worker = worker_env(&worker_home);
+
+    // The worker alone has no Google credentials (the metadata server it
+    // would ping is a closed loopback port here).
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let mut alone = clean_command(&python);
+    alone
+        .envs(worker.iter().map(|(k, v)| (k, v)))
+        .env("GCE_METADATA_HOST", &closed)
+        .env("GCE_METADATA_IP", &closed)
+        .arg(&script);
+    let mut alone = Process::spawn("python without the agent", alone);
+    assert!(!alone.exit().await.success(), "{}", alone.output());
+    assert!(
+        alone.stderr().contains("DefaultCredentialsError"),
+        "{}",
+        alone.output()
+    );
+
+    let broker = BrokerProcess::start_dev().await;
+    let mut publish = clean_command(binary("credstream"));
+    publish
+        .env("HOME", &laptop_home)
+        .env("GOOGLE_APPLICATION_CREDENTIALS", &key)
+        .env("CREDSTREAM_TOKEN", &broker.publisher_token)
+        .args([
+            "publish",
+            "--broker",
+            &broker.url,
+            "--cluster",
+            "dev",
+            "--no-aws",
+        ]);
+    let mut publish = Process::spawn("credstream publish", publish);
+    publish.line(|l| l == format!("gcp: {EMAIL}")).await;
+    publish
+        .line(|l| l.starts_with("publishing GCP to cluster dev"))
+        .await;
+    let minted = publish.line(|l| l.starts_with("minted GCP")).await;
+    assert!(
+        minted.starts_with(&format!("minted GCP for {EMAIL}, valid until ")),
+        "{minted}"
+    );
+    // The published token is the endpoint's latest (the first one only
+    // proved the key works, for the `gcp:` line above).
+    let published = endpoint.issued().last().cloned().expect("a token");
+
+    let token_file = write_file(dir.path(), "agent.token", &broker.agent_token);
+    let mut exec = clean_command(binary("credstream-agent"));
+    exec.envs(worker.iter().map(|(k, v)| (k, v)))
+        .args(["exec", "--broker", &broker.url, "--cluster", "dev"])
+        .args(["--agent-id", "worker-1", "--wait-timeout", "60s"])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--")
+        .arg(&python)
+        .arg(&script);
+    let mut exec = Process::spawn("credstream-agent exec", exec);
+    let exit = exec.exit().await;
+    assert!(exit.success(), "{}", exec.output());
+    let out = exec.stdout();
+    let expect = |line: String| assert!(out.lines().any(|l| l == line), "{line}\n{out}");
+    expect("class=google.auth.compute_engine.credentials.Credentials".to_owned());
+    expect(format!("project={PROJECT}"));
+    expect(format!("email={EMAIL}"));
+    expect(format!("token={published}"));
+    expect(format!("CLOUDSDK_AUTH_ACCESS_TOKEN={published}"));
+    assert_eq!(
+        endpoint.issued().len(),
+        2,
+        "the worker's refresh asked the agent, not Google: {:?}",
+        endpoint.issued()
+    );
+
+    publish.signal("TERM");
+    assert!(publish.exit().await.success(), "{}", publish.output());
+}
