@@ -14,11 +14,13 @@ fn target_dir() -> PathBuf {
 }
 
 /// The path of a workspace binary (`credstream-broker`, `credstream`,
-/// `credstream-agent`), building all of them once if one is missing.
+/// `credstream-agent`). The first call in a test process runs
+/// `cargo build --bins` (quick when nothing changed), so a test never runs a
+/// binary older than the code it tests.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     let path = target_dir().join(name);
-    if !path.exists() {
+    {
         BUILT.get_or_init(|| {
             let profile_release = target_dir().ends_with("release");
             let mut cmd = Command::new(env!("CARGO"));
