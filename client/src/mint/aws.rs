@@ -768,6 +768,15 @@ fn credentials_error(err: CredentialsError) -> MintError {
                 "the local AWS configuration is invalid: {detail}; check ~/.aws/config and AWS_PROFILE"
             ),
         },
+        // The instance metadata service is the chain's last resort: when it
+        // is what failed, nothing earlier in the chain had credentials, and
+        // its error dump would only bury that.
+        CredentialsError::ProviderError(_) if detail.to_ascii_lowercase().contains("imds") => {
+            MintError::NoCredentials {
+                kind: KIND,
+                hint: NO_CREDENTIALS_HINT.to_owned(),
+            }
+        }
         CredentialsError::ProviderError(_) => {
             let lower = detail.to_ascii_lowercase();
             let hint =
