@@ -17,6 +17,11 @@
 //! Everything else about a cluster — the publisher slot, the agent tally,
 //! the refresh planner — lives in its mutex-protected inner part; the fan-out
 //! path takes no lock.
+//!
+//! Each credential is encoded as its agent-bound `SubscribeResponse` once,
+//! when it is published (the `encoded` field of [`Slot::Credential`]);
+//! agent streams send those shared bytes ([`SentVersions::catch_up_shared`])
+//! instead of cloning and encoding the message once per agent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -26,11 +31,15 @@ use credstream_proto::convert::timestamp;
 use credstream_proto::v1::{
     AgentStatus, ClusterInfo, ClusterSnapshot, ClusterStatus, ClusterSummary, CredentialKind,
     CredentialStatus, CredentialUpdate, EnvVar, PrivateEnv, PrivateEnvStatus, RefreshReason,
-    RefreshRequest, Revocation, UpdateAck, credential_update::Credential, subscribe_response,
+    RefreshRequest, Revocation, SubscribeResponse, UpdateAck, credential_update::Credential,
+    subscribe_response,
 };
+use prost::Message as _;
+use prost::bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tonic::Status;
+use zeroize::Zeroize;
 
 use crate::limits;
 use crate::refresh::{RefreshConfig, RefreshPlanner};
@@ -47,6 +56,9 @@ pub enum Slot {
         update: Arc<CredentialUpdate>,
         /// Expiry on the tokio clock.
         expires: Instant,
+        /// `update` encoded once as the `SubscribeResponse` agents receive,
+        /// shared by every agent stream; zeroized when the last one drops.
+        encoded: Bytes,
     },
     /// The whole private env (replace_all set).
     Env(Arc<PrivateEnv>),
@@ -101,7 +113,9 @@ impl ClusterState {
     /// The live credential of `kind` at `now`, if any.
     pub fn live(&self, kind: CredentialKind, now: Instant) -> Option<&Arc<CredentialUpdate>> {
         match self.credential_slot(kind)? {
-            Slot::Credential { update, expires } if *expires > now => Some(update),
+            Slot::Credential {
+                update, expires, ..
+            } if *expires > now => Some(update),
             _ => None,
         }
     }
@@ -151,12 +165,40 @@ impl SentVersions {
         now: Instant,
         out: &mut Vec<subscribe_response::Message>,
     ) {
+        self.walk(state, now, |item| {
+            out.push(match item {
+                CatchUpItem::Credential(update, _) => {
+                    subscribe_response::Message::Credential((**update).clone())
+                }
+                CatchUpItem::Other(message) => message,
+            })
+        });
+    }
+
+    /// Like [`SentVersions::catch_up`], but credentials come as their
+    /// shared, already encoded `SubscribeResponse` bytes: no clone and no
+    /// encoding per agent.
+    pub fn catch_up_shared(
+        &mut self,
+        state: &ClusterState,
+        now: Instant,
+        out: &mut impl Extend<CatchUp>,
+    ) {
+        self.walk(state, now, |item| {
+            out.extend(std::iter::once(match item {
+                CatchUpItem::Credential(_, encoded) => CatchUp::Encoded(encoded.clone()),
+                CatchUpItem::Other(message) => CatchUp::Message(message),
+            }))
+        });
+    }
+
+    fn walk(&mut self, state: &ClusterState, now: Instant, mut emit: impl FnMut(CatchUpItem<'_>)) {
         use subscribe_response::Message;
         if let Some(info) = &state.info
             && info.version > self.info
         {
             self.info = info.version;
-            out.push(Message::ClusterInfo(info.clone()));
+            emit(CatchUpItem::Other(Message::ClusterInfo(info.clone())));
         }
         for (kind, sent) in [
             (CredentialKind::Aws, &mut self.aws),
@@ -168,30 +210,79 @@ impl SentVersions {
             }
             *sent = slot.version();
             match slot {
-                Slot::Credential { update, expires } if *expires > now => {
-                    out.push(Message::Credential((**update).clone()));
+                Slot::Credential {
+                    update,
+                    expires,
+                    encoded,
+                } if *expires > now => {
+                    emit(CatchUpItem::Credential(update, encoded));
                 }
-                Slot::Revoked(version) => out.push(Message::Revocation(Revocation {
-                    kinds: vec![kind as i32],
-                    private_env: false,
-                    version: *version,
-                })),
+                Slot::Revoked(version) => {
+                    emit(CatchUpItem::Other(Message::Revocation(Revocation {
+                        kinds: vec![kind as i32],
+                        private_env: false,
+                        version: *version,
+                    })))
+                }
                 _ => {}
             }
         }
         if state.env.version() > self.env {
             self.env = state.env.version();
             match &state.env {
-                Slot::Env(env) => out.push(Message::PrivateEnv((**env).clone())),
-                Slot::Revoked(version) => out.push(Message::Revocation(Revocation {
-                    kinds: vec![],
-                    private_env: true,
-                    version: *version,
-                })),
+                Slot::Env(env) => emit(CatchUpItem::Other(Message::PrivateEnv((**env).clone()))),
+                Slot::Revoked(version) => {
+                    emit(CatchUpItem::Other(Message::Revocation(Revocation {
+                        kinds: vec![],
+                        private_env: true,
+                        version: *version,
+                    })))
+                }
                 _ => {}
             }
         }
     }
+}
+
+enum CatchUpItem<'a> {
+    Credential(&'a Arc<CredentialUpdate>, &'a Bytes),
+    Other(subscribe_response::Message),
+}
+
+/// One message of an agent's catch-up, as [`SentVersions::catch_up_shared`]
+/// yields it.
+#[derive(Debug)]
+pub enum CatchUp {
+    /// A credential's whole `SubscribeResponse`, encoded once when it was
+    /// published and shared by every agent stream.
+    Encoded(Bytes),
+    /// Any other message (cluster info, private env, revocation, the
+    /// snapshot), encoded per stream.
+    Message(subscribe_response::Message),
+}
+
+/// Owns encoded secret bytes and zeroizes them when the last [`Bytes`]
+/// sharing them drops.
+struct ZeroizedOnDrop(Vec<u8>);
+
+impl AsRef<[u8]> for ZeroizedOnDrop {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for ZeroizedOnDrop {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+/// `update` as the `SubscribeResponse` an agent receives, encoded once.
+fn encode_for_agents(update: &CredentialUpdate) -> Bytes {
+    let response = SubscribeResponse {
+        message: Some(subscribe_response::Message::Credential(update.clone())),
+    };
+    Bytes::from_owner(ZeroizedOnDrop(response.encode_to_vec()))
 }
 
 /// Messages the broker pushes to the connected publisher.
@@ -462,9 +553,11 @@ impl Cluster {
         let mut inner = self.lock();
         let version = self.publish_with(&mut inner, |state, version| {
             update.version = version;
+            let encoded = encode_for_agents(&update);
             *state.credential_slot_mut(kind).expect("checked kind") = Slot::Credential {
                 update: Arc::new(update),
                 expires: now + remaining,
+                encoded,
             };
         });
         inner.planner.credential_accepted(

@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use credstream_proto::FILE_DESCRIPTOR_SET;
 use credstream_proto::v1::admin_service_server::AdminServiceServer;
-use credstream_proto::v1::agent_service_server::AgentServiceServer;
 use credstream_proto::v1::publisher_service_server::PublisherServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -25,7 +24,7 @@ use crate::hub::{ClusterHub, HubConfig};
 use crate::limits::MAX_MESSAGE_BYTES;
 use crate::refresh::RefreshConfig;
 use crate::service::admin::AdminServer;
-use crate::service::agent::AgentServer;
+use crate::service::agent::{AgentServer, AgentServiceServer};
 use crate::service::publisher::PublisherServer;
 
 /// TLS files.

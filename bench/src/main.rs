@@ -1,0 +1,149 @@
+//! `credstream-bench`: flags, the file-descriptor limit, and the run; the
+//! work is in the library (`credstream_bench::run`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use credstream_bench::agent_http::sibling_binary;
+use credstream_bench::run::{self, BenchConfig, PeerKind};
+
+/// Fans one credential out to N agents (each on its own connection) through
+/// the credstream broker and through etcd, NATS, Redis and a minimal tonic
+/// fan-out, all on 127.0.0.1; prints a table and writes JSON.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Numbers of agents, comma-separated.
+    #[arg(
+        long,
+        env = "CREDSTREAM_BENCH_AGENTS",
+        value_delimiter = ',',
+        default_value = "100,1000,10000"
+    )]
+    agents: Vec<usize>,
+    /// Measured publishes per N.
+    #[arg(long, env = "CREDSTREAM_BENCH_PUBLISHES", default_value_t = 20)]
+    publishes: usize,
+    /// Unmeasured publishes before them.
+    #[arg(long, env = "CREDSTREAM_BENCH_WARMUP", default_value_t = 3)]
+    warmup: usize,
+    /// Systems to measure, comma-separated.
+    #[arg(
+        long,
+        env = "CREDSTREAM_BENCH_PEERS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "credstream,floor,etcd,nats,redis"
+    )]
+    peers: Vec<PeerKind>,
+    /// The broker binary (default: next to this one).
+    #[arg(long, env = "CREDSTREAM_BENCH_BROKER_BIN")]
+    broker_bin: Option<PathBuf>,
+    /// The floor binary (default: next to this one).
+    #[arg(long, env = "CREDSTREAM_BENCH_FLOOR_BIN")]
+    floor_bin: Option<PathBuf>,
+    /// The agent binary (default: next to this one, if it exists).
+    #[arg(long, env = "CREDSTREAM_BENCH_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+    /// Skip the agent endpoint measurement.
+    #[arg(long, env = "CREDSTREAM_BENCH_NO_AGENT_HTTP")]
+    no_agent_http: bool,
+    /// Directory for logs and the key file (default: a new one under /tmp).
+    #[arg(long, env = "CREDSTREAM_BENCH_WORK_DIR")]
+    work_dir: Option<PathBuf>,
+    /// First server port; servers use ports from here up (keep below 32768).
+    #[arg(long, env = "CREDSTREAM_BENCH_BASE_PORT", default_value_t = 24100)]
+    base_port: u16,
+    /// Agents connecting at once.
+    #[arg(
+        long,
+        env = "CREDSTREAM_BENCH_CONNECT_CONCURRENCY",
+        default_value_t = 64
+    )]
+    connect_concurrency: usize,
+    /// Pause between publishes.
+    #[arg(long, env = "CREDSTREAM_BENCH_GAP", default_value = "200ms", value_parser = humantime::parse_duration)]
+    gap: Duration,
+    /// How long one publish may take to reach every agent.
+    #[arg(long, env = "CREDSTREAM_BENCH_ROUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    round_timeout: Duration,
+    /// Keep-alive connections loading the agent endpoint.
+    #[arg(long, env = "CREDSTREAM_BENCH_HTTP_CONNECTIONS", default_value_t = 16)]
+    http_connections: usize,
+    /// How long to load the agent endpoint.
+    #[arg(long, env = "CREDSTREAM_BENCH_HTTP_DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    http_duration: Duration,
+    /// Write the JSON report here (it is also printed after the table).
+    #[arg(long, env = "CREDSTREAM_BENCH_JSON")]
+    json: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // FACTS 17: the hard limit is 20,000 here; 10,000 agents need the soft
+    // limit raised. Child servers inherit it.
+    let limit = rlimit::increase_nofile_limit(u64::MAX).context("raise RLIMIT_NOFILE")?;
+    eprintln!("[bench] open file limit {limit}");
+    let work_dir = cli.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("credstream-bench-{}", std::process::id()))
+    });
+    let shm = PathBuf::from("/dev/shm");
+    let etcd_data_root = if shm.is_dir() {
+        shm.join(format!("credstream-bench-{}", std::process::id()))
+    } else {
+        work_dir.join("etcd")
+    };
+    let agent_bin = match (cli.no_agent_http, cli.agent_bin) {
+        (true, _) => None,
+        (false, Some(path)) => Some(path),
+        (false, None) => Some(sibling_binary("credstream-agent")).filter(|p| p.exists()),
+    };
+    let config = BenchConfig {
+        agents: cli.agents,
+        publishes: cli.publishes,
+        warmup: cli.warmup,
+        peers: cli.peers,
+        broker_bin: cli
+            .broker_bin
+            .unwrap_or_else(|| sibling_binary("credstream-broker")),
+        floor_bin: cli
+            .floor_bin
+            .unwrap_or_else(|| sibling_binary("credstream-bench-floor")),
+        agent_bin,
+        work_dir,
+        etcd_data_root: etcd_data_root.clone(),
+        base_port: cli.base_port,
+        connect_concurrency: cli.connect_concurrency,
+        round_timeout: cli.round_timeout,
+        gap: cli.gap,
+        http_connections: cli.http_connections,
+        http_duration: cli.http_duration,
+    };
+    let report = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(async {
+            // On SIGINT/SIGTERM the run is dropped, and with it every server
+            // process it started (each is killed by its PID on drop).
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+            tokio::select! {
+                report = run::run(&config) => report,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+                _ = term.recv() => anyhow::bail!("terminated"),
+            }
+        });
+    let _ = std::fs::remove_dir_all(&etcd_data_root);
+    let report = report?;
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{}", report.table());
+    println!("{json}");
+    if let Some(path) = &cli.json {
+        std::fs::write(path, &json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    eprintln!("[bench] logs in {}", config.work_dir.display());
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! The credstream protocol as the bench's agents and publisher speak it:
+//! one HTTP/2 connection per agent, a hello, the snapshot, then every
+//! credential recorded and acknowledged as the real agent does. The same
+//! client drives the minimal tonic fan-out, which speaks the same services.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use credstream_proto::connect::{BrokerAddress, CallCredentials};
+use credstream_proto::v1::agent_service_client::AgentServiceClient;
+use credstream_proto::v1::publisher_service_client::PublisherServiceClient;
+use credstream_proto::v1::{
+    AgentAck, AgentHello, CredentialKind, PublishRequest, PublisherHello, RefreshHint,
+    SubscribeRequest, SubscribeResponse, publish_request, publish_response, subscribe_request,
+    subscribe_response,
+};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::Endpoint;
+
+use super::Peer;
+use crate::payload;
+use crate::recorder::Recorder;
+
+/// How long the first message of a stream may take.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A credstream-protocol server under test (the broker or the floor).
+#[derive(Debug)]
+pub struct GrpcPeer {
+    endpoint: Endpoint,
+    credentials: CallCredentials,
+    cluster: String,
+    publisher: mpsc::Sender<PublishRequest>,
+    publisher_task: JoinHandle<()>,
+    refresh_requests: Arc<AtomicU64>,
+    refresh_ids: Mutex<mpsc::UnboundedReceiver<String>>,
+    hint: watch::Sender<u64>,
+    hints_sent: Arc<AtomicUsize>,
+}
+
+impl Drop for GrpcPeer {
+    fn drop(&mut self) {
+        self.publisher_task.abort();
+    }
+}
+
+fn request(message: subscribe_request::Message) -> SubscribeRequest {
+    SubscribeRequest {
+        message: Some(message),
+    }
+}
+
+impl GrpcPeer {
+    /// Opens the publisher stream on `url` and publishes round 0, so that
+    /// agents find a credential in their snapshot.
+    pub async fn connect(
+        url: &str,
+        cluster: &str,
+        publisher_token: &str,
+        agent_token: &str,
+    ) -> Result<Self> {
+        let publisher_address = BrokerAddress {
+            url: url.to_owned(),
+            token: publisher_token.to_owned(),
+            cluster_id: cluster.to_owned(),
+            ca_cert: None,
+            insecure: false,
+        };
+        let channel = publisher_address.endpoint()?.connect().await?;
+        let mut client =
+            PublisherServiceClient::with_interceptor(channel, publisher_address.interceptor()?);
+        let (publisher, rx) = mpsc::channel(64);
+        publisher
+            .send(PublishRequest {
+                message: Some(publish_request::Message::Hello(PublisherHello {
+                    cluster_id: cluster.to_owned(),
+                    kinds: vec![CredentialKind::Aws as i32],
+                    private_env: false,
+                    publisher_name: "credstream-bench".into(),
+                })),
+            })
+            .await?;
+        let mut inbound = client.publish(ReceiverStream::new(rx)).await?.into_inner();
+        match tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(response)))
+                if matches!(
+                    response.message,
+                    Some(publish_response::Message::Welcome(_))
+                ) => {}
+            other => bail!("no welcome on the publish stream: {other:?}"),
+        }
+        let refresh_requests = Arc::new(AtomicU64::new(0));
+        let (ids, refresh_ids) = mpsc::unbounded_channel();
+        let publisher_task = tokio::spawn(read_publisher(inbound, refresh_requests.clone(), ids));
+        let agent_address = BrokerAddress {
+            token: agent_token.to_owned(),
+            ..publisher_address
+        };
+        let peer = Self {
+            endpoint: agent_address.endpoint()?,
+            credentials: agent_address.interceptor()?,
+            cluster: cluster.to_owned(),
+            publisher,
+            publisher_task,
+            refresh_requests,
+            refresh_ids: Mutex::new(refresh_ids),
+            hint: watch::Sender::new(0),
+            hints_sent: Arc::new(AtomicUsize::new(0)),
+        };
+        peer.send_credential(payload::credential(0)).await?;
+        Ok(peer)
+    }
+
+    async fn send_credential(&self, update: credstream_proto::v1::CredentialUpdate) -> Result<()> {
+        self.publisher
+            .send(PublishRequest {
+                message: Some(publish_request::Message::Credential(update)),
+            })
+            .await
+            .context("the publish stream closed")
+    }
+
+    /// Refresh requests the publisher has received so far.
+    pub fn refresh_requests(&self) -> u64 {
+        self.refresh_requests.load(Ordering::Acquire)
+    }
+
+    /// Makes every connected agent send one refresh hint for the credential
+    /// it holds, all at once; returns once `agents` hints were handed to
+    /// their streams (or after `timeout`) with how many were.
+    pub async fn hint_all(&self, agents: usize, timeout: Duration) -> usize {
+        self.hints_sent.store(0, Ordering::Release);
+        self.hint.send_modify(|generation| *generation += 1);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.hints_sent.load(Ordering::Acquire) < agents
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.hints_sent.load(Ordering::Acquire)
+    }
+
+    /// Answers the next refresh request (waiting at most `timeout` for
+    /// one) with a new credential, as a publisher's minter would.
+    pub async fn answer_refresh(&self, round: u64, timeout: Duration) -> Result<bool> {
+        let id = tokio::time::timeout(timeout, async {
+            self.refresh_ids.lock().await.recv().await
+        })
+        .await;
+        let Ok(Some(id)) = id else {
+            return Ok(false);
+        };
+        let mut update = payload::credential(round);
+        update.version = 0;
+        update.refresh_request_id = id;
+        self.send_credential(update).await?;
+        Ok(true)
+    }
+}
+
+async fn read_publisher(
+    mut inbound: Streaming<credstream_proto::v1::PublishResponse>,
+    count: Arc<AtomicU64>,
+    ids: mpsc::UnboundedSender<String>,
+) {
+    while let Ok(Some(response)) = inbound.message().await {
+        if let Some(publish_response::Message::RefreshRequest(request)) = response.message {
+            count.fetch_add(1, Ordering::AcqRel);
+            let _ = ids.send(request.id);
+        }
+    }
+}
+
+impl Peer for GrpcPeer {
+    async fn connect_agent(&self, index: usize, recorder: Arc<Recorder>) -> Result<JoinHandle<()>> {
+        // connect(): a connection of its own, made now.
+        let channel = self.endpoint.clone().connect().await?;
+        let mut client = AgentServiceClient::with_interceptor(channel, self.credentials.clone());
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(request(subscribe_request::Message::Hello(AgentHello {
+            cluster_id: self.cluster.clone(),
+            agent_id: format!("bench-agent-{index}"),
+        })))
+        .await?;
+        let mut inbound = client
+            .subscribe(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message())
+            .await
+            .context("no snapshot in time")??;
+        let held = match first.and_then(|r| r.message) {
+            Some(subscribe_response::Message::Snapshot(snapshot)) => snapshot
+                .credentials
+                .iter()
+                .map(|c| c.version)
+                .max()
+                .unwrap_or(0),
+            other => bail!("the first message was not a snapshot: {other:?}"),
+        };
+        let _ = tx
+            .send(request(subscribe_request::Message::Ack(AgentAck {
+                version: held,
+            })))
+            .await;
+        Ok(tokio::spawn(agent_loop(AgentLoop {
+            index,
+            recorder,
+            inbound,
+            tx,
+            held,
+            hint: self.hint.subscribe(),
+            hints_sent: self.hints_sent.clone(),
+        })))
+    }
+
+    async fn publish(&mut self, round: u64) -> Result<()> {
+        let mut update = payload::credential(round);
+        update.version = 0;
+        self.send_credential(update).await
+    }
+}
+
+struct AgentLoop {
+    index: usize,
+    recorder: Arc<Recorder>,
+    inbound: Streaming<SubscribeResponse>,
+    tx: mpsc::Sender<SubscribeRequest>,
+    held: u64,
+    hint: watch::Receiver<u64>,
+    hints_sent: Arc<AtomicUsize>,
+}
+
+async fn agent_loop(mut a: AgentLoop) {
+    let mut hint_open = true;
+    loop {
+        tokio::select! {
+            received = a.inbound.message() => {
+                let Ok(Some(response)) = received else { return };
+                if let Some(subscribe_response::Message::Credential(update)) = response.message {
+                    if let Some(round) = payload::round_of(&update) {
+                        a.recorder.record(a.index, round);
+                    }
+                    a.held = update.version;
+                    let ack = request(subscribe_request::Message::Ack(AgentAck { version: update.version }));
+                    if a.tx.send(ack).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            changed = a.hint.changed(), if hint_open => {
+                if changed.is_err() {
+                    hint_open = false;
+                    continue;
+                }
+                let hint = request(subscribe_request::Message::RefreshHint(RefreshHint {
+                    kind: CredentialKind::Aws as i32,
+                    held_version: a.held,
+                }));
+                if a.tx.send(hint).await.is_ok() {
+                    a.hints_sent.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+}

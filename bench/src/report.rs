@@ -1,0 +1,346 @@
+//! Results, the issue's targets as ratios from this one run, the table and
+//! the JSON.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::agent_http::AgentHttpResult;
+
+/// Latency percentiles over every (agent, publish) pair, in milliseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Latency {
+    /// Percentiles of `samples_ns` (sorted in place); `None` when empty.
+    pub fn of(samples_ns: &mut [u64]) -> Option<Self> {
+        if samples_ns.is_empty() {
+            return None;
+        }
+        samples_ns.sort_unstable();
+        let at = |q: f64| {
+            let index = ((samples_ns.len() as f64 * q).ceil() as usize).clamp(1, samples_ns.len());
+            samples_ns[index - 1] as f64 / 1e6
+        };
+        Some(Self {
+            p50: at(0.50),
+            p99: at(0.99),
+            max: samples_ns[samples_ns.len() - 1] as f64 / 1e6,
+        })
+    }
+}
+
+/// One peer at one N.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FanoutResult {
+    /// `credstream`, `tonic-floor`, `etcd`, `nats` or `redis`.
+    pub peer: String,
+    /// Connected agents (each its own connection).
+    pub agents: usize,
+    /// Measured publishes (after the warm-up).
+    pub publishes: usize,
+    /// Publish-to-receipt latency per agent.
+    pub latency_ms: Option<Latency>,
+    /// (agent, publish) pairs not received within the round timeout.
+    pub lost: usize,
+    /// Seconds to connect and subscribe every agent.
+    pub connect_seconds: f64,
+    /// Server RSS before the agents connected.
+    pub server_rss_before_bytes: u64,
+    /// Server RSS with every agent connected.
+    pub server_rss_after_bytes: u64,
+    /// (after - before) / agents.
+    pub server_bytes_per_agent: f64,
+    /// Server CPU (user + system) per publish, over the measured publishes.
+    pub server_cpu_ms_per_update: f64,
+    /// Why this step failed, if it did.
+    pub error: Option<String>,
+}
+
+/// The refresh hint storm.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HintResult {
+    /// Agents connected.
+    pub agents: usize,
+    /// Hints handed to their streams at once.
+    pub hints_sent: usize,
+    /// RefreshRequests the publisher received for them (mints).
+    pub refresh_requests: u64,
+}
+
+/// One target of the issue.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    /// What is compared.
+    pub name: String,
+    /// The measured value (a ratio, bytes, a count or requests per second).
+    pub value: Option<f64>,
+    /// The limit.
+    pub limit: f64,
+    /// True if the value must be at most the limit (else at least).
+    pub at_most: bool,
+    /// Met, missed, or not measured (`None`).
+    pub met: Option<bool>,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    /// When the run started (RFC 3339, UTC).
+    pub date: String,
+    /// CPU model, cores, memory, kernel.
+    pub machine: BTreeMap<String, String>,
+    /// Versions of every server.
+    pub versions: BTreeMap<String, String>,
+    /// The run's settings.
+    pub config: BTreeMap<String, String>,
+    /// Fan-out results, by N then peer.
+    pub fanout: Vec<FanoutResult>,
+    /// The hint storm at the largest N.
+    pub hints: Option<HintResult>,
+    /// The agent's HTTP endpoint.
+    pub agent_http: Option<AgentHttpResult>,
+    /// Why the agent endpoint was not measured, if it was not.
+    pub agent_http_error: Option<String>,
+    /// The issue's targets.
+    pub targets: Vec<Target>,
+}
+
+impl Report {
+    fn find(&self, peer: &str, agents: usize) -> Option<&FanoutResult> {
+        self.fanout
+            .iter()
+            .find(|r| r.peer == peer && r.agents == agents && r.error.is_none())
+    }
+
+    fn max_latency(&self, peer: &str, agents: usize) -> Option<f64> {
+        self.find(peer, agents)?.latency_ms.map(|l| l.max)
+    }
+
+    /// Fills [`Report::targets`] from the results.
+    pub fn compute_targets(&mut self) {
+        let largest = self
+            .fanout
+            .iter()
+            .map(|r| r.agents)
+            .max()
+            .unwrap_or_default();
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let cs = |n| self.max_latency("credstream", n);
+        let faster_pubsub = match (
+            self.max_latency("nats", largest),
+            self.max_latency("redis", largest),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut targets = vec![
+            (
+                format!("max latency at N={largest} / etcd"),
+                ratio(cs(largest), self.max_latency("etcd", largest)),
+                0.5,
+                true,
+            ),
+            (
+                format!("max latency at N={largest} / faster of NATS and Redis"),
+                ratio(cs(largest), faster_pubsub),
+                1.0,
+                true,
+            ),
+            (
+                "max latency at N=1000 / tonic floor".to_owned(),
+                ratio(cs(1000), self.max_latency("tonic-floor", 1000)),
+                1.0,
+                true,
+            ),
+            (
+                format!("broker bytes per connected agent (N={largest})"),
+                self.find("credstream", largest)
+                    .map(|r| r.server_bytes_per_agent),
+                16384.0,
+                true,
+            ),
+            (
+                format!("broker CPU per fan-out at N={largest} / tonic floor"),
+                ratio(
+                    self.find("credstream", largest)
+                        .map(|r| r.server_cpu_ms_per_update),
+                    self.find("tonic-floor", largest)
+                        .map(|r| r.server_cpu_ms_per_update),
+                ),
+                0.5,
+                true,
+            ),
+            (
+                format!(
+                    "mints for {} simultaneous hints",
+                    self.hints.as_ref().map_or(0, |h| h.agents)
+                ),
+                self.hints.as_ref().map(|h| h.refresh_requests as f64),
+                1.0,
+                true,
+            ),
+            (
+                "agent endpoint requests/s".to_owned(),
+                self.agent_http.as_ref().map(|h| h.requests_per_second),
+                20_000.0,
+                false,
+            ),
+            (
+                "agent idle RSS bytes".to_owned(),
+                self.agent_http.as_ref().map(|h| h.idle_rss_bytes as f64),
+                10.0 * 1024.0 * 1024.0,
+                true,
+            ),
+        ];
+        self.targets = targets
+            .drain(..)
+            .map(|(name, value, limit, at_most)| Target {
+                met: value.map(|v| {
+                    if name.starts_with("mints") {
+                        v == 1.0
+                    } else if at_most {
+                        v <= limit
+                    } else {
+                        v >= limit
+                    }
+                }),
+                name,
+                value,
+                limit,
+                at_most,
+            })
+            .collect();
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "credstream fan-out benchmark, {} ({} publishes per N after warm-up)",
+            self.date,
+            self.config.get("publishes").map_or("?", String::as_str)
+        );
+        let _ = writeln!(
+            out,
+            "machine: {}; servers and load generator share these cores",
+            self.machine
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:>6}  {:<12} {:>9} {:>9} {:>9} {:>6} {:>14} {:>14} {:>9}",
+            "N",
+            "peer",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "lost",
+            "srv CPU/upd ms",
+            "srv B/agent",
+            "connect s"
+        );
+        for r in &self.fanout {
+            match (&r.error, r.latency_ms) {
+                (Some(error), _) => {
+                    let _ = writeln!(out, "{:>6}  {:<12} failed: {error}", r.agents, r.peer);
+                }
+                (None, latency) => {
+                    let l = latency.unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "{:>6}  {:<12} {:>9.2} {:>9.2} {:>9.2} {:>6} {:>14.2} {:>14.0} {:>9.1}",
+                        r.agents,
+                        r.peer,
+                        l.p50,
+                        l.p99,
+                        l.max,
+                        r.lost,
+                        r.server_cpu_ms_per_update,
+                        r.server_bytes_per_agent,
+                        r.connect_seconds
+                    );
+                }
+            }
+        }
+        let _ = writeln!(out);
+        if let Some(h) = &self.hints {
+            let _ = writeln!(
+                out,
+                "refresh hints: {} agents hinted at once ({} sent) -> {} RefreshRequest(s) to the publisher",
+                h.agents, h.hints_sent, h.refresh_requests
+            );
+        }
+        match (&self.agent_http, &self.agent_http_error) {
+            (Some(h), _) => {
+                let _ = writeln!(
+                    out,
+                    "agent /aws/credentials: {:.0} req/s over {} keep-alive connections ({} errors); idle RSS {:.1} MiB, after load {:.1} MiB",
+                    h.requests_per_second,
+                    h.connections,
+                    h.errors,
+                    h.idle_rss_bytes as f64 / 1048576.0,
+                    h.loaded_rss_bytes as f64 / 1048576.0
+                );
+            }
+            (None, Some(error)) => {
+                let _ = writeln!(out, "agent endpoint: not measured: {error}");
+            }
+            (None, None) => {}
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "targets:");
+        for t in &self.targets {
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "not measured",
+            };
+            let value = t.value.map_or("-".to_owned(), |v| {
+                if v.abs() < 100.0 {
+                    format!("{v:.3}")
+                } else {
+                    format!("{v:.0}")
+                }
+            });
+            let _ = writeln!(
+                out,
+                "  {:<58} {:>12} {} {:<10} {}",
+                t.name,
+                value,
+                if t.at_most { "<=" } else { ">=" },
+                t.limit,
+                verdict
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_a_hundred_samples() {
+        let mut samples: Vec<u64> = (1..=100).map(|ms| ms * 1_000_000).collect();
+        let l = Latency::of(&mut samples).expect("samples");
+        assert_eq!((l.p50, l.p99, l.max), (50.0, 99.0, 100.0));
+    }
+}

@@ -1,0 +1,479 @@
+//! The whole benchmark: for each N, for each peer, start its server as its
+//! own process, connect N agents, publish, measure, disconnect, stop the
+//! server by PID. Then the hint storm (at the largest N, on the broker) and
+//! the agent's HTTP endpoint.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use credstream_broker::auth::{Role, TokenKey};
+
+use crate::agent_http::{self, AgentHttpConfig};
+use crate::peers::etcd::EtcdPeer;
+use crate::peers::grpc::GrpcPeer;
+use crate::peers::nats::NatsPeer;
+use crate::peers::redis::RedisPeer;
+use crate::peers::{Agents, Peer, connect_all};
+use crate::procstat::ProcStats;
+use crate::recorder::Recorder;
+use crate::report::{FanoutResult, HintResult, Latency, Report};
+use crate::servers::{ServerProcess, version_of};
+
+const CLUSTER: &str = "bench";
+
+/// A system under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PeerKind {
+    /// The credstream broker.
+    Credstream,
+    /// The minimal tonic fan-out (`credstream-bench-floor`).
+    Floor,
+    /// etcd watch.
+    Etcd,
+    /// NATS core pub/sub.
+    Nats,
+    /// Redis pub/sub.
+    Redis,
+}
+
+impl PeerKind {
+    fn label(self) -> &'static str {
+        match self {
+            PeerKind::Credstream => "credstream",
+            PeerKind::Floor => "tonic-floor",
+            PeerKind::Etcd => "etcd",
+            PeerKind::Nats => "nats",
+            PeerKind::Redis => "redis",
+        }
+    }
+
+    fn slot(self) -> u16 {
+        match self {
+            PeerKind::Credstream => 0,
+            PeerKind::Floor => 1,
+            PeerKind::Etcd => 2, // and 3 for its peer port
+            PeerKind::Nats => 4,
+            PeerKind::Redis => 5,
+        }
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// The numbers of agents, in order.
+    pub agents: Vec<usize>,
+    /// Measured publishes per N.
+    pub publishes: usize,
+    /// Unmeasured publishes before them.
+    pub warmup: usize,
+    /// The systems to measure.
+    pub peers: Vec<PeerKind>,
+    /// `credstream-broker`.
+    pub broker_bin: PathBuf,
+    /// `credstream-bench-floor`.
+    pub floor_bin: PathBuf,
+    /// `credstream-agent`; the endpoint is not measured without it.
+    pub agent_bin: Option<PathBuf>,
+    /// Logs, the key file.
+    pub work_dir: PathBuf,
+    /// Where etcd keeps its data (a tmpfs).
+    pub etcd_data_root: PathBuf,
+    /// The first server port (all stay below 32768).
+    pub base_port: u16,
+    /// Agents connecting at once.
+    pub connect_concurrency: usize,
+    /// How long one publish may take to reach every agent.
+    pub round_timeout: Duration,
+    /// Pause between publishes.
+    pub gap: Duration,
+    /// Keep-alive connections loading the agent endpoint.
+    pub http_connections: usize,
+    /// How long to load it.
+    pub http_duration: Duration,
+}
+
+fn port(config: &BenchConfig, step: usize, slot: u16) -> u16 {
+    config.base_port + (step as u16) * 8 + slot
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn machine() -> BTreeMap<String, String> {
+    let mut machine = BTreeMap::new();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if let Some(model) = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
+    {
+        machine.insert("cpu".into(), model);
+    }
+    machine.insert(
+        "cores".into(),
+        std::thread::available_parallelism()
+            .map_or(0, |n| n.get())
+            .to_string(),
+    );
+    if let Some(total) = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+    {
+        machine.insert("memory".into(), format!("{} GiB", total / 1024 / 1024));
+    }
+    if let Ok(kernel) = std::fs::read_to_string("/proc/sys/kernel/osrelease") {
+        machine.insert("kernel".into(), kernel.trim().to_owned());
+    }
+    machine
+}
+
+/// Runs the benchmark.
+pub async fn run(config: &BenchConfig) -> Result<Report> {
+    std::fs::create_dir_all(&config.work_dir)?;
+    let key_file = config.work_dir.join("token.key");
+    std::fs::write(&key_file, rand::random::<[u8; 32]>())?;
+    let key = TokenKey::from_file(&key_file)?;
+    let ttl = Duration::from_secs(12 * 3600);
+    let tokens = Tokens {
+        publisher: key.issue(Role::Publisher, Some(CLUSTER), ttl)?,
+        agent: key.issue(Role::Agent, Some(CLUSTER), ttl)?,
+        key_file,
+    };
+
+    let mut report = Report {
+        date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        machine: machine(),
+        ..Report::default()
+    };
+    report.versions.insert(
+        "credstream-broker".into(),
+        version_of(config.broker_bin.to_str().unwrap_or_default(), "--version").unwrap_or_default(),
+    );
+    for (peer, program, flag) in [
+        (PeerKind::Etcd, "etcd", "--version"),
+        (PeerKind::Nats, "nats-server", "--version"),
+        (PeerKind::Redis, "redis-server", "--version"),
+    ] {
+        if config.peers.contains(&peer) {
+            report.versions.insert(
+                program.into(),
+                version_of(program, flag).unwrap_or_else(|| "not found".into()),
+            );
+        }
+    }
+    for (name, value) in [
+        ("agents", format!("{:?}", config.agents)),
+        ("publishes", config.publishes.to_string()),
+        ("warmup", config.warmup.to_string()),
+        (
+            "payload_bytes",
+            crate::payload::encoded(0).len().to_string(),
+        ),
+        ("gap_ms", config.gap.as_millis().to_string()),
+        (
+            "peers",
+            config
+                .peers
+                .iter()
+                .map(|p| p.label())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    ] {
+        report.config.insert(name.into(), value);
+    }
+
+    let largest = config.agents.iter().copied().max().unwrap_or_default();
+    for (step, &n) in config.agents.iter().enumerate() {
+        for &peer in &config.peers {
+            eprintln!("[bench] {} with {n} agents", peer.label());
+            let hint_storm = peer == PeerKind::Credstream && n == largest;
+            let outcome = step_peer(config, &tokens, step, n, peer, hint_storm).await;
+            let result = match outcome {
+                Ok((result, hints)) => {
+                    if hints.is_some() {
+                        report.hints = hints;
+                    }
+                    result
+                }
+                Err(error) => FanoutResult {
+                    peer: peer.label().into(),
+                    agents: n,
+                    error: Some(format!("{error:#}")),
+                    ..FanoutResult::default()
+                },
+            };
+            eprintln!(
+                "[bench]   latency {:?}, lost {}, cpu/update {:.2} ms, {:.0} B/agent{}",
+                result.latency_ms,
+                result.lost,
+                result.server_cpu_ms_per_update,
+                result.server_bytes_per_agent,
+                result
+                    .error
+                    .as_deref()
+                    .map(|e| format!(", error: {e}"))
+                    .unwrap_or_default()
+            );
+            report.fanout.push(result);
+        }
+    }
+
+    if config.peers.contains(&PeerKind::Credstream) {
+        match &config.agent_bin {
+            Some(agent_bin) => {
+                eprintln!("[bench] agent endpoint");
+                match agent_endpoint(config, &tokens, agent_bin).await {
+                    Ok(result) => report.agent_http = Some(result),
+                    Err(error) => report.agent_http_error = Some(format!("{error:#}")),
+                }
+            }
+            None => {
+                report.agent_http_error = Some("no credstream-agent binary given".into());
+            }
+        }
+    }
+    report.compute_targets();
+    Ok(report)
+}
+
+struct Tokens {
+    publisher: String,
+    agent: String,
+    key_file: PathBuf,
+}
+
+async fn start_broker(config: &BenchConfig, tokens: &Tokens, port: u16) -> Result<ServerProcess> {
+    let mut command = Command::new(&config.broker_bin);
+    command
+        .arg("--listen")
+        .arg(loopback(port).to_string())
+        .arg("--token-key-file")
+        .arg(&tokens.key_file);
+    ServerProcess::start(
+        "credstream-broker",
+        command,
+        loopback(port),
+        &config.work_dir.join(format!("broker-{port}.log")),
+    )
+    .await
+}
+
+async fn start_server(
+    config: &BenchConfig,
+    tokens: &Tokens,
+    peer: PeerKind,
+    port: u16,
+) -> Result<ServerProcess> {
+    let log = config.work_dir.join(format!("{}-{port}.log", peer.label()));
+    let addr = loopback(port);
+    match peer {
+        PeerKind::Credstream => start_broker(config, tokens, port).await,
+        PeerKind::Floor => {
+            let mut command = Command::new(&config.floor_bin);
+            command.arg(addr.to_string());
+            ServerProcess::start("credstream-bench-floor", command, addr, &log).await
+        }
+        PeerKind::Etcd => {
+            let data = config.etcd_data_root.join(format!("etcd-{port}"));
+            let _ = std::fs::remove_dir_all(&data);
+            let client = format!("http://{addr}");
+            let peer_url = format!("http://{}", loopback(port + 1));
+            let mut command = Command::new("etcd");
+            command
+                .args(["--name", "bench", "--data-dir"])
+                .arg(&data)
+                .args(["--listen-client-urls", &client])
+                .args(["--advertise-client-urls", &client])
+                .args(["--listen-peer-urls", &peer_url])
+                .args(["--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &format!("bench={peer_url}")])
+                .args(["--logger", "zap", "--log-level", "warn"]);
+            ServerProcess::start("etcd", command, addr, &log).await
+        }
+        PeerKind::Nats => {
+            let mut command = Command::new("nats-server");
+            command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+            ServerProcess::start("nats-server", command, addr, &log).await
+        }
+        PeerKind::Redis => {
+            let mut command = Command::new("redis-server");
+            command
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--maxclients", "15000", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&config.work_dir);
+            ServerProcess::start("redis-server", command, addr, &log).await
+        }
+    }
+}
+
+async fn step_peer(
+    config: &BenchConfig,
+    tokens: &Tokens,
+    step: usize,
+    n: usize,
+    peer: PeerKind,
+    hint_storm: bool,
+) -> Result<(FanoutResult, Option<HintResult>)> {
+    let port = port(config, step, peer.slot());
+    let server = start_server(config, tokens, peer, port).await?;
+    let pid = server.pid();
+    let url = format!("http://{}", loopback(port));
+    let outcome = async {
+        match peer {
+            PeerKind::Credstream | PeerKind::Floor => {
+                let mut grpc = GrpcPeer::connect(&url, CLUSTER, &tokens.publisher, &tokens.agent)
+                    .await
+                    .context("publisher")?;
+                let (mut result, agents) = fanout(config, &mut grpc, pid, n).await?;
+                result.peer = peer.label().into();
+                let hints = if hint_storm {
+                    Some(hint_storm_on(&grpc, &agents).await?)
+                } else {
+                    None
+                };
+                drop(agents);
+                Ok((result, hints))
+            }
+            PeerKind::Etcd => {
+                let mut etcd = EtcdPeer::connect(&url).await?;
+                let (mut result, _agents) = fanout(config, &mut etcd, pid, n).await?;
+                result.peer = peer.label().into();
+                Ok((result, None))
+            }
+            PeerKind::Nats => {
+                let mut nats = NatsPeer::connect(&format!("nats://{}", loopback(port))).await?;
+                let (mut result, _agents) = fanout(config, &mut nats, pid, n).await?;
+                result.peer = peer.label().into();
+                Ok((result, None))
+            }
+            PeerKind::Redis => {
+                let mut redis = RedisPeer::connect(&format!("redis://{}/", loopback(port))).await?;
+                let (mut result, _agents) = fanout(config, &mut redis, pid, n).await?;
+                result.peer = peer.label().into();
+                Ok((result, None))
+            }
+        }
+    }
+    .await;
+    server.stop().await;
+    if peer == PeerKind::Etcd {
+        let _ = std::fs::remove_dir_all(config.etcd_data_root.join(format!("etcd-{port}")));
+    }
+    outcome
+}
+
+async fn fanout<P: Peer>(
+    config: &BenchConfig,
+    peer: &mut P,
+    pid: u32,
+    n: usize,
+) -> Result<(FanoutResult, Agents)> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = ProcStats::read(pid)?;
+    let recorder = Arc::new(Recorder::new(n));
+    let started = Instant::now();
+    let agents = connect_all(&*peer, &recorder, config.connect_concurrency).await?;
+    let connect_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = ProcStats::read(pid)?;
+
+    let mut round = 0;
+    for _ in 0..config.warmup {
+        round += 1;
+        let t0 = recorder.begin(round);
+        peer.publish(round).await?;
+        recorder.finish(t0, config.round_timeout).await;
+        tokio::time::sleep(config.gap).await;
+    }
+    let cpu_before = ProcStats::read(pid)?.cpu_seconds;
+    let mut samples = Vec::with_capacity(n * config.publishes);
+    let mut lost = 0;
+    for _ in 0..config.publishes {
+        round += 1;
+        let t0 = recorder.begin(round);
+        peer.publish(round).await?;
+        let result = recorder.finish(t0, config.round_timeout).await;
+        samples.extend(result.latencies_ns);
+        lost += result.lost;
+        tokio::time::sleep(config.gap).await;
+    }
+    let cpu_after = ProcStats::read(pid)?.cpu_seconds;
+    Ok((
+        FanoutResult {
+            agents: n,
+            publishes: config.publishes,
+            latency_ms: Latency::of(&mut samples),
+            lost,
+            connect_seconds,
+            server_rss_before_bytes: before.rss_bytes,
+            server_rss_after_bytes: after.rss_bytes,
+            server_bytes_per_agent: after.rss_bytes.saturating_sub(before.rss_bytes) as f64
+                / n as f64,
+            server_cpu_ms_per_update: (cpu_after - cpu_before) * 1000.0
+                / config.publishes.max(1) as f64,
+            ..FanoutResult::default()
+        },
+        agents,
+    ))
+}
+
+/// Every agent hints at once; counts the RefreshRequests that reach the
+/// publisher (waiting 2 s past the first one for any other), then answers
+/// it as a minter would.
+async fn hint_storm_on(grpc: &GrpcPeer, agents: &Agents) -> Result<HintResult> {
+    eprintln!("[bench]   {} agents hint at once", agents.len());
+    let before = grpc.refresh_requests();
+    let hints_sent = grpc.hint_all(agents.len(), Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while grpc.refresh_requests() == before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refresh_requests = grpc.refresh_requests() - before;
+    grpc.answer_refresh(1_000_000, Duration::from_millis(100))
+        .await?;
+    Ok(HintResult {
+        agents: agents.len(),
+        hints_sent,
+        refresh_requests,
+    })
+}
+
+async fn agent_endpoint(
+    config: &BenchConfig,
+    tokens: &Tokens,
+    agent_bin: &std::path::Path,
+) -> Result<agent_http::AgentHttpResult> {
+    let step = config.agents.len();
+    let broker_port = port(config, step, 0);
+    let broker = start_broker(config, tokens, broker_port).await?;
+    let url = format!("http://{}", loopback(broker_port));
+    let result = async {
+        let _publisher = GrpcPeer::connect(&url, CLUSTER, &tokens.publisher, &tokens.agent).await?;
+        agent_http::measure(&AgentHttpConfig {
+            agent_bin: agent_bin.to_owned(),
+            broker_url: url.clone(),
+            cluster: CLUSTER.into(),
+            token: tokens.agent.clone(),
+            listen: loopback(port(config, step, 6)),
+            connections: config.http_connections,
+            duration: config.http_duration,
+            log: config.work_dir.join("agent.log"),
+        })
+        .await
+    }
+    .await;
+    broker.stop().await;
+    result
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The fan-out benchmark (issue 7): credstream vs etcd watch, NATS, Redis
+# pub/sub and a minimal tonic fan-out, at N = 100, 1,000 and 10,000 agents.
+#
+#   scripts/bench.sh                      # everything, about 10 minutes
+#   scripts/bench.sh --agents 100,1000    # any credstream-bench flag
+#
+# Installs the peers from Debian (etcd-server, nats-server, redis-server;
+# protobuf-compiler builds the etcd client), builds the release binaries
+# once, raises the open-file limit (hard cap 20,000 here: FACTS 17) and runs
+# credstream-bench, which starts every server as its own process on
+# 127.0.0.1 only, on ports below 32768, and stops each by its PID. This
+# script stops the bench itself by PID if interrupted. Output: one table,
+# then the JSON (also written to target/bench/report.json).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+section() { printf '\n==> %s\n' "$*" >&2; }
+
+missing=()
+command -v etcd >/dev/null || missing+=(etcd-server)
+command -v nats-server >/dev/null || missing+=(nats-server)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
+if ((${#missing[@]})); then
+  section "apt-get install ${missing[*]}"
+  SUDO=""
+  [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+# Debian may start the packaged services on install; the bench runs its own
+# instances on other ports and leaves system services alone.
+
+section "cargo build --release (broker, agent, bench)"
+cargo build --release -p credstream-broker -p credstream-agent -p credstream-bench >&2
+
+# 10,000 agents on one load process need ~10,000 descriptors there and as
+# many in the server; children inherit the raised soft limit.
+ulimit -n "$(ulimit -Hn)"
+section "open files: $(ulimit -n)"
+
+mkdir -p target/bench
+BENCH_PID=""
+cleanup() {
+  if [[ -n "$BENCH_PID" ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
+    kill -TERM "$BENCH_PID" 2>/dev/null || true
+    sleep 2
+    kill -KILL "$BENCH_PID" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT INT TERM
+
+section "credstream-bench $*"
+target/release/credstream-bench \
+  --json target/bench/report.json \
+  --work-dir "$ROOT/target/bench/work" \
+  "$@" &
+BENCH_PID=$!
+wait "$BENCH_PID"
+BENCH_PID=""
