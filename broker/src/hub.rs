@@ -244,6 +244,8 @@ impl SentVersions {
     }
 }
 
+// Short-lived and moved once; boxing the message would cost an allocation.
+#[allow(clippy::large_enum_variant)]
 enum CatchUpItem<'a> {
     Credential(&'a Arc<CredentialUpdate>, &'a Bytes),
     Other(subscribe_response::Message),
@@ -252,6 +254,9 @@ enum CatchUpItem<'a> {
 /// One message of an agent's catch-up, as [`SentVersions::catch_up_shared`]
 /// yields it.
 #[derive(Debug)]
+// A stream queues at most a few of these; boxing the message would cost an
+// allocation per message.
+#[allow(clippy::large_enum_variant)]
 pub enum CatchUp {
     /// A credential's whole `SubscribeResponse`, encoded once when it was
     /// published and shared by every agent stream.
