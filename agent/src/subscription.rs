@@ -2,8 +2,11 @@
 //! hints, reconnects.
 //!
 //! [`run`] keeps one stream open to the broker and applies everything it
-//! receives to the [`CredentialStore`]. After each applied message it
-//! acknowledges the highest version it holds. While a declared credential is
+//! receives to the [`CredentialStore`]. It acknowledges the highest version
+//! it holds a little later (a random delay around
+//! [`SubscriptionConfig::ack_delay`]), so that the acks of thousands of agents
+//! neither compete with the broker's fan-out of the very version they
+//! acknowledge nor arrive all at once; a burst of versions costs one ack. While a declared credential is
 //! in its last quarter of life (the broker should have refreshed it at half
 //! life) or missing, it sends a refresh hint at most every
 //! [`SubscriptionConfig::hint_every`]; the broker folds all hints of a
@@ -41,6 +44,8 @@ pub struct SubscriptionConfig {
     pub hint_after: f64,
     /// How often to repeat a hint while the condition holds.
     pub hint_every: Duration,
+    /// Mean delay before acknowledging (uniform between ½× and 1½×).
+    pub ack_delay: Duration,
 }
 
 impl SubscriptionConfig {
@@ -51,6 +56,7 @@ impl SubscriptionConfig {
             agent_id: agent_id.into(),
             hint_after: 0.75,
             hint_every: Duration::from_secs(30),
+            ack_delay: Duration::from_millis(500),
         }
     }
 }
@@ -178,6 +184,13 @@ fn message(message: subscribe_request::Message) -> SubscribeRequest {
     }
 }
 
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn connection(
     config: &SubscriptionConfig,
     store: &CredentialStore,
@@ -199,6 +212,7 @@ async fn connection(
     let mut hint_timer = tokio::time::interval(config.hint_every);
     hint_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acked = 0;
+    let mut ack_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             received = inbound.message() => {
@@ -214,12 +228,17 @@ async fn connection(
                     *attempt = 0;
                     tracing::info!(version = store.current().version, "snapshot received");
                 }
+                if ack_at.is_none() && (store.current().version > acked || snapshot) {
+                    let delay = config.ack_delay.mul_f64(0.5 + rand::thread_rng().r#gen::<f64>());
+                    ack_at = Some(tokio::time::Instant::now() + delay);
+                }
+            }
+            () = sleep_until_due(ack_at) => {
+                ack_at = None;
                 let version = store.current().version;
-                if version > acked || snapshot {
-                    acked = version;
-                    if tx.send(message(subscribe_request::Message::Ack(AgentAck { version }))).await.is_err() {
-                        return Ended::Retry("the stream closed while acknowledging".into());
-                    }
+                acked = version;
+                if tx.send(message(subscribe_request::Message::Ack(AgentAck { version }))).await.is_err() {
+                    return Ended::Retry("the stream closed while acknowledging".into());
                 }
             }
             _ = hint_timer.tick() => {

@@ -63,8 +63,10 @@ struct Cli {
         default_value_t = 64
     )]
     connect_concurrency: usize,
-    /// Pause between publishes.
-    #[arg(long, env = "CREDSTREAM_BENCH_GAP", default_value = "200ms", value_parser = humantime::parse_duration)]
+    /// Pause between publishes: long enough that the acks of one round
+    /// (sent 250–750 ms after receipt, as the agent does) land before the
+    /// next, so each round measures the fan-out alone.
+    #[arg(long, env = "CREDSTREAM_BENCH_GAP", default_value = "1s", value_parser = humantime::parse_duration)]
     gap: Duration,
     /// How long one publish may take to reach every agent.
     #[arg(long, env = "CREDSTREAM_BENCH_ROUND_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]

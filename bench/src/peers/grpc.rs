@@ -1,6 +1,7 @@
 //! The credstream protocol as the bench's agents and publisher speak it:
 //! one HTTP/2 connection per agent, a hello, the snapshot, then every
-//! credential recorded and acknowledged as the real agent does. The same
+//! credential recorded and acknowledged as the real agent does (a jittered
+//! ack delay around 500 ms, one ack for a burst of versions). The same
 //! client drives the minimal tonic fan-out, which speaks the same services.
 
 use std::sync::Arc;
@@ -203,11 +204,6 @@ impl Peer for GrpcPeer {
                 .unwrap_or(0),
             other => bail!("the first message was not a snapshot: {other:?}"),
         };
-        let _ = tx
-            .send(request(subscribe_request::Message::Ack(AgentAck {
-                version: held,
-            })))
-            .await;
         Ok(tokio::spawn(agent_loop(AgentLoop {
             index,
             recorder,
@@ -236,8 +232,24 @@ struct AgentLoop {
     hints_sent: Arc<AtomicUsize>,
 }
 
+/// Mean ack delay, as `credstream_agent::subscription` uses by default.
+const ACK_DELAY: Duration = Duration::from_millis(500);
+
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn ack_deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + ACK_DELAY.mul_f64(0.5 + rand::random::<f64>())
+}
+
 async fn agent_loop(mut a: AgentLoop) {
     let mut hint_open = true;
+    // The snapshot is acknowledged like any version: later, with jitter.
+    let mut ack_at = Some(ack_deadline());
     loop {
         tokio::select! {
             received = a.inbound.message() => {
@@ -247,10 +259,14 @@ async fn agent_loop(mut a: AgentLoop) {
                         a.recorder.record(a.index, round);
                     }
                     a.held = update.version;
-                    let ack = request(subscribe_request::Message::Ack(AgentAck { version: update.version }));
-                    if a.tx.send(ack).await.is_err() {
-                        return;
-                    }
+                    ack_at.get_or_insert_with(ack_deadline);
+                }
+            }
+            () = sleep_until_due(ack_at) => {
+                ack_at = None;
+                let ack = request(subscribe_request::Message::Ack(AgentAck { version: a.held }));
+                if a.tx.send(ack).await.is_err() {
+                    return;
                 }
             }
             changed = a.hint.changed(), if hint_open => {

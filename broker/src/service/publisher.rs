@@ -131,6 +131,11 @@ async fn session(
         send(tx, publish_response::Message::RefreshRequest(request)).await?;
     }
     let mut acks = cluster.watch_acks();
+    // Ack progress is coalesced: with thousands of agents each ack would
+    // otherwise be a message to the publisher. At most one UpdateAck per
+    // ACK_INTERVAL, always the latest tally.
+    let mut ack_due: Option<tokio::time::Instant> = None;
+    let mut last_ack_sent = tokio::time::Instant::now() - ACK_INTERVAL;
     let mut inbound_open = true;
     loop {
         tokio::select! {
@@ -154,15 +159,30 @@ async fn session(
                     )));
                 }
             },
-            changed = acks.changed() => {
+            changed = acks.changed(), if ack_due.is_none() => {
                 if changed.is_ok() {
-                    let ack = *acks.borrow_and_update();
-                    send(tx, publish_response::Message::UpdateAck(ack)).await?;
+                    ack_due = Some(last_ack_sent + ACK_INTERVAL);
                 }
+            }
+            () = sleep_until_due(ack_due) => {
+                ack_due = None;
+                last_ack_sent = tokio::time::Instant::now();
+                let ack = *acks.borrow_and_update();
+                send(tx, publish_response::Message::UpdateAck(ack)).await?;
             }
             () = super::shutdown_requested(&mut shutdown) => return Err(super::shutting_down()),
             () = tx.closed() => return Ok(()),
         }
+    }
+}
+
+/// The shortest gap between two `UpdateAck`s to one publisher.
+const ACK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+async fn sleep_until_due(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
