@@ -20,7 +20,7 @@
 //!
 //! Each credential is encoded as its agent-bound `SubscribeResponse` once,
 //! when it is published (the `encoded` field of [`Slot::Credential`]);
-//! agent streams send those shared bytes ([`SentVersions::catch_up_shared`])
+//! agent streams send those shared bytes ([`SentVersions::catch_up`])
 //! instead of cloning and encoding the message once per agent.
 
 use std::collections::{BTreeMap, HashMap};
@@ -159,46 +159,19 @@ impl SentVersions {
 
     /// The messages that bring an agent from `self` to `state`, oldest slot
     /// first; updates `self`. Expired credentials are skipped, never sent.
-    pub fn catch_up(
-        &mut self,
-        state: &ClusterState,
-        now: Instant,
-        out: &mut Vec<subscribe_response::Message>,
-    ) {
-        self.walk(state, now, |item| {
-            out.push(match item {
-                CatchUpItem::Credential(update, _) => {
-                    subscribe_response::Message::Credential((**update).clone())
-                }
-                CatchUpItem::Other(message) => message,
-            })
-        });
+    /// Credentials come as their shared, already encoded `SubscribeResponse`
+    /// bytes: no clone and no encoding per agent.
+    pub fn catch_up(&mut self, state: &ClusterState, now: Instant, out: &mut impl Extend<CatchUp>) {
+        self.walk(state, now, |item| out.extend(std::iter::once(item)));
     }
 
-    /// Like [`SentVersions::catch_up`], but credentials come as their
-    /// shared, already encoded `SubscribeResponse` bytes: no clone and no
-    /// encoding per agent.
-    pub fn catch_up_shared(
-        &mut self,
-        state: &ClusterState,
-        now: Instant,
-        out: &mut impl Extend<CatchUp>,
-    ) {
-        self.walk(state, now, |item| {
-            out.extend(std::iter::once(match item {
-                CatchUpItem::Credential(_, encoded) => CatchUp::Encoded(encoded.clone()),
-                CatchUpItem::Other(message) => CatchUp::Message(message),
-            }))
-        });
-    }
-
-    fn walk(&mut self, state: &ClusterState, now: Instant, mut emit: impl FnMut(CatchUpItem<'_>)) {
+    fn walk(&mut self, state: &ClusterState, now: Instant, mut emit: impl FnMut(CatchUp)) {
         use subscribe_response::Message;
         if let Some(info) = &state.info
             && info.version > self.info
         {
             self.info = info.version;
-            emit(CatchUpItem::Other(Message::ClusterInfo(info.clone())));
+            emit(CatchUp::Message(Message::ClusterInfo(info.clone())));
         }
         for (kind, sent) in [
             (CredentialKind::Aws, &mut self.aws),
@@ -211,48 +184,35 @@ impl SentVersions {
             *sent = slot.version();
             match slot {
                 Slot::Credential {
-                    update,
-                    expires,
-                    encoded,
+                    expires, encoded, ..
                 } if *expires > now => {
-                    emit(CatchUpItem::Credential(update, encoded));
+                    emit(CatchUp::Encoded(encoded.clone()));
                 }
-                Slot::Revoked(version) => {
-                    emit(CatchUpItem::Other(Message::Revocation(Revocation {
-                        kinds: vec![kind as i32],
-                        private_env: false,
-                        version: *version,
-                    })))
-                }
+                Slot::Revoked(version) => emit(CatchUp::Message(Message::Revocation(Revocation {
+                    kinds: vec![kind as i32],
+                    private_env: false,
+                    version: *version,
+                }))),
                 _ => {}
             }
         }
         if state.env.version() > self.env {
             self.env = state.env.version();
             match &state.env {
-                Slot::Env(env) => emit(CatchUpItem::Other(Message::PrivateEnv((**env).clone()))),
-                Slot::Revoked(version) => {
-                    emit(CatchUpItem::Other(Message::Revocation(Revocation {
-                        kinds: vec![],
-                        private_env: true,
-                        version: *version,
-                    })))
-                }
+                Slot::Env(env) => emit(CatchUp::Message(Message::PrivateEnv((**env).clone()))),
+                Slot::Revoked(version) => emit(CatchUp::Message(Message::Revocation(Revocation {
+                    kinds: vec![],
+                    private_env: true,
+                    version: *version,
+                }))),
                 _ => {}
             }
         }
     }
 }
 
-// Short-lived and moved once; boxing the message would cost an allocation.
-#[allow(clippy::large_enum_variant)]
-enum CatchUpItem<'a> {
-    Credential(&'a Arc<CredentialUpdate>, &'a Bytes),
-    Other(subscribe_response::Message),
-}
-
-/// One message of an agent's catch-up, as [`SentVersions::catch_up_shared`]
-/// yields it.
+/// One message of an agent's catch-up, as [`SentVersions::catch_up`] yields
+/// it.
 #[derive(Debug)]
 // A stream queues at most a few of these; boxing the message would cost an
 // allocation per message.

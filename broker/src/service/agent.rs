@@ -171,8 +171,7 @@ fn fan_out(
                 Woke::Changed(false) => return None,
                 Woke::Changed(true) => {
                     let latest = f.state.borrow_and_update().clone();
-                    f.sent
-                        .catch_up_shared(&latest, Instant::now(), &mut f.queue);
+                    f.sent.catch_up(&latest, Instant::now(), &mut f.queue);
                 }
             }
         }
