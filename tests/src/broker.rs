@@ -198,6 +198,18 @@ impl RawPublisher {
             .expect("publisher stream stalled")
     }
 
+    /// Reads past any messages to the status that ends the stream; fails if
+    /// the stream ends without one.
+    pub async fn ended_with(&mut self) -> Status {
+        loop {
+            match self.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the publish stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    }
+
     /// Reads until `accept` returns a value; fails on stream end or timeout.
     pub async fn until<T>(&mut self, mut accept: impl FnMut(&PublishResponse) -> Option<T>) -> T {
         loop {
@@ -274,6 +286,18 @@ impl RawAgent {
             .expect("stream open")
             .message
             .expect("a message")
+    }
+
+    /// Reads past any messages to the status that ends the stream; fails if
+    /// the stream ends without one.
+    pub async fn ended_with(&mut self) -> Status {
+        loop {
+            match self.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the subscribe stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
     }
 
     /// Sends one message.

@@ -350,13 +350,7 @@ async fn a_new_publisher_takes_over_and_the_old_stream_ends_aborted() {
     .unwrap();
     new.until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
         .await;
-    let status = loop {
-        match old.next().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("ended without a status"),
-            Err(status) => break status,
-        }
-    };
+    let status = old.ended_with().await;
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert!(status.message().contains("took over"));
 }
@@ -452,13 +446,7 @@ async fn publisher_error(
             })
             .await;
     }
-    loop {
-        match publisher.next().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("stream ended without an error"),
-            Err(status) => return status,
-        }
-    }
+    publisher.ended_with().await
 }
 
 #[tokio::test]
@@ -640,13 +628,7 @@ async fn bad_input_gets_a_clear_error_and_keeps_the_state() {
     agent
         .send(subscribe_request::Message::Hello(Default::default()))
         .await;
-    let status = loop {
-        match agent.next().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("no error"),
-            Err(status) => break status,
-        }
-    };
+    let status = agent.ended_with().await;
     assert_eq!(status.code(), Code::FailedPrecondition);
     let _ = WAIT;
 }
@@ -713,21 +695,9 @@ async fn shutdown_ends_streams_with_unavailable_and_health_turns_not_serving() {
         broker: running, ..
     } = broker;
     let stopping = tokio::spawn(running.shutdown());
-    let status = loop {
-        match agent.next().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("ended without status"),
-            Err(status) => break status,
-        }
-    };
+    let status = agent.ended_with().await;
     assert_eq!(status.code(), Code::Unavailable);
-    let status = loop {
-        match publisher.next().await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("ended without status"),
-            Err(status) => break status,
-        }
-    };
+    let status = publisher.ended_with().await;
     assert_eq!(status.code(), Code::Unavailable);
     // The health watch saw NOT_SERVING before the server went away.
     let mut saw_not_serving = false;

@@ -72,13 +72,7 @@ async fn each_auth_failure_gets_the_documented_code() {
         } else {
             match open_publisher(broker.channel(), &token, hello()).await {
                 Err(status) => status,
-                Ok(mut publisher) => loop {
-                    match publisher.next().await {
-                        Ok(Some(_)) => continue,
-                        Ok(None) => panic!("{name}: accepted"),
-                        Err(status) => break status,
-                    }
-                },
+                Ok(mut publisher) => publisher.ended_with().await,
             }
         };
         assert_eq!(status.code(), code, "{name}: {status:?}");
