@@ -5,8 +5,8 @@
 #   scripts/bench.sh                      # everything, about 10 minutes
 #   scripts/bench.sh --agents 100,1000    # any credstream-bench flag
 #
-# Installs the peers from Debian (etcd-server, nats-server, redis-server;
-# protobuf-compiler builds the etcd client), builds the release binaries
+# Installs the peers from Debian (etcd-server, nats-server, redis-server),
+# builds the release binaries
 # once, raises the open-file limit (hard cap 20,000 here: FACTS 17) and runs
 # credstream-bench, which starts every server as its own process on
 # 127.0.0.1 only, on ports below 32768, and stops each by its PID. This
@@ -23,7 +23,6 @@ missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v nats-server >/dev/null || missing+=(nats-server)
 command -v redis-server >/dev/null || missing+=(redis-server)
-command -v protoc >/dev/null || missing+=(protobuf-compiler)
 if ((${#missing[@]})); then
   section "apt-get install ${missing[*]}"
   SUDO=""
