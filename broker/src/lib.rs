@@ -6,6 +6,7 @@
 //!   credential, single flight, retries with backoff.
 //! - [`auth`] — signed bearer tokens and the tower layer that checks them.
 //! - [`limits`] — bounds and checks on every input.
+//! - [`metrics`] — the Prometheus endpoint of `--metrics-listen`.
 //! - [`service`] — the thin gRPC services (publisher, agent, admin).
 //! - [`server`] — the tonic server: TLS, health, reflection, shutdown.
 #![warn(missing_docs)]
@@ -13,6 +14,7 @@
 pub mod auth;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod refresh;
 pub mod server;
 pub mod service;

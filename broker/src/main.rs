@@ -63,6 +63,11 @@ struct ServeArgs {
     /// new one (0.1 to 0.9).
     #[arg(long, env = "CREDSTREAM_REFRESH_AT", default_value_t = 0.5)]
     refresh_at: f64,
+    /// Serve Prometheus metrics (`GET /metrics`: clusters, agents,
+    /// publishers, credential expiry, refresh outcomes; never a secret) on
+    /// this address.
+    #[arg(long, env = "CREDSTREAM_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Log format.
     #[arg(long, env = "CREDSTREAM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -150,6 +155,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut broker = server::start(config).await?;
     println!("listening on {}", broker.local_addr);
+    if let Some(listen) = args.metrics_listen {
+        let metrics = credstream_broker::metrics::serve(listen, broker.hub.clone()).await?;
+        println!("metrics on http://{metrics}/metrics");
+    }
     if args.dev {
         print_dev_banner(&token_key, &broker.url())?;
     }
