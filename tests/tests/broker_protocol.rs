@@ -710,3 +710,32 @@ async fn shutdown_ends_streams_with_unavailable_and_health_turns_not_serving() {
     assert!(saw_not_serving);
     tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_never_says_hello_is_ended_after_30_seconds() {
+    let broker = TestBroker::start().await;
+    let cluster = "silent";
+    let mut publisher = open_publisher(
+        broker.channel(),
+        &broker.token(Role::Publisher, Some(cluster)),
+        None,
+    )
+    .await
+    .unwrap();
+    // The paused clock jumps to the broker's 30 s deadline; the harness's
+    // usual 20 s wait would run out first.
+    let status = tokio::time::timeout(Duration::from_secs(60), publisher.rx.message())
+        .await
+        .expect("ended within 60 s")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("no hello"));
+    let err = open_agent_with(
+        broker.channel(),
+        &broker.token(Role::Agent, Some(cluster)),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+}

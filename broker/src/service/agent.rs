@@ -35,9 +35,6 @@ use crate::auth;
 use crate::hub::{AgentRegistration, CatchUp, ClusterHub, ClusterState, SentVersions};
 use crate::limits;
 
-/// How long an agent has to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
 pub struct AgentServer {
@@ -65,7 +62,7 @@ impl AgentServer {
         let claims = auth::claims(&request)?;
         let routing = super::routing_cluster(&request)?;
         let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        let first = tokio::time::timeout(super::HELLO_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within 30 seconds"))??;
         let Some(SubscribeRequest {

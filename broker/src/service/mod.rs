@@ -35,6 +35,10 @@ fn check_routing(header: Option<&str>, cluster_id: &str) -> Result<(), Status> {
     }
 }
 
+/// How long a stream may stay open without its hello: a peer that connects
+/// and says nothing must not hold a task forever.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The status that ends every stream when the broker shuts down.
 fn shutting_down() -> Status {
     Status::unavailable("the broker is shutting down; reconnect with backoff")

@@ -94,6 +94,9 @@ async fn session(
 ) -> Result<(), Status> {
     let first = tokio::select! {
         message = inbound.message() => message?,
+        () = tokio::time::sleep(super::HELLO_TIMEOUT) => {
+            return Err(Status::deadline_exceeded("no hello within 30 seconds"));
+        }
         () = super::shutdown_requested(&mut shutdown) => return Err(super::shutting_down()),
     };
     let Some(PublishRequest {
