@@ -82,6 +82,36 @@ impl TestBroker {
         AdminServiceClient::with_interceptor(self.channel(), creds)
     }
 
+    /// A raw publisher of `cluster` (a publisher token) that sent its hello
+    /// declaring `kinds` and `env`.
+    pub async fn publisher(
+        &self,
+        cluster: &str,
+        kinds: &[CredentialKind],
+        env: bool,
+    ) -> RawPublisher {
+        open_publisher(
+            self.channel(),
+            &self.token(Role::Publisher, Some(cluster)),
+            Some(publisher_hello(cluster, kinds, env)),
+        )
+        .await
+        .expect("publisher stream opens")
+    }
+
+    /// A raw agent `agent_id` of `cluster` (an agent token) that sent its
+    /// hello; the snapshot is its first message.
+    pub async fn agent(&self, cluster: &str, agent_id: &str) -> RawAgent {
+        open_agent(
+            self.channel(),
+            &self.token(Role::Agent, Some(cluster)),
+            cluster,
+            agent_id,
+        )
+        .await
+        .expect("agent stream opens")
+    }
+
     /// `GetCluster` as admin.
     pub async fn status(&self, cluster: &str) -> Result<ClusterStatus, Status> {
         let response = self
@@ -208,6 +238,15 @@ impl RawPublisher {
                 Err(status) => return status,
             }
         }
+    }
+
+    /// Reads until the welcome.
+    pub async fn welcome(&mut self) -> credstream_proto::v1::PublisherWelcome {
+        self.until(|m| match &m.message {
+            Some(credstream_proto::v1::publish_response::Message::Welcome(w)) => Some(w.clone()),
+            _ => None,
+        })
+        .await
     }
 
     /// Reads until `accept` returns a value; fails on stream end or timeout.

@@ -46,16 +46,8 @@ fn version_of(message: &subscribe_response::Message) -> u64 {
 async fn hundred_agents_receive_the_snapshot_and_every_update_in_version_order() {
     let broker = TestBroker::start().await;
     let cluster = "fanout";
-    let mut publisher = open_publisher(
-        broker.channel(),
-        &broker.token(Role::Publisher, Some(cluster)),
-        Some(publisher_hello(cluster, &[AWS], false)),
-    )
-    .await
-    .unwrap();
-    publisher
-        .until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
-        .await;
+    let mut publisher = broker.publisher(cluster, &[AWS], false).await;
+    publisher.welcome().await;
     publisher
         .send(publish_request::Message::Credential(aws_update(
             "first", HOUR,
@@ -160,13 +152,7 @@ async fn hundred_agents_receive_the_snapshot_and_every_update_in_version_order()
 async fn a_stalled_agent_does_not_delay_others_and_converges_on_the_latest() {
     let broker = TestBroker::start().await;
     let cluster = "stall";
-    let publisher = open_publisher(
-        broker.channel(),
-        &broker.token(Role::Publisher, Some(cluster)),
-        Some(publisher_hello(cluster, &[], true)),
-    )
-    .await
-    .unwrap();
+    let publisher = broker.publisher(cluster, &[], true).await;
     let token = broker.token(Role::Agent, Some(cluster));
     // The stalled agent has its own connection with a 64 KiB window and
     // never reads after the snapshot.
@@ -230,21 +216,8 @@ async fn a_stalled_agent_does_not_delay_others_and_converges_on_the_latest() {
 async fn a_half_closed_agent_keeps_receiving() {
     let broker = TestBroker::start().await;
     let cluster = "halfclose";
-    let publisher = open_publisher(
-        broker.channel(),
-        &broker.token(Role::Publisher, Some(cluster)),
-        Some(publisher_hello(cluster, &[AWS], false)),
-    )
-    .await
-    .unwrap();
-    let mut agent = open_agent(
-        broker.channel(),
-        &broker.token(Role::Agent, Some(cluster)),
-        cluster,
-        "a1",
-    )
-    .await
-    .unwrap();
+    let publisher = broker.publisher(cluster, &[AWS], false).await;
+    let mut agent = broker.agent(cluster, "a1").await;
     let _ = agent.expect().await;
     // Half-close: drop the sending side.
     let (dummy, _) = tokio::sync::mpsc::channel(1);
@@ -267,13 +240,7 @@ async fn a_half_closed_agent_keeps_receiving() {
 async fn snapshot_carries_credentials_env_and_declaration() {
     let broker = TestBroker::start().await;
     let cluster = "snap";
-    let mut publisher = open_publisher(
-        broker.channel(),
-        &broker.token(Role::Publisher, Some(cluster)),
-        Some(publisher_hello(cluster, &[AWS, GCP], true)),
-    )
-    .await
-    .unwrap();
+    let mut publisher = broker.publisher(cluster, &[AWS, GCP], true).await;
     let welcome = publisher
         .until(|m| match &m.message {
             Some(publish_response::Message::Welcome(w)) => Some(w.clone()),
@@ -305,14 +272,7 @@ async fn snapshot_carries_credentials_env_and_declaration() {
         status.private_env.unwrap().names,
         vec!["AUTH_TOKEN_FOR_CUSTOM_DATABASE"]
     );
-    let mut agent = open_agent(
-        broker.channel(),
-        &broker.token(Role::Agent, Some(cluster)),
-        cluster,
-        "a",
-    )
-    .await
-    .unwrap();
+    let mut agent = broker.agent(cluster, "a").await;
     let subscribe_response::Message::Snapshot(snapshot) = agent.expect().await else {
         panic!()
     };
@@ -339,8 +299,7 @@ async fn a_new_publisher_takes_over_and_the_old_stream_ends_aborted() {
     )
     .await
     .unwrap();
-    old.until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
-        .await;
+    old.welcome().await;
     let mut new = open_publisher(
         broker.channel(),
         &token,
@@ -348,8 +307,7 @@ async fn a_new_publisher_takes_over_and_the_old_stream_ends_aborted() {
     )
     .await
     .unwrap();
-    new.until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
-        .await;
+    new.welcome().await;
     let status = old.ended_with().await;
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert!(status.message().contains("took over"));
@@ -359,13 +317,7 @@ async fn a_new_publisher_takes_over_and_the_old_stream_ends_aborted() {
 async fn revocation_reaches_every_agent() {
     let broker = TestBroker::start().await;
     let cluster = "revoke";
-    let publisher = open_publisher(
-        broker.channel(),
-        &broker.token(Role::Publisher, Some(cluster)),
-        Some(publisher_hello(cluster, &[AWS], true)),
-    )
-    .await
-    .unwrap();
+    let publisher = broker.publisher(cluster, &[AWS], true).await;
     publisher
         .send(publish_request::Message::Credential(aws_update("r", HOUR)))
         .await;
@@ -454,13 +406,7 @@ async fn bad_input_gets_a_clear_error_and_keeps_the_state() {
     let broker = TestBroker::start().await;
     let cluster = "bad";
     // Establish a good state first.
-    let good = open_publisher(
-        broker.channel(),
-        &broker.token(Role::Publisher, Some(cluster)),
-        Some(publisher_hello(cluster, &[AWS], true)),
-    )
-    .await
-    .unwrap();
+    let good = broker.publisher(cluster, &[AWS], true).await;
     good.send(publish_request::Message::Credential(aws_update(
         "good", HOUR,
     )))
@@ -474,14 +420,7 @@ async fn bad_input_gets_a_clear_error_and_keeps_the_state() {
         }
         tokio::task::yield_now().await;
     };
-    let mut agent = open_agent(
-        broker.channel(),
-        &broker.token(Role::Agent, Some(cluster)),
-        cluster,
-        "watcher",
-    )
-    .await
-    .unwrap();
+    let mut agent = broker.agent(cluster, "watcher").await;
     let _ = agent.expect().await;
 
     let hello = || publisher_hello(cluster, &[AWS], true);
@@ -663,25 +602,10 @@ async fn a_hello_for_another_cluster_than_the_token_and_header_is_denied() {
 async fn shutdown_ends_streams_with_unavailable_and_health_turns_not_serving() {
     let broker = TestBroker::start().await;
     let cluster = "shutdown";
-    let mut agent = open_agent(
-        broker.channel(),
-        &broker.token(Role::Agent, Some(cluster)),
-        cluster,
-        "a",
-    )
-    .await
-    .unwrap();
+    let mut agent = broker.agent(cluster, "a").await;
     let _ = agent.expect().await;
-    let mut publisher = open_publisher(
-        broker.channel(),
-        &broker.token(Role::Publisher, Some(cluster)),
-        Some(publisher_hello(cluster, &[], false)),
-    )
-    .await
-    .unwrap();
-    publisher
-        .until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
-        .await;
+    let mut publisher = broker.publisher(cluster, &[], false).await;
+    publisher.welcome().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(broker.channel());
     let mut watch = health
         .watch(tonic_health::pb::HealthCheckRequest {

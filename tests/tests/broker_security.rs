@@ -102,35 +102,15 @@ async fn each_auth_failure_gets_the_documented_code() {
 #[tokio::test]
 async fn a_publisher_of_cluster_a_never_reaches_agents_of_b() {
     let broker = TestBroker::start().await;
-    let mut agent_b = open_agent(
-        broker.channel(),
-        &broker.token(Role::Agent, Some("b")),
-        "b",
-        "agent-b",
-    )
-    .await
-    .unwrap();
+    let mut agent_b = broker.agent("b", "agent-b").await;
     let _ = agent_b.expect().await;
-    let publisher_a = open_publisher(
-        broker.channel(),
-        &broker.token(Role::Publisher, Some("a")),
-        Some(publisher_hello("a", &[CredentialKind::Aws], false)),
-    )
-    .await
-    .unwrap();
+    let publisher_a = broker.publisher("a", &[CredentialKind::Aws], false).await;
     publisher_a
         .send(publish_request::Message::Credential(aws_update(
             "for-a", HOUR,
         )))
         .await;
-    let mut agent_a = open_agent(
-        broker.channel(),
-        &broker.token(Role::Agent, Some("a")),
-        "a",
-        "agent-a",
-    )
-    .await
-    .unwrap();
+    let mut agent_a = broker.agent("a", "agent-a").await;
     // Agent A gets it (snapshot or update) ...
     loop {
         match agent_a.expect().await {

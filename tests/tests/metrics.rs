@@ -3,11 +3,8 @@
 
 use std::time::Duration;
 
-use credstream_broker::auth::Role;
 use credstream_proto::v1::{CredentialKind, publish_request, publish_response, subscribe_response};
-use credstream_tests::broker::{
-    TestBroker, aws_update, open_agent, open_publisher, publisher_hello,
-};
+use credstream_tests::broker::{TestBroker, aws_update};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn get_metrics(addr: std::net::SocketAddr) -> String {
@@ -32,13 +29,9 @@ async fn metrics_report_the_cluster_without_secrets() {
     .await
     .unwrap();
     let cluster = "observed";
-    let mut publisher = open_publisher(
-        broker.channel(),
-        &broker.token(Role::Publisher, Some(cluster)),
-        Some(publisher_hello(cluster, &[CredentialKind::Aws], false)),
-    )
-    .await
-    .unwrap();
+    let mut publisher = broker
+        .publisher(cluster, &[CredentialKind::Aws], false)
+        .await;
     let request = publisher
         .until(|m| match &m.message {
             Some(publish_response::Message::RefreshRequest(r)) => Some(r.clone()),
@@ -50,14 +43,7 @@ async fn metrics_report_the_cluster_without_secrets() {
     publisher
         .send(publish_request::Message::Credential(update))
         .await;
-    let mut agent = open_agent(
-        broker.channel(),
-        &broker.token(Role::Agent, Some(cluster)),
-        cluster,
-        "a1",
-    )
-    .await
-    .unwrap();
+    let mut agent = broker.agent(cluster, "a1").await;
     loop {
         match agent.expect().await {
             subscribe_response::Message::Snapshot(s) if !s.credentials.is_empty() => break,

@@ -204,9 +204,7 @@ async fn a_request_made_while_no_publisher_is_connected_is_sent_when_one_connect
     )
     .await
     .unwrap();
-    publisher
-        .until(|m| matches!(m.message, Some(publish_response::Message::Welcome(_))).then_some(()))
-        .await;
+    publisher.welcome().await;
     // Answer the MISSING request.
     let request = publisher
         .until(|m| match &m.message {
@@ -221,14 +219,7 @@ async fn a_request_made_while_no_publisher_is_connected_is_sent_when_one_connect
             update,
         ))
         .await;
-    let mut agent = open_agent(
-        broker.channel(),
-        &broker.token(Role::Agent, Some(cluster)),
-        cluster,
-        "w",
-    )
-    .await
-    .unwrap();
+    let mut agent = broker.agent(cluster, "w").await;
     let held = loop {
         match agent.expect().await {
             subscribe_response::Message::Snapshot(s) if !s.credentials.is_empty() => {
