@@ -16,12 +16,15 @@
 //!
 //! Everything else about a cluster — the publisher slot, the agent tally,
 //! the refresh planner — lives in its mutex-protected inner part; the fan-out
-//! path takes no lock.
+//! path takes no lock. Agent streams do not wait on the `watch` itself (its
+//! waiter list is one shared lock); each change rings the cluster's
+//! [`Bell`], which wakes every stream through its own atomic waker.
 //!
-//! Each credential is encoded as its agent-bound `SubscribeResponse` once,
-//! when it is published (the `encoded` field of [`Slot::Credential`]);
-//! agent streams send those shared bytes ([`SentVersions::catch_up`])
-//! instead of cloning and encoding the message once per agent.
+//! Each credential is encoded as its agent-bound `SubscribeResponse`, in
+//! gRPC's length-prefixed framing, once, when it is published (the
+//! `encoded` field of [`Slot::Credential`]); agent streams send those shared
+//! bytes ([`SentVersions::catch_up`]) as they are, instead of cloning and
+//! encoding the message once per agent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -34,13 +37,13 @@ use credstream_proto::v1::{
     RefreshRequest, Revocation, SubscribeResponse, UpdateAck, credential_update::Credential,
     subscribe_response,
 };
-use prost::Message as _;
 use prost::bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tonic::Status;
 use zeroize::Zeroize;
 
+use crate::bell::{Bell, BellHandle};
 use crate::limits;
 use crate::refresh::{RefreshConfig, RefreshPlanner};
 
@@ -57,7 +60,8 @@ pub enum Slot {
         /// Expiry on the tokio clock.
         expires: Instant,
         /// `update` encoded once as the `SubscribeResponse` agents receive,
-        /// shared by every agent stream; zeroized when the last one drops.
+        /// with its gRPC message prefix, shared by every agent stream;
+        /// zeroized when the last one drops.
         encoded: Bytes,
     },
     /// The whole private env (replace_all set).
@@ -218,8 +222,9 @@ impl SentVersions {
 // allocation per message.
 #[allow(clippy::large_enum_variant)]
 pub enum CatchUp {
-    /// A credential's whole `SubscribeResponse`, encoded once when it was
-    /// published and shared by every agent stream.
+    /// A credential's whole `SubscribeResponse` as a gRPC length-prefixed
+    /// message, encoded once when it was published and shared by every
+    /// agent stream.
     Encoded(Bytes),
     /// Any other message (cluster info, private env, revocation, the
     /// snapshot), encoded per stream.
@@ -247,7 +252,19 @@ fn encode_for_agents(update: &CredentialUpdate) -> Bytes {
     let response = SubscribeResponse {
         message: Some(subscribe_response::Message::Credential(update.clone())),
     };
-    Bytes::from_owner(ZeroizedOnDrop(response.encode_to_vec()))
+    let mut framed = Vec::new();
+    grpc_frame_into(&response, &mut framed);
+    Bytes::from_owner(ZeroizedOnDrop(framed))
+}
+
+/// Appends `message` to `out` as one gRPC message: a zero byte (not
+/// compressed), the length as a big-endian u32, the encoded message.
+pub fn grpc_frame_into(message: &impl prost::Message, out: &mut Vec<u8>) {
+    let len = message.encoded_len();
+    out.reserve(5 + len);
+    out.push(0);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    message.encode(out).expect("a Vec grows to fit the message");
 }
 
 /// Messages the broker pushes to the connected publisher.
@@ -289,6 +306,7 @@ pub struct Cluster {
     acks: watch::Sender<UpdateAck>,
     inner: Mutex<Inner>,
     wake_planner: Notify,
+    bell: Arc<Bell>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -362,6 +380,7 @@ impl Cluster {
                 next_conn: 1,
             }),
             wake_planner: Notify::new(),
+            bell: Arc::new(Bell::default()),
         }
     }
 
@@ -370,9 +389,15 @@ impl Cluster {
         &self.id
     }
 
-    /// A receiver of the cluster's state, for an agent stream.
-    pub fn watch(&self) -> watch::Receiver<Arc<ClusterState>> {
-        self.state.subscribe()
+    /// A receiver of the cluster's state, for an agent stream: the stream
+    /// reads the state with it (`has_changed`, `borrow_and_update`) and
+    /// waits on the returned [`BellHandle`], which every change rings.
+    pub fn watch(&self) -> (watch::Receiver<Arc<ClusterState>>, BellHandle) {
+        (self.state.subscribe(), self.bell.register())
+    }
+
+    fn ring(&self) {
+        self.bell.ring();
     }
 
     /// A receiver of ack progress, for the publisher stream.
@@ -402,6 +427,7 @@ impl Cluster {
             change(&mut next, version);
             *state = Arc::new(next);
         });
+        self.ring();
         // Nobody holds the new version yet.
         inner.agents_current = 0;
         self.publish_acks(inner);
@@ -886,6 +912,9 @@ impl ClusterHub {
     /// Starts shutting down: every stream ends with UNAVAILABLE.
     pub fn shut_down(&self) {
         self.shutdown.send_replace(true);
+        for cluster in self.all() {
+            cluster.ring();
+        }
     }
 }
 

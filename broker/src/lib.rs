@@ -2,6 +2,7 @@
 //!
 //! - [`hub`] — per-cluster latest state (a `watch` per cluster), the agent
 //!   tally and the publisher slot.
+//! - [`bell`] — wakes a cluster's agent streams when its state changes.
 //! - [`refresh`] — the refresh planner — when to ask the publisher for a new
 //!   credential, single flight, retries with backoff.
 //! - [`auth`] — signed bearer tokens and the tower layer that checks them.
@@ -12,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bell;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

@@ -1,18 +1,20 @@
-//! `AgentService.Subscribe`: the worker's stream. The response is a stream
-//! over the cluster's `watch` (no task, no queue per agent): each poll sends
+//! `AgentService.Subscribe`: the worker's stream. The response is a
+//! hand-written HTTP body ([`SubscribeBody`]) over the cluster's state (no
+//! task, no queue per agent): each time the cluster's bell rings it sends
 //! whatever is newer than what this agent was sent. A small task reads acks
 //! and hints; an agent that half-closes keeps receiving. Dropping the
-//! response stream (the agent went away) unregisters the agent.
+//! response (the agent went away) unregisters the agent.
 //!
-//! The fan-out path does no per-agent encoding: a credential is encoded once
-//! per version by the hub, and [`SubscribeCodec`] writes those shared bytes
-//! into each stream as they are. That is why the service is wired by hand
-//! here ([`AgentServiceServer`]) instead of with the generated server, whose
-//! codec can only encode a `SubscribeResponse` value; the wire format is the
-//! same.
+//! The fan-out path does no per-agent encoding or copying: a credential is
+//! framed and encoded once per version by the hub, and every agent's body
+//! hands those shared bytes to hyper as they are. That is why the service
+//! is wired by hand here ([`AgentServiceServer`]) instead of with the
+//! generated server, whose response path encodes each message per stream
+//! into a buffer of its own; the wire format is the same.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,18 +23,22 @@ use std::time::Duration;
 use credstream_proto::v1::{
     CredentialKind, SubscribeRequest, SubscribeResponse, subscribe_request, subscribe_response,
 };
-use futures::Stream;
+use http::HeaderMap;
+use http_body::Frame;
 use prost::Message as _;
-use prost::bytes::BufMut;
+use prost::bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic::codegen::{Body, BoxFuture, StdError, http};
-use tonic::server::{Grpc, NamedService, StreamingService};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::server::NamedService;
+use tonic::{Request, Status, Streaming};
 
 use crate::auth;
-use crate::hub::{AgentRegistration, CatchUp, ClusterHub, ClusterState, SentVersions};
+use crate::bell::BellHandle;
+use crate::hub::{
+    AgentRegistration, CatchUp, ClusterHub, ClusterState, SentVersions, grpc_frame_into,
+};
 use crate::limits;
 
 /// The `AgentService` implementation.
@@ -50,15 +56,12 @@ impl AgentServer {
     }
 }
 
-/// The response stream of one agent.
-pub type SubscribeStream = Pin<Box<dyn Stream<Item = Result<CatchUp, Status>> + Send>>;
-
 impl AgentServer {
     /// Handles one Subscribe call: the hello, then the agent's stream.
     pub async fn subscribe(
         &self,
         request: Request<Streaming<SubscribeRequest>>,
-    ) -> Result<Response<SubscribeStream>, Status> {
+    ) -> Result<SubscribeBody, Status> {
         let claims = auth::claims(&request)?;
         let routing = super::routing_cluster(&request)?;
         let mut inbound = request.into_inner();
@@ -81,7 +84,7 @@ impl AgentServer {
         let cluster = self.hub.cluster(&hello.cluster_id);
         let registration = Arc::new(cluster.connect_agent(hello.agent_id.clone()));
         tracing::debug!(cluster = %hello.cluster_id, agent = %hello.agent_id, "agent subscribed");
-        let mut state = cluster.watch();
+        let (mut state, bell) = cluster.watch();
         let current = state.borrow_and_update().clone();
         let (fail, failed) = oneshot::channel();
         tokio::spawn(read_agent(
@@ -89,104 +92,168 @@ impl AgentServer {
             registration.clone(),
             self.hint_interval,
             fail,
-            self.hub.shutdown_signal(),
         ));
-        Ok(Response::new(Box::pin(fan_out(
-            current,
-            state,
+        Ok(SubscribeBody::new(
+            &current,
+            (state, bell),
             registration,
             failed,
             self.hub.shutdown_signal(),
-        ))))
+        ))
     }
 }
 
-struct FanOut {
+/// The response body of one Subscribe stream: the snapshot, then whatever
+/// is newer than what this agent was sent, each time the cluster's bell
+/// rings; then the trailers with the status that ended it.
+///
+/// It yields gRPC-framed [`Bytes`] straight to hyper: a credential's bytes
+/// are the ones the hub encoded once per version, so an agent stream costs
+/// no encoding, no copy and no allocation per update.
+pub struct SubscribeBody {
     state: watch::Receiver<Arc<ClusterState>>,
+    bell: BellHandle,
+    shutdown: watch::Receiver<bool>,
     sent: SentVersions,
     queue: VecDeque<CatchUp>,
     _registration: Arc<AgentRegistration>,
+    /// Why the reader ended the stream (undecodable or out-of-order
+    /// input); closed without a status when the agent half-closes.
     failed: Option<oneshot::Receiver<Status>>,
-    shutdown: watch::Receiver<bool>,
+    /// The status to send as trailers next.
+    ending: Option<Status>,
     done: bool,
 }
 
-fn fan_out(
-    current: Arc<ClusterState>,
-    state: watch::Receiver<Arc<ClusterState>>,
-    registration: Arc<AgentRegistration>,
-    failed: oneshot::Receiver<Status>,
-    shutdown: watch::Receiver<bool>,
-) -> impl Stream<Item = Result<CatchUp, Status>> {
-    let snapshot = CatchUp::Message(subscribe_response::Message::Snapshot(
-        current.snapshot(Instant::now()),
-    ));
-    let fan_out = FanOut {
-        state,
-        sent: SentVersions::of(&current),
-        queue: VecDeque::from([snapshot]),
-        _registration: registration,
-        failed: Some(failed),
-        shutdown,
-        done: false,
-    };
-    futures::stream::unfold(fan_out, |mut f| async move {
+impl SubscribeBody {
+    fn new(
+        current: &ClusterState,
+        (state, bell): (watch::Receiver<Arc<ClusterState>>, BellHandle),
+        registration: Arc<AgentRegistration>,
+        failed: oneshot::Receiver<Status>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let snapshot = CatchUp::Message(subscribe_response::Message::Snapshot(
+            current.snapshot(Instant::now()),
+        ));
+        let ending = shutdown.borrow().then(super::shutting_down);
+        Self {
+            state,
+            bell,
+            shutdown,
+            sent: SentVersions::of(current),
+            queue: VecDeque::from([snapshot]),
+            _registration: registration,
+            failed: Some(failed),
+            ending,
+            done: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for SubscribeBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscribeBody")
+            .field("sent", &self.sent)
+            .field("queued", &self.queue.len())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One `CatchUp` as the bytes of a gRPC message.
+fn framed(item: CatchUp) -> Bytes {
+    match item {
+        CatchUp::Encoded(bytes) => bytes,
+        CatchUp::Message(message) => {
+            let mut out = Vec::new();
+            grpc_frame_into(
+                &SubscribeResponse {
+                    message: Some(message),
+                },
+                &mut out,
+            );
+            Bytes::from(out)
+        }
+    }
+}
+
+/// `status` as gRPC trailers.
+fn trailers(status: &Status) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(2);
+    if status.add_header(&mut map).is_err() {
+        // Only a message that is not a valid header value gets here; the
+        // code alone still tells the agent what to do.
+        map.clear();
+        map.insert("grpc-status", (status.code() as i32).into());
+    }
+    map
+}
+
+impl http_body::Body for SubscribeBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
         loop {
-            if let Some(message) = f.queue.pop_front() {
-                return Some((Ok(message), f));
+            if let Some(item) = this.queue.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(framed(item)))));
             }
-            if f.done {
-                return None;
+            if this.done {
+                return Poll::Ready(None);
             }
-            enum Woke {
-                Shutdown,
-                Failed(Option<Status>),
-                Changed(bool),
+            if let Some(status) = this.ending.take() {
+                this.done = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))));
             }
-            let woke = tokio::select! {
-                biased;
-                () = super::shutdown_requested(&mut f.shutdown) => Woke::Shutdown,
-                status = async { f.failed.as_mut().expect("guarded").await }, if f.failed.is_some() => {
-                    Woke::Failed(status.ok())
+            // Register before looking, so that a ring in between wakes us.
+            this.bell.register(cx.waker());
+            if this.shutdown.has_changed().unwrap_or(true) && *this.shutdown.borrow_and_update() {
+                this.ending = Some(super::shutting_down());
+                continue;
+            }
+            if let Some(failed) = &mut this.failed {
+                match Pin::new(failed).poll(cx) {
+                    Poll::Ready(Ok(status)) => {
+                        this.ending = Some(status);
+                        continue;
+                    }
+                    // The reader ended normally (half-close): keep
+                    // streaming, but stop polling the finished channel.
+                    Poll::Ready(Err(_)) => this.failed = None,
+                    Poll::Pending => {}
                 }
-                changed = f.state.changed() => Woke::Changed(changed.is_ok()),
-            };
-            match woke {
-                Woke::Shutdown => {
-                    f.done = true;
-                    return Some((Err(super::shutting_down()), f));
+            }
+            match this.state.has_changed() {
+                Ok(true) => {
+                    let latest = this.state.borrow_and_update().clone();
+                    this.sent.catch_up(&latest, Instant::now(), &mut this.queue);
                 }
-                Woke::Failed(Some(status)) => {
-                    f.done = true;
-                    return Some((Err(status), f));
-                }
-                Woke::Failed(None) => {
-                    // The reader ended normally (half-close): keep streaming,
-                    // but stop polling the finished channel.
-                    f.failed = None;
-                }
-                Woke::Changed(false) => return None,
-                Woke::Changed(true) => {
-                    let latest = f.state.borrow_and_update().clone();
-                    f.sent.catch_up(&latest, Instant::now(), &mut f.queue);
-                }
+                Ok(false) => return Poll::Pending,
+                // The cluster is gone (the hub dropped it): nothing more
+                // will come; end cleanly.
+                Err(_) => this.ending = Some(Status::ok("")),
             }
         }
-    })
+    }
 }
 
 async fn read_agent(
     mut inbound: Streaming<SubscribeRequest>,
     registration: Arc<AgentRegistration>,
     hint_interval: Duration,
-    fail: oneshot::Sender<Status>,
-    mut shutdown: watch::Receiver<bool>,
+    mut fail: oneshot::Sender<Status>,
 ) {
     let mut last_hint: [Option<Instant>; 2] = [None, None];
     loop {
         let message = tokio::select! {
             message = inbound.message() => message,
-            () = super::shutdown_requested(&mut shutdown) => return,
+            // The response ended (shutdown, or the agent went away).
+            () = fail.closed() => return,
         };
         let request = match message {
             Ok(Some(request)) => request,
@@ -234,64 +301,14 @@ async fn read_agent(
     }
 }
 
-/// Per-stream encode buffer (tonic's default is 8 KiB).
-const ENCODE_BUFFER_BYTES: usize = 2 * 1024;
-/// Per-stream decode buffer (tonic's default is 8 KiB).
+/// Per-stream decode buffer (tonic's default is 8 KiB): agents send acks
+/// and hints of a few bytes.
 const DECODE_BUFFER_BYTES: usize = 512;
 
-/// The Subscribe codec: decodes `SubscribeRequest`s like the generated
-/// codec; encodes a [`CatchUp`] by copying its shared bytes
-/// ([`CatchUp::Encoded`]) or by encoding its message as a
-/// `SubscribeResponse`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SubscribeCodec;
-
-/// The encoding half of [`SubscribeCodec`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SubscribeEncoder;
-
-/// The decoding half of [`SubscribeCodec`].
+/// Decodes the `SubscribeRequest`s of a Subscribe stream, like the
+/// generated codec but with a small buffer.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SubscribeDecoder;
-
-impl Codec for SubscribeCodec {
-    type Encode = CatchUp;
-    type Decode = SubscribeRequest;
-    type Encoder = SubscribeEncoder;
-    type Decoder = SubscribeDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        SubscribeEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        SubscribeDecoder
-    }
-}
-
-impl Encoder for SubscribeEncoder {
-    type Item = CatchUp;
-    type Error = Status;
-
-    fn encode(&mut self, item: CatchUp, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        match item {
-            CatchUp::Encoded(bytes) => dst.put_slice(&bytes),
-            CatchUp::Message(message) => SubscribeResponse {
-                message: Some(message),
-            }
-            .encode(dst)
-            .map_err(|error| Status::internal(format!("cannot encode a response: {error}")))?,
-        }
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        // Held per stream for its whole life: sized for one credential
-        // (about 1.5 KiB) instead of tonic's 8 KiB; a larger snapshot grows
-        // it in steps of this size.
-        BufferSettings::new(ENCODE_BUFFER_BYTES, 32 * 1024)
-    }
-}
 
 impl Decoder for SubscribeDecoder {
     type Item = SubscribeRequest;
@@ -304,13 +321,12 @@ impl Decoder for SubscribeDecoder {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        // Agents send acks and hints of a few bytes.
         BufferSettings::new(DECODE_BUFFER_BYTES, 32 * 1024)
     }
 }
 
 /// `credstream.v1.AgentService` for the tonic router, with the
-/// [`SubscribeCodec`]; it replaces the generated `AgentServiceServer`.
+/// [`SubscribeBody`]; it replaces the generated `AgentServiceServer`.
 #[derive(Clone, Debug)]
 pub struct AgentServiceServer {
     inner: Arc<AgentServer>,
@@ -338,19 +354,6 @@ impl NamedService for AgentServiceServer {
     const NAME: &'static str = "credstream.v1.AgentService";
 }
 
-struct SubscribeMethod(Arc<AgentServer>);
-
-impl StreamingService<SubscribeRequest> for SubscribeMethod {
-    type Response = CatchUp;
-    type ResponseStream = SubscribeStream;
-    type Future = BoxFuture<Response<SubscribeStream>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<SubscribeRequest>>) -> Self::Future {
-        let server = self.0.clone();
-        Box::pin(async move { server.subscribe(request).await })
-    }
-}
-
 impl<B> tower::Service<http::Request<B>> for AgentServiceServer
 where
     B: Body + Send + 'static,
@@ -373,12 +376,34 @@ where
                 )
             });
         }
-        let method = SubscribeMethod(self.inner.clone());
+        if let Some(encoding) = request.headers().get("grpc-encoding")
+            && encoding != "identity"
+        {
+            return Box::pin(async {
+                Ok(Status::unimplemented(
+                    "compressed Subscribe requests are not supported; send messages uncompressed (grpc-encoding identity)",
+                )
+                .into_http())
+            });
+        }
+        let server = self.inner.clone();
         let max_decoding = self.max_decoding_message_size;
         Box::pin(async move {
-            let mut grpc =
-                Grpc::new(SubscribeCodec).apply_max_message_size_config(max_decoding, None);
-            Ok(grpc.streaming(method, request).await)
+            let request =
+                Request::from_http(request.map(|body| {
+                    Streaming::new_request(SubscribeDecoder, body, None, max_decoding)
+                }));
+            Ok(match server.subscribe(request).await {
+                Ok(body) => {
+                    let mut response = http::Response::new(tonic::body::Body::new(body));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                    response
+                }
+                Err(status) => status.into_http(),
+            })
         })
     }
 }
