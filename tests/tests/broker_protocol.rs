@@ -663,3 +663,65 @@ async fn a_stream_that_never_says_hello_is_ended_after_30_seconds() {
     .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
 }
+
+#[tokio::test]
+async fn a_compressed_subscribe_is_refused_and_the_connected_agents_stay() {
+    use credstream_proto::v1::agent_service_client::AgentServiceClient;
+    use credstream_proto::v1::{AgentHello, SubscribeRequest};
+
+    let broker = TestBroker::start().await;
+    let cluster = "compressed";
+    let mut publisher = broker.publisher(cluster, &[AWS], false).await;
+    let _ = publisher.welcome().await;
+    publisher
+        .send(publish_request::Message::Credential(aws_update(
+            "one", HOUR,
+        )))
+        .await;
+    let mut plain = broker.agent(cluster, "plain").await;
+    let _ = plain.expect().await;
+
+    // The broker decodes no compressed messages; the header alone is
+    // refused, before any message is read.
+    let token = broker.token(Role::Agent, Some(cluster));
+    let authorization: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {token}").parse().unwrap();
+    let mut client = AgentServiceClient::with_interceptor(
+        broker.channel(),
+        move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", authorization.clone());
+            request
+                .metadata_mut()
+                .insert("grpc-encoding", "gzip".parse().unwrap());
+            Ok(request)
+        },
+    );
+    let hello = SubscribeRequest {
+        message: Some(subscribe_request::Message::Hello(AgentHello {
+            cluster_id: cluster.into(),
+            agent_id: "gzip".into(),
+        })),
+    };
+    let status = tokio::time::timeout(WAIT, client.subscribe(futures::stream::iter([hello])))
+        .await
+        .expect("answered")
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("uncompressed"), "{status:?}");
+
+    // Nothing changed: one agent, which still gets the next version.
+    let agents = broker.status(cluster).await.unwrap().agents;
+    let ids: Vec<_> = agents.iter().map(|a| a.agent_id.as_str()).collect();
+    assert_eq!(ids, ["plain"]);
+    publisher
+        .send(publish_request::Message::Credential(aws_update(
+            "two", HOUR,
+        )))
+        .await;
+    assert!(matches!(
+        plain.expect().await,
+        subscribe_response::Message::Credential(_)
+    ));
+}
