@@ -75,12 +75,6 @@ impl BellHandle {
     pub fn register(&self, waker: &std::task::Waker) {
         self.waker.register(waker);
     }
-
-    /// Wakes this stream alone (for events of its own, such as its reader
-    /// failing).
-    pub fn wake(&self) {
-        self.waker.wake();
-    }
 }
 
 impl Drop for BellHandle {
@@ -144,19 +138,5 @@ mod tests {
         assert_eq!(counter.0.load(Ordering::SeqCst), 0);
         drop(kept);
         assert!(bell.is_empty());
-    }
-
-    #[test]
-    fn a_handle_can_be_woken_alone() {
-        let bell = Arc::new(Bell::default());
-        let a = bell.register();
-        let b = bell.register();
-        let (ca, wa) = counting();
-        let (cb, wb) = counting();
-        a.register(&wa);
-        b.register(&wb);
-        a.wake();
-        assert_eq!(ca.0.load(Ordering::SeqCst), 1);
-        assert_eq!(cb.0.load(Ordering::SeqCst), 0);
     }
 }
