@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use credstream_proto::connect::ClientIdentity;
 use credstream_proto::v1::EnvVar;
 use tracing_subscriber::EnvFilter;
 
@@ -71,6 +72,13 @@ struct BrokerArgs {
     /// system roots.
     #[arg(long, env = "CREDSTREAM_CA_CERT")]
     ca_cert: Option<PathBuf>,
+    /// A PEM client certificate to present to a broker that requires mutual
+    /// TLS (--client-ca on the broker); needs --tls-client-key.
+    #[arg(long, env = "CREDSTREAM_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-client-cert.
+    #[arg(long, env = "CREDSTREAM_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
     /// Allow sending the token in plaintext (http://) to a broker that is
     /// not on this machine.
     #[arg(long, env = "CREDSTREAM_INSECURE")]
@@ -168,6 +176,10 @@ impl From<BrokerArgs> for cli::broker::BrokerOptions {
             token: args.token,
             token_file: args.token_file,
             ca_cert: args.ca_cert,
+            client_identity: args
+                .tls_client_cert
+                .zip(args.tls_client_key)
+                .map(|(cert, key)| ClientIdentity { cert, key }),
             insecure: args.insecure,
         }
     }

@@ -24,6 +24,7 @@
 //!     token: std::env::var("CREDSTREAM_TOKEN")?,
 //!     cluster_id: "dev".into(),
 //!     ca_cert: None,
+//!     client_identity: None,
 //!     insecure: false,
 //! };
 //! let session = PublishSession::builder(address).minter(minter).start()?;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
 
 /// The metadata key an L7 proxy routes on.
@@ -46,6 +46,22 @@ pub enum ConnectError {
         /// Why.
         source: std::io::Error,
     },
+    /// The client certificate or its key cannot be read.
+    #[error("cannot read the client {what} {path}: {source}")]
+    ClientIdentity {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A client certificate only means something over TLS.
+    #[error("a client certificate (--tls-client-cert) needs an https:// broker URL, not {url}")]
+    ClientIdentityWithoutTls {
+        /// The URL given.
+        url: String,
+    },
     /// The token contains characters that cannot go into a header.
     #[error(
         "the token contains characters that are not allowed in a gRPC header; check the token file"
@@ -72,8 +88,20 @@ pub struct BrokerAddress {
     pub cluster_id: String,
     /// A PEM CA bundle to trust instead of the system roots.
     pub ca_cert: Option<PathBuf>,
+    /// The certificate and key to present to a broker that requires mutual
+    /// TLS.
+    pub client_identity: Option<ClientIdentity>,
     /// Allow plaintext to a non-loopback host.
     pub insecure: bool,
+}
+
+/// A client certificate and its private key, both PEM files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The certificate (chain).
+    pub cert: PathBuf,
+    /// The private key; read when the endpoint is built, never kept.
+    pub key: PathBuf,
 }
 
 impl std::fmt::Debug for BrokerAddress {
@@ -86,6 +114,7 @@ impl std::fmt::Debug for BrokerAddress {
             )
             .field("cluster_id", &self.cluster_id)
             .field("ca_cert", &self.ca_cert)
+            .field("client_identity", &self.client_identity)
             .field("insecure", &self.insecure)
             .finish()
     }
@@ -135,6 +164,11 @@ impl BrokerAddress {
         if !tls && !self.insecure && !is_loopback_host(&host) {
             return Err(ConnectError::PlaintextToRemote { host });
         }
+        if !tls && self.client_identity.is_some() {
+            return Err(ConnectError::ClientIdentityWithoutTls {
+                url: self.url.clone(),
+            });
+        }
         let transport = |source| ConnectError::Transport {
             url: self.url.clone(),
             source,
@@ -156,6 +190,19 @@ impl BrokerAddress {
                     config = config.ca_certificate(Certificate::from_pem(pem));
                 }
                 None => config = config.with_enabled_roots(),
+            }
+            if let Some(identity) = &self.client_identity {
+                let read = |what, path: &PathBuf| {
+                    std::fs::read(path).map_err(|source| ConnectError::ClientIdentity {
+                        what,
+                        path: path.clone(),
+                        source,
+                    })
+                };
+                config = config.identity(Identity::from_pem(
+                    read("certificate", &identity.cert)?,
+                    read("key", &identity.key)?,
+                ));
             }
             endpoint = endpoint.tls_config(config).map_err(transport)?;
         }
@@ -228,6 +275,7 @@ mod tests {
             token: "t".into(),
             cluster_id: "c".into(),
             ca_cert: None,
+            client_identity: None,
             insecure,
         }
     }
@@ -256,6 +304,31 @@ mod tests {
     fn bad_urls_are_explained() {
         let err = address("ftp://x:1", false).endpoint().unwrap_err();
         assert!(err.to_string().contains("scheme"), "{err}");
+    }
+
+    #[test]
+    fn a_client_certificate_needs_tls_and_readable_files() {
+        let identity = ClientIdentity {
+            cert: "/nonexistent/client.pem".into(),
+            key: "/nonexistent/client.key".into(),
+        };
+        let mut plain = address("http://127.0.0.1:1", false);
+        plain.client_identity = Some(identity.clone());
+        let err = plain.endpoint().unwrap_err();
+        assert!(
+            matches!(err, ConnectError::ClientIdentityWithoutTls { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("https://"), "{err}");
+
+        let mut tls = address("https://127.0.0.1:1", false);
+        tls.client_identity = Some(identity);
+        let err = tls.endpoint().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("client certificate /nonexistent/client.pem"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -65,6 +65,7 @@ impl TestBroker {
             token: self.token(role, Some(cluster)),
             cluster_id: cluster.into(),
             ca_cert: None,
+            client_identity: None,
             insecure: false,
         }
     }

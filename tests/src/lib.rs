@@ -6,6 +6,7 @@
 //! - [`broker`] — an in-process broker on port 0, tokens, raw protocol clients
 //!   and credential builders.
 //! - [`minter`] — a counting fake minter for refresh tests.
+//! - [`pki`] — a throwaway CA for TLS and mutual-TLS tests.
 //! - [`bins`] — paths of the workspace binaries, building them once if a test
 //!   runs before `cargo build`.
 
@@ -13,5 +14,6 @@ pub mod bins;
 pub mod broker;
 pub mod minter;
 pub mod moto;
+pub mod pki;
 pub mod processes;
 pub mod tools;

@@ -69,6 +69,7 @@ async fn agents_serve_through_a_broker_crash_and_converge_on_the_republished_sta
             .unwrap(),
         cluster_id: "crash".into(),
         ca_cert: None,
+        client_identity: None,
         insecure: false,
     };
     let broker = start_broker(port, &key_file);

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use credstream_broker::auth::{Role, TokenKey};
-use credstream_broker::server::{self, BrokerConfig, TlsFiles};
-use credstream_proto::connect::{BrokerAddress, CallCredentials};
+use credstream_broker::server::{self, BrokerConfig};
+use credstream_proto::connect::{BrokerAddress, CallCredentials, ClientIdentity};
 use credstream_proto::v1::admin_service_client::AdminServiceClient;
 use credstream_proto::v1::{
     CreateAgentTokenRequest, CredentialKind, GetClusterRequest, ListClustersRequest,
@@ -14,8 +14,8 @@ use credstream_proto::v1::{
 use credstream_tests::broker::{
     TestBroker, aws_update, open_agent, open_publisher, publisher_hello,
 };
+use credstream_tests::pki::Pki;
 use tonic::Code;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -182,67 +182,10 @@ async fn plaintext_on_a_non_loopback_address_is_refused() {
         .await;
 }
 
-struct Pki {
-    dir: tempfile::TempDir,
-    ca_pem: String,
-    ca: rcgen::Certificate,
-    ca_key: rcgen::KeyPair,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "credstream test CA");
-        let ca = params.self_signed(&ca_key).unwrap();
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            ca_pem: ca.pem(),
-            ca,
-            ca_key,
-        }
-    }
-
-    /// Writes a leaf certificate and key; returns their paths.
-    fn leaf(
-        &self,
-        name: &str,
-        sans: &[&str],
-    ) -> (std::path::PathBuf, std::path::PathBuf, String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let params =
-            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
-        let cert_path = self.dir.path().join(format!("{name}.pem"));
-        let key_path = self.dir.path().join(format!("{name}.key"));
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path, cert.pem(), key.serialize_pem())
-    }
-
-    fn ca_path(&self) -> std::path::PathBuf {
-        let path = self.dir.path().join("ca.pem");
-        std::fs::write(&path, &self.ca_pem).unwrap();
-        path
-    }
-}
-
 #[tokio::test]
 async fn tls_serves_the_protocol_and_the_client_library_verifies_the_server() {
-    let pki = Pki::new();
-    let (cert, key, _, _) = pki.leaf("server", &["localhost", "127.0.0.1"]);
-    let broker = TestBroker::start_with(|config| {
-        config.tls = Some(TlsFiles {
-            cert,
-            key,
-            client_ca: None,
-        });
-    })
-    .await;
+    let pki = Pki::new("credstream test CA");
+    let broker = TestBroker::start_with(|config| config.tls = Some(pki.broker_tls(false))).await;
     assert!(broker.url().starts_with("https://"));
     let port = broker.broker.local_addr.port();
     let address = BrokerAddress {
@@ -250,6 +193,7 @@ async fn tls_serves_the_protocol_and_the_client_library_verifies_the_server() {
         token: broker.token(Role::Agent, Some("tls")),
         cluster_id: "tls".into(),
         ca_cert: Some(pki.ca_path()),
+        client_identity: None,
         insecure: false,
     };
     let mut client =
@@ -279,9 +223,10 @@ async fn tls_serves_the_protocol_and_the_client_library_verifies_the_server() {
     ));
 
     // A client that does not trust the CA fails the handshake.
-    let other_pki = Pki::new();
+    let other_pki = Pki::new("another CA");
     let untrusting = BrokerAddress {
         ca_cert: Some(other_pki.ca_path()),
+        client_identity: None,
         ..address.clone()
     };
     let mut client = AdminServiceClient::with_interceptor(
@@ -300,41 +245,30 @@ async fn tls_serves_the_protocol_and_the_client_library_verifies_the_server() {
 
 #[tokio::test]
 async fn mutual_tls_requires_a_client_certificate_signed_by_the_client_ca() {
-    let pki = Pki::new();
-    let (cert, key, _, _) = pki.leaf("server", &["localhost"]);
-    let client_ca = pki.ca_path();
-    let broker = TestBroker::start_with(|config| {
-        config.tls = Some(TlsFiles {
-            cert,
-            key,
-            client_ca: Some(client_ca),
-        });
-    })
-    .await;
+    let pki = Pki::new("credstream test CA");
+    let broker = TestBroker::start_with(|config| config.tls = Some(pki.broker_tls(true))).await;
     let port = broker.broker.local_addr.port();
     let admin_token = broker.token(Role::Admin, None);
-    let call = |identity: Option<Identity>| {
-        let ca = pki.ca_pem.clone();
-        let token = admin_token.clone();
+    // Through the connection rules the CLIs use (`BrokerAddress`).
+    let call = |client_identity: Option<ClientIdentity>| {
+        let address = BrokerAddress {
+            url: format!("https://localhost:{port}"),
+            token: admin_token.clone(),
+            cluster_id: String::new(),
+            ca_cert: Some(pki.ca_path()),
+            client_identity,
+            insecure: false,
+        };
         async move {
-            let mut tls = ClientTlsConfig::new()
-                .domain_name("localhost")
-                .ca_certificate(Certificate::from_pem(ca));
-            if let Some(identity) = identity {
-                tls = tls.identity(identity);
-            }
-            let channel = Endpoint::from_shared(format!("https://localhost:{port}"))
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-                .connect_lazy();
-            AdminServiceClient::with_interceptor(channel, CallCredentials::bearer(&token).unwrap())
-                .list_clusters(ListClustersRequest {})
-                .await
+            AdminServiceClient::with_interceptor(
+                address.channel().unwrap(),
+                CallCredentials::bearer(&address.token).unwrap(),
+            )
+            .list_clusters(ListClustersRequest {})
+            .await
         }
     };
-    let (_, _, client_cert, client_key) = pki.leaf("client", &["worker-1"]);
-    call(Some(Identity::from_pem(client_cert, client_key)))
+    call(Some(pki.leaf("client", &["worker-1"]).client_identity()))
         .await
         .expect("a client certificate from the CA is accepted");
     let err = call(None).await.unwrap_err();
@@ -342,9 +276,10 @@ async fn mutual_tls_requires_a_client_certificate_signed_by_the_client_ca() {
         format!("{err:?}").contains("CertificateRequired"),
         "no client certificate: {err:?}"
     );
-    let stranger = Pki::new();
-    let (_, _, cert, key) = stranger.leaf("stranger", &["x"]);
-    let err = call(Some(Identity::from_pem(cert, key))).await.unwrap_err();
+    let stranger = Pki::new("a stranger's CA");
+    let err = call(Some(stranger.leaf("stranger", &["x"]).client_identity()))
+        .await
+        .unwrap_err();
     assert!(
         format!("{err:?}").contains("alert"),
         "foreign client certificate: {err:?}"

@@ -6,17 +6,16 @@
 //! the error-message tests need nothing external.
 
 use std::net::TcpListener;
-use std::path::Path;
 
 use credstream_agent::store::{AgentState, CredentialStore};
 use credstream_agent::subscription::{self, SubscriptionConfig};
 use credstream_broker::auth::Role;
-use credstream_broker::server::TlsFiles;
 use credstream_proto::connect::BrokerAddress;
 use credstream_proto::v1::credential_update::Credential;
 use credstream_tests::bins::binary;
 use credstream_tests::broker::{TestBroker, WAIT};
 use credstream_tests::moto::{Moto, laptop_env, seed};
+use credstream_tests::pki::Pki;
 use credstream_tests::processes::{BrokerProcess, Process, clean_command, write_file};
 use credstream_tests::tools;
 use tokio::process::Command;
@@ -45,6 +44,7 @@ impl LibraryAgent {
             token: token.into(),
             cluster_id: cluster.into(),
             ca_cert: None,
+            client_identity: None,
             insecure: false,
         };
         let store = CredentialStore::new();
@@ -390,34 +390,11 @@ async fn an_unreachable_broker_is_reported_with_the_fix() {
     );
 }
 
-/// A CA and a server certificate for `localhost` in `dir`.
-fn pki(dir: &Path) -> (String, TlsFiles) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "credstream cli test CA");
-    let ca = params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    let ca_path = write_file(dir, "ca.pem", &ca.pem());
-    let files = TlsFiles {
-        cert: write_file(dir, "server.pem", &cert.pem()),
-        key: write_file(dir, "server.key", &key.serialize_pem()),
-        client_ca: None,
-    };
-    (ca_path.display().to_string(), files)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_failure_names_ca_cert_and_the_ca_fixes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_path, tls) = pki(dir.path());
-    let broker = TestBroker::start_with(|config| config.tls = Some(tls)).await;
+    let pki = Pki::new("credstream cli test CA");
+    let ca_path = pki.ca_path().display().to_string();
+    let broker = TestBroker::start_with(|config| config.tls = Some(pki.broker_tls(false))).await;
     let url = format!("https://localhost:{}", broker.broker.local_addr.port());
     let token = broker.token(Role::Publisher, Some("tls"));
     let status_args = [
@@ -517,4 +494,110 @@ async fn publish_with_nothing_to_publish_fails_plainly() {
         "{}",
         publish.output()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_and_agent_present_client_certificates_to_a_mutual_tls_broker() {
+    let pki = Pki::new("credstream mtls test CA");
+    let broker = TestBroker::start_with(|config| config.tls = Some(pki.broker_tls(true))).await;
+    let url = format!("https://localhost:{}", broker.broker.local_addr.port());
+    let ca = pki.ca_path().display().to_string();
+    let laptop = pki.leaf("laptop", &["laptop"]);
+    let worker = pki.leaf("worker", &["worker-1"]);
+    let (laptop_cert, laptop_key) = (
+        laptop.cert.display().to_string(),
+        laptop.key.display().to_string(),
+    );
+    let publisher_token = broker.token(Role::Publisher, Some("mtls"));
+    let broker_args = |token: &str| -> Vec<String> {
+        [
+            "--broker",
+            &url,
+            "--cluster",
+            "mtls",
+            "--token",
+            token,
+            "--ca-cert",
+            &ca,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+
+    // Without a client certificate the broker refuses the connection, and
+    // the message says which flags fix it.
+    let mut args = vec!["status".to_owned()];
+    args.extend(broker_args(&publisher_token));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut refused = Process::spawn("credstream status", credstream(&[], &args));
+    assert_eq!(refused.exit().await.code(), Some(1), "{}", refused.output());
+    assert!(
+        refused.stderr().contains("--tls-client-cert"),
+        "{}",
+        refused.output()
+    );
+    // A certificate without its key is refused before connecting.
+    let mut half = credstream(&[], &args);
+    half.args(["--tls-client-cert", &laptop_cert]);
+    let mut half = Process::spawn("credstream status", half);
+    assert_eq!(half.exit().await.code(), Some(2), "{}", half.output());
+    assert!(
+        half.stderr().contains("--tls-client-key"),
+        "{}",
+        half.output()
+    );
+
+    // With the laptop's certificate the client publishes.
+    let mut args = vec!["publish".to_owned()];
+    args.extend(broker_args(&publisher_token));
+    args.extend(
+        [
+            "--no-aws",
+            "--no-gcp",
+            "--env",
+            "MTLS_SECRET=from-the-laptop",
+            "--tls-client-cert",
+            &laptop_cert,
+            "--tls-client-key",
+            &laptop_key,
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut publish = Process::spawn("credstream publish", credstream(&[], &args));
+    publish
+        .line(|l| l.starts_with("connected to the broker at https://localhost:"))
+        .await;
+
+    // And the agent, with the worker's certificate, hands the env to its
+    // child.
+    let mut agent = clean_command(binary("credstream-agent"));
+    agent
+        .env("CREDSTREAM_TOKEN", broker.token(Role::Agent, Some("mtls")))
+        .args([
+            "exec",
+            "--broker",
+            &url,
+            "--cluster",
+            "mtls",
+            "--ca-cert",
+            &ca,
+        ])
+        .args(["--agent-id", "worker-1", "--wait-timeout", "30s"])
+        .arg("--tls-client-cert")
+        .arg(&worker.cert)
+        .arg("--tls-client-key")
+        .arg(&worker.key)
+        .args(["--", "sh", "-c", "echo \"got=$MTLS_SECRET\""]);
+    let mut agent = Process::spawn("credstream-agent exec", agent);
+    assert!(agent.exit().await.success(), "{}", agent.output());
+    assert!(
+        agent.stdout().contains("got=from-the-laptop"),
+        "{}",
+        agent.output()
+    );
+
+    publish.signal("INT");
+    assert!(publish.exit().await.success(), "{}", publish.output());
+    broker.broker.shutdown().await;
 }

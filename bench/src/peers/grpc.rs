@@ -70,6 +70,7 @@ impl GrpcPeer {
             token: publisher_token.to_owned(),
             cluster_id: cluster.to_owned(),
             ca_cert: None,
+            client_identity: None,
             insecure: false,
         };
         let channel = publisher_address.endpoint()?.connect().await?;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
-use credstream_proto::connect::{BrokerAddress, CallCredentials};
+use credstream_proto::connect::{BrokerAddress, CallCredentials, ClientIdentity};
 use credstream_proto::v1::admin_service_client::AdminServiceClient;
 use credstream_proto::v1::{ClusterStatus, GetClusterRequest};
 use tonic::Code;
@@ -24,6 +24,8 @@ pub struct BrokerOptions {
     pub token_file: Option<PathBuf>,
     /// `--ca-cert`.
     pub ca_cert: Option<PathBuf>,
+    /// `--tls-client-cert` and `--tls-client-key`.
+    pub client_identity: Option<ClientIdentity>,
     /// `--insecure`.
     pub insecure: bool,
 }
@@ -48,6 +50,7 @@ impl BrokerOptions {
             token,
             cluster_id: self.cluster.clone(),
             ca_cert: self.ca_cert.clone(),
+            client_identity: self.client_identity.clone(),
             insecure: self.insecure,
         };
         address.endpoint()?;
@@ -87,6 +90,11 @@ pub async fn get_cluster(
 
 /// The fix for a status the broker answered with.
 pub fn status_error(address: &BrokerAddress, status: &tonic::Status) -> anyhow::Error {
+    // A call that failed in the transport (a TLS alert after the handshake,
+    // a reset connection) carries the cause as its source.
+    if std::error::Error::source(status).is_some() {
+        return transport_error(address, status);
+    }
     let message = status.message();
     let cluster = &address.cluster_id;
     match status.code() {
@@ -131,6 +139,22 @@ pub fn transport_error(
             "the broker at {url} did not answer with TLS: {chain}\n  \
              fix: check the port in --broker; a broker without TLS (on this machine) is reached with http://"
         )
+    } else if https
+        && [
+            "certificaterequired",
+            "unknownca",
+            "badcertificate",
+            "certificateunknown",
+        ]
+        .iter()
+        .any(|alert| lower.contains(alert))
+    {
+        // An alert the broker sent: it did not accept this client.
+        anyhow!(
+            "the broker at {url} refused this client's TLS certificate: {chain}\n  \
+             fix: the broker requires mutual TLS; pass --tls-client-cert FILE and --tls-client-key FILE \
+             with a certificate signed by the CA the broker trusts (its --client-ca)"
+        )
     } else if https && tls_words.iter().any(|word| lower.contains(word)) {
         anyhow!(
             "TLS with the broker at {url} failed: {chain}\n  \
@@ -142,6 +166,15 @@ pub fn transport_error(
         anyhow!(
             "the broker at {url} does not speak plaintext gRPC: {chain}\n  \
              fix: if it serves TLS, use https:// in --broker"
+        )
+    } else if https && address.client_identity.is_none() {
+        // With TLS 1.3 a broker that requires client certificates accepts
+        // the handshake and then drops the connection; the client often
+        // sees only a broken pipe, not the alert.
+        anyhow!(
+            "cannot reach the broker at {url}: {chain}\n  \
+             fix: check the host and port in --broker and that credstream-broker is running and reachable from here; \
+             if the broker requires mutual TLS, pass --tls-client-cert FILE and --tls-client-key FILE"
         )
     } else {
         anyhow!(
