@@ -7,6 +7,7 @@
 //!   credential, single flight, retries with backoff.
 //! - [`auth`] — signed bearer tokens and the tower layer that checks them.
 //! - [`limits`] — bounds and checks on every input.
+//! - [`rate_limit`] — per-token limits on new calls (a tower layer).
 //! - [`metrics`] — the Prometheus endpoint of `--metrics-listen`.
 //! - [`service`] — the thin gRPC services (publisher, agent, admin).
 //! - [`server`] — the tonic server: TLS, health, reflection, shutdown.
@@ -17,6 +18,7 @@ pub mod bell;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod rate_limit;
 pub mod refresh;
 pub mod server;
 pub mod service;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use credstream_broker::auth::{Role, TokenKey};
+use credstream_broker::rate_limit::CallRate;
 use credstream_broker::refresh::RefreshConfig;
 use credstream_broker::server::{self, BrokerConfig, TlsFiles};
 
@@ -63,6 +64,13 @@ struct ServeArgs {
     /// new one (0.1 to 0.9).
     #[arg(long, env = "CREDSTREAM_REFRESH_AT", default_value_t = 0.5)]
     refresh_at: f64,
+    /// New calls one token may make each second, once its burst is spent.
+    #[arg(long, env = "CREDSTREAM_TOKEN_CALLS_PER_SECOND", default_value_t = CallRate::default().per_second)]
+    token_calls_per_second: f64,
+    /// New calls one token may make at once (one agent token shared by a
+    /// whole cluster reconnects all its agents at once after a restart).
+    #[arg(long, env = "CREDSTREAM_TOKEN_CALL_BURST", default_value_t = CallRate::default().burst)]
+    token_call_burst: f64,
     /// Serve Prometheus metrics (`GET /metrics`: clusters, agents,
     /// publishers, credential expiry, refresh outcomes; never a secret) on
     /// this address.
@@ -144,6 +152,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.refresh = RefreshConfig {
         refresh_at: args.refresh_at,
         ..RefreshConfig::default()
+    };
+    if !(args.token_calls_per_second > 0.0 && args.token_call_burst >= 1.0) {
+        bail!("--token-calls-per-second must be above 0 and --token-call-burst at least 1");
+    }
+    config.call_rate = CallRate {
+        per_second: args.token_calls_per_second,
+        burst: args.token_call_burst,
     };
     config.tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles {

@@ -22,6 +22,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::auth::{AuthLayer, TokenKey};
 use crate::hub::{ClusterHub, HubConfig};
 use crate::limits::MAX_MESSAGE_BYTES;
+use crate::rate_limit::{CallRate, RateLimitLayer};
 use crate::refresh::RefreshConfig;
 use crate::service::admin::AdminServer;
 use crate::service::agent::{AgentServer, AgentServiceServer};
@@ -56,6 +57,8 @@ pub struct BrokerConfig {
     pub hint_interval: Duration,
     /// How long shutdown waits for connections to drain.
     pub drain_timeout: Duration,
+    /// New calls per token.
+    pub call_rate: CallRate,
 }
 
 impl BrokerConfig {
@@ -69,6 +72,7 @@ impl BrokerConfig {
             refresh: RefreshConfig::default(),
             hint_interval: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            call_rate: CallRate::default(),
         }
     }
 
@@ -209,6 +213,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
 
     let router = builder
         .layer(AuthLayer::new(config.token_key.clone()))
+        .layer(RateLimitLayer::new(config.call_rate))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

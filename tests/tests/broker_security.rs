@@ -285,3 +285,59 @@ async fn mutual_tls_requires_a_client_certificate_signed_by_the_client_ca() {
         "foreign client certificate: {err:?}"
     );
 }
+
+#[tokio::test]
+async fn a_token_over_its_call_rate_gets_resource_exhausted_and_nothing_else_changes() {
+    let broker = TestBroker::start_with(|config| {
+        config.call_rate = credstream_broker::rate_limit::CallRate {
+            // No refill within the test.
+            per_second: 0.001,
+            burst: 3.0,
+        };
+    })
+    .await;
+    let cluster = "limited";
+    // An agent already subscribed before the admin token runs out.
+    let mut agent = broker.agent(cluster, "worker-1").await;
+    let _ = agent.expect().await;
+
+    let mut admin = broker.admin();
+    for _ in 0..3 {
+        admin
+            .list_clusters(ListClustersRequest {})
+            .await
+            .expect("within the burst");
+    }
+    let refused = admin
+        .list_clusters(ListClustersRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("retry in"), "{refused:?}");
+
+    // Other tokens are counted apart, the open stream is untouched, and
+    // calls without a token (health) are not counted.
+    let mut publisher = broker
+        .publisher(cluster, &[CredentialKind::Aws], false)
+        .await;
+    let _ = publisher.welcome().await;
+    publisher
+        .send(publish_request::Message::Credential(aws_update(
+            "after", HOUR,
+        )))
+        .await;
+    // (The publisher's declaration may come first.)
+    while !matches!(
+        agent.expect().await,
+        subscribe_response::Message::Credential(_)
+    ) {}
+    let mut health = tonic_health::pb::health_client::HealthClient::new(broker.channel());
+    for _ in 0..5 {
+        health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health is not rate limited");
+    }
+}
