@@ -5,7 +5,7 @@
 //! stateless — the broker can verify one after a restart with the same key
 //! file — and scoped to one cluster and one role.
 //!
-//! [`AuthLayer`] is a tower layer in front of every `credstream.v1` service,
+//! [`Authenticator`] is a tower layer in front of every `credstream.v1` service,
 //! so no service can forget it: it answers `UNAUTHENTICATED` for a missing,
 //! malformed, forged or expired token and `PERMISSION_DENIED` for a valid
 //! token used with the wrong service or against the routing header of another
@@ -14,7 +14,6 @@
 
 use std::fmt;
 use std::path::Path;
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -26,6 +25,8 @@ use tonic::Status;
 use zeroize::Zeroizing;
 
 use credstream_proto::connect::CLUSTER_HEADER;
+
+use crate::gate::Gate;
 
 const TOKEN_PREFIX: &str = "cs1";
 /// The shortest key the broker accepts, in bytes.
@@ -263,71 +264,31 @@ fn authenticate<B>(key: &TokenKey, request: &http::Request<B>) -> Result<Option<
     Ok(Some(claims))
 }
 
-/// The tower layer that authenticates every `credstream.v1` call.
+/// Authenticates every `credstream.v1` call (a [`Gate`], applied with
+/// [`GateLayer`](crate::gate::GateLayer)) and hands the verified [`Claims`]
+/// to the service in the request extensions.
 #[derive(Clone, Debug)]
-pub struct AuthLayer {
+pub struct Authenticator {
     key: TokenKey,
 }
 
-impl AuthLayer {
-    /// A layer verifying tokens with `key`.
+impl Authenticator {
+    /// Verifies tokens with `key`.
     pub fn new(key: TokenKey) -> Self {
         Self { key }
     }
 }
 
-impl<S> tower::Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            key: self.key.clone(),
-            inner,
+impl Gate for Authenticator {
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
+        if let Some(claims) = authenticate(&self.key, request)? {
+            request.extensions_mut().insert(claims);
         }
+        Ok(())
     }
 }
 
-/// See [`AuthLayer`].
-#[derive(Clone, Debug)]
-pub struct AuthService<S> {
-    key: TokenKey,
-    inner: S,
-}
-
-impl<S, B, RB> tower::Service<http::Request<B>> for AuthService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-    RB: Default,
-{
-    type Response = http::Response<RB>;
-    type Error = S::Error;
-    type Future = futures::future::Either<
-        S::Future,
-        std::future::Ready<Result<http::Response<RB>, S::Error>>,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        match authenticate(&self.key, &request) {
-            Ok(claims) => {
-                if let Some(claims) = claims {
-                    request.extensions_mut().insert(claims);
-                }
-                futures::future::Either::Left(self.inner.call(request))
-            }
-            Err(status) => {
-                tracing::debug!(path = %request.uri().path(), code = ?status.code(), "rejected call");
-                futures::future::Either::Right(std::future::ready(Ok(status.into_http())))
-            }
-        }
-    }
-}
-
-/// The verified claims of a request (inserted by [`AuthLayer`]).
+/// The verified claims of a request (inserted by [`Authenticator`]).
 pub fn claims<T>(request: &tonic::Request<T>) -> Result<Claims, Status> {
     request
         .extensions()

@@ -5,7 +5,8 @@
 //! - [`bell`] — wakes a cluster's agent streams when its state changes.
 //! - [`refresh`] — the refresh planner — when to ask the publisher for a new
 //!   credential, single flight, retries with backoff.
-//! - [`auth`] — signed bearer tokens and the tower layer that checks them.
+//! - [`auth`] — signed bearer tokens and the gate that checks them.
+//! - [`gate`] — the tower layer that admits or refuses each new call.
 //! - [`limits`] — bounds and checks on every input.
 //! - [`rate_limit`] — per-token limits on new calls (a tower layer).
 //! - [`metrics`] — the Prometheus endpoint of `--metrics-listen`.
@@ -15,6 +16,7 @@
 
 pub mod auth;
 pub mod bell;
+pub mod gate;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

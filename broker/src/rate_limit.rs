@@ -1,5 +1,5 @@
 //! Per-token limits on new calls (DESIGN §3): a token bucket per bearer
-//! token, as a tower layer behind [`AuthLayer`](crate::auth::AuthLayer), so
+//! token, as a tower layer behind [`Authenticator`](crate::auth::Authenticator), so
 //! that only verified tokens are counted and a flood of forged ones costs
 //! an HMAC each and no memory.
 //!
@@ -16,11 +16,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tonic::Status;
+
+use crate::gate::Gate;
 
 /// How many new calls one token may make.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -104,70 +105,15 @@ fn key_of(token: &[u8]) -> [u8; 16] {
     key
 }
 
-/// The tower layer that applies a [`TokenRateLimiter`] to every call that
-/// carries a bearer token.
-#[derive(Clone, Debug)]
-pub struct RateLimitLayer {
-    limiter: Arc<TokenRateLimiter>,
-}
-
-impl RateLimitLayer {
-    /// A layer limiting each token to `rate`.
-    pub fn new(rate: CallRate) -> Self {
-        Self {
-            limiter: Arc::new(TokenRateLimiter::new(rate)),
-        }
-    }
-}
-
-impl<S> tower::Layer<S> for RateLimitLayer {
-    type Service = RateLimitService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimitService {
-            limiter: self.limiter.clone(),
-            inner,
-        }
-    }
-}
-
-/// See [`RateLimitLayer`].
-#[derive(Clone, Debug)]
-pub struct RateLimitService<S> {
-    limiter: Arc<TokenRateLimiter>,
-    inner: S,
-}
-
-impl<S, B, RB> tower::Service<http::Request<B>> for RateLimitService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
-    S::Future: Send + 'static,
-    RB: Default,
-{
-    type Response = http::Response<RB>;
-    type Error = S::Error;
-    type Future = futures::future::Either<
-        S::Future,
-        std::future::Ready<Result<http::Response<RB>, S::Error>>,
-    >;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // Calls without a token (health, reflection) are not counted; the
-        // authentication layer in front has refused them elsewhere.
-        let admitted = match request.headers().get(http::header::AUTHORIZATION) {
-            Some(token) => self.limiter.admit(token.as_bytes(), Instant::now()),
+/// Applied with [`GateLayer`](crate::gate::GateLayer) behind authentication:
+/// calls that carry a bearer token are counted against it. Calls without
+/// one (health, reflection) are not; the authentication gate in front has
+/// refused any other call without a token.
+impl Gate for Arc<TokenRateLimiter> {
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
+        match request.headers().get(http::header::AUTHORIZATION) {
+            Some(token) => TokenRateLimiter::admit(self, token.as_bytes(), Instant::now()),
             None => Ok(()),
-        };
-        match admitted {
-            Ok(()) => futures::future::Either::Left(self.inner.call(request)),
-            Err(status) => {
-                tracing::debug!(path = %request.uri().path(), "call refused: token over its rate");
-                futures::future::Either::Right(std::future::ready(Ok(status.into_http())))
-            }
         }
     }
 }

@@ -19,10 +19,11 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::auth::{AuthLayer, TokenKey};
+use crate::auth::{Authenticator, TokenKey};
+use crate::gate::GateLayer;
 use crate::hub::{ClusterHub, HubConfig};
 use crate::limits::MAX_MESSAGE_BYTES;
-use crate::rate_limit::{CallRate, RateLimitLayer};
+use crate::rate_limit::{CallRate, TokenRateLimiter};
 use crate::refresh::RefreshConfig;
 use crate::service::admin::AdminServer;
 use crate::service::agent::{AgentServer, AgentServiceServer};
@@ -212,8 +213,12 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
     }
 
     let router = builder
-        .layer(AuthLayer::new(config.token_key.clone()))
-        .layer(RateLimitLayer::new(config.call_rate))
+        // Layers added first run first: authentication, then the rate
+        // limit, which so counts verified tokens only.
+        .layer(GateLayer::new(Authenticator::new(config.token_key.clone())))
+        .layer(GateLayer::new(Arc::new(TokenRateLimiter::new(
+            config.call_rate,
+        ))))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
