@@ -17,7 +17,7 @@ use credstream_agent::exec::{self, ExecConfig, Waited};
 use credstream_agent::http::{self, AuthToken, LocalEndpoints, LocalServer, TokenFile};
 use credstream_agent::store::CredentialStore;
 use credstream_agent::subscription::{self, SubscriptionConfig, SubscriptionError};
-use credstream_proto::connect::{BrokerAddress, ClientIdentity};
+use credstream_proto::connect::{BrokerAddress, TransportArgs};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
@@ -75,28 +75,8 @@ struct AgentArgs {
     /// GCE_METADATA_HOST).
     #[arg(long, env = "CREDSTREAM_NO_GCE_METADATA")]
     no_gce_metadata: bool,
-    /// A PEM CA bundle to trust for the broker instead of the system roots.
-    #[arg(long, env = "CREDSTREAM_CA_CERT")]
-    ca_cert: Option<PathBuf>,
-    /// A PEM client certificate to present to a broker that requires mutual
-    /// TLS (--client-ca on the broker); needs --tls-client-key.
-    #[arg(long, env = "CREDSTREAM_TLS_CLIENT_CERT", requires = "tls_client_key")]
-    tls_client_cert: Option<PathBuf>,
-    /// The PEM private key of --tls-client-cert.
-    #[arg(long, env = "CREDSTREAM_TLS_CLIENT_KEY", requires = "tls_client_cert")]
-    tls_client_key: Option<PathBuf>,
-    /// Allow sending the token in plaintext to a non-loopback broker.
-    #[arg(long, env = "CREDSTREAM_INSECURE")]
-    insecure: bool,
-}
-
-impl AgentArgs {
-    fn client_identity(&self) -> Option<ClientIdentity> {
-        Some(ClientIdentity {
-            cert: self.tls_client_cert.clone()?,
-            key: self.tls_client_key.clone()?,
-        })
-    }
+    #[command(flatten)]
+    transport: TransportArgs,
 }
 
 #[derive(Args)]
@@ -175,9 +155,9 @@ impl Agent {
             url: args.broker.clone(),
             token,
             cluster_id: args.cluster.clone(),
-            ca_cert: args.ca_cert.clone(),
-            client_identity: args.client_identity(),
-            insecure: args.insecure,
+            ca_cert: args.transport.ca_cert.clone(),
+            client_identity: args.transport.client_identity(),
+            insecure: args.transport.insecure,
         };
         // Fail on a bad URL or the plaintext rule now, before serving.
         address.endpoint()?;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use credstream_proto::connect::ClientIdentity;
+use credstream_proto::connect::TransportArgs;
 use credstream_proto::v1::EnvVar;
 use tracing_subscriber::EnvFilter;
 
@@ -68,21 +68,8 @@ struct BrokerArgs {
     /// A file holding the publisher token.
     #[arg(long, env = "CREDSTREAM_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// A PEM CA bundle to trust for the broker's certificate instead of the
-    /// system roots.
-    #[arg(long, env = "CREDSTREAM_CA_CERT")]
-    ca_cert: Option<PathBuf>,
-    /// A PEM client certificate to present to a broker that requires mutual
-    /// TLS (--client-ca on the broker); needs --tls-client-key.
-    #[arg(long, env = "CREDSTREAM_TLS_CLIENT_CERT", requires = "tls_client_key")]
-    tls_client_cert: Option<PathBuf>,
-    /// The PEM private key of --tls-client-cert.
-    #[arg(long, env = "CREDSTREAM_TLS_CLIENT_KEY", requires = "tls_client_cert")]
-    tls_client_key: Option<PathBuf>,
-    /// Allow sending the token in plaintext (http://) to a broker that is
-    /// not on this machine.
-    #[arg(long, env = "CREDSTREAM_INSECURE")]
-    insecure: bool,
+    #[command(flatten)]
+    transport: TransportArgs,
 }
 
 /// Which local identities to use and how to mint from them.
@@ -175,12 +162,9 @@ impl From<BrokerArgs> for cli::broker::BrokerOptions {
             cluster: args.cluster,
             token: args.token,
             token_file: args.token_file,
-            ca_cert: args.ca_cert,
-            client_identity: args
-                .tls_client_cert
-                .zip(args.tls_client_key)
-                .map(|(cert, key)| ClientIdentity { cert, key }),
-            insecure: args.insecure,
+            client_identity: args.transport.client_identity(),
+            ca_cert: args.transport.ca_cert,
+            insecure: args.transport.insecure,
         }
     }
 }

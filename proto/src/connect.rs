@@ -95,6 +95,38 @@ pub struct BrokerAddress {
     pub insecure: bool,
 }
 
+/// The connection flags `credstream` and `credstream-agent` share.
+#[cfg(feature = "cli")]
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TransportArgs {
+    /// A PEM CA bundle to trust for the broker's certificate instead of the
+    /// system roots.
+    #[arg(long, env = "CREDSTREAM_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// A PEM client certificate to present to a broker that requires mutual
+    /// TLS (--client-ca on the broker); needs --tls-client-key.
+    #[arg(long, env = "CREDSTREAM_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-client-cert.
+    #[arg(long, env = "CREDSTREAM_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Allow sending the token in plaintext (http://) to a broker that is
+    /// not on this machine.
+    #[arg(long, env = "CREDSTREAM_INSECURE")]
+    pub insecure: bool,
+}
+
+#[cfg(feature = "cli")]
+impl TransportArgs {
+    /// The client certificate, when both of its flags are given.
+    pub fn client_identity(&self) -> Option<ClientIdentity> {
+        Some(ClientIdentity {
+            cert: self.tls_client_cert.clone()?,
+            key: self.tls_client_key.clone()?,
+        })
+    }
+}
+
 /// A client certificate and its private key, both PEM files.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientIdentity {
