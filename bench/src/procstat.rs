@@ -12,6 +12,10 @@ pub struct ProcStats {
     pub rss_bytes: u64,
     /// User plus system CPU time in seconds (`utime + stime`).
     pub cpu_seconds: f64,
+    /// The system (kernel) part of it (`stime`): system calls, and on
+    /// loopback also the receiving side's TCP input, which runs in the
+    /// sender's system call.
+    pub system_seconds: f64,
 }
 
 fn clock_ticks() -> f64 {
@@ -50,6 +54,7 @@ impl ProcStats {
         Ok(Self {
             rss_bytes: rss_kib * 1024,
             cpu_seconds: (utime + stime) as f64 / clock_ticks(),
+            system_seconds: stime as f64 / clock_ticks(),
         })
     }
 }
@@ -62,5 +67,6 @@ mod tests {
     fn reads_this_process() {
         let stats = ProcStats::read(std::process::id()).expect("own stats");
         assert!(stats.rss_bytes > 0);
+        assert!(stats.system_seconds <= stats.cpu_seconds);
     }
 }

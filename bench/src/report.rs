@@ -61,6 +61,9 @@ pub struct FanoutResult {
     pub server_bytes_per_agent: f64,
     /// Server CPU (user + system) per publish, over the measured publishes.
     pub server_cpu_ms_per_update: f64,
+    /// The kernel's part of it (`stime`), which a server cannot shed by
+    /// doing less above the socket layer.
+    pub server_system_ms_per_update: f64,
     /// Why this step failed, if it did.
     pub error: Option<String>,
 }
@@ -245,7 +248,7 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:>6}  {:<12} {:>9} {:>9} {:>9} {:>6} {:>14} {:>14} {:>9}",
+            "{:>6}  {:<12} {:>9} {:>9} {:>9} {:>6} {:>14} {:>9} {:>14} {:>9}",
             "N",
             "peer",
             "p50 ms",
@@ -253,6 +256,7 @@ impl Report {
             "max ms",
             "lost",
             "srv CPU/upd ms",
+            "kernel ms",
             "srv B/agent",
             "connect s"
         );
@@ -265,7 +269,7 @@ impl Report {
                     let l = latency.unwrap_or_default();
                     let _ = writeln!(
                         out,
-                        "{:>6}  {:<12} {:>9.2} {:>9.2} {:>9.2} {:>6} {:>14.2} {:>14.0} {:>9.1}",
+                        "{:>6}  {:<12} {:>9.2} {:>9.2} {:>9.2} {:>6} {:>14.2} {:>9.2} {:>14.0} {:>9.1}",
                         r.agents,
                         r.peer,
                         l.p50,
@@ -273,6 +277,7 @@ impl Report {
                         l.max,
                         r.lost,
                         r.server_cpu_ms_per_update,
+                        r.server_system_ms_per_update,
                         r.server_bytes_per_agent,
                         r.connect_seconds
                     );
@@ -329,7 +334,36 @@ impl Report {
                 verdict
             );
         }
+        if let Some(line) = self.kernel_bound() {
+            let _ = writeln!(out, "{line}");
+        }
         out
+    }
+
+    /// What the CPU target is up against: the broker's kernel time per
+    /// fan-out (one write per agent, one read per ack) set beside the
+    /// floor's whole CPU. No work above the socket layer can bring the
+    /// broker below its kernel time.
+    fn kernel_bound(&self) -> Option<String> {
+        let largest = self.fanout.iter().map(|r| r.agents).max()?;
+        let broker = self.find("credstream", largest)?;
+        let floor = self.find("tonic-floor", largest)?;
+        if floor.server_cpu_ms_per_update <= 0.0 {
+            return None;
+        }
+        Some(format!(
+            "  CPU at N={largest}: broker {:.1} ms per fan-out, of which kernel {:.1} ms ({:.2}x the floor's \
+             whole {:.1} ms; floor kernel {:.1} ms); user space {:.1} ms against the floor's {:.1} ms ({:.2}x)",
+            broker.server_cpu_ms_per_update,
+            broker.server_system_ms_per_update,
+            broker.server_system_ms_per_update / floor.server_cpu_ms_per_update,
+            floor.server_cpu_ms_per_update,
+            floor.server_system_ms_per_update,
+            broker.server_cpu_ms_per_update - broker.server_system_ms_per_update,
+            floor.server_cpu_ms_per_update - floor.server_system_ms_per_update,
+            (broker.server_cpu_ms_per_update - broker.server_system_ms_per_update)
+                / (floor.server_cpu_ms_per_update - floor.server_system_ms_per_update).max(0.001),
+        ))
     }
 }
 

@@ -213,10 +213,11 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
                 },
             };
             eprintln!(
-                "[bench]   latency {:?}, lost {}, cpu/update {:.2} ms, {:.0} B/agent{}",
+                "[bench]   latency {:?}, lost {}, cpu/update {:.2} ms (kernel {:.2}), {:.0} B/agent{}",
                 result.latency_ms,
                 result.lost,
                 result.server_cpu_ms_per_update,
+                result.server_system_ms_per_update,
                 result.server_bytes_per_agent,
                 result
                     .error
@@ -396,7 +397,7 @@ async fn fanout<P: Peer>(
         recorder.finish(t0, config.round_timeout).await;
         tokio::time::sleep(config.gap).await;
     }
-    let cpu_before = ProcStats::read(pid)?.cpu_seconds;
+    let cpu_before = ProcStats::read(pid)?;
     let mut samples = Vec::with_capacity(n * config.publishes);
     let mut lost = 0;
     for _ in 0..config.publishes {
@@ -408,7 +409,8 @@ async fn fanout<P: Peer>(
         lost += result.lost;
         tokio::time::sleep(config.gap).await;
     }
-    let cpu_after = ProcStats::read(pid)?.cpu_seconds;
+    let cpu_after = ProcStats::read(pid)?;
+    let per_update = |seconds: f64| seconds * 1000.0 / config.publishes.max(1) as f64;
     Ok((
         FanoutResult {
             agents: n,
@@ -420,8 +422,10 @@ async fn fanout<P: Peer>(
             server_rss_after_bytes: after.rss_bytes,
             server_bytes_per_agent: after.rss_bytes.saturating_sub(before.rss_bytes) as f64
                 / n as f64,
-            server_cpu_ms_per_update: (cpu_after - cpu_before) * 1000.0
-                / config.publishes.max(1) as f64,
+            server_cpu_ms_per_update: per_update(cpu_after.cpu_seconds - cpu_before.cpu_seconds),
+            server_system_ms_per_update: per_update(
+                cpu_after.system_seconds - cpu_before.system_seconds,
+            ),
             ..FanoutResult::default()
         },
         agents,

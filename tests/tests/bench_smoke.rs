@@ -73,6 +73,7 @@ fn bench_at_ten_agents_reports_every_field() {
         "server_rss_after_bytes",
         "server_bytes_per_agent",
         "server_cpu_ms_per_update",
+        "server_system_ms_per_update",
         "connect_seconds",
     ] {
         assert!(credstream[field].is_number(), "no {field}: {credstream:#}");
