@@ -22,6 +22,8 @@ CREDSTREAM_TEST_GRPCURL="$("$CREDSTREAM_TEST_PYTHON" -c 'import grpcurl_binary_w
 export CREDSTREAM_TEST_GRPCURL
 export CREDSTREAM_TEST_BUF="$ROOT/node_modules/.bin/buf"
 export CREDSTREAM_TEST_NODE_MODULES="$ROOT/node_modules"
+CREDSTREAM_TEST_HAPROXY="$(command -v haproxy || true)"
+export CREDSTREAM_TEST_HAPROXY
 BUF="$CREDSTREAM_TEST_BUF"
 env | grep '^CREDSTREAM_TEST_' | sort
 

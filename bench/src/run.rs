@@ -398,6 +398,7 @@ async fn fanout<P: Peer>(
         tokio::time::sleep(config.gap).await;
     }
     let cpu_before = ProcStats::read(pid)?;
+    let load_before = ProcStats::read(std::process::id())?;
     let mut samples = Vec::with_capacity(n * config.publishes);
     let mut lost = 0;
     for _ in 0..config.publishes {
@@ -410,6 +411,7 @@ async fn fanout<P: Peer>(
         tokio::time::sleep(config.gap).await;
     }
     let cpu_after = ProcStats::read(pid)?;
+    let load_after = ProcStats::read(std::process::id())?;
     let per_update = |seconds: f64| seconds * 1000.0 / config.publishes.max(1) as f64;
     Ok((
         FanoutResult {
@@ -426,6 +428,7 @@ async fn fanout<P: Peer>(
             server_system_ms_per_update: per_update(
                 cpu_after.system_seconds - cpu_before.system_seconds,
             ),
+            agents_cpu_ms_per_update: per_update(load_after.cpu_seconds - load_before.cpu_seconds),
             ..FanoutResult::default()
         },
         agents,

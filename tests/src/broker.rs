@@ -39,7 +39,12 @@ impl TestBroker {
 
     /// Starts a broker after `configure` adjusted the defaults.
     pub async fn start_with(configure: impl FnOnce(&mut BrokerConfig)) -> Self {
-        let key = TokenKey::generate();
+        Self::start_with_key(TokenKey::generate(), configure).await
+    }
+
+    /// Starts a broker that verifies tokens with `key`: brokers sharing a
+    /// key are shards of one deployment, and a token works on each.
+    pub async fn start_with_key(key: TokenKey, configure: impl FnOnce(&mut BrokerConfig)) -> Self {
         let mut config = BrokerConfig::for_tests(key.clone());
         configure(&mut config);
         let broker = server::start(config).await.expect("broker starts");

@@ -6,12 +6,14 @@
 //! - [`broker`] — an in-process broker on port 0, tokens, raw protocol clients
 //!   and credential builders.
 //! - [`minter`] — a counting fake minter for refresh tests.
+//! - [`haproxy`] — a real HAProxy sharding brokers by cluster.
 //! - [`pki`] — a throwaway CA for TLS and mutual-TLS tests.
 //! - [`bins`] — paths of the workspace binaries, building them once if a test
 //!   runs before `cargo build`.
 
 pub mod bins;
 pub mod broker;
+pub mod haproxy;
 pub mod minter;
 pub mod moto;
 pub mod pki;

@@ -35,6 +35,11 @@ pub fn node_modules(test: &str) -> Option<PathBuf> {
     from_env("CREDSTREAM_TEST_NODE_MODULES", "Node modules", test)
 }
 
+/// The real `haproxy` binary.
+pub fn haproxy(test: &str) -> Option<PathBuf> {
+    from_env("CREDSTREAM_TEST_HAPROXY", "haproxy", test)
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

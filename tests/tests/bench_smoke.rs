@@ -74,6 +74,7 @@ fn bench_at_ten_agents_reports_every_field() {
         "server_bytes_per_agent",
         "server_cpu_ms_per_update",
         "server_system_ms_per_update",
+        "agents_cpu_ms_per_update",
         "connect_seconds",
     ] {
         assert!(credstream[field].is_number(), "no {field}: {credstream:#}");

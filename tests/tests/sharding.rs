@@ -1,0 +1,197 @@
+//! Brokers as independent shards behind a real HAProxy that routes every
+//! call on `x-credstream-cluster` with consistent hashing (DESIGN §6).
+//! Every cluster's publisher and agents meet on one shard; when a shard
+//! goes away, its clusters move to another, which asks their publishers for
+//! everything again, while the clusters already elsewhere are not touched.
+//! No shared store and no consensus: the client library, the agent library
+//! and the brokers as they are.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use credstream_agent::store::{AgentState, CredentialStore};
+use credstream_agent::subscription::{self, SubscriptionConfig};
+use credstream_broker::auth::{Role, TokenKey};
+use credstream_client::session::PublishSession;
+use credstream_proto::connect::BrokerAddress;
+use credstream_proto::v1::CredentialKind;
+use credstream_tests::broker::{TestBroker, WAIT};
+use credstream_tests::haproxy::Haproxy;
+use credstream_tests::minter::CountingMinter;
+use credstream_tests::tools;
+
+const CLUSTERS: usize = 8;
+
+fn address(proxy: &Haproxy, key: &TokenKey, role: Role, cluster: &str) -> BrokerAddress {
+    BrokerAddress {
+        url: proxy.url(),
+        token: key
+            .issue(role, Some(cluster), Duration::from_secs(3600))
+            .expect("token"),
+        cluster_id: cluster.into(),
+        ca_cert: None,
+        client_identity: None,
+        insecure: false,
+    }
+}
+
+async fn wait_for_state(
+    store: &CredentialStore,
+    what: &str,
+    accept: impl Fn(&AgentState) -> bool,
+) -> AgentState {
+    tokio::time::timeout(WAIT, store.subscribe().wait_for(|s| accept(s)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("store open")
+        .clone()
+}
+
+fn env_of(state: &AgentState) -> Vec<(String, String)> {
+    state
+        .env_vars()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The shards that hold `cluster` with a published credential and the
+/// named agent connected.
+fn homes(shards: &[&TestBroker], cluster: &str) -> Vec<usize> {
+    shards
+        .iter()
+        .enumerate()
+        .filter(|(_, shard)| {
+            shard.broker.hub.get(cluster).is_some_and(|c| {
+                let status = c.status();
+                status.version > 0
+                    && status
+                        .agents
+                        .iter()
+                        .any(|a| a.agent_id == format!("{cluster}-worker"))
+            })
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_keeps_each_cluster_on_one_shard_and_moves_it_when_the_shard_goes() {
+    let Some(haproxy) = tools::haproxy("sharding") else {
+        return;
+    };
+    let key = TokenKey::generate();
+    let quick_drain = |config: &mut credstream_broker::server::BrokerConfig| {
+        config.drain_timeout = Duration::from_secs(1);
+    };
+    let shard0 = TestBroker::start_with_key(key.clone(), quick_drain).await;
+    let shard1 = TestBroker::start_with_key(key.clone(), quick_drain).await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = Haproxy::start(
+        &haproxy,
+        dir.path(),
+        &[shard0.broker.local_addr, shard1.broker.local_addr],
+    )
+    .await;
+
+    // One publisher and one agent per cluster, all through the proxy.
+    let clusters: Vec<String> = (0..CLUSTERS).map(|i| format!("team-{i}")).collect();
+    let mut sessions = Vec::new();
+    let mut minters: Vec<Arc<CountingMinter>> = Vec::new();
+    let mut stores = Vec::new();
+    for cluster in &clusters {
+        let minter = CountingMinter::new(CredentialKind::Aws, Duration::from_secs(3600));
+        sessions.push(
+            PublishSession::builder(address(&proxy, &key, Role::Publisher, cluster))
+                .minter(minter.clone())
+                .private_env([("CLUSTER_NAME", cluster.as_str())])
+                .start()
+                .expect("session starts"),
+        );
+        minters.push(minter);
+        let store = CredentialStore::new();
+        let config = SubscriptionConfig::new(
+            address(&proxy, &key, Role::Agent, cluster),
+            format!("{cluster}-worker"),
+        );
+        tokio::spawn({
+            let store = store.clone();
+            async move { subscription::run(config, store, std::future::pending()).await }
+        });
+        stores.push(store);
+    }
+
+    // Each agent holds its own cluster's credential and env: its calls
+    // reached the shard its publisher's did.
+    let mut versions = Vec::new();
+    for (cluster, store) in clusters.iter().zip(&stores) {
+        let state = wait_for_state(store, &format!("{cluster}'s agent ready"), |s| {
+            s.readiness(SystemTime::now()).is_ok()
+        })
+        .await;
+        assert_eq!(
+            env_of(&state),
+            [("CLUSTER_NAME".to_owned(), cluster.clone())]
+        );
+        versions.push(state.aws.as_ref().expect("aws").version);
+    }
+    let shards = [&shard0, &shard1];
+    let mut home = Vec::new();
+    for cluster in &clusters {
+        let on = homes(&shards, cluster);
+        assert_eq!(on.len(), 1, "{cluster} lives on shards {on:?}");
+        home.push(on[0]);
+    }
+    assert!(
+        home.contains(&0) && home.contains(&1),
+        "the {CLUSTERS} clusters spread over both shards: {home:?}"
+    );
+    assert!(minters.iter().all(|m| m.count() == 1));
+
+    // The shard of team-0 goes away. HAProxy's checks take it out, its
+    // clusters hash to the survivor, whose empty state makes each of their
+    // publishers mint again; their agents serve throughout and converge.
+    let gone = home[0];
+    let (leaving, survivor) = if gone == 0 {
+        (shard0, shard1)
+    } else {
+        (shard1, shard0)
+    };
+    leaving.broker.shutdown().await;
+    for (i, cluster) in clusters.iter().enumerate() {
+        if home[i] != gone {
+            continue;
+        }
+        assert!(
+            stores[i].current().readiness(SystemTime::now()).is_ok(),
+            "{cluster}'s agent keeps serving while its shard is gone"
+        );
+        let state = wait_for_state(&stores[i], &format!("{cluster} on the survivor"), |s| {
+            s.aws.as_ref().is_some_and(|c| c.version > versions[i])
+        })
+        .await;
+        assert!(state.readiness(SystemTime::now()).is_ok());
+        assert_eq!(
+            env_of(&state),
+            [("CLUSTER_NAME".to_owned(), cluster.clone())],
+            "the publisher re-sent its env to the survivor"
+        );
+        minters[i].wait_for(2).await;
+        assert_eq!(homes(&[&survivor], cluster), [0]);
+    }
+    // Clusters that were on the survivor all along stayed where they were:
+    // consistent hashing moved only the lost shard's clusters.
+    for (i, cluster) in clusters.iter().enumerate() {
+        if home[i] == gone {
+            continue;
+        }
+        assert_eq!(minters[i].count(), 1, "{cluster} was not re-minted");
+        assert_eq!(
+            stores[i].current().aws.as_ref().expect("aws").version,
+            versions[i],
+            "{cluster}'s agent kept its credential"
+        );
+        assert_eq!(homes(&[&survivor], cluster), [0]);
+    }
+    drop(sessions);
+    drop(proxy);
+}
