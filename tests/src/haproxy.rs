@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::broker::WAIT;
-use crate::processes::{Process, clean_command};
+use crate::processes::{Process, clean_command, free_low_port};
 
 /// The HAProxy configuration for `shards`, listening on `listen`.
 ///
@@ -56,11 +56,8 @@ impl Haproxy {
     /// Writes the configuration for `shards` into `dir`, starts `binary` on
     /// a free loopback port and waits until it accepts connections.
     pub async fn start(binary: &Path, dir: &Path, shards: &[SocketAddr]) -> Haproxy {
-        // HAProxy cannot bind port 0 and report it: take a free port from
-        // the kernel, release it, and give it to HAProxy.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port");
+        // HAProxy cannot bind port 0 and report it.
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_low_port()));
         let file = dir.join("haproxy.cfg");
         std::fs::write(&file, config(addr, shards)).expect("write haproxy.cfg");
         let mut command = clean_command(binary);

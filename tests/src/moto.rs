@@ -3,26 +3,12 @@
 //! then switched to enforcing authentication (FACTS 15) so that only
 //! credentials moto itself issued are accepted.
 
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::processes::{Process, clean_command};
-
-/// A loopback port below 32768 that was free a moment ago (above is the
-/// ephemeral range, where a just-closed client port may still be taken;
-/// FACTS 18).
-pub fn free_low_port() -> u16 {
-    use rand::Rng;
-    let mut rng = rand::thread_rng();
-    loop {
-        let port = rng.gen_range(20_000..32_000);
-        if StdListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
+use crate::processes::{Process, clean_command, free_low_port};
 
 /// A running moto server, killed (by PID) when dropped.
 pub struct Moto {

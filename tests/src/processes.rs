@@ -34,6 +34,21 @@ pub fn clean_command(program: impl AsRef<OsStr>) -> Command {
     command
 }
 
+/// A loopback port below 32768 that was free a moment ago, for a server
+/// that cannot bind port 0 and report it (moto, HAProxy). Above 32768 is
+/// the ephemeral range, where a client's port may take it in between
+/// (FACTS 18).
+pub fn free_low_port() -> u16 {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    loop {
+        let port = rng.gen_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A running process and everything it printed so far.
 pub struct Process {
     name: String,
