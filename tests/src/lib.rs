@@ -6,6 +6,10 @@
 //! - [`broker`] — an in-process broker on port 0, tokens, raw protocol clients
 //!   and credential builders.
 //! - [`minter`] — a counting fake minter for refresh tests.
+//! - [`moto`] — a real moto server (STS, IAM, S3), seeded through boto3.
+//! - [`fake_http`] — a recording HTTP server for endpoints the client calls.
+//! - [`child`] — a test body re-run in a child process with its own
+//!   environment.
 //! - [`haproxy`] — a real HAProxy sharding brokers by cluster.
 //! - [`pki`] — a throwaway CA for TLS and mutual-TLS tests.
 //! - [`bins`] — paths of the workspace binaries, building them once if a test
@@ -13,6 +17,8 @@
 
 pub mod bins;
 pub mod broker;
+pub mod child;
+pub mod fake_http;
 pub mod haproxy;
 pub mod minter;
 pub mod moto;

@@ -24,6 +24,13 @@ impl Moto {
     /// answers `/moto-api/`. Authentication is off until
     /// [`Moto::require_auth`].
     pub async fn start(python: &Path) -> Moto {
+        Self::start_with_env(python, &[]).await
+    }
+
+    /// Like [`Moto::start`], with `env` added to the server's environment
+    /// (`INITIAL_NO_AUTH_ACTION_COUNT=0` turns authentication on from the
+    /// first request, FACTS 15).
+    pub async fn start_with_env(python: &Path, env: &[(&str, &str)]) -> Moto {
         for _attempt in 0..5 {
             let port = free_low_port();
             let mut command = clean_command(python);
@@ -35,6 +42,7 @@ impl Moto {
                 "-p",
                 &port.to_string(),
             ]);
+            command.envs(env.iter().copied());
             let mut process = Process::spawn("moto", command);
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             // Werkzeug says `Running on http://…` on stderr once it listens,

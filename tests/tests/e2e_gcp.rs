@@ -11,13 +11,12 @@
 //! test prints `skipped:`.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use credstream_tests::bins::binary;
+use credstream_tests::fake_http::FakeHttp;
 use credstream_tests::processes::{BrokerProcess, Process, clean_command, write_file};
 use credstream_tests::tools;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 const EMAIL: &str = "pipeline@credstream-e2e.iam.gserviceaccount.com";
 const PROJECT: &str = "credstream-e2e";
@@ -52,81 +51,25 @@ print(k.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()).d
 }
 
 /// An OAuth2 token endpoint on 127.0.0.1:0 that answers every POST with a
-/// new token (`ya29.e2e-1`, `ya29.e2e-2`, …) valid for an hour, and
-/// remembers what it issued.
-struct TokenEndpoint {
-    url: String,
-    issued: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
+/// new token (`ya29.e2e-1`, `ya29.e2e-2`, …) valid for an hour.
+async fn token_endpoint() -> FakeHttp {
+    FakeHttp::start(Arc::new(|number, _| {
+        let body = format!(
+            r#"{{"access_token": "{}", "expires_in": 3600, "token_type": "Bearer"}}"#,
+            issued_token(number)
+        );
+        (200, "application/json", body)
+    }))
+    .await
 }
 
-impl TokenEndpoint {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/token", listener.local_addr().unwrap());
-        let issued = Arc::new(Mutex::new(Vec::new()));
-        let log = issued.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let log = log.clone();
-                tokio::spawn(async move {
-                    let _ = answer(stream, log).await;
-                });
-            }
-        });
-        Self { url, issued, task }
-    }
-
-    fn issued(&self) -> Vec<String> {
-        self.issued.lock().unwrap().clone()
-    }
+fn issued_token(number: usize) -> String {
+    format!("ya29.e2e-{number}")
 }
 
-impl Drop for TokenEndpoint {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn answer(mut stream: TcpStream, issued: Arc<Mutex<Vec<String>>>) -> std::io::Result<()> {
-    // Read the head and the body it announces (a JWT-bearer grant).
-    let mut raw = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        raw.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&raw).to_string();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|line| {
-                    let (name, value) = line.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if raw.len() >= end + 4 + length {
-                break;
-            }
-        }
-    }
-    let token = {
-        let mut issued = issued.lock().unwrap();
-        let token = format!("ya29.e2e-{}", issued.len() + 1);
-        issued.push(token.clone());
-        token
-    };
-    let body =
-        format!(r#"{{"access_token": "{token}", "expires_in": 3600, "token_type": "Bearer"}}"#);
-    let response = format!(
-        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+/// The tokens the endpoint has issued, in order.
+fn issued(endpoint: &FakeHttp) -> Vec<String> {
+    (1..=endpoint.received().len()).map(issued_token).collect()
 }
 
 fn key_file(dir: &Path, pem: &str, token_uri: &str) -> String {
@@ -168,8 +111,12 @@ async fn google_auth_default_on_a_worker_gets_the_token_the_client_published() {
     let worker_home = dir.path().join("worker");
     std::fs::create_dir_all(&laptop_home).unwrap();
     std::fs::create_dir_all(&worker_home).unwrap();
-    let endpoint = TokenEndpoint::start().await;
-    let key = key_file(dir.path(), &generate_key(&python).await, &endpoint.url);
+    let endpoint = token_endpoint().await;
+    let key = key_file(
+        dir.path(),
+        &generate_key(&python).await,
+        &format!("{}/token", endpoint.url),
+    );
     let script = write_file(dir.path(), "adc.py", ADC_SCRIPT);
     let worker = worker_env(&worker_home);
 
@@ -219,7 +166,7 @@ async fn google_auth_default_on_a_worker_gets_the_token_the_client_published() {
     );
     // The published token is the endpoint's latest (the first one only
     // proved the key works, for the `gcp:` line above).
-    let published = endpoint.issued().last().cloned().expect("a token");
+    let published = issued(&endpoint).last().cloned().expect("a token");
 
     let token_file = write_file(dir.path(), "agent.token", &broker.agent_token);
     let mut exec = clean_command(binary("credstream-agent"));
@@ -242,10 +189,10 @@ async fn google_auth_default_on_a_worker_gets_the_token_the_client_published() {
     expect(format!("token={published}"));
     expect(format!("CLOUDSDK_AUTH_ACCESS_TOKEN={published}"));
     assert_eq!(
-        endpoint.issued().len(),
+        issued(&endpoint).len(),
         2,
         "the worker's refresh asked the agent, not Google: {:?}",
-        endpoint.issued()
+        issued(&endpoint)
     );
 
     publish.signal("TERM");

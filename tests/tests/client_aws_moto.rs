@@ -1,18 +1,18 @@
 //! AWS minting against a real moto server (STS): what is called, with what,
 //! and what comes out. Tests that exercise the default credential chain
 //! from environment variables run their body in a child process (see
-//! `common::run_child`) so the parallel tests here keep their environment.
-
-mod common;
+//! `credstream_tests::child::run_child`) so the parallel tests here keep their environment.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_credential_types::Credentials;
-use common::{Moto, in_child, python, run_child};
 use credstream_client::mint::aws::AwsMinter;
 use credstream_client::mint::{MintError, Minter};
 use credstream_client::whoami::whoami;
 use credstream_proto::v1::{AwsCredential, CredentialUpdate, credential_update::Credential};
+use credstream_tests::child::{in_child, run_child};
+use credstream_tests::moto::Moto;
+use credstream_tests::tools::python;
 
 const MOTO_USER_ARN: &str = "arn:aws:sts::123456789012:user/moto";
 const LONG_TERM_KEY_ID: &str = "AKIALONGTERMEXAMPLE1";
@@ -64,7 +64,7 @@ async fn long_term_keys_are_exchanged_with_get_session_token() {
     let Some(python) = python("long_term_keys_are_exchanged_with_get_session_token") else {
         return;
     };
-    let moto = Moto::start(&python, &[]).await;
+    let moto = Moto::start(&python).await;
     let minter = AwsMinter::builder()
         .credentials_provider(long_term_keys())
         .endpoint_url(&moto.url)
@@ -95,7 +95,7 @@ async fn two_mints_are_two_sts_calls() {
     let Some(python) = python("two_mints_are_two_sts_calls") else {
         return;
     };
-    let moto = Moto::start(&python, &[]).await;
+    let moto = Moto::start(&python).await;
     let minter = AwsMinter::builder()
         .credentials_provider(long_term_keys())
         .endpoint_url(&moto.url)
@@ -122,7 +122,7 @@ async fn role_arn_with_session_policy_calls_assume_role_with_that_policy() {
     else {
         return;
     };
-    let moto = Moto::start(&python, &[]).await;
+    let moto = Moto::start(&python).await;
     let dir = tempfile::tempdir().unwrap();
     let policy_path = dir.path().join("policy.json");
     let policy = r#"{
@@ -193,7 +193,7 @@ async fn session_token_in_environment_is_forwarded_as_is() {
     let Some(python) = python(TEST) else {
         return;
     };
-    let moto = Moto::start(&python, &[]).await;
+    let moto = Moto::start(&python).await;
     let expiry = UNIX_EPOCH
         + Duration::from_secs(
             (SystemTime::now() + Duration::from_secs(2400))
@@ -250,7 +250,7 @@ async fn whoami_prints_the_caller_identity_and_its_source() {
     let Some(python) = python(TEST) else {
         return;
     };
-    let moto = Moto::start(&python, &[]).await;
+    let moto = Moto::start(&python).await;
     run_child(
         TEST,
         &[
@@ -296,7 +296,7 @@ async fn rejected_keys_say_how_to_fix_them() {
         return;
     };
     // With auth on, moto accepts only keys it issued.
-    let moto = Moto::start(&python, &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]).await;
+    let moto = Moto::start_with_env(&python, &[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]).await;
     let minter = AwsMinter::builder()
         .credentials_provider(long_term_keys())
         .endpoint_url(&moto.url)
@@ -322,7 +322,7 @@ async fn access_denied_names_the_call_and_the_fix() {
         return;
     };
     // Two unauthenticated actions to create a user without any policy.
-    let moto = Moto::start(&python, &[("INITIAL_NO_AUTH_ACTION_COUNT", "2")]).await;
+    let moto = Moto::start_with_env(&python, &[("INITIAL_NO_AUTH_ACTION_COUNT", "2")]).await;
     let script = format!(
         "import boto3, json\n\
          iam = boto3.client('iam', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='AKIASETUPEXAMPLE1234', aws_secret_access_key='x')\n\

@@ -7,19 +7,19 @@
 //! (`cryptography`, which moto depends on); without the venv the tests
 //! print `skipped:` and pass.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{FakeHttp, Received, Responder, form, in_child, python, run_child};
 use credstream_client::mint::gcp::{DEFAULT_SCOPES, GcpMinter};
 use credstream_client::mint::{MintError, Minter};
 use credstream_client::whoami::whoami;
 use credstream_proto::v1::{CredentialUpdate, GcpCredential, credential_update::Credential};
+use credstream_tests::child::{in_child, run_child};
+use credstream_tests::fake_http::{FakeHttp, Received, Responder, form};
+use credstream_tests::tools::python;
 
 const EMAIL: &str = "minter@credstream-test.iam.gserviceaccount.com";
 const PROJECT: &str = "credstream-test";
