@@ -4,7 +4,7 @@
 #                  the grpcurl binary, moto, boto3, google-auth, requests)
 #   node_modules/  buf, @grpc/grpc-js and @grpc/proto-loader, pinned by
 #                  package.json / package-lock.json
-#   haproxy        Debian's package, when it is missing (the sharding test)
+#   haproxy, nginx Debian's packages, when missing (the sharding tests)
 # Idempotent and quick when nothing changed: each install is skipped while its
 # marker (a hash of what was installed) matches. Runnable from any directory.
 # Called by scripts/test.sh; run it alone to get the tools for a dev shell.
@@ -75,21 +75,25 @@ else
 fi
 "$ROOT/node_modules/.bin/buf" --version >/dev/null 2>&1 || die "node_modules/.bin/buf does not run"
 
-# --- HAProxy (the sharding test) ---------------------------------------------
-# Debian's package, like the benchmark's peers. Without apt-get (a developer's
-# non-Debian machine) the sharding test says it was skipped; CI must run it.
-if ! command -v haproxy >/dev/null 2>&1; then
+# --- HAProxy and nginx (the sharding tests) -----------------------------------
+# Debian's packages, like the benchmark's peers. Without apt-get (a developer's
+# non-Debian machine) the sharding tests say they were skipped; CI must run them.
+proxies=()
+for proxy in haproxy nginx; do
+  command -v "$proxy" >/dev/null 2>&1 || [[ -x "/usr/sbin/$proxy" ]] || proxies+=("$proxy")
+done
+if ((${#proxies[@]})); then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     [[ $(id -u) -eq 0 ]] || SUDO="sudo"
-    note "installing haproxy (Debian package)"
+    note "installing ${proxies[*]} (Debian packages)"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends haproxy >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${proxies[@]}" >/dev/null
   elif [[ "${CI:-}" == "true" ]]; then
-    die "haproxy is not installed and there is no apt-get to install it"
+    die "${proxies[*]} not installed and there is no apt-get to install them"
   else
-    note "haproxy is not installed (no apt-get here): the sharding test will be skipped"
+    note "${proxies[*]} not installed (no apt-get here): the sharding tests will be skipped"
   fi
 fi
 
-note "ready: python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'), $("$GRPCURL" -version 2>&1), buf $("$ROOT/node_modules/.bin/buf" --version), node $(node --version), $(haproxy -v 2>/dev/null | head -1 || echo 'no haproxy')"
+note "ready: python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'), $("$GRPCURL" -version 2>&1), buf $("$ROOT/node_modules/.bin/buf" --version), node $(node --version), $(PATH="$PATH:/usr/sbin" haproxy -v 2>/dev/null | head -1 || echo 'no haproxy'), $(PATH="$PATH:/usr/sbin" nginx -v 2>&1 || echo 'no nginx')"

@@ -22,8 +22,11 @@ CREDSTREAM_TEST_GRPCURL="$("$CREDSTREAM_TEST_PYTHON" -c 'import grpcurl_binary_w
 export CREDSTREAM_TEST_GRPCURL
 export CREDSTREAM_TEST_BUF="$ROOT/node_modules/.bin/buf"
 export CREDSTREAM_TEST_NODE_MODULES="$ROOT/node_modules"
-CREDSTREAM_TEST_HAPROXY="$(command -v haproxy || true)"
-export CREDSTREAM_TEST_HAPROXY
+# Debian puts both proxies in /usr/sbin, which a non-root PATH may lack.
+sbin_tool() { command -v "$1" 2>/dev/null || { [[ -x "/usr/sbin/$1" ]] && echo "/usr/sbin/$1"; } || true; }
+CREDSTREAM_TEST_HAPROXY="$(sbin_tool haproxy)"
+CREDSTREAM_TEST_NGINX="$(sbin_tool nginx)"
+export CREDSTREAM_TEST_HAPROXY CREDSTREAM_TEST_NGINX
 BUF="$CREDSTREAM_TEST_BUF"
 env | grep '^CREDSTREAM_TEST_' | sort
 

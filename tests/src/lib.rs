@@ -10,7 +10,7 @@
 //! - [`fake_http`] — a recording HTTP server for endpoints the client calls.
 //! - [`child`] — a test body re-run in a child process with its own
 //!   environment.
-//! - [`haproxy`] — a real HAProxy sharding brokers by cluster.
+//! - [`shard_proxy`] — a real HAProxy or nginx sharding brokers by cluster.
 //! - [`pki`] — a throwaway CA for TLS and mutual-TLS tests.
 //! - [`bins`] — paths of the workspace binaries, building them once if a test
 //!   runs before `cargo build`.
@@ -19,9 +19,9 @@ pub mod bins;
 pub mod broker;
 pub mod child;
 pub mod fake_http;
-pub mod haproxy;
 pub mod minter;
 pub mod moto;
 pub mod pki;
 pub mod processes;
+pub mod shard_proxy;
 pub mod tools;

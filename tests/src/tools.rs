@@ -40,6 +40,11 @@ pub fn haproxy(test: &str) -> Option<PathBuf> {
     from_env("CREDSTREAM_TEST_HAPROXY", "haproxy", test)
 }
 
+/// The real `nginx` binary.
+pub fn nginx(test: &str) -> Option<PathBuf> {
+    from_env("CREDSTREAM_TEST_NGINX", "nginx", test)
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -1,11 +1,13 @@
-//! Brokers as independent shards behind a real HAProxy that routes every
-//! call on `x-credstream-cluster` with consistent hashing (DESIGN §6).
+//! Brokers as independent shards behind a real L7 proxy (HAProxy, then
+//! nginx) that routes every call on `x-credstream-cluster` with consistent
+//! hashing (DESIGN §6).
 //! Every cluster's publisher and agents meet on one shard; when a shard
 //! goes away, its clusters move to another, which asks their publishers for
 //! everything again, while the clusters already elsewhere are not touched.
 //! No shared store and no consensus: the client library, the agent library
 //! and the brokers as they are.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -16,13 +18,13 @@ use credstream_client::session::PublishSession;
 use credstream_proto::connect::BrokerAddress;
 use credstream_proto::v1::CredentialKind;
 use credstream_tests::broker::{TestBroker, WAIT};
-use credstream_tests::haproxy::Haproxy;
 use credstream_tests::minter::CountingMinter;
+use credstream_tests::shard_proxy::{ProxyKind, ShardProxy};
 use credstream_tests::tools;
 
 const CLUSTERS: usize = 8;
 
-fn address(proxy: &Haproxy, key: &TokenKey, role: Role, cluster: &str) -> BrokerAddress {
+fn address(proxy: &ShardProxy, key: &TokenKey, role: Role, cluster: &str) -> BrokerAddress {
     BrokerAddress {
         url: proxy.url(),
         token: key
@@ -76,9 +78,19 @@ fn homes(shards: &[&TestBroker], cluster: &str) -> Vec<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haproxy_keeps_each_cluster_on_one_shard_and_moves_it_when_the_shard_goes() {
-    let Some(haproxy) = tools::haproxy("sharding") else {
-        return;
-    };
+    if let Some(haproxy) = tools::haproxy("sharding through haproxy") {
+        clusters_stay_whole_and_move_with_their_shard(ProxyKind::Haproxy, &haproxy).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_keeps_each_cluster_on_one_shard_and_moves_it_when_the_shard_goes() {
+    if let Some(nginx) = tools::nginx("sharding through nginx") {
+        clusters_stay_whole_and_move_with_their_shard(ProxyKind::Nginx, &nginx).await;
+    }
+}
+
+async fn clusters_stay_whole_and_move_with_their_shard(kind: ProxyKind, binary: &Path) {
     let key = TokenKey::generate();
     let quick_drain = |config: &mut credstream_broker::server::BrokerConfig| {
         config.drain_timeout = Duration::from_secs(1);
@@ -86,8 +98,9 @@ async fn haproxy_keeps_each_cluster_on_one_shard_and_moves_it_when_the_shard_goe
     let shard0 = TestBroker::start_with_key(key.clone(), quick_drain).await;
     let shard1 = TestBroker::start_with_key(key.clone(), quick_drain).await;
     let dir = tempfile::tempdir().unwrap();
-    let proxy = Haproxy::start(
-        &haproxy,
+    let proxy = ShardProxy::start(
+        kind,
+        binary,
         dir.path(),
         &[shard0.broker.local_addr, shard1.broker.local_addr],
     )
@@ -147,8 +160,9 @@ async fn haproxy_keeps_each_cluster_on_one_shard_and_moves_it_when_the_shard_goe
     );
     assert!(minters.iter().all(|m| m.count() == 1));
 
-    // The shard of team-0 goes away. HAProxy's checks take it out, its
-    // clusters hash to the survivor, whose empty state makes each of their
+    // The shard of team-0 goes away. The proxy takes it out (HAProxy by
+    // its checks, nginx at the first refused connection), its clusters hash
+    // to the survivor, whose empty state makes each of their
     // publishers mint again; their agents serve throughout and converge.
     let gone = home[0];
     let (leaving, survivor) = if gone == 0 {
