@@ -12,7 +12,7 @@ use credstream_proto::v1::{
     publish_request, subscribe_response,
 };
 use credstream_tests::broker::{
-    TestBroker, aws_update, open_agent, open_publisher, publisher_hello,
+    TestBroker, WAIT, aws_update, open_agent, open_publisher, publisher_hello,
 };
 use credstream_tests::pki::Pki;
 use tonic::Code;
@@ -166,6 +166,82 @@ async fn publishers_issue_agent_tokens_for_their_cluster_only() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn an_admin_call_routed_for_another_cluster_gets_invalid_argument() {
+    let broker = TestBroker::start().await;
+    let publisher = broker
+        .publisher("real", &[CredentialKind::Aws], false)
+        .await;
+    publisher
+        .send(publish_request::Message::Credential(aws_update(
+            "routed", HOUR,
+        )))
+        .await;
+    let held = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(status) = broker.status("real").await
+                && status.version > 0
+            {
+                return status.version;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the credential is published");
+    // An admin token may ask about any cluster, but a call whose routing
+    // header names another cluster would reach that cluster's shard.
+    let admin_routed_to = |cluster: &str| {
+        let address = BrokerAddress {
+            url: broker.url(),
+            token: broker.token(Role::Admin, None),
+            cluster_id: cluster.into(),
+            ca_cert: None,
+            client_identity: None,
+            insecure: false,
+        };
+        AdminServiceClient::with_interceptor(broker.channel(), address.interceptor().unwrap())
+    };
+    let err = admin_routed_to("elsewhere")
+        .get_cluster(GetClusterRequest {
+            cluster_id: "real".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        r#"the x-credstream-cluster header ("elsewhere") does not match the request's cluster_id ("real")"#
+    );
+    let err = admin_routed_to("elsewhere")
+        .create_agent_token(CreateAgentTokenRequest {
+            cluster_id: "real".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // Nothing changed, and the same calls routed for their own cluster work.
+    let status = admin_routed_to("real")
+        .get_cluster(GetClusterRequest {
+            cluster_id: "real".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .cluster
+        .unwrap();
+    assert_eq!(status.version, held);
+    assert!(broker.status("elsewhere").await.is_err(), "no cluster made");
+    admin_routed_to("real")
+        .create_agent_token(CreateAgentTokenRequest {
+            cluster_id: "real".into(),
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -4,8 +4,9 @@
 //! Every cluster's publisher and agents meet on one shard; when a shard
 //! goes away, its clusters move to another, which asks their publishers for
 //! everything again, while the clusters already elsewhere are not touched.
-//! No shared store and no consensus: the client library, the agent library
-//! and the brokers as they are.
+//! `credstream status` through the proxy reaches each cluster's shard.
+//! No shared store and no consensus: the client library, the agent library,
+//! the `credstream` binary and the brokers as they are.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,8 +18,10 @@ use credstream_broker::auth::{Role, TokenKey};
 use credstream_client::session::PublishSession;
 use credstream_proto::connect::BrokerAddress;
 use credstream_proto::v1::CredentialKind;
+use credstream_tests::bins::binary;
 use credstream_tests::broker::{TestBroker, WAIT};
 use credstream_tests::minter::CountingMinter;
+use credstream_tests::processes::{Process, clean_command};
 use credstream_tests::shard_proxy::{ProxyKind, ShardProxy};
 use credstream_tests::tools;
 
@@ -90,7 +93,7 @@ async fn nginx_keeps_each_cluster_on_one_shard_and_moves_it_when_the_shard_goes(
     }
 }
 
-async fn clusters_stay_whole_and_move_with_their_shard(kind: ProxyKind, binary: &Path) {
+async fn clusters_stay_whole_and_move_with_their_shard(kind: ProxyKind, proxy_binary: &Path) {
     let key = TokenKey::generate();
     let quick_drain = |config: &mut credstream_broker::server::BrokerConfig| {
         config.drain_timeout = Duration::from_secs(1);
@@ -100,7 +103,7 @@ async fn clusters_stay_whole_and_move_with_their_shard(kind: ProxyKind, binary: 
     let dir = tempfile::tempdir().unwrap();
     let proxy = ShardProxy::start(
         kind,
-        binary,
+        proxy_binary,
         dir.path(),
         &[shard0.broker.local_addr, shard1.broker.local_addr],
     )
@@ -159,6 +162,31 @@ async fn clusters_stay_whole_and_move_with_their_shard(kind: ProxyKind, binary: 
         "the {CLUSTERS} clusters spread over both shards: {home:?}"
     );
     assert!(minters.iter().all(|m| m.count() == 1));
+
+    // `credstream status` through the proxy finds every cluster: its admin
+    // call carries the cluster header, so it reaches the cluster's shard.
+    for cluster in &clusters {
+        let token = key
+            .issue(Role::Publisher, Some(cluster), Duration::from_secs(60))
+            .expect("token");
+        let mut command = clean_command(binary("credstream"));
+        command.env("CREDSTREAM_TOKEN", token).args([
+            "status",
+            "--broker",
+            &proxy.url(),
+            "--cluster",
+            cluster,
+        ]);
+        let mut status = Process::spawn("credstream status", command);
+        assert!(status.exit().await.success(), "{}", status.output());
+        assert!(
+            status
+                .stdout()
+                .contains(&format!("  {cluster}-worker holds version ")),
+            "{}",
+            status.output()
+        );
+    }
 
     // The shard of team-0 goes away. The proxy takes it out (HAProxy by
     // its checks, nginx at the first refused connection), its clusters hash

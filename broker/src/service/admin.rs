@@ -55,8 +55,10 @@ impl AdminService for AdminServer {
         request: Request<GetClusterRequest>,
     ) -> Result<Response<GetClusterResponse>, Status> {
         let claims = auth::claims(&request)?;
+        let routing = super::routing_cluster(&request)?;
         let id = &request.get_ref().cluster_id;
         limits::check_id("cluster_id", id)?;
+        super::check_routing(routing.as_deref(), id, "request's cluster_id")?;
         claims.require_cluster(id)?;
         let cluster = self.hub.get(id).ok_or_else(|| {
             Status::not_found(format!("the broker holds no state for cluster {id:?}"))
@@ -71,8 +73,10 @@ impl AdminService for AdminServer {
         request: Request<CreateAgentTokenRequest>,
     ) -> Result<Response<CreateAgentTokenResponse>, Status> {
         let claims = auth::claims(&request)?;
+        let routing = super::routing_cluster(&request)?;
         let body = request.get_ref();
         limits::check_id("cluster_id", &body.cluster_id)?;
+        super::check_routing(routing.as_deref(), &body.cluster_id, "request's cluster_id")?;
         claims.require_cluster(&body.cluster_id)?;
         if !matches!(claims.role, Role::Admin | Role::Publisher) {
             return Err(Status::permission_denied(

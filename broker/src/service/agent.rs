@@ -79,7 +79,7 @@ impl AgentServer {
         limits::check_id("hello.cluster_id", &hello.cluster_id)?;
         limits::check_id("hello.agent_id", &hello.agent_id)?;
         claims.require_cluster(&hello.cluster_id)?;
-        super::check_routing(routing.as_deref(), &hello.cluster_id)?;
+        super::check_routing(routing.as_deref(), &hello.cluster_id, "hello's cluster_id")?;
 
         let cluster = self.hub.cluster(&hello.cluster_id);
         let registration = Arc::new(cluster.connect_agent(hello.agent_id.clone()));

@@ -25,11 +25,14 @@ fn routing_cluster<T>(request: &Request<T>) -> Result<Option<String>, Status> {
         .transpose()
 }
 
-/// Checks that the routing header (if sent) names the hello's cluster.
-fn check_routing(header: Option<&str>, cluster_id: &str) -> Result<(), Status> {
+/// Checks that the routing header (if sent) names the cluster the call is
+/// about (a stream's hello, an admin request's `cluster_id`): a proxy routes
+/// on the header, so a call whose header names another cluster would reach
+/// a shard that does not hold the cluster it speaks for.
+fn check_routing(header: Option<&str>, cluster_id: &str, what: &str) -> Result<(), Status> {
     match header {
         Some(header) if header != cluster_id => Err(Status::invalid_argument(format!(
-            "the {CLUSTER_HEADER} header ({header:?}) does not match the hello's cluster_id ({cluster_id:?})"
+            "the {CLUSTER_HEADER} header ({header:?}) does not match the {what} ({cluster_id:?})"
         ))),
         _ => Ok(()),
     }

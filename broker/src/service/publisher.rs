@@ -109,7 +109,7 @@ async fn session(
     };
     limits::check_id("hello.cluster_id", &hello.cluster_id)?;
     claims.require_cluster(&hello.cluster_id)?;
-    super::check_routing(routing.as_deref(), &hello.cluster_id)?;
+    super::check_routing(routing.as_deref(), &hello.cluster_id, "hello's cluster_id")?;
     if hello.publisher_name.len() > limits::MAX_ID_BYTES {
         return Err(Status::invalid_argument(
             "hello.publisher_name is longer than 128 bytes",

@@ -61,14 +61,17 @@ impl BrokerOptions {
 /// An `AdminService` client with the caller's token.
 pub type AdminClient = AdminServiceClient<InterceptedService<Channel, CallCredentials>>;
 
-/// Connects now (TCP, TLS, HTTP/2) and returns an admin client.
+/// Connects now (TCP, TLS, HTTP/2) and returns an admin client for the
+/// address's cluster. Its calls carry `x-credstream-cluster`, so that a
+/// proxy sharding brokers by cluster sends them to the shard that holds it
+/// (README "Sharding").
 pub async fn connect_admin(address: &BrokerAddress) -> Result<AdminClient> {
     let channel = address
         .endpoint()?
         .connect()
         .await
         .map_err(|error| transport_error(address, &error))?;
-    let credentials = CallCredentials::bearer(&address.token)?;
+    let credentials = address.interceptor()?;
     Ok(AdminServiceClient::with_interceptor(channel, credentials))
 }
 
