@@ -25,7 +25,10 @@ use credstream_tests::processes::{Process, clean_command};
 use credstream_tests::shard_proxy::{ProxyKind, ShardProxy};
 use credstream_tests::tools;
 
+/// Clusters opened at a time.
 const CLUSTERS: usize = 8;
+/// Clusters after which an unused shard fails the test.
+const MAX_CLUSTERS: usize = 64;
 
 fn address(proxy: &ShardProxy, key: &TokenKey, role: Role, cluster: &str) -> BrokerAddress {
     BrokerAddress {
@@ -109,58 +112,64 @@ async fn clusters_stay_whole_and_move_with_their_shard(kind: ProxyKind, proxy_bi
     )
     .await;
 
-    // One publisher and one agent per cluster, all through the proxy.
-    let clusters: Vec<String> = (0..CLUSTERS).map(|i| format!("team-{i}")).collect();
+    // One publisher and one agent per cluster, all through the proxy, in
+    // batches until both shards hold clusters: where a cluster lands
+    // depends on the hash ring, and nginx builds its ring from the shards'
+    // addresses, which are new ports every run.
+    let shards = [&shard0, &shard1];
+    let mut clusters: Vec<String> = Vec::new();
     let mut sessions = Vec::new();
     let mut minters: Vec<Arc<CountingMinter>> = Vec::new();
     let mut stores = Vec::new();
-    for cluster in &clusters {
-        let minter = CountingMinter::new(CredentialKind::Aws, Duration::from_secs(3600));
-        sessions.push(
-            PublishSession::builder(address(&proxy, &key, Role::Publisher, cluster))
-                .minter(minter.clone())
-                .private_env([("CLUSTER_NAME", cluster.as_str())])
-                .start()
-                .expect("session starts"),
-        );
-        minters.push(minter);
-        let store = CredentialStore::new();
-        let config = SubscriptionConfig::new(
-            address(&proxy, &key, Role::Agent, cluster),
-            format!("{cluster}-worker"),
-        );
-        tokio::spawn({
-            let store = store.clone();
-            async move { subscription::run(config, store, std::future::pending()).await }
-        });
-        stores.push(store);
-    }
-
-    // Each agent holds its own cluster's credential and env: its calls
-    // reached the shard its publisher's did.
     let mut versions = Vec::new();
-    for (cluster, store) in clusters.iter().zip(&stores) {
-        let state = wait_for_state(store, &format!("{cluster}'s agent ready"), |s| {
-            s.readiness(SystemTime::now()).is_ok()
-        })
-        .await;
-        assert_eq!(
-            env_of(&state),
-            [("CLUSTER_NAME".to_owned(), cluster.clone())]
-        );
-        versions.push(state.aws.as_ref().expect("aws").version);
-    }
-    let shards = [&shard0, &shard1];
     let mut home = Vec::new();
-    for cluster in &clusters {
-        let on = homes(&shards, cluster);
-        assert_eq!(on.len(), 1, "{cluster} lives on shards {on:?}");
-        home.push(on[0]);
+    while !(home.contains(&0) && home.contains(&1)) {
+        assert!(
+            clusters.len() < MAX_CLUSTERS,
+            "{MAX_CLUSTERS} clusters all hashed to one shard: {home:?}"
+        );
+        let batch: Vec<String> = (clusters.len()..clusters.len() + CLUSTERS)
+            .map(|i| format!("team-{i}"))
+            .collect();
+        for cluster in &batch {
+            let minter = CountingMinter::new(CredentialKind::Aws, Duration::from_secs(3600));
+            sessions.push(
+                PublishSession::builder(address(&proxy, &key, Role::Publisher, cluster))
+                    .minter(minter.clone())
+                    .private_env([("CLUSTER_NAME", cluster.as_str())])
+                    .start()
+                    .expect("session starts"),
+            );
+            minters.push(minter);
+            let store = CredentialStore::new();
+            let config = SubscriptionConfig::new(
+                address(&proxy, &key, Role::Agent, cluster),
+                format!("{cluster}-worker"),
+            );
+            tokio::spawn({
+                let store = store.clone();
+                async move { subscription::run(config, store, std::future::pending()).await }
+            });
+            stores.push(store);
+        }
+        // Each agent holds its own cluster's credential and env: its calls
+        // reached the shard its publisher's did, and only that one.
+        for (cluster, store) in batch.iter().zip(&stores[clusters.len()..]) {
+            let state = wait_for_state(store, &format!("{cluster}'s agent ready"), |s| {
+                s.readiness(SystemTime::now()).is_ok()
+            })
+            .await;
+            assert_eq!(
+                env_of(&state),
+                [("CLUSTER_NAME".to_owned(), cluster.clone())]
+            );
+            versions.push(state.aws.as_ref().expect("aws").version);
+            let on = homes(&shards, cluster);
+            assert_eq!(on.len(), 1, "{cluster} lives on shards {on:?}");
+            home.push(on[0]);
+        }
+        clusters.extend(batch);
     }
-    assert!(
-        home.contains(&0) && home.contains(&1),
-        "the {CLUSTERS} clusters spread over both shards: {home:?}"
-    );
     assert!(minters.iter().all(|m| m.count() == 1));
 
     // `credstream status` through the proxy finds every cluster: its admin
