@@ -357,6 +357,8 @@ impl Report {
         if floor.server_cpu_ms_per_update <= 0.0 {
             return None;
         }
+        let broker_user = broker.server_cpu_ms_per_update - broker.server_system_ms_per_update;
+        let floor_user = floor.server_cpu_ms_per_update - floor.server_system_ms_per_update;
         Some(format!(
             "  CPU at N={largest}: broker {:.1} ms per fan-out, of which kernel {:.1} ms ({:.2}x the floor's \
              whole {:.1} ms; floor kernel {:.1} ms); user space {:.1} ms against the floor's {:.1} ms ({:.2}x)",
@@ -365,10 +367,9 @@ impl Report {
             broker.server_system_ms_per_update / floor.server_cpu_ms_per_update,
             floor.server_cpu_ms_per_update,
             floor.server_system_ms_per_update,
-            broker.server_cpu_ms_per_update - broker.server_system_ms_per_update,
-            floor.server_cpu_ms_per_update - floor.server_system_ms_per_update,
-            (broker.server_cpu_ms_per_update - broker.server_system_ms_per_update)
-                / (floor.server_cpu_ms_per_update - floor.server_system_ms_per_update).max(0.001),
+            broker_user,
+            floor_user,
+            broker_user / floor_user.max(0.001),
         ))
     }
 }
