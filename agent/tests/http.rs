@@ -231,6 +231,169 @@ async fn gce_metadata_refuses_requests_without_the_flavor_or_through_a_proxy() {
     }
 }
 
+/// Every path, with what a legitimate caller sends, and the secret it would
+/// reveal.
+fn secret_requests(agent: &Running) -> Vec<(&'static str, Vec<(&'static str, String)>, String)> {
+    let auth = ("Authorization", agent.token().to_owned());
+    let flavor = ("Metadata-Flavor", "Google".to_owned());
+    vec![
+        (
+            http::AWS_CREDENTIALS_PATH,
+            vec![auth.clone()],
+            format!("{AWS_SECRET}-ASIAFIRST"),
+        ),
+        (http::ENV_PATH, vec![auth], "db-secret-value".to_owned()),
+        (
+            "/computeMetadata/v1/instance/service-accounts/default/token",
+            vec![flavor.clone()],
+            GCP_TOKEN.to_owned(),
+        ),
+        (
+            "/computeMetadata/v1/project/project-id",
+            vec![flavor.clone()],
+            "demo-project".to_owned(),
+        ),
+        ("/", vec![flavor], "computeMetadata".to_owned()),
+        (http::READY_PATH, vec![], "\"ready\"".to_owned()),
+    ]
+}
+
+#[tokio::test]
+async fn requests_for_a_foreign_host_are_refused_with_no_data() {
+    // A web page whose name was rebound to 127.0.0.1 is same-origin with the
+    // agent and may set any header, but its requests carry its own Host.
+    let agent = start(ready_store(), true).await;
+    let port = agent.addr.port();
+    let foreign = [
+        Some("attacker.example".to_owned()),
+        Some(format!("attacker.example:{port}")),
+        Some(format!("127.0.0.1.attacker.example:{port}")),
+        Some("localhost.attacker.example".to_owned()),
+        Some("10.0.0.1".to_owned()),
+        Some("[::2]:80".to_owned()),
+        Some("".to_owned()),
+        Some("127.0.0.1:notaport".to_owned()),
+        None,
+    ];
+    for (path, headers, secret) in secret_requests(&agent) {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        for host in &foreign {
+            let reply = get_as(agent.addr, host.as_deref(), path, &headers).await;
+            assert_error(&reply, 403, "host_not_allowed");
+            assert!(!reply.body.contains(&secret), "{host:?} {path}: {reply:?}");
+            assert!(!reply.body.contains("attacker"), "echoed: {reply:?}");
+        }
+        // Two Host headers, one of them ours: refused too.
+        let twice = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nHost: attacker.example\r\n{}Connection: close\r\n\r\n",
+            headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {v}\r\n"))
+                .collect::<String>()
+        );
+        let reply = send_raw(agent.addr, twice.as_bytes()).await;
+        assert!(reply.status == 400 || reply.status == 403, "{reply:?}");
+        assert!(!reply.body.contains(&secret), "{reply:?}");
+        // An absolute-form request naming another host.
+        let absolute = format!(
+            "GET http://attacker.example{path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{}Connection: close\r\n\r\n",
+            headers
+                .iter()
+                .map(|(n, v)| format!("{n}: {v}\r\n"))
+                .collect::<String>()
+        );
+        let reply = send_raw(agent.addr, absolute.as_bytes()).await;
+        assert_error(&reply, 403, "host_not_allowed");
+        assert!(!reply.body.contains(&secret), "{reply:?}");
+    }
+    // The metadata names are for the metadata paths only.
+    for host in ["metadata.google.internal", "metadata:80"] {
+        for path in [http::AWS_CREDENTIALS_PATH, http::ENV_PATH, http::READY_PATH] {
+            let reply = get_as(
+                agent.addr,
+                Some(host),
+                path,
+                &[("Authorization", agent.token())],
+            )
+            .await;
+            assert_error(&reply, 403, "host_not_allowed");
+        }
+    }
+}
+
+#[tokio::test]
+async fn loopback_hosts_and_the_metadata_names_are_served() {
+    let agent = start(ready_store(), true).await;
+    let port = agent.addr.port();
+    let loopback = [
+        format!("127.0.0.1:{port}"),
+        "127.0.0.1".to_owned(),
+        format!("127.1.2.3:{port}"),
+        format!("localhost:{port}"),
+        "LocalHost".to_owned(),
+        format!("[::1]:{port}"),
+        "[::1]".to_owned(),
+    ];
+    for (path, headers, secret) in secret_requests(&agent) {
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        for host in &loopback {
+            let reply = get_as(agent.addr, Some(host), path, &headers).await;
+            assert_eq!(reply.status, 200, "{host} {path}: {reply:?}");
+            assert!(reply.body.contains(&secret), "{host} {path}: {reply:?}");
+        }
+    }
+    let token_path = "/computeMetadata/v1/instance/service-accounts/default/token";
+    for host in [
+        "metadata.google.internal",
+        "Metadata.Google.Internal:80",
+        "metadata",
+    ] {
+        for path in ["/", token_path] {
+            let reply = get_as(agent.addr, Some(host), path, &[FLAVOR]).await;
+            assert_eq!(reply.status, 200, "{host} {path}: {reply:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn cors_preflights_and_web_page_requests_get_no_cors_headers() {
+    let agent = start(ready_store(), true).await;
+    let port = agent.addr.port();
+    for (path, headers, secret) in secret_requests(&agent) {
+        let preflight = format!(
+            "OPTIONS {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: https://attacker.example\r\n\
+             Access-Control-Request-Method: GET\r\n\
+             Access-Control-Request-Headers: metadata-flavor, authorization\r\nConnection: close\r\n\r\n"
+        );
+        let reply = send_raw(agent.addr, preflight.as_bytes()).await;
+        assert!(reply.status >= 400, "{path}: {reply:?}");
+        assert!(
+            !reply
+                .headers
+                .iter()
+                .any(|(name, _)| name.to_ascii_lowercase().starts_with("access-control-")),
+            "{path}: {reply:?}"
+        );
+        // A request a page sends cross-origin (fetch with mode no-cors, or
+        // after a preflight another server answered): refused outright.
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (*n, v.as_str()))
+            .chain([("Origin", "https://attacker.example")])
+            .collect();
+        let reply = get(agent.addr, path, &headers).await;
+        assert_error(&reply, 403, "cross_origin_request");
+        assert!(!reply.body.contains(&secret), "{reply:?}");
+        assert!(
+            !reply
+                .headers
+                .iter()
+                .any(|(name, _)| name.to_ascii_lowercase().starts_with("access-control-")),
+            "{reply:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn gce_token_is_503_when_expired_or_missing() {
     let store = CredentialStore::new();
@@ -371,7 +534,7 @@ async fn unknown_paths_and_methods_are_refused() {
     let post = send_raw(
         agent.addr,
         format!(
-            "POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "POST {} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             http::AWS_CREDENTIALS_PATH
         )
         .as_bytes(),

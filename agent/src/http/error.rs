@@ -38,6 +38,18 @@ pub enum HttpError {
     /// a proxy, which the real metadata server refuses too.
     #[error("requests with X-Forwarded-For are not accepted")]
     Forwarded,
+    /// A request whose `Host` is not this machine's loopback (or, on the
+    /// metadata paths, a metadata server name), or has no or several `Host`
+    /// headers (403): it may come from a web page through DNS rebinding.
+    /// SDKs send the host of the URL the agent handed out, `127.0.0.1:PORT`.
+    #[error(
+        "the Host header must name this machine's loopback (127.0.0.1, [::1] or localhost, with any port)"
+    )]
+    HostNotAllowed,
+    /// A request carrying `Origin` (403): browsers add it to cross-origin
+    /// requests, SDKs never send it, and web pages are not served.
+    #[error("requests from web pages (with an Origin header) are not served")]
+    CrossOrigin,
     /// No unexpired credential of this kind to serve (503). The message says
     /// whether none arrived yet, it expired, or the cluster does not publish
     /// the kind.
@@ -105,9 +117,11 @@ impl HttpError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::MissingToken => StatusCode::UNAUTHORIZED,
-            Self::WrongToken | Self::MissingMetadataFlavor | Self::Forwarded => {
-                StatusCode::FORBIDDEN
-            }
+            Self::WrongToken
+            | Self::MissingMetadataFlavor
+            | Self::Forwarded
+            | Self::HostNotAllowed
+            | Self::CrossOrigin => StatusCode::FORBIDDEN,
             Self::CredentialUnavailable { .. }
             | Self::PrivateEnvUnavailable
             | Self::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -123,6 +137,8 @@ impl HttpError {
             Self::WrongToken => "wrong_token",
             Self::MissingMetadataFlavor => "missing_metadata_flavor",
             Self::Forwarded => "forwarded_request",
+            Self::HostNotAllowed => "host_not_allowed",
+            Self::CrossOrigin => "cross_origin_request",
             Self::CredentialUnavailable {
                 kind: CredentialKind::Aws,
                 ..

@@ -8,6 +8,10 @@
 //! | `GET /env` | `env` | `Authorization: <token>` |
 //! | `GET /readyz` | `ready` | none (no secret in it) |
 //!
+//! Before any of them, [`host`] refuses (403) a request whose `Host` is not
+//! this machine's loopback (`127.0.0.0/8`, `[::1]`, `localhost`; on the
+//! metadata paths also `metadata.google.internal` and `metadata`) or that
+//! carries `Origin`, so that a web page rebound to `127.0.0.1` gets nothing.
 //! Everything else is 404; methods other than GET/HEAD are 405; every error
 //! is JSON `{"code", "message"}` (see [`HttpError`]).
 //!
@@ -23,6 +27,7 @@ mod child_env;
 mod env;
 mod error;
 pub mod gce;
+pub mod host;
 mod ready;
 mod token;
 
@@ -119,6 +124,7 @@ pub fn router(store: CredentialStore, token: AuthToken, gce_metadata: bool) -> R
     router
         .fallback(|| async { HttpError::NotFound })
         .method_not_allowed_fallback(|| async { HttpError::MethodNotAllowed })
+        .layer(from_fn(host::guard))
         .with_state(state)
 }
 

@@ -175,6 +175,25 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Repl
     send_raw(addr, request.as_bytes()).await
 }
 
+/// Sends `GET path` with `Host: host` (no Host header at all for `None`)
+/// and `headers` on a fresh connection.
+pub async fn get_as(
+    addr: SocketAddr,
+    host: Option<&str>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
+    let mut request = format!("GET {path} HTTP/1.1\r\nConnection: close\r\n");
+    if let Some(host) = host {
+        request.push_str(&format!("Host: {host}\r\n"));
+    }
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    send_raw(addr, request.as_bytes()).await
+}
+
 /// Sends raw bytes and parses the response.
 pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> Reply {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
