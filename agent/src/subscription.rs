@@ -12,8 +12,12 @@
 //! [`SubscriptionConfig::hint_every`]; the broker folds all hints of a
 //! cluster into one refresh.
 //!
-//! Reconnects use exponential backoff with full jitter; the store keeps
-//! serving what it holds meanwhile (until expiry). Statuses that no retry can
+//! Reconnects use exponential backoff with full jitter (250 ms doubling to
+//! 30 s), which starts over only once a stream has stayed open
+//! [`STABLE_AFTER`] (10 s) past its snapshot, not on the snapshot itself: a
+//! broker that accepts streams and drops them cannot make its agents
+//! reconnect in a tight loop. The store keeps serving what it holds
+//! meanwhile (until expiry). Statuses that no retry can
 //! fix (a bad token, a token for another cluster, a malformed hello) end
 //! [`run`] with a [`SubscriptionError`].
 
@@ -99,11 +103,51 @@ fn classify(status: tonic::Status) -> Ended {
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-fn full_jitter(attempt: u32) -> Duration {
-    BACKOFF_BASE
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(BACKOFF_MAX)
-        .mul_f64(rand::thread_rng().r#gen::<f64>())
+/// How long a stream must stay open after its snapshot before the
+/// reconnect backoff starts over. A broker that accepts a stream, sends the
+/// snapshot and drops it (a draining or overloaded one) must not make its
+/// agents reconnect in a tight loop; a stream that served for this long was
+/// a real connection, and the next loss is a fresh incident.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// The reconnect backoff: exponential from [`BACKOFF_BASE`] to
+/// [`BACKOFF_MAX`] with full jitter, reset only by a stream that stayed
+/// open [`STABLE_AFTER`] past its snapshot.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// Consecutive streams that failed or did not stay up long enough.
+    failures: u32,
+    /// When the current stream delivered its snapshot.
+    snapshot_at: Option<tokio::time::Instant>,
+}
+
+impl Backoff {
+    /// The current stream delivered its snapshot.
+    fn snapshot_received(&mut self) {
+        self.snapshot_at = Some(tokio::time::Instant::now());
+    }
+
+    /// The current stream ended (or never opened): how long to wait before
+    /// the next attempt.
+    fn stream_ended(&mut self) -> Duration {
+        if self
+            .snapshot_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= STABLE_AFTER)
+        {
+            self.failures = 0;
+        }
+        let ceiling = self.ceiling();
+        self.failures = self.failures.saturating_add(1);
+        ceiling.mul_f64(rand::thread_rng().r#gen::<f64>())
+    }
+
+    /// The upper bound of the next delay (before jitter).
+    fn ceiling(&self) -> Duration {
+        BACKOFF_BASE
+            .saturating_mul(1u32 << self.failures.min(16))
+            .min(BACKOFF_MAX)
+    }
 }
 
 /// The kinds for which a hint is due now: declared, and missing, expired or
@@ -149,18 +193,17 @@ pub async fn run(
     let mut client = AgentServiceClient::with_interceptor(channel, credentials)
         .max_decoding_message_size(1024 * 1024);
     tokio::pin!(shutdown);
-    let mut attempt = 0u32;
+    let mut backoff = Backoff::default();
     loop {
         let ended = tokio::select! {
-            ended = connection(&config, &store, &mut client, &mut attempt) => ended,
+            ended = connection(&config, &store, &mut client, &mut backoff) => ended,
             () = &mut shutdown => Ended::Shutdown,
         };
         match ended {
             Ended::Shutdown => return Ok(()),
             Ended::Fatal(error) => return Err(error),
             Ended::Retry(reason) => {
-                let delay = full_jitter(attempt);
-                attempt = attempt.saturating_add(1);
+                let delay = backoff.stream_ended();
                 tracing::warn!(%reason, ?delay, "subscription lost; serving what is held and reconnecting");
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
@@ -195,7 +238,7 @@ async fn connection(
     config: &SubscriptionConfig,
     store: &CredentialStore,
     client: &mut Client,
-    attempt: &mut u32,
+    backoff: &mut Backoff,
 ) -> Ended {
     let (tx, rx) = mpsc::channel(8);
     let hello = AgentHello {
@@ -225,7 +268,7 @@ async fn connection(
                 let snapshot = matches!(update, credstream_proto::v1::subscribe_response::Message::Snapshot(_));
                 store.apply(update);
                 if snapshot {
-                    *attempt = 0;
+                    backoff.snapshot_received();
                     tracing::info!(version = store.current().version, "snapshot received");
                 }
                 if ack_at.is_none() && (store.current().version > acked || snapshot) {
@@ -252,5 +295,55 @@ async fn connection(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stream that delivered its snapshot and lasted `up`.
+    fn stream(backoff: &mut Backoff, up: Duration) -> impl Future<Output = Duration> + '_ {
+        backoff.snapshot_received();
+        async move {
+            tokio::time::advance(up).await;
+            backoff.stream_ended()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streams_dropped_after_their_snapshot_keep_backing_off() {
+        let mut backoff = Backoff::default();
+        let mut ceilings = vec![backoff.ceiling()];
+        for _ in 0..8 {
+            let delay = stream(&mut backoff, Duration::from_millis(50)).await;
+            assert!(delay <= *ceilings.last().unwrap());
+            ceilings.push(backoff.ceiling());
+        }
+        let ms: Vec<u128> = ceilings.iter().map(Duration::as_millis).collect();
+        assert_eq!(
+            ms,
+            [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000],
+            "a snapshot alone must not reset the backoff"
+        );
+        // Just short of stable still counts as a failure.
+        stream(&mut backoff, STABLE_AFTER - Duration::from_millis(1)).await;
+        assert_eq!(backoff.ceiling(), BACKOFF_MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_stayed_up_resets_the_backoff() {
+        let mut backoff = Backoff::default();
+        for _ in 0..5 {
+            backoff.stream_ended(); // connection refused: no snapshot
+        }
+        assert_eq!(backoff.ceiling(), Duration::from_secs(8));
+        let delay = stream(&mut backoff, STABLE_AFTER).await;
+        assert!(delay <= BACKOFF_BASE, "{delay:?}");
+        assert_eq!(backoff.ceiling(), BACKOFF_BASE * 2);
+        // A failure without a snapshot after that does not reset again.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        backoff.stream_ended();
+        assert_eq!(backoff.ceiling(), BACKOFF_BASE * 4);
     }
 }
