@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 /// Messages that carry secret material: their generated `Debug` is replaced
-/// by a hand-written one in `src/redact.rs` that prints no secret.
+/// by a hand-written one in `src/secret.rs` that prints no secret.
 const SECRET_BEARING: &[&str] = &[
     ".credstream.v1.AwsCredential",
     ".credstream.v1.GcpCredential",
@@ -24,7 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
 
-    let mut builder = tonic_prost_build::configure();
+    // `ProtoCodec` answers INVALID_ARGUMENT for undecodable messages (see
+    // src/codec.rs).
+    let mut builder = tonic_prost_build::configure().codec_path("crate::codec::ProtoCodec");
     for path in SECRET_BEARING {
         builder = builder.skip_debug([*path]);
     }

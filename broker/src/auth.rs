@@ -67,12 +67,32 @@ pub struct Claims {
     /// Expiry, seconds since the Unix epoch.
     #[serde(rename = "exp")]
     pub expires: u64,
+    /// For an agent token bound to one agent: the only `agent_id` its
+    /// Subscribe hello may carry.
+    #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
 }
 
 impl Claims {
     /// True if this token may act on `cluster`.
     pub fn covers(&self, cluster: &str) -> bool {
         self.cluster.as_deref().is_none_or(|own| own == cluster)
+    }
+
+    /// `PERMISSION_DENIED` unless the token may be used by `agent_id`: a
+    /// token bound to one agent serves that agent only.
+    pub fn require_agent(&self, agent_id: &str) -> Result<(), Status> {
+        match &self.agent_id {
+            Some(bound) if bound != agent_id => Err(Status::permission_denied(format!(
+                "this agent token is bound to agent {bound:?}, not {agent_id:?}; give each worker its own token"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Time left before the token expires (zero if it has).
+    pub fn remaining(&self) -> Duration {
+        Duration::from_secs(self.expires.saturating_sub(now_secs()))
     }
 
     /// `PERMISSION_DENIED` unless the token covers `cluster`.
@@ -112,6 +132,11 @@ pub enum KeyError {
     /// A token was requested without the cluster its role needs.
     #[error("a {0} token needs --cluster")]
     ClusterRequired(Role),
+    /// An agent id was given for a role other than agent, or is malformed.
+    #[error(
+        "--agent-id binds an agent token to one agent: it needs --role agent and 1 to 128 characters of [A-Za-z0-9._-] starting with a letter or digit"
+    )]
+    BadAgentBinding,
 }
 
 /// The broker's signing key. `Debug` never shows it; it is zeroized on drop.
@@ -169,13 +194,30 @@ impl TokenKey {
         cluster: Option<&str>,
         ttl: Duration,
     ) -> Result<String, KeyError> {
+        self.issue_for_agent(role, cluster, None, ttl)
+    }
+
+    /// Issues a token; an agent token may be bound to one `agent_id`.
+    pub fn issue_for_agent(
+        &self,
+        role: Role,
+        cluster: Option<&str>,
+        agent_id: Option<&str>,
+        ttl: Duration,
+    ) -> Result<String, KeyError> {
         if cluster.is_none() && role != Role::Admin {
             return Err(KeyError::ClusterRequired(role));
+        }
+        if let Some(agent) = agent_id
+            && (role != Role::Agent || crate::limits::check_id("agent_id", agent).is_err())
+        {
+            return Err(KeyError::BadAgentBinding);
         }
         let claims = Claims {
             role,
             cluster: cluster.map(str::to_owned),
             expires: now_secs().saturating_add(ttl.as_secs()),
+            agent_id: agent_id.map(str::to_owned),
         };
         let payload =
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
@@ -214,6 +256,34 @@ impl TokenKey {
     }
 }
 
+/// A verified token's identity: the first 16 bytes of the SHA-256 of its
+/// canonical text (what was verified, after trimming), inserted in the
+/// request extensions beside the [`Claims`]. Every spelling of the same
+/// token in the header (`Bearer  T`, `Bearer T `) has the same id, so the
+/// per-token call limit cannot be bypassed by padding; and the id names a
+/// token in logs without revealing it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenId(pub [u8; 16]);
+
+impl TokenId {
+    fn of(canonical: &str) -> Self {
+        use sha2::Digest;
+        let digest = Sha256::digest(canonical.as_bytes());
+        let mut id = [0; 16];
+        id.copy_from_slice(&digest[..16]);
+        Self(id)
+    }
+}
+
+impl fmt::Debug for TokenId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for byte in &self.0[..6] {
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Which role may call which service.
 fn role_allowed(path: &str, role: Role) -> Option<bool> {
     let service = path.strip_prefix('/')?.split('/').next()?;
@@ -226,7 +296,10 @@ fn role_allowed(path: &str, role: Role) -> Option<bool> {
     })
 }
 
-fn authenticate<B>(key: &TokenKey, request: &http::Request<B>) -> Result<Option<Claims>, Status> {
+fn authenticate<B>(
+    key: &TokenKey,
+    request: &http::Request<B>,
+) -> Result<Option<(Claims, TokenId)>, Status> {
     let path = request.uri().path();
     let Some(service_is_ours) = path.strip_prefix('/').map(|p| p.starts_with("credstream.")) else {
         return Ok(None);
@@ -247,7 +320,8 @@ fn authenticate<B>(key: &TokenKey, request: &http::Request<B>) -> Result<Option<
         .ok_or_else(|| {
             Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
         })?;
-    let claims = key.verify(token.trim())?;
+    let token = token.trim();
+    let claims = key.verify(token)?;
     if role_allowed(path, claims.role) != Some(true) {
         return Err(Status::permission_denied(format!(
             "a {} token may not call {path}",
@@ -261,7 +335,7 @@ fn authenticate<B>(key: &TokenKey, request: &http::Request<B>) -> Result<Option<
     {
         claims.require_cluster(cluster)?;
     }
-    Ok(Some(claims))
+    Ok(Some((claims, TokenId::of(token))))
 }
 
 /// Authenticates every `credstream.v1` call (a [`Gate`], applied with
@@ -281,8 +355,9 @@ impl Authenticator {
 
 impl Gate for Authenticator {
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
-        if let Some(claims) = authenticate(&self.key, request)? {
+        if let Some((claims, id)) = authenticate(&self.key, request)? {
             request.extensions_mut().insert(claims);
+            request.extensions_mut().insert(id);
         }
         Ok(())
     }
@@ -342,6 +417,55 @@ mod tests {
     }
 
     #[test]
+    fn bound_agent_tokens_serve_their_agent_only() {
+        let key = TokenKey::generate();
+        let token = key
+            .issue_for_agent(Role::Agent, Some("c"), Some("w-1"), Duration::from_secs(60))
+            .unwrap();
+        let claims = key.verify(&token).unwrap();
+        assert!(claims.require_agent("w-1").is_ok());
+        let refused = claims.require_agent("w-2").unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        // An unbound token serves any agent; binding needs the agent role.
+        let shared = key
+            .issue(Role::Agent, Some("c"), Duration::from_secs(60))
+            .unwrap();
+        assert!(key.verify(&shared).unwrap().require_agent("w-2").is_ok());
+        for (role, agent) in [(Role::Publisher, "w-1"), (Role::Agent, "bad id")] {
+            assert!(matches!(
+                key.issue_for_agent(role, Some("c"), Some(agent), Duration::from_secs(60)),
+                Err(KeyError::BadAgentBinding)
+            ));
+        }
+    }
+
+    #[test]
+    fn padded_spellings_of_a_token_have_one_id() {
+        let key = TokenKey::generate();
+        let token = key
+            .issue(Role::Admin, None, Duration::from_secs(60))
+            .unwrap();
+        let ids: Vec<TokenId> = [
+            format!("Bearer {token}"),
+            format!("Bearer  {token}"),
+            format!("Bearer {token}  "),
+        ]
+        .iter()
+        .map(|header| {
+            let mut request = http::Request::builder()
+                .uri("/credstream.v1.AdminService/ListClusters")
+                .header(http::header::AUTHORIZATION, header)
+                .body(())
+                .unwrap();
+            Authenticator::new(key.clone()).admit(&mut request).unwrap();
+            *request.extensions().get::<TokenId>().unwrap()
+        })
+        .collect();
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        assert!(!format!("{:?}", ids[0]).contains(&token[4..20]));
+    }
+
+    #[test]
     fn cluster_scoped_roles_need_a_cluster() {
         let key = TokenKey::generate();
         assert!(
@@ -362,6 +486,14 @@ mod tests {
 
     #[test]
     fn debug_hides_the_key() {
-        assert!(format!("{:?}", TokenKey::generate()).contains("redacted"));
+        let key = TokenKey::from_file(&{
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("key");
+            std::fs::write(&path, "k".repeat(40)).unwrap();
+            std::mem::forget(dir);
+            path
+        })
+        .unwrap();
+        assert_eq!(format!("{key:?}"), "TokenKey(<redacted 40 bytes>)");
     }
 }

@@ -8,14 +8,19 @@
 //! - [`auth`] — signed bearer tokens and the gate that checks them.
 //! - [`gate`] — the tower layer that admits or refuses each new call.
 //! - [`limits`] — bounds and checks on every input.
-//! - [`rate_limit`] — per-token limits on new calls (a tower layer).
+//! - [`rate_limit`] — per-connection and per-token limits on new calls (a
+//!   tower layer).
 //! - [`metrics`] — the Prometheus endpoint of `--metrics-listen`.
 //! - [`service`] — the thin gRPC services (publisher, agent, admin).
-//! - [`server`] — the tonic server: TLS, health, reflection, shutdown.
+//! - [`connections`] — the accept loop: descriptor limit, connection cap,
+//!   handshake deadline, back-off on exhaustion.
+//! - [`tls`] — the rustls server configuration.
+//! - [`server`] — the tonic server: health, reflection, shutdown.
 #![warn(missing_docs)]
 
 pub mod auth;
 pub mod bell;
+pub mod connections;
 pub mod gate;
 pub mod hub;
 pub mod limits;
@@ -24,3 +29,4 @@ pub mod rate_limit;
 pub mod refresh;
 pub mod server;
 pub mod service;
+pub mod tls;

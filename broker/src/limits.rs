@@ -50,6 +50,27 @@ pub fn check_id(field: &str, id: &str) -> Result<(), Status> {
     }
 }
 
+/// Checks a display name such as `PublisherHello.publisher_name`: at most
+/// 128 bytes of printable ASCII (space to `~`). Names reach logs and
+/// terminals, so a line break or an escape sequence in one could forge a
+/// log line or drive the operator's terminal; they are refused, not
+/// escaped, because a name is chosen by a program (`user@host`), never
+/// typed free-form.
+pub fn check_display_name(field: &str, name: &str) -> Result<(), Status> {
+    if name.len() > MAX_ID_BYTES {
+        return Err(invalid(format!(
+            "{field} is {} bytes; the limit is {MAX_ID_BYTES}",
+            name.len()
+        )));
+    }
+    if !name.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(invalid(format!(
+            "{field} must be printable ASCII (space to ~): no line breaks, control characters or non-ASCII"
+        )));
+    }
+    Ok(())
+}
+
 /// True for a valid env var name: `[A-Za-z_][A-Za-z0-9_]*`, bounded.
 pub fn is_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
@@ -156,9 +177,12 @@ pub fn check_credential(
         Some(Credential::Aws(aws)) => {
             check_field("aws.access_key_id", &aws.access_key_id, true)?;
             check_field("aws.secret_access_key", &aws.secret_access_key, true)?;
-            check_field("aws.session_token", &aws.session_token, true).map_err(|_| {
-                invalid("aws.session_token is required: credstream forwards only temporary (STS) credentials, never long-term keys")
-            })?;
+            if aws.session_token.is_empty() {
+                return Err(invalid(
+                    "aws.session_token is required: credstream forwards only temporary (STS) credentials, never long-term keys",
+                ));
+            }
+            check_field("aws.session_token", &aws.session_token, true)?;
             for (what, value) in [
                 ("aws.principal_arn", &aws.principal_arn),
                 ("aws.account_id", &aws.account_id),
@@ -242,6 +266,41 @@ mod tests {
         for bad in ["", "-x", "a b", "a/b", &"x".repeat(129)] {
             assert!(check_id("cluster_id", bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn display_names_are_printable_ascii() {
+        assert!(check_display_name("n", "alice@laptop (cli 0.1)").is_ok());
+        assert!(check_display_name("n", "").is_ok());
+        for bad in [
+            "a\nforged line",
+            "esc\u{1b}[2J",
+            "tab\there",
+            "naïve",
+            &"x".repeat(129),
+        ] {
+            let err = check_display_name("hello.publisher_name", bad).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with("hello.publisher_name"), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn an_oversized_session_token_is_refused_for_its_size() {
+        let mut aws = credstream_proto::v1::AwsCredential::default();
+        aws.access_key_id = "ASIAX".into();
+        aws.secret_access_key = "s".into();
+        aws.session_token = "t".repeat(20 * 1024);
+        let update = CredentialUpdate {
+            credential: Some(Credential::Aws(aws)),
+            ..Default::default()
+        };
+        let err = check_credential(&update, SystemTime::now()).unwrap_err();
+        assert_eq!(
+            err.message(),
+            "aws.session_token is longer than 16384 bytes",
+            "{err:?}"
+        );
     }
 
     #[test]

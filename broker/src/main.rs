@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use credstream_broker::auth::{Role, TokenKey};
+use credstream_broker::connections::{self, ConnectionLimits};
 use credstream_broker::rate_limit::CallRate;
 use credstream_broker::refresh::RefreshConfig;
 use credstream_broker::server::{self, BrokerConfig, TlsFiles};
@@ -71,6 +72,23 @@ struct ServeArgs {
     /// whole cluster reconnects all its agents at once after a restart).
     #[arg(long, env = "CREDSTREAM_TOKEN_CALL_BURST", default_value_t = CallRate::default().burst)]
     token_call_burst: f64,
+    /// Connections open at most (handshaking or established); beyond it the
+    /// oldest still-handshaking connection is closed to make room, or the
+    /// new one is refused at once. Default: the file descriptor limit
+    /// (raised to its hard limit at start) less 64.
+    #[arg(long, env = "CREDSTREAM_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Time a new connection has to finish TLS and send the HTTP/2
+    /// preface before it is closed.
+    #[arg(long, env = "CREDSTREAM_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// New calls one connection may make each second, once its burst is
+    /// spent (a call it refuses costs its token nothing).
+    #[arg(long, env = "CREDSTREAM_CONNECTION_CALLS_PER_SECOND", default_value_t = CallRate::CONNECTION.per_second)]
+    connection_calls_per_second: f64,
+    /// New calls one connection may make at once.
+    #[arg(long, env = "CREDSTREAM_CONNECTION_CALL_BURST", default_value_t = CallRate::CONNECTION.burst)]
+    connection_call_burst: f64,
     /// Serve Prometheus metrics (`GET /metrics`: clusters, agents,
     /// publishers, credential expiry, refresh outcomes; never a secret) on
     /// this address.
@@ -92,6 +110,10 @@ struct TokenArgs {
     /// The cluster the token is for (required except for admin).
     #[arg(long, env = "CREDSTREAM_CLUSTER")]
     cluster: Option<String>,
+    /// Bind an agent token to one agent: its Subscribe hello must carry this
+    /// agent id, and its call limit is its own.
+    #[arg(long)]
+    agent_id: Option<String>,
     /// Lifetime, e.g. `12h`, `30m`, `7d`.
     #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
     ttl: Duration,
@@ -130,7 +152,12 @@ fn main() -> anyhow::Result<()> {
 
 fn print_token(args: TokenArgs) -> anyhow::Result<()> {
     let key = TokenKey::from_file(&args.token_key_file)?;
-    let token = key.issue(args.role, args.cluster.as_deref(), args.ttl)?;
+    let token = key.issue_for_agent(
+        args.role,
+        args.cluster.as_deref(),
+        args.agent_id.as_deref(),
+        args.ttl,
+    )?;
     println!("{token}");
     Ok(())
 }
@@ -147,7 +174,38 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, true) => TokenKey::generate(),
         (None, false) => bail!("--token-key-file is required (or --dev for an in-memory key)"),
     };
+    match connections::raise_fd_limit() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(
+                fd_limit = after,
+                raised_from = before,
+                "file descriptor limit raised to the hard limit"
+            );
+        }
+        Ok((_, after)) => tracing::info!(fd_limit = after, "file descriptor limit"),
+        Err(error) => {
+            tracing::warn!(%error, fd_limit = connections::fd_limit(), "cannot raise the file descriptor limit")
+        }
+    }
     let mut config = BrokerConfig::new(args.listen, token_key.clone());
+    if !(args.connection_calls_per_second > 0.0 && args.connection_call_burst >= 1.0) {
+        bail!(
+            "--connection-calls-per-second must be above 0 and --connection-call-burst at least 1"
+        );
+    }
+    config.connections = ConnectionLimits {
+        max_connections: args
+            .max_connections
+            .unwrap_or_else(|| ConnectionLimits::default_max_connections(connections::fd_limit())),
+        handshake_timeout: args.handshake_timeout,
+        call_rate: CallRate {
+            per_second: args.connection_calls_per_second,
+            burst: args.connection_call_burst,
+        },
+    };
+    if config.connections.max_connections == 0 {
+        bail!("--max-connections must be at least 1");
+    }
     config.insecure = args.insecure;
     config.refresh = RefreshConfig {
         refresh_at: args.refresh_at,

@@ -1,118 +1,203 @@
-//! Per-token limits on new calls (DESIGN §3): a token bucket per bearer
-//! token, as a tower layer behind [`Authenticator`](crate::auth::Authenticator), so
-//! that only verified tokens are counted and a flood of forged ones costs
-//! an HMAC each and no memory.
+//! Limits on new calls (see `docs/design.md`, "Limits"): a token bucket per
+//! connection and one per verified token, as a tower layer behind
+//! [`Authenticator`](crate::auth::Authenticator), so that only verified
+//! tokens are counted and a flood of forged ones costs an HMAC each and no
+//! memory.
 //!
-//! A token may open `burst` calls at once and `per_second` more every
-//! second. The defaults let one agent token shared by a 10,000-worker
-//! cluster reconnect all at once after a broker restart, and stop a client
-//! stuck in a tight reconnect loop from costing the broker more than
-//! `per_second` calls a second. A refused call gets `RESOURCE_EXHAUSTED`,
-//! which the client and the agent retry with backoff; streams already open
-//! are never touched. Messages on open streams are bounded elsewhere (hints
-//! per agent, acks coalesced).
+//! A bucket holds `burst` calls and gains `per_second` more every second.
+//! A call is taken from its connection's bucket first, then from its
+//! token's. A call the connection's bucket refuses takes nothing from the
+//! token's, so one misbehaving holder of a token shared by a whole cluster
+//! (one connection opening streams in a tight loop) draws at most its
+//! connection's rate from the token's bucket and cannot lock its cluster
+//! mates out; a holder opening many connections meets the connection cap
+//! (see [`connections`](crate::connections)), and per-agent tokens
+//! (`CreateAgentToken` with an `agent_id`) give every worker a bucket of
+//! its own. The token defaults let one agent token shared by a
+//! 10,000-worker cluster reconnect all at once after a broker restart. A
+//! refused call gets `RESOURCE_EXHAUSTED`, which the client and the agent
+//! retry with backoff; streams already open are never touched.
 //!
-//! Buckets are keyed by a SHA-256 prefix of the token, never the token.
+//! Token buckets are keyed by the verified token's [`TokenId`], never by
+//! the header's spelling (padding cannot buy a fresh burst) and never by
+//! the token itself. Their number is bounded by [`MAX_TRACKED`] with two
+//! generations of at most half that each, with no scan: when the current
+//! generation is full it becomes the previous one and the old previous one
+//! is forgotten; a bucket used again moves to the current generation. A
+//! forgotten bucket had not been used for a whole generation, so it was
+//! full or nearly so.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tonic::Status;
 
+use crate::auth::TokenId;
+use crate::connections::ConnectionInfo;
 use crate::gate::Gate;
 
-/// How many new calls one token may make.
+/// How many new calls one token, or one connection, may make.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CallRate {
     /// Calls added to the bucket per second.
     pub per_second: f64,
-    /// The bucket's size: calls a token may make at once.
+    /// The bucket's size: calls that may be made at once.
     pub burst: f64,
+}
+
+impl CallRate {
+    /// The default per token.
+    pub const TOKEN: CallRate = CallRate {
+        per_second: 200.0,
+        burst: 20_000.0,
+    };
+    /// The default per connection: far more than an agent (one Subscribe
+    /// per connection), a publisher or a dashboard polling `GetCluster`
+    /// needs, far less than a tight loop takes.
+    pub const CONNECTION: CallRate = CallRate {
+        per_second: 20.0,
+        burst: 100.0,
+    };
 }
 
 impl Default for CallRate {
     fn default() -> Self {
-        Self {
-            per_second: 200.0,
-            burst: 20_000.0,
-        }
+        Self::TOKEN
     }
 }
 
-/// Buckets kept before full (idle) ones are forgotten.
-const MAX_TRACKED: usize = 65_536;
+/// Token buckets kept at most.
+pub const MAX_TRACKED: usize = 65_536;
 
+/// One token bucket.
 #[derive(Debug)]
-struct Bucket {
+pub struct Bucket {
     calls: f64,
     updated: Instant,
 }
 
-/// The buckets of every token seen recently.
+impl Bucket {
+    /// A full bucket.
+    pub fn full(rate: CallRate, now: Instant) -> Self {
+        Self {
+            calls: rate.burst,
+            updated: now,
+        }
+    }
+
+    /// Takes one call, or returns the seconds until one is available.
+    pub fn take(&mut self, rate: CallRate, now: Instant) -> Result<(), f64> {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.calls = (self.calls + elapsed * rate.per_second).min(rate.burst);
+        self.updated = now;
+        if self.calls >= 1.0 {
+            self.calls -= 1.0;
+            Ok(())
+        } else {
+            Err((1.0 - self.calls) / rate.per_second.max(f64::MIN_POSITIVE))
+        }
+    }
+
+    /// Gives back a call taken by [`take`](Self::take).
+    fn give_back(&mut self, rate: CallRate) {
+        self.calls = (self.calls + 1.0).min(rate.burst);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Generations {
+    current: HashMap<TokenId, Bucket>,
+    previous: HashMap<TokenId, Bucket>,
+}
+
+/// The limits on new calls: per token and per connection.
 #[derive(Debug)]
 pub struct TokenRateLimiter {
-    rate: CallRate,
-    buckets: Mutex<HashMap<[u8; 16], Bucket>>,
+    token_rate: CallRate,
+    connection_rate: CallRate,
+    buckets: Mutex<Generations>,
 }
 
 impl TokenRateLimiter {
-    /// A limiter allowing `rate` per token.
-    pub fn new(rate: CallRate) -> Self {
+    /// A limiter allowing `token_rate` per token and `connection_rate` per
+    /// connection.
+    pub fn new(token_rate: CallRate, connection_rate: CallRate) -> Self {
         Self {
-            rate,
-            buckets: Mutex::new(HashMap::new()),
+            token_rate,
+            connection_rate,
+            buckets: Mutex::new(Generations::default()),
         }
     }
 
     /// Takes one call from `token`'s bucket, or says why not.
-    pub fn admit(&self, token: &[u8], now: Instant) -> Result<(), Status> {
-        let key = key_of(token);
+    pub fn admit_token(&self, token: TokenId, now: Instant) -> Result<(), Status> {
+        let rate = self.token_rate;
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&key) {
-            let rate = self.rate;
-            buckets.retain(|_, bucket| refilled(bucket, rate, now) < rate.burst);
+        let generations = &mut *buckets;
+        if !generations.current.contains_key(&token) {
+            let bucket = generations
+                .previous
+                .remove(&token)
+                .unwrap_or_else(|| Bucket::full(rate, now));
+            if generations.current.len() >= MAX_TRACKED / 2 {
+                generations.previous = std::mem::take(&mut generations.current);
+            }
+            generations.current.insert(token, bucket);
         }
-        let bucket = buckets.entry(key).or_insert(Bucket {
-            calls: self.rate.burst,
-            updated: now,
-        });
-        bucket.calls = refilled(bucket, self.rate, now);
-        bucket.updated = now;
-        if bucket.calls >= 1.0 {
-            bucket.calls -= 1.0;
-            Ok(())
-        } else {
-            let wait = (1.0 - bucket.calls) / self.rate.per_second.max(f64::MIN_POSITIVE);
-            Err(Status::resource_exhausted(format!(
-                "too many new calls with this token (at most {} at once and {} a second); retry in {:.1} s, with backoff",
-                self.rate.burst, self.rate.per_second, wait
-            )))
-        }
+        let bucket = generations.current.get_mut(&token).expect("inserted above");
+        bucket.take(rate, now).map_err(|wait| {
+            Status::resource_exhausted(format!(
+                "too many new calls with this token (at most {} at once and {} a second); retry in {wait:.1} s, with backoff",
+                rate.burst, rate.per_second
+            ))
+        })
+    }
+
+    /// Takes one call from the connection's bucket, then from the token's;
+    /// a call either refuses takes nothing from the other.
+    pub fn admit(
+        &self,
+        token: TokenId,
+        connection: Option<&ConnectionInfo>,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let Some(connection) = connection else {
+            return self.admit_token(token, now);
+        };
+        let rate = self.connection_rate;
+        let mut bucket = connection.calls.lock().unwrap_or_else(|e| e.into_inner());
+        bucket.take(rate, now).map_err(|wait| {
+            Status::resource_exhausted(format!(
+                "too many new calls on this connection (at most {} at once and {} a second); retry in {wait:.1} s, with backoff",
+                rate.burst, rate.per_second
+            ))
+        })?;
+        self.admit_token(token, now)
+            .inspect_err(|_| bucket.give_back(rate))
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        let buckets = self.buckets.lock().unwrap();
+        buckets.current.len() + buckets.previous.len()
     }
 }
 
-fn refilled(bucket: &Bucket, rate: CallRate, now: Instant) -> f64 {
-    let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
-    (bucket.calls + elapsed * rate.per_second).min(rate.burst)
-}
-
-fn key_of(token: &[u8]) -> [u8; 16] {
-    let digest = Sha256::digest(token);
-    let mut key = [0; 16];
-    key.copy_from_slice(&digest[..16]);
-    key
-}
-
 /// Applied with [`GateLayer`](crate::gate::GateLayer) behind authentication:
-/// calls that carry a bearer token are counted against it. Calls without
-/// one (health, reflection) are not; the authentication gate in front has
-/// refused any other call without a token.
+/// calls with a verified token are counted against it and their
+/// connection. Calls without one (health, reflection) are not; the
+/// authentication gate in front has refused any other call without a
+/// token.
 impl Gate for Arc<TokenRateLimiter> {
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
-        match request.headers().get(http::header::AUTHORIZATION) {
-            Some(token) => TokenRateLimiter::admit(self, token.as_bytes(), Instant::now()),
+        match request.extensions().get::<TokenId>() {
+            Some(token) => TokenRateLimiter::admit(
+                self,
+                *token,
+                request.extensions().get::<ConnectionInfo>(),
+                Instant::now(),
+            ),
             None => Ok(()),
         }
     }
@@ -126,55 +211,83 @@ mod tests {
 
     use super::*;
 
-    fn limiter(per_second: f64, burst: f64) -> TokenRateLimiter {
-        TokenRateLimiter::new(CallRate { per_second, burst })
+    fn rate(per_second: f64, burst: f64) -> CallRate {
+        CallRate { per_second, burst }
+    }
+
+    fn id(n: u64) -> TokenId {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&n.to_be_bytes());
+        TokenId(bytes)
     }
 
     #[test]
     fn a_token_gets_its_burst_then_its_rate() {
-        let limiter = limiter(2.0, 3.0);
+        let limiter = TokenRateLimiter::new(rate(2.0, 3.0), CallRate::CONNECTION);
         let t0 = Instant::now();
         for _ in 0..3 {
-            limiter.admit(b"token-a", t0).unwrap();
+            limiter.admit_token(id(1), t0).unwrap();
         }
-        let refused = limiter.admit(b"token-a", t0).unwrap_err();
+        let refused = limiter.admit_token(id(1), t0).unwrap_err();
         assert_eq!(refused.code(), Code::ResourceExhausted);
         assert!(refused.message().contains("retry in 0.5 s"), "{refused:?}");
-        // Half a second later one more call is allowed, and only one.
         let later = t0 + Duration::from_millis(500);
-        limiter.admit(b"token-a", later).unwrap();
-        assert!(limiter.admit(b"token-a", later).is_err());
-        // A long pause refills to the burst, not beyond.
+        limiter.admit_token(id(1), later).unwrap();
+        assert!(limiter.admit_token(id(1), later).is_err());
         let much_later = later + Duration::from_secs(3600);
         for _ in 0..3 {
-            limiter.admit(b"token-a", much_later).unwrap();
+            limiter.admit_token(id(1), much_later).unwrap();
         }
-        assert!(limiter.admit(b"token-a", much_later).is_err());
+        assert!(limiter.admit_token(id(1), much_later).is_err());
+        // Another token has its own bucket.
+        limiter.admit_token(id(2), much_later).unwrap();
     }
 
     #[test]
-    fn tokens_have_separate_buckets_and_none_is_kept_in_clear() {
-        let limiter = limiter(1.0, 1.0);
+    fn a_connection_over_its_rate_takes_nothing_from_its_token() {
+        let limiter = TokenRateLimiter::new(rate(1.0, 10.0), rate(1.0, 2.0));
         let now = Instant::now();
-        limiter.admit(b"Bearer secret-one", now).unwrap();
-        assert!(limiter.admit(b"Bearer secret-one", now).is_err());
-        limiter.admit(b"Bearer secret-two", now).unwrap();
-        let held = format!("{limiter:?}");
-        assert!(!held.contains("secret"), "{held}");
+        let noisy = ConnectionInfo::for_tests(1);
+        for _ in 0..2 {
+            limiter.admit(id(7), Some(&noisy), now).unwrap();
+        }
+        for _ in 0..100 {
+            let refused = limiter.admit(id(7), Some(&noisy), now).unwrap_err();
+            assert!(
+                refused.message().contains("on this connection"),
+                "{refused:?}"
+            );
+        }
+        // The token's bucket lost only the two calls that were served, so
+        // its other eight calls go to other connections.
+        for n in 0..8 {
+            limiter
+                .admit(id(7), Some(&ConnectionInfo::for_tests(10 + n)), now)
+                .unwrap();
+        }
+        let refused = limiter
+            .admit(id(7), Some(&ConnectionInfo::for_tests(99)), now)
+            .unwrap_err();
+        assert!(refused.message().contains("with this token"), "{refused:?}");
     }
 
     #[test]
-    fn idle_buckets_are_forgotten_when_many_tokens_were_seen() {
-        let limiter = limiter(1.0, 1.0);
+    fn the_number_of_buckets_is_bounded_without_losing_live_ones() {
+        let limiter = TokenRateLimiter::new(rate(1.0, 2.0), CallRate::CONNECTION);
         let t0 = Instant::now();
-        for i in 0..MAX_TRACKED {
-            limiter.admit(&i.to_be_bytes(), t0).unwrap();
+        // A token that has spent its burst...
+        limiter.admit_token(id(0), t0).unwrap();
+        limiter.admit_token(id(0), t0).unwrap();
+        // ...then far more tokens than the bound, the spent one used every
+        // quarter of the bound, as a live token is.
+        for n in 1..(2 * MAX_TRACKED as u64) {
+            limiter.admit_token(id(n), t0).unwrap();
+            assert!(limiter.tracked() <= MAX_TRACKED);
+            if n % (MAX_TRACKED as u64 / 4) == 0 {
+                assert!(limiter.admit_token(id(0), t0).is_err());
+            }
         }
-        // Two seconds on, every bucket is full again: a new token makes
-        // room by forgetting them.
-        limiter
-            .admit(b"newcomer", t0 + Duration::from_secs(2))
-            .unwrap();
-        assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+        // Still spent: the flood of other tokens did not refill it.
+        assert!(limiter.admit_token(id(0), t0).is_err());
     }
 }

@@ -1,5 +1,6 @@
-//! The tonic server: listener, TLS, the tower layers, the services, health,
-//! reflection and shutdown.
+//! The tonic server: the tower layers, the services, health, reflection
+//! and shutdown, over the connections [`connections`](crate::connections)
+//! admits (with TLS from [`tls`](crate::tls)).
 //!
 //! [`start`] binds (port 0 works), spawns the server and returns a
 //! [`RunningBroker`]; `main.rs` and the tests both use it.
@@ -16,10 +17,10 @@ use credstream_proto::v1::publisher_service_server::PublisherServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::auth::{Authenticator, TokenKey};
+use crate::connections::{self, AdmissionCounts, ConnectionLimits};
 use crate::gate::GateLayer;
 use crate::hub::{ClusterHub, HubConfig};
 use crate::limits::MAX_MESSAGE_BYTES;
@@ -60,6 +61,8 @@ pub struct BrokerConfig {
     pub drain_timeout: Duration,
     /// New calls per token.
     pub call_rate: CallRate,
+    /// The connection cap, handshake deadline and calls per connection.
+    pub connections: ConnectionLimits,
 }
 
 impl BrokerConfig {
@@ -74,6 +77,7 @@ impl BrokerConfig {
             hint_interval: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
             call_rate: CallRate::default(),
+            connections: ConnectionLimits::default(),
         }
     }
 
@@ -94,6 +98,9 @@ pub struct RunningBroker {
     health: tonic_health::server::HealthReporter,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    accept_loop: JoinHandle<()>,
+    /// What the accept loop refused, evicted and timed out.
+    pub admissions: Arc<AdmissionCounts>,
     drain_timeout: Duration,
 }
 
@@ -104,9 +111,12 @@ impl RunningBroker {
         format!("{scheme}://{}", self.local_addr)
     }
 
-    /// Health NOT_SERVING, every stream ends with UNAVAILABLE, then the
-    /// server stops; waits at most the drain timeout.
+    /// Stops accepting connections (the listener closes), health
+    /// NOT_SERVING, new streams refused with UNAVAILABLE and no snapshot,
+    /// every connection sent a GOAWAY and every stream ended with
+    /// UNAVAILABLE, then the server stops; waits at most the drain timeout.
     pub async fn shutdown(mut self) {
+        self.accept_loop.abort();
         self.health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
@@ -115,10 +125,13 @@ impl RunningBroker {
                 .set_service_status(service, tonic_health::ServingStatus::NotServing)
                 .await;
         }
-        self.hub.shut_down();
+        // GOAWAY first, so that agents do not open new streams on
+        // connections whose streams are about to end; the hub's flag then
+        // refuses any that still arrive.
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        self.hub.shut_down();
         match tokio::time::timeout(self.drain_timeout, &mut self.task).await {
             Ok(Ok(Ok(()))) => tracing::info!("broker stopped"),
             Ok(Ok(Err(error))) => tracing::warn!(%error, "server ended with an error"),
@@ -144,17 +157,6 @@ const SERVICES: [&str; 3] = [
     "credstream.v1.AgentService",
     "credstream.v1.AdminService",
 ];
-
-fn read(path: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
-}
-
-/// Idle time before the kernel probes a silent connection.
-const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
-/// Time between probes.
-const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
-/// Unanswered probes before the connection is dropped.
-const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
 /// Binds and starts the broker.
 pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
@@ -193,24 +195,12 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
     let reflection_v1 = reflection().build_v1().context("reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
 
-    let mut builder = Server::builder()
+    let builder = Server::builder()
         .concurrency_limit_per_connection(64)
         .max_concurrent_streams(Some(64))
         .http2_max_header_list_size(16 * 1024);
     let tls = config.tls.is_some();
-    if let Some(files) = &config.tls {
-        let identity = Identity::from_pem(
-            read(&files.cert, "TLS certificate")?,
-            read(&files.key, "TLS key")?,
-        );
-        let mut tls_config = ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &files.client_ca {
-            tls_config = tls_config.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
-        }
-        builder = builder
-            .tls_config(tls_config)
-            .context("TLS configuration")?;
-    }
+    let acceptor = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
 
     let router = builder
         // Layers added first run first: authentication, then the rate
@@ -218,6 +208,7 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
         .layer(GateLayer::new(Authenticator::new(config.token_key.clone())))
         .layer(GateLayer::new(Arc::new(TokenRateLimiter::new(
             config.call_rate,
+            config.connections.call_rate,
         ))))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -236,22 +227,19 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
         );
 
     let (stop, stopped) = oneshot::channel::<()>();
-    // Dead peers are found by the kernel's TCP keepalive (30 s idle, then
-    // 3 probes 10 s apart) rather than HTTP/2 PINGs: a PING timer is one
-    // more thing to poll on every wake-up of every connection, and with
-    // thousands of mostly idle agent connections that showed in profiles.
-    // Agents still send their own HTTP/2 PINGs. These socket options only
-    // apply through `TcpIncoming` (tonic ignores its builder's TCP options
-    // with `serve_with_incoming`).
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(TCP_KEEPALIVE_IDLE))
-        .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
-        .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES));
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
-        let _ = stopped.await;
-    }));
-    tracing::info!(%local_addr, tls, "broker listening");
+    let incoming = connections::incoming(listener, acceptor, config.connections);
+    let task = tokio::spawn(
+        router.serve_with_incoming_shutdown(incoming.connections, async {
+            let _ = stopped.await;
+        }),
+    );
+    tracing::info!(
+        %local_addr,
+        tls,
+        max_connections = config.connections.max_connections,
+        handshake_timeout = ?config.connections.handshake_timeout,
+        "broker listening"
+    );
     Ok(RunningBroker {
         local_addr,
         hub,
@@ -259,6 +247,8 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
         health,
         stop: Some(stop),
         task,
+        accept_loop: incoming.accept_loop,
+        admissions: incoming.counts,
         drain_timeout: config.drain_timeout,
     })
 }

@@ -8,8 +8,11 @@
 //!   for every message that carries a secret.
 //! - [`connect`] — reaching the broker (plaintext rule, TLS, bearer token,
 //!   routing header), shared by the client and the agent.
+//! - [`codec`] — the stubs' codec: undecodable messages are
+//!   `INVALID_ARGUMENT`, not `INTERNAL`.
 //! - [`convert`] — small helpers between the generated types and `SystemTime`.
 
+pub mod codec;
 pub mod connect;
 pub mod convert;
 mod secret;

@@ -145,6 +145,7 @@ async fn publishers_issue_agent_tokens_for_their_cluster_only() {
         .create_agent_token(CreateAgentTokenRequest {
             cluster_id: "c".into(),
             ttl_seconds: 60,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -162,6 +163,7 @@ async fn publishers_issue_agent_tokens_for_their_cluster_only() {
         .create_agent_token(CreateAgentTokenRequest {
             cluster_id: "d".into(),
             ttl_seconds: 60,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -219,6 +221,7 @@ async fn an_admin_call_routed_for_another_cluster_gets_invalid_argument() {
         .create_agent_token(CreateAgentTokenRequest {
             cluster_id: "real".into(),
             ttl_seconds: 60,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -239,6 +242,7 @@ async fn an_admin_call_routed_for_another_cluster_gets_invalid_argument() {
         .create_agent_token(CreateAgentTokenRequest {
             cluster_id: "real".into(),
             ttl_seconds: 60,
+            ..Default::default()
         })
         .await
         .unwrap();

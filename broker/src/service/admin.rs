@@ -19,6 +19,29 @@ use crate::limits;
 const DEFAULT_AGENT_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 const MAX_AGENT_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The lifetime of an issued agent token: never past the token that asked
+/// for it (`issuer_left`), so that a token cannot be stretched by trading
+/// it for another. The default is cut to what the issuer has left; an
+/// explicit value beyond it is refused, since the caller asked for
+/// something it cannot have.
+fn issued_ttl(ttl_seconds: u64, issuer_left: Duration) -> Result<Duration, Status> {
+    let ttl = match ttl_seconds {
+        0 => return Ok(DEFAULT_AGENT_TOKEN_TTL.min(issuer_left)),
+        secs => Duration::from_secs(secs),
+    };
+    if ttl > MAX_AGENT_TOKEN_TTL {
+        return Err(Status::invalid_argument("ttl_seconds is more than 7 days"));
+    }
+    if ttl > issuer_left {
+        return Err(Status::invalid_argument(format!(
+            "ttl_seconds is {} but the calling token expires in {} s, and an issued token never outlives the token that asked for it; ask for less or use a longer-lived token",
+            ttl.as_secs(),
+            issuer_left.as_secs()
+        )));
+    }
+    Ok(ttl)
+}
+
 /// The `AdminService` implementation.
 #[derive(Debug, Clone)]
 pub struct AdminServer {
@@ -83,21 +106,38 @@ impl AdminService for AdminServer {
                 "only admin and publisher tokens may issue agent tokens",
             ));
         }
-        let ttl = match body.ttl_seconds {
-            0 => DEFAULT_AGENT_TOKEN_TTL,
-            secs => Duration::from_secs(secs),
-        };
-        if ttl > MAX_AGENT_TOKEN_TTL {
-            return Err(Status::invalid_argument("ttl_seconds is more than 7 days"));
+        let agent_id = (!body.agent_id.is_empty()).then_some(body.agent_id.as_str());
+        if let Some(agent) = agent_id {
+            limits::check_id("agent_id", agent)?;
         }
+        let ttl = issued_ttl(body.ttl_seconds, claims.remaining())?;
         let token = self
             .key
-            .issue(Role::Agent, Some(&body.cluster_id), ttl)
+            .issue_for_agent(Role::Agent, Some(&body.cluster_id), agent_id, ttl)
             .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(cluster = %body.cluster_id, issuer = %claims.role, "issued an agent token");
+        tracing::info!(cluster = %body.cluster_id, issuer = %claims.role, agent = ?agent_id, ttl = ?ttl, "issued an agent token");
         Ok(Response::new(CreateAgentTokenResponse {
             token,
             expires_at: Some(timestamp(SystemTime::now() + ttl)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_issued_token_never_outlives_its_issuer() {
+        let left = Duration::from_secs(60);
+        assert_eq!(issued_ttl(0, left).unwrap(), left);
+        assert_eq!(issued_ttl(30, left).unwrap(), Duration::from_secs(30));
+        let refused = issued_ttl(7 * 24 * 3600, left).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("expires in 60 s"), "{refused:?}");
+        assert_eq!(
+            issued_ttl(0, Duration::from_secs(30 * 24 * 3600)).unwrap(),
+            DEFAULT_AGENT_TOKEN_TTL
+        );
     }
 }

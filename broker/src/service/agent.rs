@@ -79,8 +79,14 @@ impl AgentServer {
         limits::check_id("hello.cluster_id", &hello.cluster_id)?;
         limits::check_id("hello.agent_id", &hello.agent_id)?;
         claims.require_cluster(&hello.cluster_id)?;
+        claims.require_agent(&hello.agent_id)?;
         super::check_routing(routing.as_deref(), &hello.cluster_id, "hello's cluster_id")?;
 
+        // A draining broker sends no snapshot: one would reset the agent's
+        // backoff only for the stream to end at once.
+        if *self.hub.shutdown_signal().borrow() {
+            return Err(super::shutting_down());
+        }
         let cluster = self.hub.cluster(&hello.cluster_id);
         let registration = Arc::new(cluster.connect_agent(hello.agent_id.clone()));
         tracing::debug!(cluster = %hello.cluster_id, agent = %hello.agent_id, "agent subscribed");
@@ -317,7 +323,7 @@ impl Decoder for SubscribeDecoder {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<SubscribeRequest>, Status> {
         SubscribeRequest::decode(src)
             .map(Some)
-            .map_err(|error| Status::internal(error.to_string()))
+            .map_err(|error| credstream_proto::codec::decode_error("SubscribeRequest", &error))
     }
 
     fn buffer_settings(&self) -> BufferSettings {

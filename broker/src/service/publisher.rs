@@ -1,13 +1,20 @@
 //! `PublisherService.Publish`: the user's stream. Reads the hello, registers
-//! the publisher (taking over from an older one), then relays checked
-//! changes into the cluster and refresh requests and ack progress back out.
+//! the publisher (taking over from an older one, unless the hold-down
+//! refuses it), then relays checked changes into the cluster and refresh
+//! requests and ack progress back out.
+//!
+//! A publisher that declared `answers_heartbeats` gets a `Heartbeat` every
+//! `heartbeat_interval`, one at a time; one still unanswered when the next
+//! is due marks it unresponsive in the cluster (a SIGSTOPped or frozen
+//! process keeps its TCP connection, so keepalive never notices), and its
+//! ack marks it responsive again.
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use credstream_proto::v1::publisher_service_server::PublisherService;
 use credstream_proto::v1::{
-    CredentialKind, PublishRequest, PublishResponse, PublisherHello, PublisherWelcome,
+    CredentialKind, Heartbeat, PublishRequest, PublishResponse, PublisherHello, PublisherWelcome,
     publish_request, publish_response,
 };
 use tokio::sync::{mpsc, watch};
@@ -49,7 +56,7 @@ impl PublisherService for PublisherServer {
         tokio::spawn(async move {
             let shutdown = hub.shutdown_signal();
             if let Err(status) = session(hub, claims, routing, inbound, &tx, shutdown).await {
-                tracing::debug!(code = ?status.code(), message = status.message(), "publish stream ended");
+                tracing::debug!(code = ?status.code(), reason = ?status.message(), "publish stream ended");
                 let _ = tx.send(Err(status)).await;
             }
         });
@@ -110,15 +117,12 @@ async fn session(
     limits::check_id("hello.cluster_id", &hello.cluster_id)?;
     claims.require_cluster(&hello.cluster_id)?;
     super::check_routing(routing.as_deref(), &hello.cluster_id, "hello's cluster_id")?;
-    if hello.publisher_name.len() > limits::MAX_ID_BYTES {
-        return Err(Status::invalid_argument(
-            "hello.publisher_name is longer than 128 bytes",
-        ));
-    }
+    limits::check_display_name("hello.publisher_name", &hello.publisher_name)?;
     let kinds = declared_kinds(&hello)?;
     let cluster = hub.cluster(&hello.cluster_id);
     let (missing, private_env_missing, agents_connected) = cluster.missing(&kinds);
-    let (_registration, mut events, requests) = cluster.connect_publisher(kinds, hello.private_env);
+    let (registration, mut events, requests) =
+        cluster.connect_publisher(kinds, hello.private_env, &hello.publisher_name)?;
     tracing::info!(cluster = %hello.cluster_id, publisher = %hello.publisher_name, "publisher connected");
     send(
         tx,
@@ -140,9 +144,28 @@ async fn session(
     let mut ack_due: Option<tokio::time::Instant> = None;
     let mut last_ack_sent = tokio::time::Instant::now() - ACK_INTERVAL;
     let mut inbound_open = true;
+    let heartbeats = hello.answers_heartbeats;
+    let interval = cluster.heartbeat_interval();
+    let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut heartbeat_sent, mut heartbeat_acked) = (0u64, 0u64);
     loop {
         tokio::select! {
             message = inbound.message(), if inbound_open => match message {
+                Ok(Some(PublishRequest {
+                    message: Some(publish_request::Message::HeartbeatAck(ack)),
+                })) => {
+                    if ack.sequence > heartbeat_sent || ack.sequence == 0 {
+                        return Err(Status::invalid_argument(format!(
+                            "heartbeat_ack.sequence {} answers no heartbeat sent on this stream (the last was {heartbeat_sent})",
+                            ack.sequence
+                        )));
+                    }
+                    if ack.sequence > heartbeat_acked {
+                        heartbeat_acked = ack.sequence;
+                        registration.resumed();
+                    }
+                }
                 Ok(Some(request)) => handle(&cluster, request)?,
                 // A half-closed publisher keeps receiving, like an agent.
                 Ok(None) => inbound_open = false,
@@ -173,6 +196,17 @@ async fn session(
                 let ack = *acks.borrow_and_update();
                 send(tx, publish_response::Message::UpdateAck(ack)).await?;
             }
+            _ = heartbeat.tick(), if heartbeats => {
+                if heartbeat_sent > heartbeat_acked {
+                    registration.unresponsive();
+                } else {
+                    heartbeat_sent += 1;
+                    send(tx, publish_response::Message::Heartbeat(Heartbeat {
+                        sequence: heartbeat_sent,
+                    }))
+                    .await?;
+                }
+            }
             () = super::shutdown_requested(&mut shutdown) => return Err(super::shutting_down()),
             () = tx.closed() => return Ok(()),
         }
@@ -199,8 +233,15 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
             let lifetime = limits::check_credential(&update, SystemTime::now())?;
             let kind = update.kind();
             let answered = update.refresh_request_id.clone();
-            let version = cluster.publish_credential(update, lifetime);
-            tracing::info!(cluster = %cluster.id(), kind = kind.label(), version, refresh = %answered, "credential published");
+            match cluster.publish_credential(update, lifetime) {
+                Some(version) => {
+                    tracing::info!(cluster = %cluster.id(), kind = kind.label(), version, refresh = ?answered, "credential published");
+                }
+                None => {
+                    tracing::info!(cluster = %cluster.id(), kind = kind.label(), refresh = ?answered,
+                        "credential answers a superseded refresh request; dropped");
+                }
+            }
             Ok(())
         }
         Some(Message::PrivateEnv(env)) => {
@@ -218,8 +259,8 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
                 ));
             }
             let message = limits::bounded_message(&error.message);
-            tracing::warn!(cluster = %cluster.id(), request = %error.refresh_request_id, error = %message, "publisher could not refresh");
-            cluster.refresh_failed(&error.refresh_request_id, message);
+            tracing::warn!(cluster = %cluster.id(), request = ?error.refresh_request_id, error = ?message, "publisher could not refresh");
+            cluster.refresh_failed(&error.refresh_request_id, message, error.permanent);
             Ok(())
         }
         Some(Message::Revoke(revoke)) => {
@@ -243,6 +284,8 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
             tracing::info!(cluster = %cluster.id(), version, all = revoke.all, "revoked");
             Ok(())
         }
+        // Handled by the stream loop, which knows the heartbeats it sent.
+        Some(Message::HeartbeatAck(_)) => Ok(()),
         None => Err(Status::invalid_argument(
             "empty PublishRequest: set exactly one message",
         )),

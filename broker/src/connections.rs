@@ -1,0 +1,589 @@
+//! Admission of connections: the broker's own accept loop in front of
+//! tonic, so that connections which never speak cannot exhaust it.
+//!
+//! - **File descriptors.** [`raise_fd_limit`] lifts the soft
+//!   `RLIMIT_NOFILE` to the hard limit at start (systemd's default soft
+//!   limit is 1,024); [`ConnectionLimits::for_fd_limit`] sizes the
+//!   connection cap from it, keeping [`RESERVED_FDS`] for everything else.
+//! - **A cap.** At most `max_connections` connections are open. A new one
+//!   beyond the cap first evicts the oldest connection still in its
+//!   handshake (a legitimate client finishes it in milliseconds, so those
+//!   are the idle ones); if every open connection has finished it, the new
+//!   one is closed at once.
+//! - **A handshake deadline.** A connection must finish TLS (when on) and
+//!   send the HTTP/2 client preface within `handshake_timeout`, or it is
+//!   closed. Only then is it handed to tonic; the preface bytes read to
+//!   check it are replayed to hyper.
+//! - **Back-off on exhaustion.** `accept` failing with `EMFILE`, `ENFILE`,
+//!   `ENOBUFS` or `ENOMEM` evicts the oldest pending connection and sleeps
+//!   (10 ms doubling to 1 s) instead of spinning; a warning says so.
+//!
+//! Each admitted [`Connection`] carries a [`ConnectionInfo`] that tonic puts
+//! in every request's extensions: an id and the connection's own bucket for
+//! the per-connection call limit (see [`rate_limit`](crate::rate_limit)).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::rate_limit::{Bucket, CallRate};
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// File descriptors kept for what is not a connection (the listener, the
+/// metrics endpoint, the key file, log files, the runtime).
+pub const RESERVED_FDS: u64 = 64;
+
+/// Idle time before the kernel probes a silent connection.
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+/// Time between probes.
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes before the connection is dropped.
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// How many connections, and how long a handshake may take.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConnectionLimits {
+    /// Connections open at most (handshaking or established).
+    pub max_connections: usize,
+    /// Time allowed for TLS and the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// New calls per connection.
+    pub call_rate: CallRate,
+}
+
+impl ConnectionLimits {
+    /// The default handshake deadline.
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// The default cap for a soft file descriptor limit of `fd_limit`:
+    /// all but [`RESERVED_FDS`] of it, and at least 16.
+    pub fn default_max_connections(fd_limit: u64) -> usize {
+        usize::try_from(fd_limit.saturating_sub(RESERVED_FDS).max(16)).unwrap_or(usize::MAX)
+    }
+
+    /// Defaults for a process whose soft descriptor limit is `fd_limit`.
+    pub fn for_fd_limit(fd_limit: u64) -> Self {
+        Self {
+            max_connections: Self::default_max_connections(fd_limit),
+            handshake_timeout: Self::HANDSHAKE_TIMEOUT,
+            call_rate: CallRate::CONNECTION,
+        }
+    }
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self::for_fd_limit(fd_limit())
+    }
+}
+
+/// The soft `RLIMIT_NOFILE` (1,024 if it cannot be read).
+pub fn fd_limit() -> u64 {
+    rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the limit
+/// before and after.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE)?;
+    if soft < hard {
+        rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard)?;
+    }
+    Ok((soft, fd_limit()))
+}
+
+/// What tonic puts in each request's extensions about its connection.
+#[derive(Clone, Debug)]
+pub struct ConnectionInfo {
+    /// Unique within this broker process.
+    pub id: u64,
+    /// The peer's address.
+    pub peer: Option<SocketAddr>,
+    /// The connection's bucket of new calls.
+    pub(crate) calls: Arc<Mutex<Bucket>>,
+}
+
+impl ConnectionInfo {
+    fn new(id: u64, peer: Option<SocketAddr>, rate: CallRate) -> Self {
+        Self {
+            id,
+            peer,
+            calls: Arc::new(Mutex::new(Bucket::full(rate, tokio::time::Instant::now()))),
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(id: u64) -> Self {
+        Self::new(
+            id,
+            None,
+            crate::rate_limit::CallRate {
+                per_second: 1.0,
+                burst: 2.0,
+            },
+        )
+    }
+}
+
+/// Counts of what the accept loop did, for logs and tests.
+#[derive(Debug, Default)]
+pub struct AdmissionCounts {
+    /// Connections refused at once because the cap was reached.
+    pub refused: AtomicU64,
+    /// Handshaking connections closed to make room.
+    pub evicted: AtomicU64,
+    /// Connections closed for missing the handshake deadline.
+    pub timed_out: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Registry {
+    limit: usize,
+    open: AtomicUsize,
+    next_id: AtomicU64,
+    /// Connections still handshaking, oldest first, with the sender that
+    /// closes each.
+    pending: Mutex<BTreeMap<u64, oneshot::Sender<()>>>,
+    counts: Arc<AdmissionCounts>,
+}
+
+impl Registry {
+    fn evict_oldest_pending(&self) -> bool {
+        let oldest = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_first();
+        match oldest {
+            Some((_, close)) => {
+                let _ = close.send(());
+                self.counts.evicted.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        if self.open.load(Ordering::Acquire) >= self.limit && !self.evict_oldest_pending() {
+            let refused = self.counts.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    max_connections = self.limit,
+                    refused,
+                    "connection cap reached: refusing new connections (raise --max-connections or the file descriptor limit)"
+                );
+            }
+            return None;
+        }
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Some(Slot(self.clone()))
+    }
+}
+
+/// One open connection's place under the cap.
+#[derive(Debug)]
+struct Slot(Arc<Registry>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A connection that finished its handshake, as tonic serves it.
+pub struct Connection {
+    io: Io,
+    /// The preface bytes read to check it, replayed before the rest.
+    replay: usize,
+    info: ConnectionInfo,
+    _slot: Slot,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.info.id)
+            .field("peer", &self.info.peer)
+            .field("tls", &matches!(self.io, Io::Tls(_)))
+            .finish()
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        self.info.clone()
+    }
+}
+
+macro_rules! io_call {
+    ($self:ident, $io:ident => $call:expr) => {
+        match &mut $self.get_mut().io {
+            Io::Plain($io) => {
+                let $io = Pin::new($io);
+                $call
+            }
+            Io::Tls($io) => {
+                let $io = Pin::new($io.as_mut());
+                $call
+            }
+        }
+    };
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.replay < PREFACE.len() {
+            let rest = &PREFACE[self.replay..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.replay += n;
+            return Poll::Ready(Ok(()));
+        }
+        io_call!(self, io => io.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        io_call!(self, io => io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        io_call!(self, io => io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        io_call!(self, io => io.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        io_call!(self, io => io.poll_shutdown(cx))
+    }
+}
+
+/// The accept loop's output for tonic, and the loop itself.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Admitted connections, for `serve_with_incoming_shutdown`.
+    pub connections: ReceiverStream<io::Result<Connection>>,
+    /// The accept loop: abort it to stop accepting (the listener closes).
+    pub accept_loop: JoinHandle<()>,
+    /// What the loop refused, evicted and timed out.
+    pub counts: Arc<AdmissionCounts>,
+}
+
+/// Starts accepting on `listener` under `limits`, with TLS when `tls` is
+/// set.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: ConnectionLimits,
+) -> Incoming {
+    let counts = Arc::new(AdmissionCounts::default());
+    let registry = Arc::new(Registry {
+        limit: limits.max_connections.max(1),
+        open: AtomicUsize::new(0),
+        next_id: AtomicU64::new(1),
+        pending: Mutex::new(BTreeMap::new()),
+        counts: counts.clone(),
+    });
+    // Room for every connection a burst of handshakes may finish while
+    // tonic is busy; a full channel only delays the handshake tasks.
+    let (tx, rx) = mpsc::channel(1024);
+    let accept_loop = tokio::spawn(accept_loop(listener, tls, limits, registry, tx));
+    Incoming {
+        connections: ReceiverStream::new(rx),
+        accept_loop,
+        counts,
+    }
+}
+
+fn is_resource_exhaustion(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: ConnectionLimits,
+    registry: Arc<Registry>,
+    tx: mpsc::Sender<io::Result<Connection>>,
+) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                accepted
+            }
+            Err(error) if is_resource_exhaustion(&error) => {
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!(%error, fd_limit = fd_limit(),
+                        "cannot accept connections: out of file descriptors or memory; closing handshaking connections and backing off");
+                }
+                registry.evict_oldest_pending();
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+            // A connection that failed between the kernel's accept and
+            // ours (ECONNABORTED, ...): nothing to do for the next one.
+            Err(error) => {
+                tracing::debug!(%error, "accept failed");
+                continue;
+            }
+        };
+        if tx.is_closed() {
+            return;
+        }
+        let Some(slot) = registry.admit() else {
+            drop(stream);
+            continue;
+        };
+        configure_socket(&stream);
+        let id = registry.next_id.fetch_add(1, Ordering::Relaxed);
+        let (close, closed) = oneshot::channel();
+        registry
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, close);
+        let info = ConnectionInfo::new(id, Some(peer), limits.call_rate);
+        tokio::spawn(handshake(
+            stream,
+            tls.clone(),
+            info,
+            slot,
+            closed,
+            limits.handshake_timeout,
+            tx.clone(),
+        ));
+    }
+}
+
+fn configure_socket(stream: &TcpStream) {
+    // Dead peers are found by the kernel's TCP keepalive (30 s idle, then
+    // 3 probes 10 s apart) rather than HTTP/2 PINGs: a PING timer is one
+    // more thing to poll on every wake-up of every connection, and with
+    // thousands of mostly idle agent connections that showed in profiles.
+    // Agents still send their own HTTP/2 PINGs.
+    let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_RETRIES);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+async fn handshake(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    info: ConnectionInfo,
+    slot: Slot,
+    closed: oneshot::Receiver<()>,
+    deadline: Duration,
+    tx: mpsc::Sender<io::Result<Connection>>,
+) {
+    let registry = slot.0.clone();
+    let id = info.id;
+    let work = async {
+        let mut io = match tls {
+            Some(acceptor) => Io::Tls(Box::new(acceptor.accept(stream).await?)),
+            None => Io::Plain(stream),
+        };
+        let mut preface = [0u8; PREFACE.len()];
+        match &mut io {
+            Io::Plain(io) => io.read_exact(&mut preface).await?,
+            Io::Tls(io) => io.read_exact(&mut preface).await?,
+        };
+        if &preface != PREFACE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not an HTTP/2 client preface (the broker speaks gRPC over HTTP/2 only)",
+            ));
+        }
+        Ok(io)
+    };
+    let outcome = tokio::select! {
+        done = tokio::time::timeout(deadline, work) => Some(done),
+        _ = closed => None,
+    };
+    registry
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    match outcome {
+        Some(Ok(Ok(io))) => {
+            let connection = Connection {
+                io,
+                replay: 0,
+                info,
+                _slot: slot,
+            };
+            let _ = tx.send(Ok(connection)).await;
+        }
+        Some(Ok(Err(error))) => {
+            tracing::debug!(connection = id, peer = ?info.peer, %error, "connection closed during its handshake");
+        }
+        Some(Err(_)) => {
+            registry.counts.timed_out.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(connection = id, peer = ?info.peer, ?deadline,
+                "connection closed: no TLS handshake and HTTP/2 preface within the deadline");
+        }
+        None => {
+            tracing::debug!(connection = id, peer = ?info.peer, "handshaking connection closed to make room for a new one");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    async fn pair(limits: ConnectionLimits) -> (SocketAddr, Incoming) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (addr, incoming(listener, None, limits))
+    }
+
+    fn limits(max: usize, handshake: Duration) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: max,
+            handshake_timeout: handshake,
+            call_rate: CallRate::CONNECTION,
+        }
+    }
+
+    async fn closed_by_peer(stream: &mut TcpStream) -> bool {
+        let mut byte = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(20), stream.read(&mut byte)).await,
+            Ok(Ok(0) | Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_handed_over_with_its_preface_replayed() {
+        let (addr, mut incoming) = pair(limits(4, Duration::from_secs(5))).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(PREFACE).await.unwrap();
+        client.write_all(b"rest").await.unwrap();
+        let mut connection = tokio_stream::StreamExt::next(&mut incoming.connections)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut read = vec![0u8; PREFACE.len() + 4];
+        connection.read_exact(&mut read).await.unwrap();
+        assert_eq!(&read[..PREFACE.len()], PREFACE);
+        assert_eq!(&read[PREFACE.len()..], b"rest");
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_at_the_deadline() {
+        let (addr, incoming) = pair(limits(4, Duration::from_millis(200))).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_by_peer(&mut silent).await);
+        assert_eq!(incoming.counts.timed_out.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_oldest_handshaking_connection_makes_room() {
+        let (addr, mut incoming) = pair(limits(2, Duration::from_secs(60))).await;
+        let mut idle_one = TcpStream::connect(addr).await.unwrap();
+        let _idle_two = TcpStream::connect(addr).await.unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(PREFACE).await.unwrap();
+        // The oldest idle connection is closed and the speaking one served.
+        assert!(closed_by_peer(&mut idle_one).await);
+        let served = tokio_stream::StreamExt::next(&mut incoming.connections)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(served.info.id, 3);
+        assert_eq!(incoming.counts.evicted.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_of_established_connections_new_ones_are_refused_at_once() {
+        let (addr, mut incoming) = pair(limits(1, Duration::from_secs(60))).await;
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first.write_all(PREFACE).await.unwrap();
+        let _held = tokio_stream::StreamExt::next(&mut incoming.connections)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_by_peer(&mut second).await);
+        assert_eq!(incoming.counts.refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn what_is_not_http2_is_closed() {
+        let (addr, incoming) = pair(limits(4, Duration::from_secs(60))).await;
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed_by_peer(&mut client).await);
+        assert_eq!(incoming.counts.timed_out.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_default_cap_leaves_room_for_other_descriptors() {
+        assert_eq!(ConnectionLimits::default_max_connections(1024), 960);
+        assert_eq!(ConnectionLimits::default_max_connections(20), 16);
+    }
+}
