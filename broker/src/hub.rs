@@ -20,6 +20,15 @@
 //! waiter list is one shared lock); each change rings the cluster's
 //! [`Bell`], which wakes every stream through its own atomic waker.
 //!
+//! Clusters end: a cluster with no publisher, no agents and no live
+//! credential for the grace period (`RefreshConfig::idle_cluster_grace`) is
+//! removed from the hub by its own task, which then ends. The private env
+//! does not keep a cluster alive: a publisher re-sends it on every connect,
+//! as after a broker restart. The removal happens under the hub's write
+//! lock and only while nothing but the map and the task holds the cluster,
+//! so a hello that just looked the cluster up never registers into a
+//! removed one.
+//!
 //! Each credential is encoded as its agent-bound `SubscribeResponse`, in
 //! gRPC's length-prefixed framing, once, when it is published (the
 //! `encoded` field of [`Slot::Credential`]); agent streams send those shared
@@ -27,15 +36,16 @@
 //! encoding the message once per agent.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use credstream_proto::convert::timestamp;
 use credstream_proto::v1::{
     AgentStatus, ClusterInfo, ClusterSnapshot, ClusterStatus, ClusterSummary, CredentialKind,
     CredentialStatus, CredentialUpdate, EnvVar, PrivateEnv, PrivateEnvStatus, RefreshReason,
-    RefreshRequest, Revocation, SubscribeResponse, UpdateAck, credential_update::Credential,
-    subscribe_response,
+    RefreshRequest, Revocation, SubscribeResponse, TakeoverStatus, UpdateAck,
+    credential_update::Credential, subscribe_response,
 };
 use prost::bytes::Bytes;
 use tokio::sync::{Notify, mpsc, watch};
@@ -278,8 +288,14 @@ pub enum PublisherEvent {
 
 struct PublisherSlot {
     conn: u64,
+    name: String,
     events: mpsc::UnboundedSender<PublisherEvent>,
 }
+
+/// The most displaced publisher names a cluster remembers for the hold-down
+/// (oldest forgotten first), so that a token cycling through names cannot
+/// grow the list without bound.
+const MAX_HELD_DOWN_NAMES: usize = 16;
 
 struct AgentEntry {
     conn: u64,
@@ -297,11 +313,23 @@ struct Inner {
     issued: BTreeMap<i32, SystemTime>,
     expires_wall: BTreeMap<i32, SystemTime>,
     next_conn: u64,
+    /// Publisher names displaced recently, and until when they may not take
+    /// the cluster back.
+    held_down: Vec<(String, Instant)>,
+    takeovers: u64,
+    takeovers_refused: u64,
+    last_takeover: Option<(SystemTime, String)>,
+    /// Since when the cluster has had no publisher, no agents and no live
+    /// credential; `None` while it has any.
+    idle_since: Option<Instant>,
 }
 
 /// One cluster: latest state, publisher, agents, refresh planner.
 pub struct Cluster {
     id: String,
+    heartbeat_interval: Duration,
+    takeover_hold_down: Duration,
+    idle_grace: Duration,
     state: watch::Sender<Arc<ClusterState>>,
     acks: watch::Sender<UpdateAck>,
     inner: Mutex<Inner>,
@@ -329,6 +357,19 @@ fn wall_micros() -> u64 {
 pub struct PublisherRegistration {
     cluster: Arc<Cluster>,
     conn: u64,
+}
+
+impl PublisherRegistration {
+    /// The publisher left a heartbeat unanswered: hold refresh requests and
+    /// suspend the deadlines of those it was sent.
+    pub fn unresponsive(&self) {
+        self.cluster.publisher_unresponsive(self.conn);
+    }
+
+    /// The publisher answered a heartbeat: send what was held.
+    pub fn resumed(&self) {
+        self.cluster.publisher_resumed(self.conn);
+    }
 }
 
 impl Drop for PublisherRegistration {
@@ -368,6 +409,9 @@ impl Cluster {
     fn new(id: String, refresh: RefreshConfig) -> Self {
         Self {
             id,
+            heartbeat_interval: refresh.heartbeat_interval,
+            takeover_hold_down: refresh.takeover_hold_down,
+            idle_grace: refresh.idle_cluster_grace,
             state: watch::Sender::new(Arc::new(ClusterState::default())),
             acks: watch::Sender::new(UpdateAck::default()),
             inner: Mutex::new(Inner {
@@ -378,6 +422,11 @@ impl Cluster {
                 issued: BTreeMap::new(),
                 expires_wall: BTreeMap::new(),
                 next_conn: 1,
+                held_down: Vec::new(),
+                takeovers: 0,
+                takeovers_refused: 0,
+                last_takeover: None,
+                idle_since: None,
             }),
             wake_planner: Notify::new(),
             bell: Arc::new(Bell::default()),
@@ -387,6 +436,11 @@ impl Cluster {
     /// The cluster id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// How often a publisher that answers heartbeats gets one.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
     }
 
     /// A receiver of the cluster's state, for an agent stream: the stream
@@ -454,22 +508,64 @@ impl Cluster {
     /// Registers a publisher after its hello; takes over from an older one.
     /// Returns the registration, the event receiver and the refresh
     /// requests to send right after the welcome.
+    ///
+    /// A publisher `name` displaced from this cluster less than the takeover
+    /// hold-down ago may not take it back from a responsive publisher:
+    /// `RESOURCE_EXHAUSTED` naming the wait, and nothing changes. That
+    /// bounds two supervised publishers that keep restarting to one
+    /// takeover per hold-down, instead of one per restart.
+    #[allow(clippy::type_complexity)]
     pub fn connect_publisher(
         self: &Arc<Self>,
         kinds: Vec<CredentialKind>,
         private_env: bool,
-    ) -> (
-        PublisherRegistration,
-        mpsc::UnboundedReceiver<PublisherEvent>,
-        Vec<RefreshRequest>,
-    ) {
+        name: &str,
+    ) -> Result<
+        (
+            PublisherRegistration,
+            mpsc::UnboundedReceiver<PublisherEvent>,
+            Vec<RefreshRequest>,
+        ),
+        Status,
+    > {
         let (events, receiver) = mpsc::unbounded_channel();
+        let now = Instant::now();
         let mut inner = self.lock();
+        inner.held_down.retain(|(_, until)| *until > now);
+        if let Some(current) = &inner.publisher
+            && inner.planner.publisher_responsive()
+            && let Some((_, until)) = inner.held_down.iter().find(|(held, _)| held == name)
+        {
+            let wait = until.duration_since(now).as_secs().max(1);
+            let holder = current.name.clone();
+            inner.takeovers_refused += 1;
+            tracing::info!(cluster = %self.id, publisher = ?name, holder = ?holder, wait_s = wait,
+                "takeover refused: the publisher was displaced within the hold-down");
+            return Err(Status::resource_exhausted(format!(
+                "publisher {name:?} was displaced from cluster {:?} by {holder:?} and may not take it back for {wait}s (takeover hold-down); stop the other publisher, or retry later",
+                self.id
+            )));
+        }
         let conn = inner.next_conn;
         inner.next_conn += 1;
-        if let Some(old) = inner.publisher.replace(PublisherSlot { conn, events }) {
-            tracing::info!(cluster = %self.id, "a new publisher takes over the cluster");
+        inner.idle_since = None;
+        let slot = PublisherSlot {
+            conn,
+            name: name.to_owned(),
+            events,
+        };
+        if let Some(old) = inner.publisher.replace(slot) {
+            tracing::info!(cluster = %self.id, publisher = ?name, displaced = ?old.name, "a new publisher takes over the cluster");
             let _ = old.events.send(PublisherEvent::TakenOver);
+            inner.takeovers += 1;
+            inner.last_takeover = Some((SystemTime::now(), old.name.clone()));
+            inner.held_down.retain(|(held, _)| *held != old.name);
+            if inner.held_down.len() >= MAX_HELD_DOWN_NAMES {
+                inner.held_down.remove(0);
+            }
+            inner
+                .held_down
+                .push((old.name, now + self.takeover_hold_down));
         }
         let kind_values: Vec<i32> = kinds.iter().map(|k| *k as i32).collect();
         self.publish_with(&mut inner, |state, version| {
@@ -488,14 +584,41 @@ impl Cluster {
                 .publisher_connected(&kinds, |kind| state.live(kind, now).is_some(), now);
         drop(inner);
         self.wake_planner.notify_one();
-        (
+        Ok((
             PublisherRegistration {
                 cluster: self.clone(),
                 conn,
             },
             receiver,
             requests,
-        )
+        ))
+    }
+
+    fn publisher_unresponsive(&self, conn: u64) {
+        let mut inner = self.lock();
+        if inner.publisher.as_ref().is_none_or(|p| p.conn != conn)
+            || !inner.planner.publisher_responsive()
+        {
+            return;
+        }
+        tracing::warn!(cluster = %self.id, "the publisher left a heartbeat unanswered; holding refresh requests until it answers");
+        inner.planner.publisher_unresponsive();
+        drop(inner);
+        self.wake_planner.notify_one();
+    }
+
+    fn publisher_resumed(&self, conn: u64) {
+        let mut inner = self.lock();
+        if inner.publisher.as_ref().is_none_or(|p| p.conn != conn)
+            || inner.planner.publisher_responsive()
+        {
+            return;
+        }
+        tracing::info!(cluster = %self.id, "the publisher answers again");
+        let requests = inner.planner.publisher_resumed(Instant::now());
+        self.send_requests(&inner, requests.into_iter());
+        drop(inner);
+        self.wake_planner.notify_one();
     }
 
     fn publisher_gone(&self, conn: u64) {
@@ -512,6 +635,9 @@ impl Cluster {
                 state.info = Some(info);
             });
         }
+        drop(inner);
+        // The cluster may have become idle.
+        self.wake_planner.notify_one();
     }
 
     /// The welcome for a publisher that just connected.
@@ -527,12 +653,15 @@ impl Cluster {
         (missing, env_missing, self.lock().agents.len() as u32)
     }
 
-    /// Accepts a checked credential from the publisher; returns its version.
+    /// Accepts a checked credential from the publisher; returns its version,
+    /// or `None` if it answers a refresh request that is no longer the
+    /// kind's current one (superseded: dropped, so that a backlog of answers
+    /// does not fan out one version each).
     pub fn publish_credential(
         &self,
         mut update: CredentialUpdate,
         lifetime: limits::CheckedLifetime,
-    ) -> u64 {
+    ) -> Option<u64> {
         let kind = update.kind();
         let now = Instant::now();
         let now_wall = SystemTime::now();
@@ -541,7 +670,14 @@ impl Cluster {
             .duration_since(now_wall)
             .unwrap_or_default();
         update.issued_at = Some(timestamp(lifetime.issued_at));
+        let live = self.state().live(kind, now).is_some();
         let mut inner = self.lock();
+        if !inner
+            .planner
+            .accepts_answer(kind, &update.refresh_request_id, live)
+        {
+            return None;
+        }
         let version = self.publish_with(&mut inner, |state, version| {
             update.version = version;
             let encoded = encode_for_agents(&update);
@@ -562,7 +698,7 @@ impl Cluster {
         inner.expires_wall.insert(kind as i32, lifetime.expires_at);
         drop(inner);
         self.wake_planner.notify_one();
-        version
+        Some(version)
     }
 
     /// Applies a checked private env change; returns the version that holds
@@ -632,12 +768,13 @@ impl Cluster {
         })
     }
 
-    /// Records a publisher's refresh error.
-    pub fn refresh_failed(&self, id: &str, message: String) {
+    /// Records a publisher's refresh error; a `permanent` one stops the
+    /// kind until the publisher reconnects or publishes it.
+    pub fn refresh_failed(&self, id: &str, message: String, permanent: bool) {
         let known = self
             .lock()
             .planner
-            .refresh_failed(id, message, Instant::now());
+            .refresh_failed(id, message, permanent, Instant::now());
         if known {
             self.wake_planner.notify_one();
         } else {
@@ -681,6 +818,7 @@ impl Cluster {
         let mut inner = self.lock();
         let conn = inner.next_conn;
         inner.next_conn += 1;
+        inner.idle_since = None;
         let previous = inner.agents.insert(
             agent_id.clone(),
             AgentEntry {
@@ -730,11 +868,37 @@ impl Cluster {
                 inner.agents_current = inner.agents_current.saturating_sub(1);
             }
             self.publish_acks(&inner);
+            if inner.agents.is_empty() && inner.publisher.is_none() {
+                drop(inner);
+                // The cluster may have become idle.
+                self.wake_planner.notify_one();
+            }
         }
     }
 
-    /// Runs the planner's due work; returns when to run again.
-    fn plan(&self) -> Option<Instant> {
+    /// True if the cluster has no publisher, no agents and no live
+    /// credential.
+    fn idle(&self, inner: &Inner, now: Instant) -> bool {
+        let state = self.state.borrow();
+        inner.publisher.is_none()
+            && inner.agents.is_empty()
+            && state.live(CredentialKind::Aws, now).is_none()
+            && state.live(CredentialKind::Gcp, now).is_none()
+    }
+
+    /// When the cluster may be dropped, if it is idle.
+    fn idle_until(&self, inner: &mut Inner, now: Instant) -> Option<Instant> {
+        if !self.idle(inner, now) {
+            inner.idle_since = None;
+            return None;
+        }
+        let since = *inner.idle_since.get_or_insert(now);
+        Some(since + self.idle_grace)
+    }
+
+    /// Runs the planner's due work; returns when to run again and when the
+    /// cluster may be dropped (if idle).
+    fn plan(&self) -> (Option<Instant>, Option<Instant>) {
         let now = Instant::now();
         let mut inner = self.lock();
         let (plan, next) = inner.planner.tick(now);
@@ -764,7 +928,8 @@ impl Cluster {
             });
         }
         self.send_requests(&inner, plan.send.into_iter());
-        next
+        let idle_until = self.idle_until(&mut inner, now);
+        (next, idle_until)
     }
 
     /// Everything about the cluster except secrets.
@@ -812,6 +977,10 @@ impl Cluster {
             })
             .collect();
         agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        let (last_at, last_displaced) = match &inner.last_takeover {
+            Some((at, name)) => (Some(timestamp(*at)), name.clone()),
+            None => (None, String::new()),
+        };
         ClusterStatus {
             cluster_id: self.id.clone(),
             version: state.version,
@@ -822,6 +991,19 @@ impl Cluster {
             pending_refreshes: inner.planner.pending(),
             refresh_counts: inner.planner.counts(),
             last_refresh_error: inner.planner.last_error().to_owned(),
+            publisher_name: inner
+                .publisher
+                .as_ref()
+                .map(|p| p.name.clone())
+                .unwrap_or_default(),
+            publisher_responsive: inner.planner.publisher_responsive(),
+            takeovers: Some(TakeoverStatus {
+                count: inner.takeovers,
+                last_at,
+                last_displaced,
+                refused: inner.takeovers_refused,
+            }),
+            stopped_refreshes: inner.planner.stopped(),
         }
     }
 
@@ -855,6 +1037,8 @@ pub struct ClusterHub {
     clusters: RwLock<HashMap<String, Arc<Cluster>>>,
     config: HubConfig,
     shutdown: watch::Sender<bool>,
+    /// Clusters dropped after their idle grace period.
+    dropped: AtomicU64,
 }
 
 impl ClusterHub {
@@ -864,7 +1048,54 @@ impl ClusterHub {
             clusters: RwLock::new(HashMap::new()),
             config,
             shutdown: watch::Sender::new(false),
+            dropped: AtomicU64::new(0),
         })
+    }
+
+    /// How many clusters the hub holds.
+    pub fn len(&self) -> usize {
+        self.clusters
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// True if the hub holds no cluster.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many clusters were dropped after their idle grace period.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Removes `cluster` if it is still idle past its grace period and
+    /// nothing but the map and its own task holds it (so no hello is between
+    /// looking it up and registering). Returns true once it is gone.
+    fn remove_if_idle(&self, cluster: &Arc<Cluster>) -> bool {
+        let mut clusters = self.clusters.write().unwrap_or_else(|p| p.into_inner());
+        match clusters.get(&cluster.id) {
+            Some(held) if Arc::ptr_eq(held, cluster) => {}
+            _ => return true,
+        }
+        // The map's reference and the task's.
+        if Arc::strong_count(cluster) > 2 {
+            return false;
+        }
+        let now = Instant::now();
+        let mut inner = cluster.lock();
+        if cluster
+            .idle_until(&mut inner, now)
+            .is_none_or(|at| at > now)
+        {
+            return false;
+        }
+        drop(inner);
+        clusters.remove(&cluster.id);
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(cluster = %cluster.id, "cluster idle past its grace period; dropped");
+        true
     }
 
     /// The cluster `id`, created (with its planner task) if new.
@@ -878,7 +1109,11 @@ impl ClusterHub {
         }
         let cluster = Arc::new(Cluster::new(id.to_owned(), self.config.refresh.clone()));
         clusters.insert(id.to_owned(), cluster.clone());
-        tokio::spawn(drive_planner(cluster.clone(), self.shutdown.subscribe()));
+        tokio::spawn(drive_cluster(
+            cluster.clone(),
+            Arc::downgrade(self),
+            self.shutdown.subscribe(),
+        ));
         cluster
     }
 
@@ -918,9 +1153,32 @@ impl ClusterHub {
     }
 }
 
-async fn drive_planner(cluster: Arc<Cluster>, mut shutdown: watch::Receiver<bool>) {
+/// How soon an idle cluster that could not be dropped (something held it
+/// for a moment: an admin call, a hello between lookup and registration)
+/// is looked at again.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// The cluster's task: runs its planner when due or woken, and drops the
+/// cluster once it has been idle for the grace period, then ends.
+async fn drive_cluster(
+    cluster: Arc<Cluster>,
+    hub: Weak<ClusterHub>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
-        let next = cluster.plan();
+        let (mut next, idle_until) = cluster.plan();
+        if let Some(at) = idle_until {
+            if at <= Instant::now() {
+                let Some(hub) = hub.upgrade() else { return };
+                if hub.remove_if_idle(&cluster) {
+                    return;
+                }
+                let recheck = Instant::now() + IDLE_RECHECK;
+                next = Some(next.map_or(recheck, |n| n.min(recheck)));
+            } else {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
         let sleep = async {
             match next {
                 Some(at) => tokio::time::sleep_until(at).await,

@@ -65,6 +65,23 @@ struct ServeArgs {
     /// new one (0.1 to 0.9).
     #[arg(long, env = "CREDSTREAM_REFRESH_AT", default_value_t = 0.5)]
     refresh_at: f64,
+    /// How long the publisher has to answer a refresh request before the
+    /// broker retries it (with backoff, under a new id).
+    #[arg(long, env = "CREDSTREAM_REFRESH_DEADLINE", default_value = "60s", value_parser = humantime::parse_duration)]
+    refresh_deadline: Duration,
+    /// How often a publisher that answers heartbeats gets one; one left
+    /// unanswered until the next makes it unresponsive (refresh requests are
+    /// held and their deadlines suspended until it answers).
+    #[arg(long, env = "CREDSTREAM_PUBLISHER_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
+    publisher_heartbeat: Duration,
+    /// How long a displaced publisher name may not take its cluster back
+    /// from a responsive publisher (damps publishers that fight).
+    #[arg(long, env = "CREDSTREAM_TAKEOVER_HOLD_DOWN", default_value = "60s", value_parser = humantime::parse_duration)]
+    takeover_hold_down: Duration,
+    /// How long a cluster with no publisher, no agents and no live
+    /// credential is kept before it is dropped.
+    #[arg(long, env = "CREDSTREAM_CLUSTER_GRACE", default_value = "10m", value_parser = humantime::parse_duration)]
+    cluster_grace: Duration,
     /// New calls one token may make each second, once its burst is spent.
     #[arg(long, env = "CREDSTREAM_TOKEN_CALLS_PER_SECOND", default_value_t = CallRate::default().per_second)]
     token_calls_per_second: f64,
@@ -128,8 +145,11 @@ enum LogFormat {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,h2=warn,tower=warn,hyper=warn".into());
+    // Colour codes only on a terminal: in a log file or journal they are
+    // noise, and escapes there are what log injection looks like.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -207,8 +227,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bail!("--max-connections must be at least 1");
     }
     config.insecure = args.insecure;
+    if args.refresh_deadline.is_zero() || args.publisher_heartbeat.is_zero() {
+        bail!("--refresh-deadline and --publisher-heartbeat must be above 0");
+    }
     config.refresh = RefreshConfig {
         refresh_at: args.refresh_at,
+        deadline: args.refresh_deadline,
+        heartbeat_interval: args.publisher_heartbeat,
+        takeover_hold_down: args.takeover_hold_down,
+        idle_cluster_grace: args.cluster_grace,
         ..RefreshConfig::default()
     };
     if !(args.token_calls_per_second > 0.0 && args.token_call_burst >= 1.0) {

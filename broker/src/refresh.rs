@@ -16,13 +16,25 @@
 //!   (a publisher hello or an agent hint).
 //! - Requests made while no publisher is connected are held and sent when
 //!   one connects.
+//! - A publisher that left a heartbeat unanswered is unresponsive (stopped,
+//!   frozen: its connection is still up, so keepalive never fires): requests
+//!   made meanwhile are held as for an absent publisher, and the deadlines
+//!   of those already sent are suspended instead of expiring into new
+//!   requests with new ids. Everything resumes with its next answer, so a
+//!   publisher that comes back finds one request per kind, not a backlog.
+//! - A credential answering a request that is no longer the kind's current
+//!   one is "superseded": the cluster drops it instead of publishing a
+//!   second version ([`RefreshPlanner::accepts_answer`]).
+//! - A permanent error (the publisher says retrying cannot help) stops the
+//!   kind: no requests, no retries, triggers ignored, until the publisher
+//!   reconnects or a credential of the kind arrives.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use credstream_proto::convert::timestamp;
 use credstream_proto::v1::{
-    CredentialKind, PendingRefresh, RefreshCount, RefreshReason, RefreshRequest,
+    CredentialKind, PendingRefresh, RefreshCount, RefreshReason, RefreshRequest, StoppedRefresh,
 };
 use rand::Rng;
 use tokio::time::Instant;
@@ -40,6 +52,15 @@ pub struct RefreshConfig {
     pub backoff_base: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// How often a publisher that answers heartbeats gets one; a heartbeat
+    /// still unanswered when the next is due makes it unresponsive.
+    pub heartbeat_interval: Duration,
+    /// How long a displaced publisher name may not take the cluster back
+    /// from a responsive publisher (damps supervised publishers that fight).
+    pub takeover_hold_down: Duration,
+    /// How long a cluster with no publisher, no agents and no live
+    /// credential is kept before it is dropped and its task ends.
+    pub idle_cluster_grace: Duration,
 }
 
 impl Default for RefreshConfig {
@@ -50,6 +71,9 @@ impl Default for RefreshConfig {
             deadline: Duration::from_secs(60),
             backoff_base: Duration::from_secs(2),
             backoff_max: Duration::from_secs(300),
+            heartbeat_interval: Duration::from_secs(10),
+            takeover_hold_down: Duration::from_secs(60),
+            idle_cluster_grace: Duration::from_secs(600),
         }
     }
 }
@@ -89,6 +113,14 @@ struct KindPlan {
     expires: Option<Instant>,
     pending: Option<Pending>,
     retry: Option<Retry>,
+    /// Set by a permanent error: nothing is asked for until cleared.
+    stopped: Option<Stopped>,
+}
+
+#[derive(Clone, Debug)]
+struct Stopped {
+    message: String,
+    since: SystemTime,
 }
 
 /// What the cluster must do after the planner ran.
@@ -106,6 +138,8 @@ pub struct RefreshPlanner {
     config: RefreshConfig,
     kinds: [KindPlan; 2],
     publisher_connected: bool,
+    /// False while the connected publisher has a heartbeat unanswered.
+    publisher_responsive: bool,
     counts: BTreeMap<(i32, &'static str), u64>,
     last_error: String,
     next_id: u64,
@@ -119,11 +153,18 @@ impl RefreshPlanner {
             config,
             kinds: Default::default(),
             publisher_connected: false,
+            publisher_responsive: true,
             counts: BTreeMap::new(),
             last_error: String::new(),
             next_id: 1,
             id_prefix: rand::thread_rng().r#gen(),
         }
+    }
+
+    /// True if requests can reach a publisher now: one is connected and
+    /// answering.
+    fn can_send(&self) -> bool {
+        self.publisher_connected && self.publisher_responsive
     }
 
     fn count(&mut self, reason: RefreshReason, outcome: &'static str) {
@@ -159,12 +200,12 @@ impl RefreshPlanner {
             deadline: now + self.config.deadline,
             deadline_wall,
             attempts,
-            sent: self.publisher_connected,
+            sent: self.can_send(),
         };
         self.count(reason, "requested");
         self.kinds[i].pending = Some(pending);
         self.kinds[i].retry = None;
-        self.publisher_connected.then(|| RefreshRequest {
+        self.can_send().then(|| RefreshRequest {
             id,
             kind: kind as i32,
             reason: reason as i32,
@@ -182,6 +223,10 @@ impl RefreshPlanner {
         now: Instant,
     ) -> Option<RefreshRequest> {
         let plan = &self.kinds[slot(kind)?];
+        if plan.stopped.is_some() {
+            self.count(reason, "suppressed");
+            return None;
+        }
         if plan.pending.is_some() || plan.retry.is_some() {
             self.count(reason, "joined");
             return None;
@@ -215,15 +260,54 @@ impl RefreshPlanner {
         plan.expires = Some(now + remaining);
         plan.due = Some(now + due_in);
         plan.retry = None;
+        plan.stopped = None;
         if let Some(pending) = plan.pending.take() {
             self.count(pending.reason, "fulfilled");
         }
     }
 
+    /// Whether a credential of `kind` answering request `id` may be
+    /// published: only if `id` is the kind's current request, or nothing is
+    /// asked for and the cluster holds no live credential of the kind (`live`
+    /// false), so the fresh credential is wanted anyway. Anything else
+    /// answers a request that was already superseded (re-issued after a
+    /// deadline, fulfilled by another answer): counted as "superseded" and
+    /// to be dropped, so a backlog of answers never fans out more than one
+    /// version. Unprompted credentials (empty `id`) are always accepted.
+    pub fn accepts_answer(&mut self, kind: CredentialKind, id: &str, live: bool) -> bool {
+        let Some(i) = slot(kind) else { return true };
+        if id.is_empty() {
+            return true;
+        }
+        let plan = &self.kinds[i];
+        if plan.pending.as_ref().is_some_and(|p| p.id == id) {
+            return true;
+        }
+        if plan.pending.is_none() && plan.retry.is_none() && !live {
+            return true;
+        }
+        let reason = plan
+            .pending
+            .as_ref()
+            .map(|p| p.reason)
+            .or(plan.retry.as_ref().map(|r| r.reason))
+            .unwrap_or(RefreshReason::Unspecified);
+        self.count(reason, "superseded");
+        false
+    }
+
     /// Records a publisher's failure to answer request `id`; schedules a
-    /// retry. Unknown or stale ids are ignored (the request was already
-    /// retried under a new id). Returns true if `id` was outstanding.
-    pub fn refresh_failed(&mut self, id: &str, message: String, now: Instant) -> bool {
+    /// retry, or, if the publisher says the failure is `permanent`, stops
+    /// the kind until the publisher reconnects or a credential arrives.
+    /// Unknown or stale ids are ignored (the request was already retried
+    /// under a new id). Returns true if `id` was outstanding.
+    pub fn refresh_failed(
+        &mut self,
+        id: &str,
+        message: String,
+        permanent: bool,
+        now: Instant,
+    ) -> bool {
         let Some(i) = self
             .kinds
             .iter()
@@ -233,7 +317,16 @@ impl RefreshPlanner {
         };
         let pending = self.kinds[i].pending.take().expect("found above");
         self.count(pending.reason, "failed");
-        self.last_error = message;
+        self.last_error = message.clone();
+        if permanent {
+            self.count(pending.reason, "stopped");
+            self.kinds[i].retry = None;
+            self.kinds[i].stopped = Some(Stopped {
+                message,
+                since: SystemTime::now(),
+            });
+            return true;
+        }
         self.schedule_retry(i, pending, now);
         true
     }
@@ -264,9 +357,13 @@ impl RefreshPlanner {
         now: Instant,
     ) -> Vec<RefreshRequest> {
         self.publisher_connected = true;
+        self.publisher_responsive = true;
         let mut send = Vec::new();
         for kind in KINDS {
             let i = slot(kind).expect("known kind");
+            // A new connection is the publisher "saying otherwise": whatever
+            // was permanently wrong may have been fixed.
+            self.kinds[i].stopped = None;
             if let Some(pending) = &mut self.kinds[i].pending {
                 // The new publisher never saw this request: send it again
                 // with a fresh deadline.
@@ -296,9 +393,54 @@ impl RefreshPlanner {
         send
     }
 
+    /// The connected publisher left a heartbeat unanswered: hold new
+    /// requests and suspend the deadlines of those it was sent.
+    pub fn publisher_unresponsive(&mut self) {
+        self.publisher_responsive = false;
+    }
+
+    /// The connected publisher answered again. Requests it was already sent
+    /// get a fresh deadline (it is reading them now); those held meanwhile
+    /// are returned, to be sent.
+    pub fn publisher_resumed(&mut self, now: Instant) -> Vec<RefreshRequest> {
+        if self.publisher_responsive {
+            return Vec::new();
+        }
+        self.publisher_responsive = true;
+        let mut send = Vec::new();
+        if !self.publisher_connected {
+            return send;
+        }
+        let deadline = now + self.config.deadline;
+        let deadline_wall = SystemTime::now() + self.config.deadline;
+        for kind in KINDS {
+            let i = slot(kind).expect("known kind");
+            if let Some(pending) = &mut self.kinds[i].pending {
+                pending.deadline = deadline;
+                pending.deadline_wall = deadline_wall;
+                if !pending.sent {
+                    pending.sent = true;
+                    send.push(RefreshRequest {
+                        id: pending.id.clone(),
+                        kind: kind as i32,
+                        reason: pending.reason as i32,
+                        deadline: Some(timestamp(deadline_wall)),
+                    });
+                }
+            }
+        }
+        send
+    }
+
+    /// False while the connected publisher has a heartbeat unanswered.
+    pub fn publisher_responsive(&self) -> bool {
+        self.publisher_responsive
+    }
+
     /// The publisher went away: requests are held until the next one.
     pub fn publisher_disconnected(&mut self) {
         self.publisher_connected = false;
+        self.publisher_responsive = true;
         for plan in &mut self.kinds {
             if let Some(pending) = &mut plan.pending {
                 pending.sent = false;
@@ -323,6 +465,8 @@ impl RefreshPlanner {
             if self.kinds[i].expires.is_some_and(|at| at <= now) {
                 plan.expired.push(kind);
                 let stale = std::mem::take(&mut self.kinds[i]);
+                // Expiry does not lift a stop: asking would fail the same way.
+                self.kinds[i].stopped = stale.stopped.clone();
                 if let Some(pending) = stale.pending {
                     self.count(pending.reason, "abandoned");
                 }
@@ -333,6 +477,7 @@ impl RefreshPlanner {
             }
             if let Some(pending) = &self.kinds[i].pending
                 && pending.sent
+                && self.can_send()
                 && pending.deadline <= now
             {
                 let pending = self.kinds[i].pending.take().expect("checked");
@@ -349,6 +494,7 @@ impl RefreshPlanner {
             if plan_i.due.is_some_and(|due| due <= now)
                 && plan_i.pending.is_none()
                 && plan_i.retry.is_none()
+                && plan_i.stopped.is_none()
             {
                 // Only once per credential: the next is scheduled when the
                 // new credential arrives.
@@ -361,14 +507,19 @@ impl RefreshPlanner {
     }
 
     fn next_wake(&self) -> Option<Instant> {
+        let can_send = self.can_send();
         self.kinds
             .iter()
             .flat_map(|plan| {
                 [
                     plan.expires,
-                    plan.due
-                        .filter(|_| plan.pending.is_none() && plan.retry.is_none()),
-                    plan.pending.as_ref().filter(|p| p.sent).map(|p| p.deadline),
+                    plan.due.filter(|_| {
+                        plan.pending.is_none() && plan.retry.is_none() && plan.stopped.is_none()
+                    }),
+                    plan.pending
+                        .as_ref()
+                        .filter(|p| p.sent && can_send)
+                        .map(|p| p.deadline),
                     plan.retry.as_ref().map(|r| r.at),
                 ]
             })
@@ -432,6 +583,27 @@ impl RefreshPlanner {
     /// The last error a publisher reported.
     pub fn last_error(&self) -> &str {
         &self.last_error
+    }
+
+    /// Kinds stopped by a permanent error, for `GetCluster`.
+    pub fn stopped(&self) -> Vec<StoppedRefresh> {
+        KINDS
+            .iter()
+            .filter_map(|kind| {
+                let stopped = self.kinds[slot(*kind)?].stopped.as_ref()?;
+                Some(StoppedRefresh {
+                    kind: *kind as i32,
+                    message: stopped.message.clone(),
+                    since: Some(timestamp(stopped.since)),
+                })
+            })
+            .collect()
+    }
+
+    /// True if nothing is outstanding, backing off or scheduled for `kind`
+    /// because a permanent error stopped it.
+    pub fn is_stopped(&self, kind: CredentialKind) -> bool {
+        slot(kind).is_some_and(|i| self.kinds[i].stopped.is_some())
     }
 }
 
@@ -534,9 +706,9 @@ mod tests {
         );
         let start = Instant::now();
         let (_, first) = wait_for_request(&mut p).await;
-        assert!(p.refresh_failed(&first.id, "denied".into(), Instant::now()));
+        assert!(p.refresh_failed(&first.id, "denied".into(), false, Instant::now()));
         assert!(
-            !p.refresh_failed(&first.id, "again".into(), Instant::now()),
+            !p.refresh_failed(&first.id, "again".into(), false, Instant::now()),
             "stale ids are ignored"
         );
         assert_eq!(p.last_error(), "denied");

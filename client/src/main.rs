@@ -33,6 +33,10 @@ enum Command {
     /// minted (for which principal, valid until when), delivered (to how
     /// many agents). A kind without local credentials is skipped with a
     /// note; `publish` fails only if nothing at all can be published.
+    ///
+    /// Exit status: 0 after Ctrl-C or SIGTERM; 3 when another publisher
+    /// took the cluster over (do not restart it: systemd's
+    /// `RestartPreventExitStatus=3`); 1 on any other error.
     Publish(PublishArgs),
     /// Show the AWS identity and GCP principal `publish` would forward.
     /// Exits non-zero if a kind asked about has no usable credentials.

@@ -10,6 +10,17 @@
 //! lacks when the session reconnects, so minting while disconnected would only
 //! spend identity-provider calls on a credential nobody can receive.
 //!
+//! One mint per kind at a time, for the newest request: a request that
+//! arrives while a mint of its kind is running replaces the one that mint
+//! will answer (the older is superseded, and the broker would drop an
+//! answer to it), so a backlog of requests read at once — a publisher
+//! resumed after SIGSTOP, say — costs one identity-provider call per kind.
+//! The session answers the broker's heartbeats at once, so the broker can
+//! tell a stopped publisher from a slow mint. A mint error the minter knows
+//! is permanent ([`crate::mint::MintError::is_permanent`]) is reported as
+//! such; the broker then stops asking for that kind until the session
+//! reconnects ([`PublishSession::stopped_kinds`]).
+//!
 //! Reconnects use exponential backoff with full jitter. Statuses that no
 //! retry can fix (bad token, wrong cluster, taken over) end the session with
 //! a [`SessionError`].
@@ -41,9 +52,9 @@ use credstream_proto::connect::{BrokerAddress, ConnectError};
 use credstream_proto::convert::system_time;
 use credstream_proto::v1::publisher_service_client::PublisherServiceClient;
 use credstream_proto::v1::{
-    CredentialKind, CredentialUpdate, EnvVar, PrivateEnv, PublishRequest, PublisherHello,
-    RefreshError, RefreshReason, RefreshRequest, Revoke, UpdateAck, credential_update::Credential,
-    publish_request, publish_response,
+    CredentialKind, CredentialUpdate, EnvVar, HeartbeatAck, PrivateEnv, PublishRequest,
+    PublisherHello, RefreshError, RefreshReason, RefreshRequest, Revoke, UpdateAck,
+    credential_update::Credential, publish_request, publish_response,
 };
 use rand::Rng;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -107,7 +118,9 @@ pub enum SessionEvent {
         /// When it expires.
         expires_at: Option<SystemTime>,
     },
-    /// Minting failed; the broker was told and will retry.
+    /// Minting failed; the broker was told and will retry, unless the
+    /// failure was permanent ([`PublishSession::stopped_kinds`] then holds
+    /// the kind).
     MintFailed {
         /// The kind.
         kind: CredentialKind,
@@ -183,6 +196,7 @@ impl SessionBuilder {
         let (commands, command_rx) = mpsc::channel(64);
         let (events, _) = broadcast::channel(256);
         let (acks, _) = watch::channel(UpdateAck::default());
+        let (stopped, _) = watch::channel(Vec::new());
         let revoke_on_exit = self.revoke_on_exit;
         let runner = Runner {
             cluster_id: self.address.cluster_id.clone(),
@@ -193,6 +207,7 @@ impl SessionBuilder {
             publisher_name: self.publisher_name,
             events: events.clone(),
             acks: acks.clone(),
+            stopped: stopped.clone(),
         };
         let task = tokio::spawn(runner.run(command_rx));
         Ok(PublishSession {
@@ -201,6 +216,7 @@ impl SessionBuilder {
             acks,
             task,
             revoke_on_exit,
+            stopped,
         })
     }
 }
@@ -212,7 +228,11 @@ pub struct PublishSession {
     acks: watch::Sender<UpdateAck>,
     task: JoinHandle<Result<(), SessionError>>,
     revoke_on_exit: bool,
+    stopped: StoppedKinds,
 }
+
+/// Kinds whose last mint failed permanently on the current connection.
+type StoppedKinds = watch::Sender<Vec<CredentialKind>>;
 
 impl std::fmt::Debug for PublishSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -241,6 +261,21 @@ impl PublishSession {
     /// The latest delivery progress the broker reported.
     pub fn acks(&self) -> watch::Receiver<UpdateAck> {
         self.acks.subscribe()
+    }
+
+    /// Kinds whose last mint failed with an error retrying cannot fix
+    /// (invalid configuration, access denied, no local credentials): the
+    /// broker was told, and asks for them again only after the session
+    /// reconnects. Updated before the matching
+    /// [`SessionEvent::MintFailed`] is sent; cleared on every connect.
+    pub fn stopped_kinds(&self) -> Vec<CredentialKind> {
+        self.stopped.borrow().clone()
+    }
+
+    /// [`PublishSession::stopped_kinds`] as a receiver that does not borrow
+    /// the session (the CLI reads it while it waits on the session).
+    pub fn watch_stopped_kinds(&self) -> watch::Receiver<Vec<CredentialKind>> {
+        self.stopped.subscribe()
     }
 
     async fn command(
@@ -343,6 +378,13 @@ impl PublishSession {
     pub async fn wait(&mut self) -> Result<(), SessionError> {
         (&mut self.task).await.map_err(|_| SessionError::Closed)?
     }
+
+    /// True once the session has ended (a terminal error or shutdown), so
+    /// that [`PublishSession::wait`] returns at once. For callers that
+    /// cannot park a task on `wait` (the Python `Publisher`).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
 }
 
 fn default_publisher_name() -> String {
@@ -371,6 +413,7 @@ struct Runner {
     publisher_name: String,
     events: broadcast::Sender<SessionEvent>,
     acks: watch::Sender<UpdateAck>,
+    stopped: StoppedKinds,
 }
 
 /// How one connection ended.
@@ -404,7 +447,9 @@ pub(crate) fn full_jitter(attempt: u32) -> Duration {
     bound.mul_f64(rand::thread_rng().r#gen::<f64>())
 }
 
-type MintResult = (RefreshRequest, Result<CredentialUpdate, String>);
+/// A finished mint: its kind, and the credential or the error's message and
+/// whether it is permanent.
+type MintResult = (CredentialKind, Result<CredentialUpdate, (String, bool)>);
 
 impl Runner {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> Result<(), SessionError> {
@@ -504,6 +549,7 @@ impl Runner {
             kinds: self.kinds(),
             private_env: self.declare_env || !self.env.is_empty(),
             publisher_name: self.publisher_name.clone(),
+            answers_heartbeats: true,
         };
         let _ = tx
             .send(request(publish_request::Message::Hello(hello)))
@@ -523,6 +569,8 @@ impl Runner {
             Err(status) => return classify(status),
         };
         let (minted_tx, mut minted) = mpsc::channel::<MintResult>(8);
+        // Per kind, the newest request the running mint will answer.
+        let mut answering: BTreeMap<i32, RefreshRequest> = BTreeMap::new();
         loop {
             tokio::select! {
                 message = inbound.message() => {
@@ -534,11 +582,35 @@ impl Runner {
                     match response.message {
                         Some(publish_response::Message::Welcome(welcome)) => {
                             *attempt = 0;
+                            self.stopped.send_if_modified(|kinds| {
+                                let changed = !kinds.is_empty();
+                                kinds.clear();
+                                changed
+                            });
                             tracing::info!(cluster = %self.cluster_id, agents = welcome.agents_connected, "connected to the broker");
                             let _ = self.events.send(SessionEvent::Connected { agents: welcome.agents_connected });
                         }
                         Some(publish_response::Message::RefreshRequest(req)) => {
-                            self.start_mint(req, minted_tx.clone());
+                            match answering.entry(req.kind) {
+                                std::collections::btree_map::Entry::Occupied(mut running) => {
+                                    tracing::debug!(cluster = %self.cluster_id, kind = req.kind().label(),
+                                        superseded = %running.get().id, id = %req.id,
+                                        "a newer request joins the running mint");
+                                    running.insert(req);
+                                }
+                                std::collections::btree_map::Entry::Vacant(slot) => {
+                                    self.start_mint(&req, minted_tx.clone());
+                                    slot.insert(req);
+                                }
+                            }
+                        }
+                        Some(publish_response::Message::Heartbeat(heartbeat)) => {
+                            let ack = request(publish_request::Message::HeartbeatAck(HeartbeatAck {
+                                sequence: heartbeat.sequence,
+                            }));
+                            if tx.send(ack).await.is_err() {
+                                return Ended::Retry("the stream closed while sending".into());
+                            }
                         }
                         Some(publish_response::Message::UpdateAck(ack)) => {
                             self.acks.send_replace(ack);
@@ -547,7 +619,8 @@ impl Runner {
                         None => {}
                     }
                 }
-                Some((req, result)) = minted.recv() => {
+                Some((kind, result)) = minted.recv() => {
+                    let Some(req) = answering.remove(&(kind as i32)) else { continue };
                     let message = self.minted(req, result);
                     if tx.send(message).await.is_err() {
                         return Ended::Retry("the stream closed while sending".into());
@@ -578,7 +651,7 @@ impl Runner {
         }
     }
 
-    fn start_mint(&self, req: RefreshRequest, results: mpsc::Sender<MintResult>) {
+    fn start_mint(&self, req: &RefreshRequest, results: mpsc::Sender<MintResult>) {
         let kind = req.kind();
         let reason = req.reason();
         tracing::info!(cluster = %self.cluster_id, kind = kind.label(), ?reason, id = %req.id, "refresh requested");
@@ -588,20 +661,23 @@ impl Runner {
         let Some(minter) = self.minters.iter().find(|m| m.kind() == kind).cloned() else {
             let message = format!("this publisher has no {} minter", kind.label());
             tokio::spawn(async move {
-                let _ = results.send((req, Err(message))).await;
+                let _ = results.send((kind, Err((message, true)))).await;
             });
             return;
         };
         tokio::spawn(async move {
-            let result = minter.mint().await.map_err(|e| e.to_string());
-            let _ = results.send((req, result)).await;
+            let result = minter
+                .mint()
+                .await
+                .map_err(|e| (e.to_string(), e.is_permanent()));
+            let _ = results.send((kind, result)).await;
         });
     }
 
     fn minted(
         &self,
         req: RefreshRequest,
-        result: Result<CredentialUpdate, String>,
+        result: Result<CredentialUpdate, (String, bool)>,
     ) -> PublishRequest {
         let kind = req.kind();
         match result {
@@ -621,8 +697,17 @@ impl Runner {
                 });
                 request(publish_request::Message::Credential(update))
             }
-            Err(message) => {
-                tracing::warn!(cluster = %self.cluster_id, kind = kind.label(), error = %message, "minting failed");
+            Err((message, permanent)) => {
+                tracing::warn!(cluster = %self.cluster_id, kind = kind.label(), error = %message, permanent, "minting failed");
+                if permanent {
+                    self.stopped.send_if_modified(|kinds| {
+                        let new = !kinds.contains(&kind);
+                        if new {
+                            kinds.push(kind);
+                        }
+                        new
+                    });
+                }
                 let _ = self.events.send(SessionEvent::MintFailed {
                     kind,
                     message: message.clone(),
@@ -630,6 +715,7 @@ impl Runner {
                 request(publish_request::Message::RefreshError(RefreshError {
                     refresh_request_id: req.id,
                     message,
+                    permanent,
                 }))
             }
         }

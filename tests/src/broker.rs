@@ -213,6 +213,7 @@ pub fn publisher_hello(
         kinds: kinds.iter().map(|k| *k as i32).collect(),
         private_env: env,
         publisher_name: "test".into(),
+        ..Default::default()
     })
 }
 

@@ -84,6 +84,7 @@ impl GrpcPeer {
                     kinds: vec![CredentialKind::Aws as i32],
                     private_env: false,
                     publisher_name: "credstream-bench".into(),
+                    ..Default::default()
                 })),
             })
             .await?;

@@ -20,6 +20,11 @@ use super::output::{Printer, kind_name, reason_name, time_and_distance};
 /// How long to wait for the broker to confirm a revocation at exit.
 const REVOKE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The exit status when another publisher took the cluster over
+/// (`ABORTED`): distinct from 1 (any other error) so that a supervisor can
+/// leave it alone, e.g. systemd's `RestartPreventExitStatus=3`.
+pub const EXIT_TAKEN_OVER: u8 = 3;
+
 /// The `publish` flags.
 pub struct PublishOptions {
     /// Where to publish.
@@ -34,7 +39,8 @@ pub struct PublishOptions {
     pub revoke_on_exit: bool,
 }
 
-/// Runs `credstream publish` until Ctrl-C / SIGTERM (exit 0) or an error
+/// Runs `credstream publish` until Ctrl-C / SIGTERM (exit 0), another
+/// publisher taking the cluster over ([`EXIT_TAKEN_OVER`]) or another error
 /// no retry can fix (exit 1).
 pub async fn run(options: PublishOptions) -> Result<ExitCode> {
     let address = options.broker.address()?;
@@ -87,7 +93,11 @@ pub async fn run(options: PublishOptions) -> Result<ExitCode> {
     drop(env);
     let mut session = builder.start()?;
     let mut events = session.events();
-    let mut view = EventView::default();
+    let mut view = EventView {
+        stopped: session.watch_stopped_kinds(),
+        delivered: None,
+        disconnected: false,
+    };
 
     let stop = loop {
         tokio::select! {
@@ -112,17 +122,29 @@ pub async fn run(options: PublishOptions) -> Result<ExitCode> {
             }
             let ended = session.shutdown().await;
             printer.finish();
-            ended.map_err(|error| session_error(&address, error))?;
-            Ok(ExitCode::SUCCESS)
+            match ended {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(error) => ended_with(&address, error),
+            }
         }
         Stop::Ended(ended) => {
             printer.finish();
             match ended {
                 Ok(()) => Err(anyhow!("the publish session ended unexpectedly")),
-                Err(error) => Err(session_error(&address, error)),
+                Err(error) => ended_with(&address, error),
             }
         }
     }
+}
+
+/// How a session error ends the command: taken over exits with
+/// [`EXIT_TAKEN_OVER`] after saying so; anything else is an error (exit 1).
+fn ended_with(address: &BrokerAddress, error: SessionError) -> Result<ExitCode> {
+    if matches!(error, SessionError::TakenOver(_)) {
+        eprintln!("credstream: {:#}", session_error(address, error));
+        return Ok(ExitCode::from(EXIT_TAKEN_OVER));
+    }
+    Err(session_error(address, error))
 }
 
 enum Stop {
@@ -174,7 +196,8 @@ fn session_error(address: &BrokerAddress, error: SessionError) -> anyhow::Error 
         }
         SessionError::TakenOver(message) => anyhow!(
             "another publisher took over cluster {}: {message}\n  \
-             only one publisher per cluster is live at a time; this one stops",
+             only one publisher per cluster is live at a time; this one stops (exit status {EXIT_TAKEN_OVER}: \
+             a supervisor should not restart it, e.g. systemd's RestartPreventExitStatus={EXIT_TAKEN_OVER})",
             address.cluster_id
         ),
         other => anyhow!(other),
@@ -182,8 +205,9 @@ fn session_error(address: &BrokerAddress, error: SessionError) -> anyhow::Error 
 }
 
 /// Turns session events into lines, remembering what was already said.
-#[derive(Default)]
 struct EventView {
+    /// Kinds the session reported as failing permanently.
+    stopped: tokio::sync::watch::Receiver<Vec<credstream_proto::v1::CredentialKind>>,
     /// The last "delivered" line printed: (version, agents).
     delivered: Option<(u64, u32)>,
     /// True while the last thing said about the connection is "lost".
@@ -225,14 +249,31 @@ impl EventView {
                 printer.line(line);
             }
             SessionEvent::MintFailed { kind, message } => {
-                printer.line(format!(
-                    "could not mint {}: {message}; the broker will ask again",
-                    kind_name(kind)
-                ));
+                if self.stopped.borrow().contains(&kind) {
+                    printer.line(format!(
+                        "could not mint {}: {message}; retrying cannot fix this, so the broker stops asking: fix it, then restart credstream publish",
+                        kind_name(kind)
+                    ));
+                } else {
+                    printer.line(format!(
+                        "could not mint {}: {message}; the broker will ask again",
+                        kind_name(kind)
+                    ));
+                }
             }
             SessionEvent::Delivered(ack) => self.delivered(printer, ack),
             SessionEvent::Disconnected { reason, retry_in } => {
                 let retry = format!("{:.1}s", retry_in.as_secs_f64());
+                if reason.contains("takeover hold-down") {
+                    // The broker refused this hello: another publisher holds
+                    // the cluster and this one was displaced a moment ago.
+                    printer.line(format!(
+                        "the broker keeps the cluster with the other publisher for now: {reason}; trying again in {retry}"
+                    ));
+                    printer.status(format!("held off by the takeover hold-down; retrying in {retry}"));
+                    self.disconnected = true;
+                    return;
+                }
                 if self.disconnected {
                     printer.status(format!("broker unreachable; retrying in {retry}"));
                 } else {

@@ -1,7 +1,8 @@
 //! `credstream status`: `AdminService.GetCluster`, printed for people. The
 //! answer holds no secret (the broker never returns one); this prints
-//! principals, versions, expiry times, env variable names, agents and
-//! pending refreshes.
+//! principals, versions, expiry times, env variable names, agents, pending
+//! refreshes, kinds the broker stopped asking for after a permanent error,
+//! and takeovers.
 
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -55,13 +56,18 @@ fn report(status: &ClusterStatus, now: SystemTime) -> Vec<String> {
             if info.private_env {
                 declared.push("private env");
             }
+            let connected = match (info.publisher_connected, status.publisher_name.as_str()) {
+                (false, _) => "not connected".to_owned(),
+                (true, "") => "connected".to_owned(),
+                (true, name) => format!("{name} connected"),
+            };
+            let unresponsive = if info.publisher_connected && !status.publisher_responsive {
+                " (unresponsive: a heartbeat is unanswered; refresh requests are held)"
+            } else {
+                ""
+            };
             lines.push(format!(
-                "publisher: {}; publishes {}",
-                if info.publisher_connected {
-                    "connected"
-                } else {
-                    "not connected"
-                },
+                "publisher: {connected}{unresponsive}; publishes {}",
                 if declared.is_empty() {
                     "nothing".to_owned()
                 } else {
@@ -177,6 +183,31 @@ fn report(status: &ClusterStatus, now: SystemTime) -> Vec<String> {
     if !status.last_refresh_error.is_empty() {
         lines.push(format!("last refresh error: {}", status.last_refresh_error));
     }
+    for stopped in &status.stopped_refreshes {
+        lines.push(format!(
+            "refresh stopped: {} since {}: {}; the broker asks again once the publisher reconnects (fix the cause, then restart `credstream publish`)",
+            kind_name_raw(stopped.kind),
+            when(&stopped.since),
+            stopped.message
+        ));
+    }
+    if let Some(takeovers) = status.takeovers.as_ref().filter(|t| t.count + t.refused > 0) {
+        let mut line = format!("takeovers: {}", takeovers.count);
+        if takeovers.count > 0 {
+            line.push_str(&format!(
+                ", last {} (displaced {:?})",
+                when(&takeovers.last_at),
+                takeovers.last_displaced
+            ));
+        }
+        if takeovers.refused > 0 {
+            line.push_str(&format!(
+                "; {} refused during the hold-down",
+                takeovers.refused
+            ));
+        }
+        lines.push(line);
+    }
     lines
 }
 
@@ -186,6 +217,7 @@ mod tests {
     use credstream_proto::convert::timestamp;
     use credstream_proto::v1::{
         AgentStatus, ClusterInfo, CredentialStatus, PendingRefresh, PrivateEnvStatus, RefreshReason,
+        StoppedRefresh, TakeoverStatus,
     };
     use std::time::Duration;
 
@@ -234,12 +266,37 @@ mod tests {
                 sent: true,
             }],
             refresh_counts: vec![],
-            last_refresh_error: String::new(),
+            last_refresh_error: "AWS refused to mint: AccessDenied".into(),
+            publisher_name: "alice@laptop".into(),
+            publisher_responsive: false,
+            takeovers: Some(TakeoverStatus {
+                count: 2,
+                last_at: Some(timestamp(now)),
+                last_displaced: "bob@desk".into(),
+                refused: 5,
+            }),
+            stopped_refreshes: vec![StoppedRefresh {
+                kind: CredentialKind::Aws as i32,
+                message: "AWS refused to mint: AccessDenied".into(),
+                since: Some(timestamp(now)),
+            }],
         };
         let text = report(&status, now).join("\n");
         assert!(text.contains("cluster dev at version 7"), "{text}");
         assert!(
-            text.contains("publisher: connected; publishes AWS, private env"),
+            text.contains("publisher: alice@laptop connected (unresponsive: a heartbeat is unanswered; refresh requests are held); publishes AWS, private env"),
+            "{text}"
+        );
+        assert!(
+            text.contains("refresh stopped: AWS since "),
+            "{text}"
+        );
+        assert!(
+            text.contains(": AWS refused to mint: AccessDenied; the broker asks again once the publisher reconnects"),
+            "{text}"
+        );
+        assert!(
+            text.contains("takeovers: 2, last ") && text.contains("(displaced \"bob@desk\"); 5 refused during the hold-down"),
             "{text}"
         );
         assert!(

@@ -71,3 +71,15 @@ pub enum MintError {
         message: String,
     },
 }
+
+impl MintError {
+    /// True if retrying cannot fix it without the user acting: no local
+    /// credentials, a refusal (access denied, an expired login) or a
+    /// misconfiguration. The session reports such failures as permanent, and
+    /// the broker stops asking for the kind until the publisher reconnects;
+    /// only [`MintError::Failed`] (unreachable, a nonsense answer) is
+    /// retried.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, MintError::Failed { .. })
+    }
+}
