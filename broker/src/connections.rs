@@ -58,6 +58,8 @@ const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Exhaustion is warned about at most this often.
+const EXHAUSTION_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How many connections, and how long a handshake may take.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -359,6 +361,7 @@ async fn accept_loop(
     tx: mpsc::Sender<io::Result<Connection>>,
 ) {
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut last_warned: Option<std::time::Instant> = None;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => {
@@ -366,7 +369,8 @@ async fn accept_loop(
                 accepted
             }
             Err(error) if is_resource_exhaustion(&error) => {
-                if backoff == ACCEPT_BACKOFF_MIN {
+                if last_warned.is_none_or(|at| at.elapsed() >= EXHAUSTION_WARN_INTERVAL) {
+                    last_warned = Some(std::time::Instant::now());
                     tracing::warn!(%error, fd_limit = fd_limit(),
                         "cannot accept connections: out of file descriptors or memory; closing handshaking connections and backing off");
                 }

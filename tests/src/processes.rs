@@ -296,7 +296,21 @@ impl BrokerProcess {
 
     /// Starts the development broker with extra flags.
     pub async fn start_dev_with(args: &[&str]) -> BrokerProcess {
-        let mut command = clean_command(crate::bins::binary("credstream-broker"));
+        Self::start_dev_under(&[], args).await
+    }
+
+    /// Starts the development broker with extra flags, under a wrapper
+    /// command such as `prlimit --nofile=128:256 --`.
+    pub async fn start_dev_under(wrapper: &[&str], args: &[&str]) -> BrokerProcess {
+        let broker = crate::bins::binary("credstream-broker");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = clean_command(program);
+                command.args(rest).arg(broker);
+                command
+            }
+            None => clean_command(broker),
+        };
         command
             .args(["--listen", "127.0.0.1:0", "--dev"])
             .args(args)

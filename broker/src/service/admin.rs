@@ -2,7 +2,7 @@
 //! publishers.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, UNIX_EPOCH};
 
 use credstream_proto::convert::timestamp;
 use credstream_proto::v1::admin_service_server::AdminService;
@@ -116,9 +116,10 @@ impl AdminService for AdminServer {
             .issue_for_agent(Role::Agent, Some(&body.cluster_id), agent_id, ttl)
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(cluster = %body.cluster_id, issuer = %claims.role, agent = ?agent_id, ttl = ?ttl, "issued an agent token");
+        let expires = self.key.verify(&token)?.expires;
         Ok(Response::new(CreateAgentTokenResponse {
             token,
-            expires_at: Some(timestamp(SystemTime::now() + ttl)),
+            expires_at: Some(timestamp(UNIX_EPOCH + Duration::from_secs(expires))),
         }))
     }
 }
