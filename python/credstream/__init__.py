@@ -1,0 +1,332 @@
+"""credstream: your own short-lived cloud credentials on every worker.
+
+Publish from a notebook; every worker of a Dask cluster is served (see
+:mod:`credstream.dask`)::
+
+    import credstream
+    pub = credstream.Publisher(broker="https://broker:50051", cluster="analysis",
+                               token=..., gcp=False)          # starts in the background
+    pub.send_private_envs({"AUTH_TOKEN_FOR_CUSTOM_DATABASE": "some-token"})
+    pub.wait_delivered(timeout=60)   # every connected agent holds the latest version
+    pub.status()                     # agents, versions, expiry: never a secret
+    pub.close()                      # also a context manager; optional revoke
+
+:class:`Publisher` is ``credstream publish`` as an object: the same Rust code
+mints (from ``aws-config``'s default chain and Google's application default
+credentials) and keeps the stream to the broker, on a background runtime that
+keeps answering the broker's refresh requests after the cell returns, until
+:meth:`Publisher.close` or the interpreter exits.
+
+The wheel also puts the ``credstream`` and ``credstream-agent`` commands on
+``PATH``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import os
+import threading
+import warnings
+import weakref
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from . import _credstream
+from ._credstream import (
+    AuthenticationError,
+    BrokerUnreachableError,
+    ConfigurationError,
+    CredstreamError,
+    DeliveryTimeoutError,
+    NoCredentialsError,
+    PermissionDeniedError,
+    PublisherClosedError,
+    TakenOverError,
+    TLSError,
+)
+
+__version__: str = _credstream.__version__
+
+__all__ = [
+    "AuthenticationError",
+    "BrokerUnreachableError",
+    "ConfigurationError",
+    "CredstreamError",
+    "CredstreamWarning",
+    "DeliveryTimeoutError",
+    "NoCredentialsError",
+    "PermissionDeniedError",
+    "Publisher",
+    "PublisherClosedError",
+    "TLSError",
+    "TakenOverError",
+    "__version__",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class CredstreamWarning(UserWarning):
+    """A kind asked for is skipped (no local credentials for it); the others
+    are still published, as ``credstream publish`` does."""
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _seconds(value: Union[None, int, float, str, _dt.timedelta], name: str) -> Optional[float]:
+    """Seconds from a number, a ``timedelta`` or ``"90s"``/``"15m"``/``"12h"``."""
+    if value is None:
+        return None
+    if isinstance(value, _dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text and text[-1] in _UNITS:
+            try:
+                return float(text[:-1]) * _UNITS[text[-1]]
+            except ValueError:
+                pass
+        else:
+            try:
+                return float(text)
+            except ValueError:
+                pass
+    raise ConfigurationError(
+        f"{name} must be seconds, a timedelta or a string like '15m' or '12h', not {value!r}"
+    )
+
+
+def _env_pairs(env: Optional[Mapping[str, Any]], name: str = "env") -> List[tuple]:
+    if env is None:
+        return []
+    if not isinstance(env, Mapping):
+        raise ConfigurationError(f"{name} must be a mapping of variable names to strings")
+    pairs = []
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            # Not echoed: the value may be a secret.
+            raise ConfigurationError(
+                f"{name}: every name and value must be a string (the value of {key!r} is a "
+                f"{type(value).__name__})"
+            )
+        pairs.append((key, value))
+    return pairs
+
+
+def _timestamp(seconds: Optional[float]) -> Optional[_dt.datetime]:
+    if seconds is None:
+        return None
+    return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+
+
+_live: "weakref.WeakSet[Publisher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # At interpreter exit: revoke where asked (revoke_on_close) and end the
+    # streams cleanly instead of leaving the broker to notice a dead socket.
+    for publisher in list(_live):
+        try:
+            publisher.close()
+        except CredstreamError:
+            pass
+
+
+class Publisher:
+    """Publishes credentials minted from your local identity, and a private
+    environment, to every agent of one cluster, and keeps them fresh.
+
+    Takes the options of ``credstream publish``. It checks the broker (the
+    URL, TLS and the token) and your local identities at once, raising a
+    :class:`CredstreamError` subclass whose message ends with the fix:
+
+    - :class:`AuthenticationError`: the broker rejected the token;
+    - :class:`PermissionDeniedError`: a token for another cluster or role;
+    - :class:`BrokerUnreachableError`: nothing answers at ``broker``;
+    - :class:`TLSError`: the certificate is not trusted (pass ``ca_cert``),
+      the broker wants a client certificate, or ``http://`` to a remote host;
+    - :class:`NoCredentialsError`: nothing to publish (no local credentials
+      for any kind asked for, and no ``env``);
+    - :class:`ConfigurationError`: an unreadable file, a bad variable, a
+      duration out of range.
+
+    A kind without local credentials is skipped with a
+    :class:`CredstreamWarning`, as the CLI skips it with a note.
+
+    Then it runs in the background: it answers every refresh request of the
+    broker (at half each credential's lifetime) until :meth:`close`, or
+    until the interpreter exits.
+
+    Example::
+
+        with credstream.Publisher(broker="https://broker:50051", cluster="analysis",
+                                  token_file="~/.credstream/analysis.token",
+                                  aws_role_arn="arn:aws:iam::123456789012:role/reader",
+                                  gcp=False, revoke_on_close=True) as pub:
+            pub.send_private_envs({"AUTH_TOKEN_FOR_CUSTOM_DATABASE": "some-token"})
+            pub.wait_delivered(timeout=60)
+            ...
+
+    :param broker: ``https://HOST:PORT``, or ``http://127.0.0.1:PORT`` for a
+        broker on this machine.
+    :param cluster: the cluster id.
+    :param token: the publisher token (or give ``token_file``).
+    :param token_file: a file holding the publisher token.
+    :param aws: publish AWS credentials (``--no-aws`` when false).
+    :param gcp: publish a Google access token (``--no-gcp`` when false).
+    :param aws_profile: the AWS profile to mint from.
+    :param aws_role_arn: forward this role's credentials (AssumeRole).
+    :param aws_session_policy: down-scope the role with the IAM policy in
+        this JSON file.
+    :param aws_duration: each AWS credential's lifetime: seconds, a
+        ``timedelta`` or ``"15m"``..``"36h"`` (default 12 h; at most 12 h
+        with a role).
+    :param gcp_scopes: OAuth2 scopes of the Google token.
+    :param env: private environment variables for the workers.
+    :param env_files: dotenv files of private variables (``env`` wins).
+    :param revoke_on_close: revoke everything at :meth:`close` (and at
+        interpreter exit) so agents stop serving it at once.
+    :param ca_cert: a PEM CA bundle that signed the broker's certificate.
+    :param tls_client_cert: a client certificate for a mutual-TLS broker.
+    :param tls_client_key: its private key.
+    :param insecure: allow ``http://`` to a broker not on this machine.
+    """
+
+    def __init__(
+        self,
+        broker: str,
+        cluster: str,
+        token: Optional[str] = None,
+        *,
+        token_file: Optional[PathLike] = None,
+        aws: bool = True,
+        gcp: bool = True,
+        aws_profile: Optional[str] = None,
+        aws_role_arn: Optional[str] = None,
+        aws_session_policy: Optional[PathLike] = None,
+        aws_duration: Union[None, int, float, str, _dt.timedelta] = None,
+        gcp_scopes: Optional[Sequence[str]] = None,
+        env: Optional[Mapping[str, str]] = None,
+        env_files: Optional[Iterable[PathLike]] = None,
+        revoke_on_close: bool = False,
+        ca_cert: Optional[PathLike] = None,
+        tls_client_cert: Optional[PathLike] = None,
+        tls_client_key: Optional[PathLike] = None,
+        insecure: bool = False,
+    ) -> None:
+        if token is not None and token_file is not None:
+            raise ConfigurationError("give the publisher token as token or token_file, not both")
+        if token is None and token_file is None:
+            raise ConfigurationError(
+                "give the publisher token with token_file=... or token=... "
+                "(`credstream-broker token --role publisher --cluster ...` issues one)"
+            )
+        expand = lambda p: None if p is None else os.path.expanduser(os.fspath(p))  # noqa: E731
+        self._lock = threading.Lock()
+        self._cluster = cluster
+        self._native = _credstream.NativePublisher(
+            broker,
+            cluster,
+            token,
+            expand(token_file),
+            bool(aws),
+            bool(gcp),
+            aws_profile,
+            aws_role_arn,
+            expand(aws_session_policy),
+            _seconds(aws_duration, "aws_duration"),
+            list(gcp_scopes or []),
+            _env_pairs(env),
+            [expand(f) for f in (env_files or [])],
+            bool(revoke_on_close),
+            expand(ca_cert),
+            expand(tls_client_cert),
+            expand(tls_client_key),
+            bool(insecure),
+        )
+        for line in self._native.identity_lines():
+            if ": not publishing " in line:
+                warnings.warn(line, CredstreamWarning, stacklevel=2)
+        _live.add(self)
+
+    @property
+    def cluster(self) -> str:
+        """The cluster id."""
+        return self._cluster
+
+    @property
+    def kinds(self) -> List[str]:
+        """The credential kinds being published: ``"aws"``, ``"gcp"``."""
+        return list(self._native.kinds())
+
+    @property
+    def identities(self) -> List[str]:
+        """Who each kind publishes as (or why it is skipped): the lines
+        ``credstream publish`` prints first. No secrets."""
+        return list(self._native.identity_lines())
+
+    @property
+    def running(self) -> bool:
+        """True until :meth:`close` or an error no retry can fix."""
+        return bool(self._native.is_running())
+
+    def send_private_envs(self, env: Mapping[str, str]) -> None:
+        """Sets (merges) private environment variables on every worker,
+        through the broker, never the Dask scheduler. Names are
+        ``[A-Za-z_][A-Za-z0-9_]*``; values at most 32 KiB. A bad variable
+        raises :class:`ConfigurationError` and nothing is sent.
+
+        Returns once the change is on its way; :meth:`wait_delivered`
+        waits until the agents hold it."""
+        self._native.send_private_envs(_env_pairs(env))
+
+    def unset_private_envs(self, names: Iterable[str]) -> None:
+        """Removes private environment variables from every worker."""
+        self._native.unset_private_envs([str(n) for n in names])
+
+    def wait_delivered(self, timeout: float = 60, *, min_agents: int = 0) -> None:
+        """Waits until the broker holds a live credential of every kind
+        published and the latest private env change, and every connected
+        agent (at least ``min_agents`` of them) holds the cluster's latest
+        version. Raises :class:`DeliveryTimeoutError` saying how far it got,
+        or the mint error when a credential could not be minted."""
+        self._native.wait_delivered(float(timeout), int(min_agents))
+
+    def status(self) -> Dict[str, Any]:
+        """What the broker holds for the cluster: its version, the live
+        credentials (kind, principal, version, ``issued_at``/``expires_at``
+        as UTC datetimes), the private env's *names*, each agent and the
+        version it acknowledged; and this publisher's own state
+        (``connected``, ``mint_errors``, ``ended``). Never a secret value."""
+        status = self._native.status()
+        for credential in status["credentials"]:
+            credential["issued_at"] = _timestamp(credential["issued_at"])
+            credential["expires_at"] = _timestamp(credential["expires_at"])
+        for agent in status["agents"]:
+            agent["connected_at"] = _timestamp(agent["connected_at"])
+        return status
+
+    def close(self, revoke: Optional[bool] = None) -> bool:
+        """Stops publishing. With ``revoke=True`` (or ``revoke_on_close``)
+        it first revokes everything and waits up to 5 s for the broker to
+        confirm, so agents stop serving the credentials and env at once;
+        returns whether a revocation was confirmed. Agents otherwise keep
+        serving what they hold until it expires. Closing twice is a no-op."""
+        with self._lock:
+            confirmed = bool(self._native.close(revoke))
+        _live.discard(self)
+        return confirmed
+
+    def __enter__(self) -> "Publisher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "closed"
+        return f"<credstream.Publisher cluster={self._cluster!r} {state}>"

@@ -1,0 +1,342 @@
+"""One ``credstream-agent run`` per host, shared by the Dask workers there.
+
+Layout of a host's agent directory (mode 0700, under ``$XDG_RUNTIME_DIR`` or
+the temp dir, one per user, broker, cluster and agent token)::
+
+    lock          flock'd while a worker attaches or detaches
+    users/<pid>   one per attached worker, flock'd by it while it lives
+    agent.json    the running agent: pids, address, env file (no secrets)
+    env           the agent's env file (0600, rewritten atomically)
+    agent.log     the agent's log (it never logs a secret)
+
+The first worker starts a small supervisor (``python -m credstream._host``)
+in its own session; the supervisor starts the agent, writes
+``agent.json``, and stops the agent once no worker holds a ``users/`` lock
+(the last one detached, or every worker was killed). The agent token
+reaches the supervisor and the agent on a pipe: it is never in an
+environment variable, an argument or a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+
+class AgentError(RuntimeError):
+    """The host's agent could not be started or did not become ready."""
+
+
+def _runtime_root() -> str:
+    for candidate in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir()):
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK):
+            return candidate
+    raise AgentError("no writable directory for the agent (XDG_RUNTIME_DIR or the temp dir)")
+
+
+def _private_dir(path: str) -> str:
+    """Creates ``path`` mode 0700, or checks that it is ours and private."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not os.path.isdir(path) or os.path.islink(path) or info.st_uid != os.getuid():
+        raise AgentError(f"{path} exists and is not a directory owned by this user")
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def host_dir(broker: str, cluster: str, agent_token: str, options: str) -> str:
+    """The agent directory for this user, broker, cluster, token and agent
+    options (a different token or option means a different agent)."""
+    key = hashlib.sha256("\0".join([broker, cluster, agent_token, options]).encode()).hexdigest()
+    base = _private_dir(os.path.join(_runtime_root(), f"credstream-dask-{os.getuid()}"))
+    return _private_dir(os.path.join(base, key[:20]))
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _live_users(directory: str) -> List[str]:
+    users = os.path.join(directory, "users")
+    alive = []
+    for name in os.listdir(users) if os.path.isdir(users) else []:
+        path = os.path.join(users, name)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EACCES):
+                alive.append(name)
+                continue
+            raise
+        else:
+            # Nobody holds it: its worker is gone without detaching.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        finally:
+            os.close(fd)
+    return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_info(directory: str) -> Optional[Dict[str, object]]:
+    try:
+        with open(os.path.join(directory, "agent.json")) as f:
+            info = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    if _alive(int(info["agent_pid"])) and _alive(int(info["supervisor_pid"])):
+        return info
+    return None
+
+
+def _write_atomic(path: str, text: str) -> None:
+    fd, temp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".agent.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+@dataclass
+class HostAgent:
+    """A worker's attachment to its host's agent."""
+
+    directory: str
+    address: str
+    env_file: str
+    agent_pid: int
+    supervisor_pid: int
+    _user_fd: int
+    _user_path: str
+
+    def detach(self, stop_timeout: float = 10.0) -> bool:
+        """Releases this worker's hold; the last worker out stops the agent
+        (and waits for it, up to ``stop_timeout``). Returns True if it did."""
+        with _locked(os.path.join(self.directory, "lock")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._user_path)
+            os.close(self._user_fd)
+            if _live_users(self.directory):
+                return False
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.supervisor_pid, signal.SIGTERM)
+            deadline = time.monotonic() + stop_timeout
+            while time.monotonic() < deadline and (
+                _alive(self.agent_pid) or _alive(self.supervisor_pid)
+            ):
+                _reap(self.supervisor_pid)
+                time.sleep(0.05)
+            return not _alive(self.agent_pid)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def attach(
+    *,
+    agent_binary: str,
+    broker: str,
+    cluster: str,
+    agent_token: str,
+    agent_args: List[str],
+    agent_id: str,
+    start_timeout: float,
+) -> HostAgent:
+    """Attaches this process to the host's agent, starting it if none runs."""
+    directory = host_dir(broker, cluster, agent_token, "\0".join(agent_args))
+    users = _private_dir(os.path.join(directory, "users"))
+    with _locked(os.path.join(directory, "lock")):
+        user_path = os.path.join(users, str(os.getpid()))
+        user_fd = os.open(user_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(user_fd, fcntl.LOCK_EX)
+        try:
+            info = _read_info(directory)
+            if info is None:
+                info = _start(directory, agent_binary, broker, cluster, agent_token,
+                              agent_args, agent_id, start_timeout)
+        except BaseException:
+            os.close(user_fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(user_path)
+            raise
+    return HostAgent(
+        directory=directory,
+        address=str(info["address"]),
+        env_file=str(info["env_file"]),
+        agent_pid=int(info["agent_pid"]),
+        supervisor_pid=int(info["supervisor_pid"]),
+        _user_fd=user_fd,
+        _user_path=user_path,
+    )
+
+
+def _start(directory: str, agent_binary: str, broker: str, cluster: str, agent_token: str,
+           agent_args: List[str], agent_id: str, start_timeout: float) -> Dict[str, object]:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, "agent.json"))
+    config = json.dumps({
+        "agent_binary": agent_binary,
+        "broker": broker,
+        "cluster": cluster,
+        "agent_id": agent_id,
+        "agent_args": agent_args,
+    })
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDSTREAM_")}
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "credstream._host", directory, config],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        close_fds=True,
+    )
+    assert supervisor.stdin is not None
+    supervisor.stdin.write(agent_token.encode())
+    supervisor.stdin.close()
+    deadline = time.monotonic() + start_timeout
+    while time.monotonic() < deadline:
+        info = _read_info(directory)
+        if info is not None:
+            return info
+        if supervisor.poll() is not None:
+            break
+        time.sleep(0.05)
+    else:
+        supervisor.terminate()
+    log = _tail(os.path.join(directory, "agent.log"))
+    raise AgentError(
+        f"credstream-agent did not start within {start_timeout:g}s"
+        + (f"; its log ends with:\n{log}" if log else "")
+    )
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except FileNotFoundError:
+        return ""
+
+
+_LISTENING = re.compile(r"^listening on (\S+)$")
+
+
+def _supervise(directory: str, config_json: str) -> int:
+    """The supervisor's main: start the agent, publish agent.json, stop the
+    agent when no worker holds on to it any more."""
+    config = json.loads(config_json)
+    token = sys.stdin.buffer.read()
+    sys.stdin.close()
+    env_file = os.path.join(directory, "env")
+    log = open(os.path.join(directory, "agent.log"), "ab", buffering=0)
+    os.chmod(log.name, 0o600)
+    # Its stdout (the address and the pointer variables, no secret) goes to
+    # a file: a pipe nobody reads would block the agent, one closed early
+    # would end it.
+    out_path = os.path.join(directory, "agent.out")
+    out = open(out_path, "wb", buffering=0)
+    os.chmod(out_path, 0o600)
+    agent = subprocess.Popen(
+        [config["agent_binary"], "run", "--broker", config["broker"],
+         "--cluster", config["cluster"], "--agent-id", config["agent_id"],
+         "--token-file", "/dev/stdin", "--env-file", env_file, *config["agent_args"]],
+        stdin=subprocess.PIPE,
+        stdout=out,
+        stderr=log,
+        close_fds=True,
+    )
+    out.close()
+    log.close()
+    assert agent.stdin is not None
+    agent.stdin.write(token)
+    agent.stdin.close()
+    del token
+
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    address = None
+    while address is None and not stopping and agent.poll() is None:
+        with open(out_path, errors="replace") as f:
+            for line in f:
+                match = _LISTENING.match(line.strip())
+                if match:
+                    address = match.group(1)
+        time.sleep(0.02)
+    if address is None:
+        if agent.poll() is None:
+            agent.terminate()
+        return agent.wait()
+    _write_atomic(os.path.join(directory, "agent.json"), json.dumps({
+        "agent_pid": agent.pid,
+        "supervisor_pid": os.getpid(),
+        "address": address,
+        "env_file": env_file,
+    }))
+    try:
+        while not stopping and agent.poll() is None:
+            with _locked(os.path.join(directory, "lock")):
+                if not _live_users(directory):
+                    break
+            time.sleep(0.2)
+    finally:
+        with _locked(os.path.join(directory, "lock")):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, "agent.json"))
+        if agent.poll() is None:
+            agent.terminate()
+            try:
+                agent.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_supervise(sys.argv[1], sys.argv[2]))

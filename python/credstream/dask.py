@@ -1,0 +1,409 @@
+"""Dask integration: every worker served by the packaged ``credstream-agent``.
+
+Register once, from the client; every worker, including those that join
+later, is served without a restart::
+
+    from distributed import Client
+    import credstream
+    from credstream.dask import CredstreamPlugin, send_private_envs
+
+    pub = credstream.Publisher(broker=BROKER, cluster="analysis", token=PUBLISHER_TOKEN)
+    client = Client(SCHEDULER)
+    client.register_plugin(CredstreamPlugin(broker=BROKER, cluster="analysis",
+                                            agent_token=AGENT_TOKEN))
+    send_private_envs(pub, {"AUTH_TOKEN_FOR_CUSTOM_DATABASE": "some-token"})
+
+On each worker the plugin starts ``credstream-agent run`` (one per host when
+several workers share a host, stopped when the last of them stops), waits
+until it holds every credential the publisher declared, and sets in the
+worker's ``os.environ`` only *pointers*: ``AWS_CONTAINER_CREDENTIALS_FULL_URI``
+and ``AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`` (boto3, s3fs and every AWS SDK),
+``GCE_METADATA_HOST``/``GCE_METADATA_IP`` (google-auth, gcsfs), the
+publisher's region, plus the private env. Credentials themselves stay in the
+agent and are fetched by the SDKs when they need them. The agent token rides
+in the plugin (it is the worker's proof that it belongs to the cluster) but
+is never put in ``os.environ``; no credential and no private env value goes
+through the Dask scheduler: private env sent later reaches the workers'
+``os.environ`` from the broker, through each host's agent.
+
+fsspec caches filesystem instances: an ``s3fs.S3FileSystem()`` (or gcsfs)
+created in a worker *before* the plugin ran keeps the session it found then
+(none), and ``fsspec.filesystem("s3")`` hands that same instance back. Create
+filesystems inside tasks, after registration, or pass
+``skip_instance_cache=True`` (or call ``s3fs.S3FileSystem.clear_instance_cache()``
+once after registering).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import sysconfig
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from . import _host
+
+logger = logging.getLogger("credstream.dask")
+
+__all__ = ["CredstreamPlugin", "AgentNotReadyError", "send_private_envs", "agent_binary"]
+
+#: Variables of the agent's env file that carry a secret value: the local
+#: authorization token (the worker reads it from the token file instead)
+#: and the Google access token (served by the metadata emulation).
+_SECRET_VALUES = {"AWS_CONTAINER_AUTHORIZATION_TOKEN", "CLOUDSDK_AUTH_ACCESS_TOKEN"}
+_AWS_POINTERS = ("AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+_GCE_POINTERS = ("GCE_METADATA_HOST", "GCE_METADATA_IP")
+_FOLLOW_INTERVAL = 0.25
+
+
+class AgentNotReadyError(RuntimeError):
+    """The worker's agent did not become ready in time; the message says
+    what it was waiting for (a publisher, a credential, the private env)."""
+
+
+def agent_binary() -> str:
+    """The ``credstream-agent`` installed with this package (the wheel puts
+    it in the environment's ``bin/``), else the one on ``PATH``."""
+    name = "credstream-agent"
+    scripts = sysconfig.get_path("scripts")
+    for directory in (scripts, os.path.dirname(sys.executable)):
+        candidate = os.path.join(directory, name)
+        if os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which(name)
+    if found:
+        return found
+    raise FileNotFoundError(
+        f"{name} is not installed beside this Python ({scripts}) nor on PATH; "
+        "install the credstream wheel on the workers (`pip install credstream`)"
+    )
+
+
+def parse_env_file(text: str) -> Dict[str, str]:
+    """Reads the agent's env file: ``NAME='value'`` lines, each ``'`` in a
+    value written as ``'"'"'``; values may span lines."""
+    env: Dict[str, str] = {}
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] == "\n":
+            i += 1
+            continue
+        eq = text.index("=", i)
+        name = text[i:eq]
+        i = eq + 1
+        value = []
+        while i < n and text[i] != "\n":
+            quote = text[i]
+            if quote not in "'\"":
+                raise ValueError(f"unquoted value for {name}")
+            end = text.index(quote, i + 1)
+            value.append(text[i + 1:end])
+            i = end + 1
+        env[name] = "".join(value)
+    return env
+
+
+def _agent_id(directory: str) -> str:
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "host"
+    suffix = hashlib.sha256(directory.encode()).hexdigest()[:8]
+    return f"{host[:100]}-{suffix}"
+
+
+class _Follower:
+    """Keeps a worker's ``os.environ`` in step with its agent's env file."""
+
+    def __init__(self, agent: _host.HostAgent) -> None:
+        self.agent = agent
+        self.applied: Dict[str, str] = {}
+        self._seen: Optional[Tuple[int, int, int]] = None
+        self._desired: Dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._token_file: Optional[str] = None
+
+    def _probe(self, path: str, headers: Mapping[str, str]) -> bool:
+        """HEAD on the agent: is a live credential there? (No body, so no
+        secret, crosses the socket.)"""
+        request = urllib.request.Request(
+            f"http://{self.agent.address}{path}", method="HEAD", headers=dict(headers)
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _aws_live(self) -> bool:
+        if not self._token_file:
+            return False
+        try:
+            with open(self._token_file) as f:
+                token = f.read()
+        except OSError:
+            return False
+        return self._probe("/aws/credentials", {"Authorization": token})
+
+    def _gcp_live(self) -> bool:
+        return self._probe(
+            "/computeMetadata/v1/instance/service-accounts/default/token",
+            {"Metadata-Flavor": "Google"},
+        )
+
+    def refresh(self) -> None:
+        """Reads the env file if it changed and applies what it says."""
+        try:
+            stat = os.stat(self.agent.env_file)
+        except FileNotFoundError:
+            return
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if key != self._seen:
+            with open(self.agent.env_file) as f:
+                text = f.read()
+            self._desired = {
+                k: v for k, v in parse_env_file(text).items() if k not in _SECRET_VALUES
+            }
+            self._seen = key
+            self._token_file = self._desired.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+        desired = dict(self._desired)
+        # A kind the publisher revoked (or let expire) gets no pointers, so
+        # SDKs then behave as on a machine without credentials (boto3's
+        # NoCredentialsError) instead of asking an agent that has none.
+        if "AWS_CONTAINER_CREDENTIALS_FULL_URI" in desired and not self._aws_live():
+            for name in _AWS_POINTERS:
+                desired.pop(name, None)
+        if "GCE_METADATA_HOST" in desired and not self._gcp_live():
+            for name in _GCE_POINTERS:
+                desired.pop(name, None)
+        self.apply(desired)
+
+    def apply(self, desired: Dict[str, str]) -> None:
+        for name in list(self.applied):
+            if name not in desired:
+                if os.environ.get(name) == self.applied[name]:
+                    del os.environ[name]
+                del self.applied[name]
+        for name, value in desired.items():
+            if self.applied.get(name) != value or os.environ.get(name) != value:
+                os.environ[name] = value
+                self.applied[name] = value
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name="credstream-env-follower", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_FOLLOW_INTERVAL):
+            try:
+                self.refresh()
+            except Exception:  # keep following; the next change may parse
+                logger.exception("credstream: cannot apply the agent's env file")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.apply({})
+
+
+def _ready(address: str) -> Tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(f"http://{address}/readyz", timeout=2) as response:
+            return response.status == 200, "ready"
+    except urllib.error.HTTPError as error:
+        body = error.read().decode(errors="replace")
+        with contextlib.suppress(Exception):
+            import json
+
+            body = json.loads(body).get("reason", body)
+        return False, str(body)
+    except (urllib.error.URLError, OSError) as error:
+        return False, f"the agent at {address} does not answer: {error}"
+
+
+class CredstreamPlugin(WorkerPlugin):
+    """Serves every Dask worker the credentials and private env published
+    to ``cluster`` (a :class:`credstream.Publisher` or ``credstream
+    publish``), through the packaged ``credstream-agent``.
+
+    Register it once, from the client; workers that join later run it too::
+
+        client.register_plugin(CredstreamPlugin(broker="https://broker:50051",
+                                                cluster="analysis",
+                                                agent_token=AGENT_TOKEN))
+
+    :param broker: the broker URL, as the workers reach it.
+    :param cluster: the cluster id.
+    :param agent_token: an agent token for the cluster (it travels inside
+        the plugin to the workers: it proves a worker belongs to the
+        cluster, and lets it read the cluster's credentials).
+    :param ready_timeout: seconds to wait on each worker for the agent to
+        hold every declared credential (and the private env); then setup
+        fails with :class:`AgentNotReadyError` saying what was missing.
+    :param gce_metadata: serve the GCE metadata emulation (google-auth).
+    :param ca_cert: on the workers, a PEM CA bundle for the broker.
+    :param tls_client_cert: on the workers, a client certificate (mutual TLS).
+    :param tls_client_key: its key.
+    :param insecure: allow ``http://`` to a broker not on the worker's host.
+    """
+
+    name = "credstream"
+
+    def __init__(
+        self,
+        broker: str,
+        cluster: str,
+        agent_token: str,
+        *,
+        ready_timeout: float = 60.0,
+        gce_metadata: bool = True,
+        ca_cert: Optional[str] = None,
+        tls_client_cert: Optional[str] = None,
+        tls_client_key: Optional[str] = None,
+        insecure: bool = False,
+        name: Optional[str] = None,
+    ) -> None:
+        if not agent_token or not isinstance(agent_token, str):
+            raise ValueError("agent_token must be the cluster's agent token")
+        self.broker = broker
+        self.cluster = cluster
+        self.agent_token = agent_token
+        self.ready_timeout = float(ready_timeout)
+        self.gce_metadata = gce_metadata
+        self.ca_cert = ca_cert
+        self.tls_client_cert = tls_client_cert
+        self.tls_client_key = tls_client_key
+        self.insecure = insecure
+        if name is not None:
+            self.name = name
+        self._agent: Optional[_host.HostAgent] = None
+        self._follower: Optional[_Follower] = None
+
+    def __repr__(self) -> str:  # the token is not shown
+        return f"CredstreamPlugin(broker={self.broker!r}, cluster={self.cluster!r})"
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_agent"] = None
+        state["_follower"] = None
+        return state
+
+    def _agent_args(self) -> list:
+        args = []
+        if not self.gce_metadata:
+            args.append("--no-gce-metadata")
+        if self.ca_cert:
+            args += ["--ca-cert", os.path.expanduser(self.ca_cert)]
+        if self.tls_client_cert:
+            args += ["--tls-client-cert", os.path.expanduser(self.tls_client_cert)]
+        if self.tls_client_key:
+            args += ["--tls-client-key", os.path.expanduser(self.tls_client_key)]
+        if self.insecure:
+            args.append("--insecure")
+        return args
+
+    def attach(self) -> None:
+        """Starts (or joins) the host's agent, waits until it is ready and
+        points ``os.environ`` at it. Blocking; ``setup`` runs it in a thread."""
+        deadline = time.monotonic() + self.ready_timeout
+        args = self._agent_args()
+        directory = _host.host_dir(self.broker, self.cluster, self.agent_token, "\0".join(args))
+        try:
+            agent = _host.attach(
+                agent_binary=agent_binary(),
+                broker=self.broker,
+                cluster=self.cluster,
+                agent_token=self.agent_token,
+                agent_args=args,
+                agent_id=_agent_id(directory),
+                start_timeout=self.ready_timeout,
+            )
+        except _host.AgentError as error:
+            raise AgentNotReadyError(str(error)) from None
+        try:
+            reason = "not asked yet"
+            while True:
+                ready, reason = _ready(agent.address)
+                if ready:
+                    break
+                if time.monotonic() >= deadline:
+                    raise AgentNotReadyError(
+                        f"credstream-agent for cluster {self.cluster!r} at {self.broker} was not "
+                        f"ready within {self.ready_timeout:g}s: {reason}\n  fix: start the "
+                        f"publisher (credstream.Publisher or `credstream publish`) for cluster "
+                        f"{self.cluster!r}; check that this worker reaches the broker; "
+                        f"the agent's log is {os.path.join(agent.directory, 'agent.log')}"
+                    )
+                time.sleep(0.05)
+            follower = _Follower(agent)
+            # The agent writes its env file once ready; apply it before
+            # returning, so the first task already sees it.
+            while True:
+                follower.refresh()
+                if follower.applied or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        except BaseException:
+            agent.detach()
+            raise
+        follower.start()
+        self._agent, self._follower = agent, follower
+
+    def detach(self) -> None:
+        """Removes what the plugin set from ``os.environ`` and lets go of
+        the agent (the last worker on the host stops it)."""
+        follower, agent = self._follower, self._agent
+        self._follower = self._agent = None
+        if follower is not None:
+            follower.stop()
+        if agent is not None:
+            agent.detach()
+
+    async def setup(self, worker: Any) -> None:  # noqa: D401
+        """Called by distributed on every worker (and each one that joins)."""
+        await asyncio.get_running_loop().run_in_executor(None, self.attach)
+
+    async def teardown(self, worker: Any) -> None:
+        """Called by distributed when the worker closes or the plugin is removed."""
+        await asyncio.get_running_loop().run_in_executor(None, self.detach)
+
+
+def send_private_envs(target: Any, env: Mapping[str, str]) -> None:
+    """Sends private environment variables to every worker, like Coiled's
+    ``cluster.send_private_envs(env)``, but through the broker, never the
+    Dask scheduler.
+
+    ``target`` is the :class:`credstream.Publisher` publishing to the
+    cluster, or a Dask ``Client`` or cluster object: then the publisher is
+    the one live :class:`credstream.Publisher` of this process (an error if
+    there is none or several). Running workers see the variables in
+    ``os.environ`` within a moment, without a restart; use
+    ``Publisher.wait_delivered()`` to wait for every agent.
+    """
+    import credstream
+
+    if isinstance(target, credstream.Publisher):
+        publisher = target
+    else:
+        live = [p for p in list(credstream._live) if p.running]
+        if len(live) != 1:
+            raise credstream.ConfigurationError(
+                f"send_private_envs needs the credstream.Publisher to send through: {len(live)} "
+                "are running in this process; pass the publisher itself as the first argument"
+            )
+        publisher = live[0]
+    publisher.send_private_envs(env)

@@ -1,0 +1,370 @@
+"""A real Dask cluster served by ``credstream.dask.CredstreamPlugin``.
+
+One world for the module: moto enforcing auth, a local OAuth2 token
+endpoint, ``credstream-broker --dev --refresh-at 0.1``, a
+``credstream.Publisher`` in this process (the "laptop") minting the
+``cluster-reader`` role through moto's STS and a Google token from a
+service-account key, and ``dask scheduler`` with two ``dask worker``
+processes that share one "host" (one runtime dir) and have no credentials
+of their own. The plugin is registered from this process, which is neither
+the scheduler nor a worker. Tests run in file order and build on each
+other (a late worker joins, then the publisher closes with revoke).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict, List
+
+import cloudpickle
+import pytest
+from distributed import Client
+
+import credstream
+from credstream.dask import CredstreamPlugin, send_private_envs
+
+from conftest import (GCP_EMAIL, GCP_PROJECT, TokenEndpoint, laptop_env, seed_moto,
+                      service_account_key, start_broker, start_moto, start_scheduler, wait_until)
+
+# The task functions below travel to the workers by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DB_TOKEN = "custom-db-token-7f3a"
+LATE_VALUE = "sent-after-registration-41b2"
+
+
+# --- what runs on the workers ---------------------------------------------
+
+def read_object(bucket, key):
+    # The seed's function, verbatim.
+    import boto3
+    s3 = boto3.client("s3")
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _signing_key(request) -> str:
+    auth = request.headers.get("Authorization", b"")
+    if isinstance(auth, bytes):
+        auth = auth.decode()
+    return auth.split("Credential=", 1)[1].split("/", 1)[0]
+
+
+def read_both(bucket: str, key: str) -> Dict[str, object]:
+    """boto3 (the seed's read_object) and s3fs, each with the key that
+    signed its request; plus what the worker's environment holds."""
+    import boto3
+    import s3fs
+
+    seen: List[str] = []
+    boto3.setup_default_session()
+    boto3.DEFAULT_SESSION.events.register(
+        "before-send.s3.GetObject", lambda request, **kw: seen.append(_signing_key(request)))
+    body = read_object(bucket, key)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs_body = fs.cat(f"{bucket}/{key}")
+    return {
+        "pid": os.getpid(),
+        "boto3": body.decode(),
+        "boto3_key": seen[-1],
+        "s3fs": fs_body.decode(),
+        "env": {k: os.environ.get(k) for k in (
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN", "CLOUDSDK_AUTH_ACCESS_TOKEN",
+            "GCE_METADATA_HOST", "GCE_METADATA_IP", "AWS_DEFAULT_REGION",
+            "AWS_ACCESS_KEY_ID", "AUTH_TOKEN_FOR_CUSTOM_DATABASE")},
+        "environ_values": list(os.environ.values()),
+    }
+
+
+def try_read(bucket: str, key: str) -> str:
+    """The error class a fresh boto3 read raises, or "ok"."""
+    import boto3
+    boto3.setup_default_session()
+    try:
+        read_object(bucket, key)
+        return "ok"
+    except Exception as error:
+        return f"{type(error).__module__}.{type(error).__name__}: {error}"
+
+
+def getenv(name: str):
+    return os.getpid(), os.environ.get(name)
+
+
+def google_default() -> Dict[str, str]:
+    import google.auth
+    from google.auth.transport.requests import Request
+
+    credentials, project = google.auth.default()
+    credentials.refresh(Request())
+    return {
+        "class": f"{type(credentials).__module__}.{type(credentials).__name__}",
+        "project": str(project),
+        "email": str(getattr(credentials, "service_account_email", None)),
+        "token": credentials.token,
+    }
+
+
+def read_through_rotation(bucket: str, key: str, timeout: float) -> Dict[str, object]:
+    """One boto3 client and one s3fs filesystem, made once, read in a loop
+    until both have signed with a second access key (or ``timeout``)."""
+    import boto3
+    import s3fs
+
+    session = boto3.session.Session()
+    client = session.client("s3")
+    boto_keys: List[str] = []
+    client.meta.events.register(
+        "before-send.s3.GetObject", lambda request, **kw: boto_keys.append(_signing_key(request)))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs_keys: List[str] = []
+
+    def fs_key() -> str:
+        # The key s3fs's (aiobotocore's) signer holds now; refreshed from
+        # the agent as botocore's is.
+        from fsspec.asyn import sync
+        credentials = fs.s3._request_signer._credentials
+        return sync(fs.loop, credentials.get_frozen_credentials).access_key
+
+    failures: List[str] = []
+    reads = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            assert body == b"hello from moto s3", body
+            fs_body = fs.cat(f"{bucket}/{key}")
+            assert fs_body == b"hello from moto s3", fs_body
+            fs_keys.append(fs_key())
+            reads += 1
+        except Exception as error:
+            failures.append(f"{type(error).__name__}: {error}")
+        if len(set(boto_keys)) >= 2 and len(set(fs_keys)) >= 2:
+            break
+        time.sleep(0.5)
+    return {"boto3": list(dict.fromkeys(boto_keys)), "s3fs": list(dict.fromkeys(fs_keys)),
+            "reads": reads, "failures": failures}
+
+
+# --- the world --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(log_dir):
+    moto = start_moto(log_dir)
+    seed_moto(moto)
+    endpoint = TokenEndpoint()
+    laptop_home = os.path.join(log_dir, "laptop")
+    os.makedirs(os.path.join(laptop_home, "gcloud"), exist_ok=True)
+    key_file = service_account_key(log_dir, f"{endpoint.url}/token")
+    broker = start_broker(log_dir, "--refresh-at", "0.1")
+    cluster = start_scheduler(log_dir, moto.url)
+    cluster.add_worker("host-a", "a1")
+    cluster.add_worker("host-a", "a2")
+    client = Client(scheduler_file=cluster.scheduler_file, timeout=60)
+    client.wait_for_workers(2, timeout=120)
+
+    saved = dict(os.environ)
+    os.environ.update(laptop_env(moto, laptop_home, key_file))
+    world = {"moto": moto, "endpoint": endpoint, "broker": broker, "cluster": cluster,
+             "client": client, "publisher": None, "log_dir": log_dir}
+    try:
+        yield world
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        if world["publisher"] is not None:
+            world["publisher"].close()
+        client.close()
+        cluster.close()
+        broker.proc.stop()
+        moto.proc.stop()
+        endpoint.close()
+
+
+def test_workers_without_the_plugin_have_no_credentials(world):
+    moto, client = world["moto"], world["client"]
+    results = client.run(try_read, moto.bucket, moto.key)
+    assert len(results) == 2
+    for outcome in results.values():
+        assert outcome.startswith("botocore.exceptions.NoCredentialsError"), outcome
+
+
+def test_every_worker_reads_with_credentials_the_python_publisher_minted(world):
+    moto, broker, client = world["moto"], world["broker"], world["client"]
+    with _no_warning():
+        publisher = credstream.Publisher(
+            broker=broker.url, cluster="dev", token=broker.publisher_token,
+            aws_role_arn=moto.role_arn, aws_duration="15m",
+            env={"AUTH_TOKEN_FOR_CUSTOM_DATABASE": DB_TOKEN})
+    world["publisher"] = publisher
+    assert sorted(publisher.kinds) == ["aws", "gcp"]
+    publisher.wait_delivered(timeout=60)
+
+    pids_before = {addr: pid for addr, pid in client.run(os.getpid).items()}
+    client.register_plugin(CredstreamPlugin(broker=broker.url, cluster="dev",
+                                            agent_token=broker.agent_token))
+    results = client.run(read_both, moto.bucket, moto.key)
+    assert set(results) == set(pids_before)
+    issued = moto.assumed_role_keys()
+    uris = set()
+    for addr, result in results.items():
+        assert result["pid"] == pids_before[addr], "no worker restarted"
+        assert result["boto3"] == moto.body.decode()
+        assert result["s3fs"] == moto.body.decode()
+        assert result["boto3_key"].startswith("ASIA"), result["boto3_key"]
+        assert result["boto3_key"] in issued, "signed with a key moto's AssumeRole issued"
+        env = result["env"]
+        assert env["AUTH_TOKEN_FOR_CUSTOM_DATABASE"] == DB_TOKEN
+        assert env["AWS_CONTAINER_CREDENTIALS_FULL_URI"].startswith("http://127.0.0.1:")
+        assert os.path.isfile(env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"])
+        assert env["GCE_METADATA_HOST"] == env["GCE_METADATA_IP"]
+        assert env["AWS_DEFAULT_REGION"] == "us-east-1"
+        # Only pointers: no token value, no credential, not the agent token.
+        assert env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] is None
+        assert env["CLOUDSDK_AUTH_ACCESS_TOKEN"] is None
+        assert env["AWS_ACCESS_KEY_ID"] is None
+        assert broker.agent_token not in result["environ_values"]
+        uris.add(env["AWS_CONTAINER_CREDENTIALS_FULL_URI"])
+    assert len(uris) == 1, f"two workers on one host share one agent: {uris}"
+    status = publisher.status()
+    assert status["agents_connected"] == 1, status["agents"]
+    aws = [c for c in status["credentials"] if c["kind"] == "aws"][0]
+    assert aws["principal"].startswith("arn:aws:sts::123456789012:assumed-role/cluster-reader/")
+    assert aws["expires_at"] is not None
+    assert DB_TOKEN not in json.dumps(status, default=str)
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+        self._catch = warnings.catch_warnings(record=True)
+        self.caught = self._catch.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
+        if exc[0] is None:
+            assert not [w for w in self.caught if issubclass(w.category, credstream.CredstreamWarning)], \
+                [str(w.message) for w in self.caught]
+
+
+def test_private_env_sent_after_registration_reaches_running_workers(world):
+    client, publisher = world["client"], world["publisher"]
+    before = client.run(getenv, "LATE_VARIABLE")
+    assert all(value is None for _, value in before.values()), before
+    # The drop-in for Coiled's cluster.send_private_envs, given the client.
+    send_private_envs(client, {"LATE_VARIABLE": LATE_VALUE})
+    publisher.wait_delivered(timeout=60, min_agents=1)
+
+    def arrived():
+        now = client.run(getenv, "LATE_VARIABLE")
+        return now if all(value == LATE_VALUE for _, value in now.values()) else None
+
+    after = wait_until("LATE_VARIABLE on every worker", arrived, timeout=30)
+    assert {addr: pid for addr, (pid, _) in after.items()} == \
+        {addr: pid for addr, (pid, _) in before.items()}, "same workers, same processes"
+    assert publisher.status()["private_env"]["names"] == [
+        "AUTH_TOKEN_FOR_CUSTOM_DATABASE", "LATE_VARIABLE"]
+
+
+def test_a_worker_that_joins_later_is_served(world):
+    moto, client, cluster = world["moto"], world["client"], world["cluster"]
+    late = cluster.add_worker("host-b", "b1")
+    client.wait_for_workers(3, timeout=120)
+    info = client.scheduler_info()["workers"]
+    address = [a for a, w in info.items() if w.get("name") == "b1"][0]
+
+    def served():
+        result = client.run(read_both, moto.bucket, moto.key, workers=[address])[address]
+        return result
+
+    result = wait_until("the late worker to be served", served, timeout=60)
+    assert result["boto3"] == moto.body.decode() and result["s3fs"] == moto.body.decode()
+    assert result["env"]["AUTH_TOKEN_FOR_CUSTOM_DATABASE"] == DB_TOKEN
+    assert client.run(getenv, "LATE_VARIABLE", workers=[address])[address][1] == LATE_VALUE
+    world["late"] = (late, address)
+    # Its own host, its own agent: two agents at the broker now.
+    world["publisher"].wait_delivered(timeout=60, min_agents=2)
+
+
+def test_google_auth_default_in_a_task_gets_the_published_token(world):
+    client, endpoint = world["client"], world["endpoint"]
+    results = client.run(google_default)
+    published = endpoint.issued[-1]
+    for result in results.values():
+        assert result["class"] == "google.auth.compute_engine.credentials.Credentials"
+        assert result["project"] == GCP_PROJECT
+        assert result["email"] == GCP_EMAIL
+        assert result["token"] == published
+    assert endpoint.issued[-1] == published, "the tasks asked the agent, not the token endpoint"
+
+
+def test_a_long_running_task_reads_through_a_rotation(world):
+    moto, client, publisher = world["moto"], world["client"], world["publisher"]
+    first = [c for c in publisher.status()["credentials"] if c["kind"] == "aws"][0]
+    # --refresh-at 0.1 of a 15-minute credential: the broker asks for a new
+    # one about 90 s after the first was minted.
+    future = client.submit(read_through_rotation, moto.bucket, moto.key, 240.0, pure=False)
+    result = future.result(timeout=300)
+    assert result["failures"] == [], result["failures"]
+    assert len(result["boto3"]) >= 2, result
+    assert len(result["s3fs"]) >= 2, result
+    issued = moto.assumed_role_keys()
+    for key in result["boto3"] + result["s3fs"]:
+        assert key in issued
+    now = [c for c in publisher.status()["credentials"] if c["kind"] == "aws"][0]
+    assert now["version"] > first["version"]
+
+
+def test_the_agent_stops_with_its_last_worker(world):
+    client, cluster = world["client"], world["cluster"]
+    late, address = world.pop("late")
+    runtime = cluster.worker_env("host-b")["XDG_RUNTIME_DIR"]
+    infos = []
+    for root, _, files in os.walk(runtime):
+        if "agent.json" in files:
+            with open(os.path.join(root, "agent.json")) as f:
+                infos.append(json.load(f))
+    assert len(infos) == 1, infos
+    agent_pid = infos[0]["agent_pid"]
+    os.kill(agent_pid, 0)
+    assert late.stop() == 0, late.output()
+
+    def gone():
+        try:
+            os.kill(agent_pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until("the late worker's agent to exit", gone, timeout=30)
+    wait_until("the scheduler to drop the worker",
+               lambda: address not in client.scheduler_info()["workers"], timeout=30)
+    # The other host's agent still serves its two workers.
+    results = client.run(try_read, world["moto"].bucket, world["moto"].key)
+    assert list(results.values()) == ["ok", "ok"], results
+
+
+def test_closing_with_revoke_leaves_tasks_with_the_sdks_no_credentials_error(world):
+    moto, client, publisher = world["moto"], world["client"], world["publisher"]
+    assert publisher.close(revoke=True) is True
+    assert not publisher.running
+    with pytest.raises(credstream.PublisherClosedError):
+        publisher.send_private_envs({"A": "b"})
+
+    def refused():
+        results = client.run(try_read, moto.bucket, moto.key)
+        if all(r.startswith("botocore.exceptions.NoCredentialsError") for r in results.values()):
+            return results
+        return None
+
+    started = time.monotonic()
+    results = wait_until("NoCredentialsError on every worker", refused, timeout=30)
+    assert len(results) == 2
+    assert time.monotonic() - started < 30
+    gone = client.run(getenv, "AUTH_TOKEN_FOR_CUSTOM_DATABASE")
+    assert all(value is None for _, value in gone.values()), gone

@@ -1,0 +1,44 @@
+"""The README's "From Python and Dask" quickstart, run verbatim against a
+``credstream-broker --dev``, with AWS credentials minted through moto."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from conftest import laptop_env, start_broker, start_moto, seed_moto
+
+README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+
+
+def quickstart() -> str:
+    with open(README) as f:
+        text = f.read()
+    section = text.split("<!-- python-doc-test: begin -->", 1)[1].split(
+        "<!-- python-doc-test: end -->", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks, "no python block between the python-doc-test markers"
+    return "\n".join(blocks)
+
+
+def test_the_readme_quickstart_runs_verbatim(log_dir, tmp_path):
+    moto = start_moto(log_dir)
+    broker = start_broker(log_dir)
+    try:
+        seed_moto(moto)
+        home = tmp_path / "laptop"
+        home.mkdir()
+        env = {"PATH": "/usr/bin:/bin", **laptop_env(moto, str(home), None),
+               "CREDSTREAM_BROKER": broker.url,
+               "CREDSTREAM_PUBLISHER_TOKEN": broker.publisher_token}
+        done = subprocess.run([sys.executable, "-c", quickstart()], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "'kind': 'aws'" in done.stdout, done.stdout
+        assert "'names': ['AUTH_TOKEN_FOR_CUSTOM_DATABASE']" in done.stdout, done.stdout
+        assert "some-token" not in done.stdout + done.stderr
+    finally:
+        broker.proc.stop()
+        moto.proc.stop()
