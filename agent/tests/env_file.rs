@@ -189,6 +189,10 @@ fn tricky_values_survive_sh_and_bash() {
             .status()
             .is_err()
         {
+            assert!(
+                std::env::var("CREDSTREAM_TEST_REQUIRE_TOOLS").as_deref() != Ok("1"),
+                "{shell} is not installed, and CREDSTREAM_TEST_REQUIRE_TOOLS=1 says every tool must be present"
+            );
             eprintln!("skipped: tricky_values_survive_sh_and_bash: {shell} not installed");
             continue;
         }

@@ -2,14 +2,34 @@
 //! variables. `cargo test --workspace` alone runs without them: each test
 //! that needs one calls the accessor, and on `None` prints a line starting
 //! with `skipped:` and returns.
+//!
+//! Under [`REQUIRE_TOOLS`] (which `scripts/test.sh`, and so CI, sets) a
+//! missing tool fails the test instead: a suite that skipped its HAProxy or
+//! Python tests must not look green.
 
 use std::path::PathBuf;
+
+/// When this variable is `1`, a test whose tool is missing fails.
+pub const REQUIRE_TOOLS: &str = "CREDSTREAM_TEST_REQUIRE_TOOLS";
+
+/// Reports that `test` cannot run without `what`: a `skipped:` line, or a
+/// panic under [`REQUIRE_TOOLS`].
+pub fn missing(test: &str, what: &str) {
+    let line = format!("skipped: {test}: needs {what}");
+    if std::env::var(REQUIRE_TOOLS).as_deref() == Ok("1") {
+        panic!("{line}, and {REQUIRE_TOOLS}=1 says every tool must be present");
+    }
+    eprintln!("{line}");
+}
 
 fn from_env(var: &str, what: &str, test: &str) -> Option<PathBuf> {
     match std::env::var_os(var).map(PathBuf::from) {
         Some(path) if path.exists() => Some(path),
         _ => {
-            eprintln!("skipped: {test}: needs {what} (set {var}; scripts/test.sh provides it)");
+            missing(
+                test,
+                &format!("{what} (set {var}; scripts/test.sh provides it)"),
+            );
             None
         }
     }

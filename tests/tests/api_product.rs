@@ -319,7 +319,7 @@ async fn node_proto_loader_publish_subscribe_round_trip() {
         .output()
         .is_ok_and(|out| out.status.success());
     if !node_runs {
-        eprintln!("skipped: {test}: needs `node` on PATH");
+        credstream_tests::tools::missing(test, "`node` on PATH");
         return;
     }
     let broker = TestBroker::start().await;

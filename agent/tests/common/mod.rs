@@ -227,9 +227,16 @@ pub fn python(test: &str) -> Option<PathBuf> {
     match std::env::var_os("CREDSTREAM_TEST_PYTHON").map(PathBuf::from) {
         Some(path) if path.exists() => Some(path),
         _ => {
-            eprintln!(
+            let line = format!(
                 "skipped: {test}: needs the project's Python venv (set CREDSTREAM_TEST_PYTHON)"
             );
+            // scripts/test.sh sets this: in CI a missing tool fails.
+            if std::env::var("CREDSTREAM_TEST_REQUIRE_TOOLS").as_deref() == Ok("1") {
+                panic!(
+                    "{line}, and CREDSTREAM_TEST_REQUIRE_TOOLS=1 says every tool must be present"
+                );
+            }
+            eprintln!("{line}");
             None
         }
     }
