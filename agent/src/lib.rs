@@ -10,12 +10,15 @@
 //!   process at them.
 //! - [`env_file`] — the env file (mode 0600, rewritten atomically on every
 //!   change) for shells and systemd units.
+//! - [`hardening`] — the agent's own process: non-dumpable, the broker token
+//!   out of its arguments and environment, a raised descriptor limit.
 //! - [`exec`] — starting a user command once the agent is ready, forwarding
 //!   signals, restarting it when the private env changes.
 #![warn(missing_docs)]
 
 pub mod env_file;
 pub mod exec;
+pub mod hardening;
 pub mod http;
 pub mod store;
 pub mod subscription;

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use credstream_agent::env_file::{EnvFile, EnvFileError};
 use credstream_agent::exec::{self, ExecConfig, Waited};
+use credstream_agent::hardening;
 use credstream_agent::http::{self, AuthToken, LocalEndpoints, LocalServer, TokenFile};
 use credstream_agent::store::CredentialStore;
 use credstream_agent::subscription::{self, SubscriptionConfig, SubscriptionError};
@@ -21,6 +22,7 @@ use credstream_proto::connect::{BrokerAddress, TransportArgs};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing_subscriber::EnvFilter;
+use zeroize::Zeroizing;
 
 /// The worker side of credstream: subscribes to a broker and serves the
 /// published credentials to unmodified code on this machine.
@@ -52,18 +54,25 @@ struct AgentArgs {
     /// This agent's id, unique within the cluster (e.g. the host name).
     #[arg(long, env = "CREDSTREAM_AGENT_ID")]
     agent_id: String,
-    /// The agent token (prefer --token-file: arguments are visible in ps).
+    /// The agent token. Prefer --token-file or --token-fd: an argument is
+    /// visible to every local user until the agent re-executes itself
+    /// without it, and stays in shell history.
     #[arg(
         long,
         env = "CREDSTREAM_TOKEN",
         hide_env_values = true,
-        conflicts_with = "token_file",
-        required_unless_present = "token_file"
+        conflicts_with_all = ["token_file", "token_fd"],
+        required_unless_present_any = ["token_file", "token_fd"]
     )]
     token: Option<String>,
-    /// A file holding the agent token.
-    #[arg(long, env = "CREDSTREAM_TOKEN_FILE")]
+    /// A file holding the agent token (read once at start).
+    #[arg(long, env = "CREDSTREAM_TOKEN_FILE", conflicts_with = "token_fd")]
     token_file: Option<PathBuf>,
+    /// An open file descriptor to read the agent token from (to its end;
+    /// then closed), e.g. `--token-fd 3 3<token`. The agent itself moves a
+    /// token given any other way into one.
+    #[arg(long, env = "CREDSTREAM_TOKEN_FD")]
+    token_fd: Option<i32>,
     /// The loopback address for the local endpoints; port 0 picks a free one.
     #[arg(long, env = "CREDSTREAM_LISTEN", default_value = "127.0.0.1:0")]
     listen: SocketAddr,
@@ -95,6 +104,10 @@ struct ExecArgs {
 }
 
 fn main() -> ExitCode {
+    // First, in this image and in the re-executed one (exec resets it):
+    // processes of the same user may no longer read this one's memory or
+    // environment (see `hardening`).
+    let inspection = hardening::forbid_inspection();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -104,6 +117,25 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| EnvFilter::new("warn,credstream_agent=info")),
         )
         .init();
+    if let Err(error) = inspection {
+        tracing::warn!(
+            %error,
+            "cannot mark the agent non-dumpable: processes of this user can read its memory"
+        );
+    }
+    let agent_args = match &cli.command {
+        Command::Run(args) => args,
+        Command::Exec(args) => &args.agent,
+    };
+    let token = match agent_token(agent_args) {
+        Ok(token) => token,
+        Err(error) => {
+            eprintln!("credstream-agent: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let fd_limit = hardening::raise_fd_limit();
+    tracing::debug!(?fd_limit, "file descriptor limit");
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -111,10 +143,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let max_connections = fd_limit.map_or(http::MAX_CONNECTIONS, |limit| {
+        // Leave half the descriptors for everything else.
+        usize::try_from(limit / 2)
+            .unwrap_or(usize::MAX)
+            .clamp(16, http::MAX_CONNECTIONS)
+    });
+    let start = Start {
+        token,
+        max_connections,
+    };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await.map(|()| 0),
-            Command::Exec(args) => exec(args).await,
+            Command::Run(args) => run(args, start).await.map(|()| 0),
+            Command::Exec(args) => exec(args, start).await,
         }
     });
     // Do not wait for blocked tasks (a stuck connection) at exit.
@@ -126,6 +168,47 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The agent token, read the one way it was given. A token given as an
+/// argument, in `CREDSTREAM_TOKEN` or in a file is moved into a descriptor
+/// by re-executing the agent (which does not return); only if that fails
+/// does the agent go on with it as read (see `hardening`).
+fn agent_token(args: &AgentArgs) -> Result<Zeroizing<String>> {
+    if let Some(fd) = args.token_fd {
+        return hardening::read_token_fd(fd)
+            .with_context(|| format!("cannot read the agent token from descriptor {fd}"));
+    }
+    let token = match (&args.token, &args.token_file) {
+        (Some(token), _) => Zeroizing::new(token.trim().to_owned()),
+        (None, Some(file)) => Zeroizing::new(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the token file {}", file.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => bail!("give the agent token with --token-file, --token-fd or --token"),
+    };
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    if hardening::without_token_arguments(argv.get(2..).unwrap_or_default()).1 {
+        tracing::warn!(
+            "--token on the command line is visible to every local user until the agent \
+             re-executes itself without it; use --token-file or --token-fd"
+        );
+    }
+    let error = hardening::hand_over(&token, &argv);
+    tracing::warn!(
+        %error,
+        "cannot re-execute the agent without the token in its arguments and environment; \
+         going on with them there"
+    );
+    Ok(token)
+}
+
+/// What `main` prepared for `run` and `exec`.
+struct Start {
+    token: Zeroizing<String>,
+    max_connections: usize,
 }
 
 /// The running parts shared by `run` and `exec`.
@@ -142,18 +225,10 @@ struct Agent {
 }
 
 impl Agent {
-    async fn start(args: &AgentArgs) -> Result<Self> {
-        let token = match (&args.token, &args.token_file) {
-            (Some(token), _) => token.trim().to_owned(),
-            (None, Some(file)) => std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read the token file {}", file.display()))?
-                .trim()
-                .to_owned(),
-            (None, None) => bail!("give the agent token with --token-file or --token"),
-        };
+    async fn start(args: &AgentArgs, start: Start) -> Result<Self> {
         let address = BrokerAddress {
             url: args.broker.clone(),
-            token,
+            token: start.token.as_str().to_owned(),
             cluster_id: args.cluster.clone(),
             ca_cert: args.transport.ca_cert.clone(),
             client_identity: args.transport.client_identity(),
@@ -168,7 +243,9 @@ impl Agent {
             TokenFile::create(&auth).context("cannot write the local authorization token file")?;
         let gce_metadata = !args.no_gce_metadata;
         let router = http::router(store.clone(), auth.clone(), gce_metadata);
-        let server = LocalServer::bind(args.listen, router).await?;
+        let server = LocalServer::bind(args.listen, router)
+            .await?
+            .max_connections(start.max_connections);
         let endpoints = Arc::new(LocalEndpoints {
             addr: server.local_addr(),
             token: auth,
@@ -283,11 +360,11 @@ fn until(shutdown: &watch::Sender<bool>) -> impl Future<Output = ()> + Send + 's
     }
 }
 
-async fn run(args: AgentArgs) -> Result<()> {
+async fn run(args: AgentArgs, start: Start) -> Result<()> {
     // Handlers first: once the address is printed, a SIGTERM must mean a
     // clean stop (env file and token file removed), not the default kill.
     let mut signals = exec::os_signals().context("cannot install signal handlers")?;
-    let mut agent = Agent::start(&args).await?;
+    let mut agent = Agent::start(&args, start).await?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "listening on {}", agent.endpoints.addr)?;
     for (name, value) in agent.endpoints.public_exports() {
@@ -314,10 +391,10 @@ async fn run(args: AgentArgs) -> Result<()> {
     result
 }
 
-async fn exec(args: ExecArgs) -> Result<i32> {
+async fn exec(args: ExecArgs, start: Start) -> Result<i32> {
     // Handlers first: a SIGTERM from here on is forwarded, not fatal.
     let mut signals = exec::os_signals().context("cannot install signal handlers")?;
-    let mut agent = Agent::start(&args.agent).await?;
+    let mut agent = Agent::start(&args.agent, start).await?;
     let mut program = args.command.into_iter();
     let mut config = ExecConfig::new(
         program.next().context("no command given after --")?,

@@ -13,6 +13,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 const LIMIT: Duration = Duration::from_secs(60);
+/// How long a request may wait while idle connections are held: longer than
+/// anything a working agent needs, shorter than a starved one waits (a slot
+/// used to free only when a 10 s header timeout fired, and reconnecting
+/// idle clients took the freed slots first).
+const WAIT: Duration = Duration::from_secs(20);
 
 fn agent(subcommand: &str) -> Command {
     let mut command = agent_without_broker(subcommand);
@@ -88,6 +93,96 @@ async fn run_prints_the_address_and_exports_then_stops_on_sigterm() {
         !std::path::Path::new(token_file).exists(),
         "the token file outlived the agent"
     );
+}
+
+/// `run`'s address and AWS token file, from its first lines.
+async fn banner(child: &mut tokio::process::Child) -> (std::net::SocketAddr, String) {
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(LIMIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("a line")
+    };
+    let first = next().await;
+    let addr = first
+        .strip_prefix("listening on ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let _uri = next().await;
+    let file = next().await;
+    let file = file
+        .strip_prefix("export AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE='")
+        .and_then(|rest| rest.strip_suffix('\''))
+        .unwrap_or_else(|| panic!("{file}"));
+    (addr, std::fs::read_to_string(file).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_idle_connections_do_not_starve_a_request() {
+    const IDLE: usize = 1_000;
+    let mut child = agent("run").spawn().unwrap();
+    let (addr, token) = banner(&mut child).await;
+
+    // An attacker holds IDLE connections that never send a byte and opens
+    // a new one whenever the agent closes one.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (opened_tx, mut opened) = tokio::sync::mpsc::channel::<()>(IDLE);
+    let mut holders = Vec::new();
+    for _ in 0..IDLE {
+        let mut stopped = stopped.clone();
+        let opened = opened_tx.clone();
+        holders.push(tokio::spawn(async move {
+            let mut first = true;
+            while !*stopped.borrow() {
+                let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+                    // Pace retries; the agent may be gone.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                if std::mem::take(&mut first) {
+                    let _ = opened.send(()).await;
+                }
+                let mut byte = [0u8; 1];
+                tokio::select! {
+                    _ = tokio::io::AsyncReadExt::read(&mut stream, &mut byte) => {}
+                    _ = stopped.changed() => break,
+                }
+            }
+        }));
+    }
+    for _ in 0..IDLE {
+        tokio::time::timeout(LIMIT, opened.recv())
+            .await
+            .expect("the agent did not take the idle connections");
+    }
+
+    let started = std::time::Instant::now();
+    let ready = tokio::time::timeout(WAIT, get(addr, "/readyz", &[]))
+        .await
+        .expect("/readyz was not answered while idle connections were held");
+    let ready_latency = started.elapsed();
+    assert_eq!(ready.status, 503, "{ready:?}");
+    let started = std::time::Instant::now();
+    let aws = tokio::time::timeout(
+        WAIT,
+        get(addr, "/aws/credentials", &[("Authorization", &token)]),
+    )
+    .await
+    .expect("/aws/credentials was not answered while idle connections were held");
+    let aws_latency = started.elapsed();
+    assert_eq!(aws.status, 503, "{aws:?}");
+    assert_eq!(aws.json()["code"], "aws_credential_unavailable");
+    eprintln!(
+        "with {IDLE} idle connections held: /readyz answered in {ready_latency:?}, \
+         /aws/credentials in {aws_latency:?}"
+    );
+    stop.send_replace(true);
+    for holder in holders {
+        holder.await.unwrap();
+    }
 }
 
 async fn fails_with(mut command: Command, expected: &[&str]) {

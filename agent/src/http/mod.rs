@@ -20,7 +20,8 @@
 //! the machine should ever reach these secrets. Input is bounded by the
 //! HTTP/1 parser (header block at most [`MAX_HEADER_BYTES`], at most
 //! [`MAX_HEADERS`] headers, [`HEADER_READ_TIMEOUT`] to send them) and by
-//! [`MAX_CONNECTIONS`] concurrent connections; no handler reads a body.
+//! [`MAX_CONNECTIONS`] concurrent connections, past which the least recently
+//! active idle connection is closed to make room; no handler reads a body.
 
 pub mod aws;
 mod child_env;
@@ -29,6 +30,7 @@ mod error;
 pub mod gce;
 pub mod host;
 mod ready;
+mod slots;
 mod token;
 
 use std::future::Future;
@@ -43,9 +45,7 @@ use axum::routing::get;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpSocket};
 
 pub use child_env::{ChildEnv, LocalEndpoints};
 pub use error::HttpError;
@@ -66,11 +66,18 @@ pub const READY_PATH: &str = "/readyz";
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// The most headers one request may carry.
 pub const MAX_HEADERS: usize = 64;
-/// How long a client has to send its request head before the connection is
-/// closed.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Concurrent connections; further clients wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 256;
+/// How long a client has to send a request head (after connecting, or
+/// after the previous response on a kept-alive connection) before the
+/// connection is closed. The SDKs send theirs at once, and boto3 gives up on
+/// the whole request after 2 s anyway.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections kept open at once. Past it, a new connection closes the
+/// least recently active idle one (see [`LocalServer::serve`]), so holding
+/// connections open never blocks another client.
+pub const MAX_CONNECTIONS: usize = 512;
+/// The kernel's queue of connections not yet accepted (the standard
+/// library's 128 filled up when the accept loop waited for a slot).
+pub const LISTEN_BACKLOG: u32 = 1024;
 /// How long open connections get to finish after shutdown is signalled.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -132,6 +139,7 @@ pub fn router(store: CredentialStore, token: AuthToken, gce_metadata: bool) -> R
 pub struct LocalServer {
     listener: TcpListener,
     router: Router,
+    max_connections: usize,
 }
 
 impl LocalServer {
@@ -140,10 +148,29 @@ impl LocalServer {
         if !addr.ip().is_loopback() {
             return Err(ServeError::NotLoopback { addr });
         }
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServeError::Bind { addr, source })?;
-        Ok(Self { listener, router })
+        let bind = || -> io::Result<TcpListener> {
+            let socket = if addr.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(LISTEN_BACKLOG)
+        };
+        let listener = bind().map_err(|source| ServeError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            router,
+            max_connections: MAX_CONNECTIONS,
+        })
+    }
+
+    /// Sets how many connections are kept open at once (at least 1; the
+    /// default is [`MAX_CONNECTIONS`]), for a process with few descriptors.
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
     }
 
     /// The bound address (with the real port when 0 was asked for).
@@ -155,43 +182,68 @@ impl LocalServer {
 
     /// Serves until `shutdown` resolves, then stops accepting and gives open
     /// connections [`DRAIN_TIMEOUT`] to finish.
+    ///
+    /// Accepting never waits for a free slot: a connection past the limit
+    /// closes the least recently active *idle* one (no request in
+    /// progress: never sent a complete request head, or waiting for its
+    /// next one), so local processes holding connections open cannot keep
+    /// a legitimate client out. When every open connection is in the middle
+    /// of a request, the new one is closed instead. Running out of file
+    /// descriptors also closes the least recently active idle connection.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let Self { listener, router } = self;
+        let Self {
+            listener,
+            router,
+            max_connections,
+        } = self;
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .max_buf_size(MAX_HEADER_BYTES)
             .max_headers(MAX_HEADERS);
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let slots = Arc::new(slots::Slots::new(max_connections));
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
-            let slot = tokio::select! {
-                () = &mut shutdown => break,
-                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-            };
             let stream = tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _peer)) => stream,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off
+                    Err(error) if matches!(error.raw_os_error(), Some(23 | 24)) => {
+                        // EMFILE/ENFILE: make room and try again soon,
                         // instead of spinning on the error.
-                        tracing::warn!(%error, "cannot accept a local connection");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tracing::warn!(%error, "out of file descriptors for local connections");
+                        slots.evict_one();
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot accept a local connection");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
                 },
             };
-            let service = TowerToHyperService::new(router.clone());
+            let Some(slot) = slots.admit() else {
+                tracing::debug!("every local connection is busy: closing a new one");
+                drop(stream);
+                continue;
+            };
+            let service = slots::Tracked::new(router.clone(), slot.clone(), slots.clone());
             let connection =
                 graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+            let slots = slots.clone();
             tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "local connection ended with an error");
+                tokio::select! {
+                    ended = connection => if let Err(error) = ended {
+                        tracing::debug!(%error, "local connection ended with an error");
+                    },
+                    () = slot.evicted() => {
+                        tracing::debug!("closed an idle local connection to make room");
+                    }
                 }
-                drop(slot);
+                slots.release(&slot);
             });
         }
         drop(listener);
