@@ -231,9 +231,12 @@ async fn gce_metadata_refuses_requests_without_the_flavor_or_through_a_proxy() {
     }
 }
 
+/// A path, the headers a legitimate caller sends, and what the answer reveals.
+type SecretRequest = (&'static str, Vec<(&'static str, String)>, String);
+
 /// Every path, with what a legitimate caller sends, and the secret it would
 /// reveal.
-fn secret_requests(agent: &Running) -> Vec<(&'static str, Vec<(&'static str, String)>, String)> {
+fn secret_requests(agent: &Running) -> Vec<SecretRequest> {
     let auth = ("Authorization", agent.token().to_owned());
     let flavor = ("Metadata-Flavor", "Google".to_owned());
     vec![
