@@ -788,4 +788,130 @@ mod tests {
             .map(|c| c.count);
         assert_eq!(fulfilled, Some(1));
     }
+
+    fn count_of(p: &RefreshPlanner, outcome: &str) -> u64 {
+        p.counts()
+            .iter()
+            .filter(|c| c.outcome == outcome)
+            .map(|c| c.count)
+            .sum()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unresponsive_publisher_keeps_one_request_however_many_deadlines_pass() {
+        let mut p = planner();
+        let first = p
+            .trigger(
+                CredentialKind::Aws,
+                RefreshReason::AgentRequested,
+                Instant::now(),
+            )
+            .expect("sent");
+        p.publisher_unresponsive();
+        // Ten deadlines pass and a thousand hints arrive: nothing new.
+        for _ in 0..10 {
+            tokio::time::advance(RefreshConfig::default().deadline).await;
+            let (plan, _) = p.tick(Instant::now());
+            assert!(plan.send.is_empty(), "{:?}", plan.send);
+            for _ in 0..100 {
+                assert!(
+                    p.trigger(
+                        CredentialKind::Aws,
+                        RefreshReason::AgentRequested,
+                        Instant::now()
+                    )
+                    .is_none()
+                );
+            }
+        }
+        assert_eq!(count_of(&p, "timed_out"), 0);
+        assert_eq!(p.pending()[0].id, first.id);
+        // A GCP request made meanwhile is held, then sent on resume; the
+        // AWS one was already sent and gets a fresh deadline instead.
+        assert!(
+            p.trigger(CredentialKind::Gcp, RefreshReason::Missing, Instant::now())
+                .is_none()
+        );
+        let resumed = p.publisher_resumed(Instant::now());
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(resumed[0].kind, CredentialKind::Gcp as i32);
+        let (plan, next) = p.tick(Instant::now());
+        assert!(plan.send.is_empty());
+        assert_eq!(
+            next,
+            Some(Instant::now() + RefreshConfig::default().deadline)
+        );
+        assert!(p.accepts_answer(CredentialKind::Aws, &first.id, false));
+        assert_eq!(p.requested(RefreshReason::AgentRequested), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_to_a_superseded_request_is_not_accepted() {
+        let mut p = planner();
+        let first = p
+            .trigger(CredentialKind::Aws, RefreshReason::Missing, Instant::now())
+            .expect("sent");
+        // The deadline passes: retried under a new id after the backoff.
+        let (_, second) = wait_for_request(&mut p).await;
+        assert_ne!(first.id, second.id);
+        assert!(!p.accepts_answer(CredentialKind::Aws, &first.id, true));
+        assert_eq!(count_of(&p, "superseded"), 1);
+        assert!(p.accepts_answer(CredentialKind::Aws, &second.id, true));
+        // Unprompted credentials are always accepted.
+        assert!(p.accepts_answer(CredentialKind::Aws, "", true));
+        let wall = SystemTime::now();
+        p.credential_accepted(
+            CredentialKind::Aws,
+            wall,
+            wall + 60 * MIN,
+            Instant::now(),
+            wall,
+        );
+        // Nothing asked for and a live credential held: late answers are
+        // superseded; with none held, a fresh credential is wanted anyway.
+        assert!(!p.accepts_answer(CredentialKind::Aws, &second.id, true));
+        assert!(p.accepts_answer(CredentialKind::Aws, &second.id, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permanent_error_stops_the_kind_until_the_publisher_reconnects() {
+        let mut p = planner();
+        let wall = SystemTime::now();
+        p.credential_accepted(
+            CredentialKind::Aws,
+            wall,
+            wall + 15 * MIN,
+            Instant::now(),
+            wall,
+        );
+        let (_, first) = wait_for_request(&mut p).await;
+        assert!(p.refresh_failed(&first.id, "AccessDenied".into(), true, Instant::now()));
+        assert_eq!(p.stopped().len(), 1);
+        assert_eq!(p.stopped()[0].message, "AccessDenied");
+        assert!(
+            p.trigger(
+                CredentialKind::Aws,
+                RefreshReason::AgentRequested,
+                Instant::now()
+            )
+            .is_none()
+        );
+        assert_eq!(count_of(&p, "suppressed"), 1);
+        // No retry is ever scheduled; the credential expires and the stop
+        // outlives it.
+        let (plan, next) = p.tick(Instant::now());
+        assert!(plan.send.is_empty());
+        tokio::time::sleep_until(next.expect("the expiry")).await;
+        let (plan, next) = p.tick(Instant::now());
+        assert_eq!(plan.expired, [CredentialKind::Aws]);
+        assert!(plan.send.is_empty() && next.is_none());
+        assert!(p.is_stopped(CredentialKind::Aws));
+        assert_eq!(p.requested(RefreshReason::Expiring), 1);
+        // A reconnect is the publisher saying otherwise: asked again.
+        p.publisher_disconnected();
+        let sent = p.publisher_connected(&[CredentialKind::Aws], |_| false, Instant::now());
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].reason, RefreshReason::Missing as i32);
+        assert!(p.stopped().is_empty());
+    }
 }

@@ -8,6 +8,8 @@
 //! - [`minter`] — a counting fake minter for refresh tests.
 //! - [`moto`] — a real moto server (STS, IAM, S3), seeded through boto3.
 //! - [`fake_http`] — a recording HTTP server for endpoints the client calls.
+//! - [`recording_proxy`] — a recording HTTP proxy in front of a real server
+//!   (moto), to count the calls the client made.
 //! - [`child`] — a test body re-run in a child process with its own
 //!   environment.
 //! - [`shard_proxy`] — a real HAProxy or nginx sharding brokers by cluster.
@@ -23,5 +25,6 @@ pub mod minter;
 pub mod moto;
 pub mod pki;
 pub mod processes;
+pub mod recording_proxy;
 pub mod shard_proxy;
 pub mod tools;
