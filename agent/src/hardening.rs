@@ -24,7 +24,11 @@
 //! can read any process's memory, this one's included; run the command as
 //! another user when that matters. A `--token` argument is visible to every
 //! local user (`ps`) for the moment before the re-exec, and stays in shell
-//! history: prefer `--token-file` or `--token-fd`.
+//! history: prefer `--token-file` or `--token-fd`. A token file stays
+//! readable by its owner: once the agent runs, nothing points the child at
+//! it, but a child of the same user that knows or guesses the path can read
+//! it (a descriptor, `--token-fd 3 3<file` from a file the user then
+//! removes, leaves nothing behind).
 
 use std::ffi::OsString;
 use std::fs::File;
