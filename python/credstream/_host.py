@@ -6,8 +6,10 @@ the temp dir, one per user, broker, cluster and agent token)::
     lock          flock'd while a worker attaches or detaches
     users/<pid>   one per attached worker, flock'd by it while it lives
     agent.json    the running agent: pids, address, env file (no secrets)
-    env           the agent's env file (0600, rewritten atomically)
-    agent.log     the agent's log (it never logs a secret)
+    env-<pid>     the agent's env file (0600, rewritten atomically), per
+                  supervisor pid
+    agent-<pid>.out  the agent's stdout: its address and pointer variables
+    agent.log     the agents' log (an agent never logs a secret)
 
 The first worker starts a small supervisor (``python -m credstream._host``)
 in its own session; the supervisor starts the agent, writes
@@ -154,15 +156,33 @@ class HostAgent:
             os.close(self._user_fd)
             if _live_users(self.directory):
                 return False
+            # A worker attaching from now on starts a new agent rather than
+            # joining this stopping one.
+            _forget(self.directory, self.supervisor_pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.supervisor_pid, signal.SIGTERM)
-            deadline = time.monotonic() + stop_timeout
-            while time.monotonic() < deadline and (
-                _alive(self.agent_pid) or _alive(self.supervisor_pid)
-            ):
-                _reap(self.supervisor_pid)
-                time.sleep(0.05)
-            return not _alive(self.agent_pid)
+        # Outside the lock, which the supervisor takes on its way out.
+        deadline = time.monotonic() + stop_timeout
+        while time.monotonic() < deadline and (
+            _alive(self.agent_pid) or _alive(self.supervisor_pid)
+        ):
+            _reap(self.supervisor_pid)
+            time.sleep(0.05)
+        return not _alive(self.agent_pid)
+
+
+def _forget(directory: str, supervisor_pid: int) -> None:
+    """Removes agent.json if it still describes ``supervisor_pid``'s agent
+    (call with the lock held)."""
+    path = os.path.join(directory, "agent.json")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return
+    if int(info.get("supervisor_pid", -1)) == supervisor_pid:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def _reap(pid: int) -> None:
@@ -210,8 +230,6 @@ def attach(
 
 def _start(directory: str, agent_binary: str, broker: str, cluster: str, agent_token: str,
            agent_args: List[str], agent_id: str, start_timeout: float) -> Dict[str, object]:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(directory, "agent.json"))
     config = json.dumps({
         "agent_binary": agent_binary,
         "broker": broker,
@@ -263,16 +281,29 @@ _LISTENING = re.compile(r"^listening on (\S+)$")
 def _supervise(directory: str, config_json: str) -> int:
     """The supervisor's main: start the agent, publish agent.json, stop the
     agent when no worker holds on to it any more."""
+    # Handlers first: a SIGTERM from the last worker must stop the agent
+    # too, never leave it behind.
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
     config = json.loads(config_json)
     token = sys.stdin.buffer.read()
     sys.stdin.close()
-    env_file = os.path.join(directory, "env")
+    # Files of this supervisor's agent only: a successor started while this
+    # one stops must not lose its env file when this agent removes its own.
+    env_file = os.path.join(directory, f"env-{os.getpid()}")
     log = open(os.path.join(directory, "agent.log"), "ab", buffering=0)
     os.chmod(log.name, 0o600)
     # Its stdout (the address and the pointer variables, no secret) goes to
     # a file: a pipe nobody reads would block the agent, one closed early
     # would end it.
-    out_path = os.path.join(directory, "agent.out")
+    out_path = os.path.join(directory, f"agent-{os.getpid()}.out")
     out = open(out_path, "wb", buffering=0)
     os.chmod(out_path, 0o600)
     agent = subprocess.Popen(
@@ -290,15 +321,6 @@ def _supervise(directory: str, config_json: str) -> int:
     agent.stdin.write(token)
     agent.stdin.close()
     del token
-
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
 
     address = None
     while address is None and not stopping and agent.poll() is None:
@@ -326,8 +348,7 @@ def _supervise(directory: str, config_json: str) -> int:
             time.sleep(0.2)
     finally:
         with _locked(os.path.join(directory, "lock")):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, "agent.json"))
+            _forget(directory, os.getpid())
         if agent.poll() is None:
             agent.terminate()
             try:
@@ -335,6 +356,8 @@ def _supervise(directory: str, config_json: str) -> int:
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out_path)
     return 0
 
 

@@ -229,7 +229,7 @@ def _ready(address: str) -> Tuple[bool, str]:
         with contextlib.suppress(Exception):
             import json
 
-            body = json.loads(body).get("reason", body)
+            body = json.loads(body).get("message", body)
         return False, str(body)
     except (urllib.error.URLError, OSError) as error:
         return False, f"the agent at {address} does not answer: {error}"

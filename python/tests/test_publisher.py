@@ -79,7 +79,8 @@ def test_plaintext_to_a_remote_broker_is_refused_before_connecting():
 
 def test_no_local_credentials_and_no_env_is_nothing_to_publish(broker, no_local_credentials):
     with pytest.raises(credstream.NoCredentialsError) as raised:
-        credstream.Publisher(broker=broker.url, cluster="dev", token=broker.publisher_token)
+        credstream.Publisher(broker=broker.url, cluster="dev", token=broker.publisher_token,
+                             gcp=False)
     message = str(raised.value)
     assert message.startswith("nothing to publish")
     assert "aws: not publishing AWS credentials" in message
