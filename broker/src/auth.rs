@@ -1,9 +1,19 @@
 //! Bearer tokens and the authentication layer.
 //!
 //! A token is `cs1.<claims>.<mac>`: base64url JSON claims (role, cluster,
-//! expiry) and an HMAC-SHA256 over them with the broker's key. Tokens are
-//! stateless — the broker can verify one after a restart with the same key
-//! file — and scoped to one cluster and one role.
+//! expiry, the id of the key that signed it) and an HMAC-SHA256 over them
+//! with that key. Tokens are stateless — the broker can verify one after a
+//! restart with the same key file — and scoped to one cluster and one role.
+//!
+//! **Key files and rotation.** A key file is either one raw key (at least
+//! 32 bytes, `head -c 32 /dev/urandom > key`) or a key ring: a text file
+//! whose first line is `credstream-keys v1`, then one standard-base64 key
+//! per line (blank lines and `#` comments ignored). The first key signs;
+//! every key verifies. A key's id is the first 8 hex digits of the SHA-256
+//! of its bytes; tokens carry it (`k`), and a token without one (issued
+//! before key rings) is tried against every key. [`TokenKey::reload`]
+//! re-reads the file in place (the broker does on SIGHUP), so a key can be
+//! added, promoted and removed without a restart.
 //!
 //! [`Authenticator`] is a tower layer in front of every `credstream.v1` service,
 //! so no service can forget it: it answers `UNAUTHENTICATED` for a missing,
@@ -14,6 +24,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -71,6 +82,10 @@ pub struct Claims {
     /// Subscribe hello may carry.
     #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
+    /// The id of the key that signed the token (absent in tokens issued
+    /// before key rings).
+    #[serde(rename = "k", default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 impl Claims {
@@ -129,6 +144,26 @@ pub enum KeyError {
         /// Its length.
         len: usize,
     },
+    /// A line of a key ring is not a usable key.
+    #[error(
+        "token key file {path}, line {line}: {reason} (each line after `credstream-keys v1` is one key of at least {MIN_KEY_LEN} bytes in standard base64: `head -c 32 /dev/urandom | base64 -w0`)"
+    )]
+    BadRingLine {
+        /// The file.
+        path: String,
+        /// The 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A key ring without a key.
+    #[error(
+        "token key file {path} is a key ring with no key; add one line of base64 key after `credstream-keys v1`"
+    )]
+    EmptyRing {
+        /// The file.
+        path: String,
+    },
     /// A token was requested without the cluster its role needs.
     #[error("a {0} token needs --cluster")]
     ClusterRequired(Role),
@@ -139,13 +174,42 @@ pub enum KeyError {
     BadAgentBinding,
 }
 
-/// The broker's signing key. `Debug` never shows it; it is zeroized on drop.
+/// The first line of a key ring file.
+pub const KEY_RING_HEADER: &str = "credstream-keys v1";
+/// Most keys a ring may hold (each unmarked token may cost one HMAC per key).
+pub const MAX_RING_KEYS: usize = 16;
+
+struct Key {
+    id: String,
+    bytes: Zeroizing<Vec<u8>>,
+}
+
+impl Key {
+    fn new(bytes: Zeroizing<Vec<u8>>) -> Self {
+        use sha2::Digest;
+        let digest = Sha256::digest(bytes.as_slice());
+        let id = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        Self { id, bytes }
+    }
+}
+
+/// The broker's signing keys: the first signs, all verify. Clones share
+/// the keys, so [`reload`](Self::reload) reaches every holder. `Debug`
+/// never shows a key; keys are zeroized on drop.
 #[derive(Clone)]
-pub struct TokenKey(Zeroizing<Vec<u8>>);
+pub struct TokenKey {
+    ring: Arc<RwLock<Arc<Vec<Key>>>>,
+    path: Option<Arc<Path>>,
+}
 
 impl fmt::Debug for TokenKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "TokenKey(<redacted {} bytes>)", self.0.len())
+        let ring = self.keys();
+        let lens: Vec<usize> = ring.iter().map(|key| key.bytes.len()).collect();
+        match lens.as_slice() {
+            [one] => write!(f, "TokenKey(<redacted {one} bytes>)"),
+            _ => write!(f, "TokenKey(<{} redacted keys>)", lens.len()),
+        }
     }
 }
 
@@ -156,35 +220,103 @@ fn now_secs() -> u64 {
         .as_secs()
 }
 
+fn read_ring(path: &Path) -> Result<Vec<Key>, KeyError> {
+    let shown = || path.display().to_string();
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Read {
+        path: shown(),
+        source,
+    })?);
+    let Some(rest) = bytes.strip_prefix(KEY_RING_HEADER.as_bytes()) else {
+        if bytes.len() < MIN_KEY_LEN {
+            return Err(KeyError::TooShort {
+                path: shown(),
+                len: bytes.len(),
+            });
+        }
+        return Ok(vec![Key::new(bytes)]);
+    };
+    let text = std::str::from_utf8(rest).map_err(|_| KeyError::BadRingLine {
+        path: shown(),
+        line: 1,
+        reason: "the file is not text",
+    })?;
+    let mut keys = Vec::new();
+    for (n, line) in text.lines().enumerate().skip(1) {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |reason| KeyError::BadRingLine {
+            path: shown(),
+            line: n + 1,
+            reason,
+        };
+        let key = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(line)
+                .map_err(|_| bad("not standard base64"))?,
+        );
+        if key.len() < MIN_KEY_LEN {
+            return Err(bad("the key is shorter than 32 bytes"));
+        }
+        if keys.len() == MAX_RING_KEYS {
+            return Err(bad("a key ring holds at most 16 keys"));
+        }
+        keys.push(Key::new(key));
+    }
+    if keys.is_empty() {
+        return Err(KeyError::EmptyRing { path: shown() });
+    }
+    Ok(keys)
+}
+
+fn mac(key: &Key, payload: &str) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key.bytes).expect("HMAC takes any key length");
+    mac.update(TOKEN_PREFIX.as_bytes());
+    mac.update(b".");
+    mac.update(payload.as_bytes());
+    mac
+}
+
 impl TokenKey {
+    fn from_keys(keys: Vec<Key>, path: Option<&Path>) -> Self {
+        Self {
+            ring: Arc::new(RwLock::new(Arc::new(keys))),
+            path: path.map(Arc::from),
+        }
+    }
+
     /// A fresh random key (for `--dev` and tests).
     pub fn generate() -> Self {
         let mut key = vec![0u8; 32];
         rand::Rng::fill(&mut rand::thread_rng(), key.as_mut_slice());
-        Self(Zeroizing::new(key))
+        Self::from_keys(vec![Key::new(Zeroizing::new(key))], None)
     }
 
-    /// Reads a key file holding at least [`MIN_KEY_LEN`] bytes.
+    /// Reads a key file: one raw key of at least [`MIN_KEY_LEN`] bytes, or
+    /// a key ring (see the module documentation).
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| KeyError::Read {
-            path: path.display().to_string(),
-            source,
-        })?);
-        if bytes.len() < MIN_KEY_LEN {
-            return Err(KeyError::TooShort {
-                path: path.display().to_string(),
-                len: bytes.len(),
-            });
-        }
-        Ok(Self(bytes))
+        Ok(Self::from_keys(read_ring(path)?, Some(path)))
     }
 
-    fn mac(&self, payload: &str) -> Hmac<Sha256> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(TOKEN_PREFIX.as_bytes());
-        mac.update(b".");
-        mac.update(payload.as_bytes());
-        mac
+    /// Re-reads the key file this key came from, for every clone; on an
+    /// error the keys in use stay. Returns the key ids, signing key first.
+    pub fn reload(&self) -> Result<Vec<String>, KeyError> {
+        let Some(path) = &self.path else {
+            return Ok(self.key_ids());
+        };
+        let keys = read_ring(path)?;
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        Ok(self.key_ids())
+    }
+
+    /// The ids of the keys, signing key first.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys().iter().map(|key| key.id.clone()).collect()
+    }
+
+    fn keys(&self) -> Arc<Vec<Key>> {
+        self.ring.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Issues a token. Publisher and agent tokens need a cluster.
@@ -213,15 +345,18 @@ impl TokenKey {
         {
             return Err(KeyError::BadAgentBinding);
         }
+        let keys = self.keys();
+        let signer = &keys[0];
         let claims = Claims {
             role,
             cluster: cluster.map(str::to_owned),
             expires: now_secs().saturating_add(ttl.as_secs()),
             agent_id: agent_id.map(str::to_owned),
+            key_id: Some(signer.id.clone()),
         };
         let payload =
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
-        let tag = URL_SAFE_NO_PAD.encode(self.mac(&payload).finalize().into_bytes());
+        let tag = URL_SAFE_NO_PAD.encode(mac(signer, &payload).finalize().into_bytes());
         Ok(format!("{TOKEN_PREFIX}.{payload}.{tag}"))
     }
 
@@ -237,16 +372,24 @@ impl TokenKey {
             return Err(malformed());
         };
         let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| malformed())?;
-        self.mac(payload).verify_slice(&tag).map_err(|_| {
-            Status::unauthenticated(
-                "bearer token signature is invalid (issued by another broker key?)",
-            )
-        })?;
+        // The claims are parsed before the MAC is checked only to learn
+        // which key to check it with; nothing else is read from them
+        // until it holds.
         let claims: Claims = URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
             .and_then(|json| serde_json::from_slice(&json).ok())
             .ok_or_else(malformed)?;
+        let keys = self.keys();
+        let signed = keys
+            .iter()
+            .filter(|key| claims.key_id.as_deref().is_none_or(|id| id == key.id))
+            .any(|key| mac(key, payload).verify_slice(&tag).is_ok());
+        if !signed {
+            return Err(Status::unauthenticated(
+                "bearer token signature is invalid (issued by another broker key, or by a key since removed from the key file?)",
+            ));
+        }
         if claims.expires <= now_secs() {
             return Err(Status::unauthenticated(
                 "bearer token has expired; issue a new one with `credstream-broker token`",
@@ -266,7 +409,8 @@ impl TokenKey {
 pub struct TokenId(pub [u8; 16]);
 
 impl TokenId {
-    fn of(canonical: &str) -> Self {
+    /// The id of the token whose canonical text is `canonical`.
+    pub fn of(canonical: &str) -> Self {
         use sha2::Digest;
         let digest = Sha256::digest(canonical.as_bytes());
         let mut id = [0; 16];
@@ -473,6 +617,49 @@ mod tests {
                 .is_err()
         );
         assert!(key.issue(Role::Admin, None, Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn a_key_ring_signs_with_its_first_key_and_verifies_with_all() {
+        use base64::engine::general_purpose::STANDARD;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let (old, new) = ([1u8; 32], [2u8; 32]);
+        std::fs::write(&path, old).unwrap();
+        let key = TokenKey::from_file(&path).unwrap();
+        let old_token = key
+            .issue(Role::Admin, None, Duration::from_secs(60))
+            .unwrap();
+        // Add the new key as a verifier, then promote it.
+        let ring = |keys: &[&[u8; 32]]| {
+            let lines: Vec<String> = keys.iter().map(|k| STANDARD.encode(k)).collect();
+            format!("{KEY_RING_HEADER}\n# rotated\n{}\n", lines.join("\n"))
+        };
+        std::fs::write(&path, ring(&[&new, &old])).unwrap();
+        let ids = key.reload().unwrap();
+        assert_eq!(ids.len(), 2);
+        let new_token = key
+            .issue(Role::Admin, None, Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            key.verify(&new_token).unwrap().key_id.as_deref(),
+            Some(ids[0].as_str())
+        );
+        assert!(
+            key.verify(&old_token).is_ok(),
+            "old tokens verify while their key stays"
+        );
+        // Remove the old key: its tokens end, the new ones live on.
+        std::fs::write(&path, ring(&[&new])).unwrap();
+        key.reload().unwrap();
+        let err = key.verify(&old_token).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(key.verify(&new_token).is_ok());
+        // A broken file keeps the keys in use.
+        std::fs::write(&path, format!("{KEY_RING_HEADER}\nnot base64!\n")).unwrap();
+        let err = key.reload().unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("base64"), "{err}");
+        assert!(key.verify(&new_token).is_ok());
     }
 
     #[test]

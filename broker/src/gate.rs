@@ -69,6 +69,13 @@ where
             Ok(()) => futures::future::Either::Left(self.inner.call(request)),
             Err(status) => {
                 tracing::debug!(path = %request.uri().path(), code = ?status.code(), "call refused");
+                if crate::audit::enabled() {
+                    crate::audit::record(crate::audit::Event::CallRefused {
+                        path: request.uri().path(),
+                        code: format!("{:?}", status.code()),
+                        caller: &crate::audit::Caller::of(request.extensions()),
+                    });
+                }
                 futures::future::Either::Right(std::future::ready(Ok(status.into_http())))
             }
         }

@@ -5,6 +5,7 @@
 //! - [`bell`] — wakes a cluster's agent streams when its state changes.
 //! - [`refresh`] — the refresh planner — when to ask the publisher for a new
 //!   credential, single flight, retries with backoff.
+//! - [`audit`] — the JSON-lines audit trail of `--audit-log`.
 //! - [`auth`] — signed bearer tokens and the gate that checks them.
 //! - [`gate`] — the tower layer that admits or refuses each new call.
 //! - [`limits`] — bounds and checks on every input.
@@ -18,6 +19,7 @@
 //! - [`server`] — the tonic server: health, reflection, shutdown.
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod auth;
 pub mod bell;
 pub mod connections;

@@ -111,6 +111,11 @@ struct ServeArgs {
     /// this address.
     #[arg(long, env = "CREDSTREAM_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Write the audit trail (one JSON line per publisher, credential,
+    /// delivery, agent, revocation, issued token and refused call; never a
+    /// secret) to this file (appended, mode 0600), or `-` for stdout.
+    #[arg(long, env = "CREDSTREAM_AUDIT_LOG")]
+    audit_log: Option<String>,
     /// Log format.
     #[arg(long, env = "CREDSTREAM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -253,6 +258,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
         _ => None,
     };
+    tracing::info!(keys = ?token_key.key_ids(), "token keys loaded (the first signs)");
+    if let Some(target) = &args.audit_log {
+        credstream_broker::audit::install(target)
+            .with_context(|| format!("cannot open the audit log {target}"))?;
+    }
     let mut broker = server::start(config).await?;
     println!("listening on {}", broker.local_addr);
     if let Some(listen) = args.metrics_listen {
@@ -265,12 +275,30 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use std::io::Write;
     std::io::stdout().flush().ok();
 
-    tokio::select! {
-        result = broker.wait() => return result,
-        signal = shutdown_signal() => tracing::info!(signal, "shutting down"),
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("SIGHUP handler")?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            result = broker.wait() => return result,
+            signal = &mut shutdown => {
+                tracing::info!(signal, "shutting down");
+                break;
+            }
+            _ = hangup.recv() => reload_keys(&token_key),
+        }
     }
     broker.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP: re-read the token key file, so keys rotate without a restart.
+fn reload_keys(key: &TokenKey) {
+    match key.reload() {
+        Ok(ids) => tracing::info!(keys = ?ids, signing = %ids[0], "token keys reloaded"),
+        Err(error) => tracing::warn!(%error, "token keys not reloaded; the keys in use stay"),
+    }
 }
 
 fn print_dev_banner(key: &TokenKey, url: &str) -> anyhow::Result<()> {

@@ -12,6 +12,7 @@ use credstream_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::audit;
 use crate::auth::{self, Role, TokenKey};
 use crate::hub::ClusterHub;
 use crate::limits;
@@ -97,6 +98,7 @@ impl AdminService for AdminServer {
     ) -> Result<Response<CreateAgentTokenResponse>, Status> {
         let claims = auth::claims(&request)?;
         let routing = super::routing_cluster(&request)?;
+        let caller = audit::Caller::of(request.extensions());
         let body = request.get_ref();
         limits::check_id("cluster_id", &body.cluster_id)?;
         super::check_routing(routing.as_deref(), &body.cluster_id, "request's cluster_id")?;
@@ -117,6 +119,14 @@ impl AdminService for AdminServer {
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(cluster = %body.cluster_id, issuer = %claims.role, agent = ?agent_id, ttl = ?ttl, "issued an agent token");
         let expires = self.key.verify(&token)?.expires;
+        audit::record(audit::Event::TokenIssued {
+            role: "agent",
+            cluster: &body.cluster_id,
+            agent_id,
+            ttl_seconds: ttl.as_secs(),
+            issued_token_id: format!("{:?}", auth::TokenId::of(&token)),
+            caller: &caller,
+        });
         Ok(Response::new(CreateAgentTokenResponse {
             token,
             expires_at: Some(timestamp(UNIX_EPOCH + Duration::from_secs(expires))),

@@ -34,12 +34,12 @@ use tonic::codegen::{Body, BoxFuture, StdError, http};
 use tonic::server::NamedService;
 use tonic::{Request, Status, Streaming};
 
-use crate::auth;
 use crate::bell::BellHandle;
 use crate::hub::{
     AgentRegistration, CatchUp, ClusterHub, ClusterState, SentVersions, grpc_frame_into,
 };
 use crate::limits;
+use crate::{audit, auth};
 
 /// The `AgentService` implementation.
 #[derive(Debug, Clone)]
@@ -64,6 +64,7 @@ impl AgentServer {
     ) -> Result<SubscribeBody, Status> {
         let claims = auth::claims(&request)?;
         let routing = super::routing_cluster(&request)?;
+        let caller = audit::Caller::of(request.extensions());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(super::HELLO_TIMEOUT, inbound.message())
             .await
@@ -99,13 +100,43 @@ impl AgentServer {
             self.hint_interval,
             fail,
         ));
-        Ok(SubscribeBody::new(
+        let mut body = SubscribeBody::new(
             &current,
             (state, bell),
             registration,
             failed,
             self.hub.shutdown_signal(),
-        ))
+        );
+        if audit::enabled() {
+            audit::record(audit::Event::AgentSubscribed {
+                cluster: &hello.cluster_id,
+                agent_id: &hello.agent_id,
+                caller: &caller,
+            });
+            body.audit = Some(AgentAudit {
+                cluster: hello.cluster_id,
+                agent_id: hello.agent_id,
+                caller,
+            });
+        }
+        Ok(body)
+    }
+}
+
+/// Writes the `agent_gone` audit event when dropped with its stream.
+struct AgentAudit {
+    cluster: String,
+    agent_id: String,
+    caller: audit::Caller,
+}
+
+impl Drop for AgentAudit {
+    fn drop(&mut self) {
+        audit::record(audit::Event::AgentGone {
+            cluster: &self.cluster,
+            agent_id: &self.agent_id,
+            caller: &self.caller,
+        });
     }
 }
 
@@ -123,6 +154,8 @@ pub struct SubscribeBody {
     sent: SentVersions,
     queue: VecDeque<CatchUp>,
     _registration: Arc<AgentRegistration>,
+    /// Records `agent_gone` when the stream ends.
+    audit: Option<AgentAudit>,
     /// Why the reader ended the stream (undecodable or out-of-order
     /// input); closed without a status when the agent half-closes.
     failed: Option<oneshot::Receiver<Status>>,
@@ -150,6 +183,7 @@ impl SubscribeBody {
             sent: SentVersions::of(current),
             queue: VecDeque::from([snapshot]),
             _registration: registration,
+            audit: None,
             failed: Some(failed),
             ending,
             done: false,

@@ -15,12 +15,13 @@ use std::time::SystemTime;
 use credstream_proto::v1::publisher_service_server::PublisherService;
 use credstream_proto::v1::{
     CredentialKind, Heartbeat, PublishRequest, PublishResponse, PublisherHello, PublisherWelcome,
-    publish_request, publish_response,
+    credential_update, publish_request, publish_response,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audit;
 use crate::auth::{self, Claims};
 use crate::hub::{Cluster, ClusterHub, PublisherEvent};
 use crate::limits;
@@ -50,12 +51,14 @@ impl PublisherService for PublisherServer {
     ) -> Result<Response<Self::PublishStream>, Status> {
         let claims = auth::claims(&request)?;
         let routing = super::routing_cluster(&request)?;
+        let caller = audit::Caller::of(request.extensions());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let hub = self.hub.clone();
         tokio::spawn(async move {
             let shutdown = hub.shutdown_signal();
-            if let Err(status) = session(hub, claims, routing, inbound, &tx, shutdown).await {
+            if let Err(status) = session(hub, claims, routing, caller, inbound, &tx, shutdown).await
+            {
                 tracing::debug!(code = ?status.code(), reason = ?status.message(), "publish stream ended");
                 let _ = tx.send(Err(status)).await;
             }
@@ -95,6 +98,7 @@ async fn session(
     hub: Arc<ClusterHub>,
     claims: Claims,
     routing: Option<String>,
+    caller: audit::Caller,
     mut inbound: Streaming<PublishRequest>,
     tx: &Outbound,
     mut shutdown: watch::Receiver<bool>,
@@ -124,6 +128,16 @@ async fn session(
     let (registration, mut events, requests) =
         cluster.connect_publisher(kinds, hello.private_env, &hello.publisher_name)?;
     tracing::info!(cluster = %hello.cluster_id, publisher = %hello.publisher_name, "publisher connected");
+    audit::record(audit::Event::PublisherConnected {
+        cluster: &hello.cluster_id,
+        publisher_name: &hello.publisher_name,
+        caller: &caller,
+    });
+    let _gone = PublisherAudit {
+        cluster: hello.cluster_id.clone(),
+        publisher_name: hello.publisher_name.clone(),
+        caller: caller.clone(),
+    };
     send(
         tx,
         publish_response::Message::Welcome(PublisherWelcome {
@@ -179,6 +193,11 @@ async fn session(
                     send(tx, publish_response::Message::RefreshRequest(request)).await?;
                 }
                 Some(PublisherEvent::TakenOver) | None => {
+                    audit::record(audit::Event::PublisherTakenOver {
+                        cluster: cluster.id(),
+                        publisher_name: &hello.publisher_name,
+                        caller: &caller,
+                    });
                     return Err(Status::aborted(format!(
                         "another publisher took over cluster {:?}; this stream ends (do not reconnect)",
                         cluster.id()
@@ -194,6 +213,12 @@ async fn session(
                 ack_due = None;
                 last_ack_sent = tokio::time::Instant::now();
                 let ack = *acks.borrow_and_update();
+                audit::record(audit::Event::Delivery {
+                    cluster: cluster.id(),
+                    version: ack.version,
+                    agents_holding: ack.agents_current,
+                    agents_connected: ack.agents_connected,
+                });
                 send(tx, publish_response::Message::UpdateAck(ack)).await?;
             }
             _ = heartbeat.tick(), if heartbeats => {
@@ -210,6 +235,24 @@ async fn session(
             () = super::shutdown_requested(&mut shutdown) => return Err(super::shutting_down()),
             () = tx.closed() => return Ok(()),
         }
+    }
+}
+
+/// Writes `publisher_gone` when the publisher's session ends, however it
+/// ends.
+struct PublisherAudit {
+    cluster: String,
+    publisher_name: String,
+    caller: audit::Caller,
+}
+
+impl Drop for PublisherAudit {
+    fn drop(&mut self) {
+        audit::record(audit::Event::PublisherGone {
+            cluster: &self.cluster,
+            publisher_name: &self.publisher_name,
+            caller: &self.caller,
+        });
     }
 }
 
@@ -233,9 +276,27 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
             let lifetime = limits::check_credential(&update, SystemTime::now())?;
             let kind = update.kind();
             let answered = update.refresh_request_id.clone();
+            let (principal, account) = match &update.credential {
+                Some(credential_update::Credential::Aws(aws)) => {
+                    (aws.principal_arn.clone(), aws.account_id.clone())
+                }
+                Some(credential_update::Credential::Gcp(gcp)) => {
+                    (gcp.principal_email.clone(), gcp.project_id.clone())
+                }
+                None => Default::default(),
+            };
             match cluster.publish_credential(update, lifetime) {
                 Some(version) => {
                     tracing::info!(cluster = %cluster.id(), kind = kind.label(), version, refresh = ?answered, "credential published");
+                    audit::record(audit::Event::CredentialPublished {
+                        cluster: cluster.id(),
+                        kind: kind.label(),
+                        principal: &principal,
+                        account: &account,
+                        version,
+                        issued_at: audit::time(lifetime.issued_at),
+                        expires_at: audit::time(lifetime.expires_at),
+                    });
                 }
                 None => {
                     tracing::info!(cluster = %cluster.id(), kind = kind.label(), refresh = ?answered,
@@ -246,7 +307,14 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
         }
         Some(Message::PrivateEnv(env)) => {
             limits::check_env_change(&env)?;
+            let (set, unset) = (env.set.len(), env.unset.len());
             let version = cluster.publish_env(env)?;
+            audit::record(audit::Event::PrivateEnvPublished {
+                cluster: cluster.id(),
+                version,
+                set,
+                unset,
+            });
             tracing::info!(cluster = %cluster.id(), version, "private env published");
             Ok(())
         }
@@ -281,6 +349,12 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
                 return Err(Status::invalid_argument("revoke needs kinds or all = true"));
             }
             let version = cluster.revoke(&kinds, revoke.all);
+            audit::record(audit::Event::Revoked {
+                cluster: cluster.id(),
+                version,
+                kinds: kinds.iter().map(|kind| kind.label()).collect(),
+                all: revoke.all,
+            });
             tracing::info!(cluster = %cluster.id(), version, all = revoke.all, "revoked");
             Ok(())
         }
