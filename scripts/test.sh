@@ -30,6 +30,9 @@ sbin_tool() { command -v "$1" 2>/dev/null || { [[ -x "/usr/sbin/$1" ]] && echo "
 CREDSTREAM_TEST_HAPROXY="$(sbin_tool haproxy)"
 CREDSTREAM_TEST_NGINX="$(sbin_tool nginx)"
 export CREDSTREAM_TEST_HAPROXY CREDSTREAM_TEST_NGINX
+# systemd-analyze verifies deploy/systemd/ (tests/tests/ops_systemd.rs).
+CREDSTREAM_TEST_SYSTEMD_ANALYZE="$(sbin_tool systemd-analyze)"
+export CREDSTREAM_TEST_SYSTEMD_ANALYZE
 BUF="$CREDSTREAM_TEST_BUF"
 env | grep '^CREDSTREAM_TEST_' | sort
 
@@ -38,6 +41,14 @@ cargo fmt --all -- --check
 
 section "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+
+# The PyO3 module of python/ builds only with its `python` feature (it needs
+# an interpreter), so the workspace run above checks the crate without it.
+section "cargo clippy -p credstream-python --features python (the PyO3 module)"
+PYO3_PYTHON="$CREDSTREAM_TEST_PYTHON" cargo clippy -p credstream-python --features python --all-targets -- -D warnings
+
+section "third_party/h2 is h2 0.4.20 + credstream.patch"
+bash "$ROOT/scripts/check-vendored-h2.sh"
 
 section "buf lint"
 "$BUF" lint
@@ -62,5 +73,11 @@ cargo build --workspace --bins
 
 section "cargo test --workspace"
 cargo test --workspace
+
+section "Python wheel (scripts/wheel.sh)"
+WHEEL="$(bash "$ROOT/scripts/wheel.sh" | tee /dev/stderr | tail -1)"
+
+section "Python package and Dask tests (python/tests, the wheel in a fresh venv)"
+CREDSTREAM_TEST_BROKER="$ROOT/target/debug/credstream-broker" bash "$ROOT/python/tests/run.sh" "$WHEEL"
 
 section "all checks passed"
