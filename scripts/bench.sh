@@ -7,7 +7,7 @@
 #
 # Installs the peers from Debian (etcd-server, nats-server, redis-server),
 # builds the release binaries
-# once, raises the open-file limit (hard cap 20,000 here: FACTS 17) and runs
+# once, raises the open-file limit (hard cap 20,000 here: docs/facts.md, fact 17) and runs
 # credstream-bench, which starts every server as its own process on
 # 127.0.0.1 only, on ports below 32768, and stops each by its PID. This
 # script stops the bench itself by PID if interrupted. Output: one table,

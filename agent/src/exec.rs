@@ -314,7 +314,7 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Variables in the agent's own environment that the child inherits and
-/// that make the SDKs look elsewhere before reaching the agent (FACTS 5 and
+/// that make the SDKs look elsewhere before reaching the agent (docs/facts.md, fact 5 and
 /// 10). Logged by name only.
 fn warn_about_shadowing_variables() {
     const SHADOWING: &[&str] = &[

@@ -84,7 +84,7 @@ struct Cli {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    // FACTS 17: the hard limit is 20,000 here; 10,000 agents need the soft
+    // docs/facts.md, fact 17: the hard limit is 20,000 here; 10,000 agents need the soft
     // limit raised. Child servers inherit it.
     let limit = rlimit::increase_nofile_limit(u64::MAX).context("raise RLIMIT_NOFILE")?;
     eprintln!("[bench] open file limit {limit}");

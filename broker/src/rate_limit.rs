@@ -1,4 +1,4 @@
-//! Limits on new calls (see `docs/design.md`, "Limits"): a token bucket per
+//! Limits on new calls (see `docs/design.md` §3): a token bucket per
 //! connection and one per verified token, as a tower layer behind
 //! [`Authenticator`](crate::auth::Authenticator), so that only verified
 //! tokens are counted and a flood of forged ones costs an HMAC each and no

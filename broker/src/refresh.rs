@@ -5,7 +5,7 @@
 //! driven by its timer task. It is plain state on `tokio::time::Instant`, so
 //! tests drive it with a paused clock.
 //!
-//! Rules (DESIGN §2 "Refresh"):
+//! Rules (docs/design.md §2 "Refresh"):
 //! - A credential is due for refresh when `refresh_at` (default ½) of its
 //!   lifetime has passed, ±5% jitter so that clusters spread out.
 //! - Single flight: while a request for a kind is outstanding (or waiting

@@ -1,6 +1,6 @@
 //! moto as the AWS peer: a real `moto.server` process on a free loopback
 //! port, seeded with an IAM user, a role and an S3 object through boto3,
-//! then switched to enforcing authentication (FACTS 15) so that only
+//! then switched to enforcing authentication (docs/facts.md, fact 15) so that only
 //! credentials moto itself issued are accepted.
 
 use std::net::SocketAddr;
@@ -29,7 +29,7 @@ impl Moto {
 
     /// Like [`Moto::start`], with `env` added to the server's environment
     /// (`INITIAL_NO_AUTH_ACTION_COUNT=0` turns authentication on from the
-    /// first request, FACTS 15).
+    /// first request, docs/facts.md, fact 15).
     pub async fn start_with_env(python: &Path, env: &[(&str, &str)]) -> Moto {
         for _attempt in 0..5 {
             let port = free_low_port();

@@ -37,7 +37,7 @@ pub fn clean_command(program: impl AsRef<OsStr>) -> Command {
 /// A loopback port below 32768 that was free a moment ago, for a server
 /// that cannot bind port 0 and report it (moto, HAProxy). Above 32768 is
 /// the ephemeral range, where a client's port may take it in between
-/// (FACTS 18).
+/// (docs/facts.md, fact 18).
 pub fn free_low_port() -> u16 {
     use rand::Rng;
     let mut rng = rand::thread_rng();

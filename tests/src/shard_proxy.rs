@@ -1,7 +1,7 @@
 //! A real L7 proxy in front of several brokers, routing every gRPC call on
 //! its `x-credstream-cluster` header with consistent hashing: the sharding
-//! DESIGN §6 describes, with the configurations README "Sharding" shows.
-//! Both proxies DESIGN names: HAProxy and nginx.
+//! docs/design.md §6 describes, with the configurations README "Sharding" shows.
+//! Both proxies docs/design.md §6 names: HAProxy and nginx.
 
 use std::net::SocketAddr;
 use std::path::Path;

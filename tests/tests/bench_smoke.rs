@@ -15,7 +15,7 @@ fn bench_at_ten_agents_reports_every_field() {
     let agent = bins::binary("credstream-agent");
     let work = tempfile::tempdir().expect("tempdir");
     let json_path = work.path().join("report.json");
-    // A base port from this process id, below the ephemeral range (FACTS 18),
+    // A base port from this process id, below the ephemeral range (docs/facts.md, fact 18),
     // so that concurrent test runs do not collide.
     let base_port = 20_000 + (std::process::id() % 1_000) * 8;
     let output = Command::new(&bench)

@@ -1,4 +1,4 @@
-//! End to end on AWS (DESIGN §7): the seed's own `read_object()` with
+//! End to end on AWS (docs/design.md §7): the seed's own `read_object()` with
 //! boto3, run on a "worker" that has no AWS credentials of its own, reads an
 //! S3 object from moto with credentials that `credstream publish` minted
 //! through moto's STS (`AssumeRole`) and `credstream-agent exec` served.

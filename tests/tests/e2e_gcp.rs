@@ -1,4 +1,4 @@
-//! End to end on Google Cloud (DESIGN §7): `credstream publish --no-aws`
+//! End to end on Google Cloud (docs/design.md §7): `credstream publish --no-aws`
 //! mints from a service account key (whose `token_uri` is a local token
 //! endpoint) and, on a "worker" with no Google credentials of its own,
 //! unmodified `google.auth.default()` in a process started by

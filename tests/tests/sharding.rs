@@ -1,6 +1,6 @@
 //! Brokers as independent shards behind a real L7 proxy (HAProxy, then
 //! nginx) that routes every call on `x-credstream-cluster` with consistent
-//! hashing (DESIGN §6).
+//! hashing (docs/design.md §6).
 //! Every cluster's publisher and agents meet on one shard; when a shard
 //! goes away, its clusters move to another, which asks their publishers for
 //! everything again, while the clusters already elsewhere are not touched.

@@ -1,7 +1,7 @@
 //! The AWS container credential endpoint, the one the AWS SDKs' container
 //! provider reads when `AWS_CONTAINER_CREDENTIALS_FULL_URI` is set.
 //!
-//! The response shape is what botocore parses (FACTS 3): `AccessKeyId`,
+//! The response shape is what botocore parses (docs/facts.md, fact 3): `AccessKeyId`,
 //! `SecretAccessKey`, `Token`, `Expiration` as RFC 3339 UTC with a `Z`
 //! (a naive or numeric value crashes boto3), and `AccountId` when known.
 //! Only an unexpired credential is ever served; otherwise a 503 explains

@@ -28,13 +28,13 @@ pub struct LocalEndpoints {
 impl LocalEndpoints {
     /// `http://127.0.0.1:PORT/aws/credentials`, for
     /// `AWS_CONTAINER_CREDENTIALS_FULL_URI`. boto3 accepts plain http only to
-    /// loopback (FACTS 1), which is all the agent listens on.
+    /// loopback (docs/facts.md, fact 1), which is all the agent listens on.
     pub fn aws_credentials_uri(&self) -> String {
         format!("http://{}{AWS_CREDENTIALS_PATH}", self.addr)
     }
 
     /// `127.0.0.1:PORT` (no scheme), for `GCE_METADATA_HOST` and
-    /// `GCE_METADATA_IP` (FACTS 6).
+    /// `GCE_METADATA_IP` (docs/facts.md, fact 6).
     pub fn gce_metadata_host(&self) -> String {
         self.addr.to_string()
     }
@@ -67,7 +67,7 @@ impl LocalEndpoints {
     /// - when the cluster publishes GCP (or a GCP token is held) and the
     ///   emulation is on: `GCE_METADATA_HOST` and `GCE_METADATA_IP`;
     /// - when a GCP token is live: `CLOUDSDK_AUTH_ACCESS_TOKEN`, for code
-    ///   written for Coiled that reads it explicitly (FACTS 10).
+    ///   written for Coiled that reads it explicitly (docs/facts.md, fact 10).
     ///
     /// A kind the cluster does not publish gets no variables, so a worker's
     /// own instance role or service account keeps working for it. The

@@ -2,7 +2,7 @@
 //!
 //! Every error body is JSON `{"code": "...", "message": "..."}` with
 //! `Content-Type: application/json` (google-auth raises on a response
-//! without a content type, FACTS 7). Messages are built from fixed text,
+//! without a content type, docs/facts.md, fact 7). Messages are built from fixed text,
 //! credential kinds and expiry times only: never from a header, a path or a
 //! credential's secret fields, so no error can echo a secret.
 

@@ -1,6 +1,6 @@
 //! An emulation of the GCE metadata server's credential paths, so that
 //! unmodified google-auth, the Go and Java libraries and gcsfs find the
-//! published token through `GCE_METADATA_HOST`/`GCE_METADATA_IP` (FACTS 6–9).
+//! published token through `GCE_METADATA_HOST`/`GCE_METADATA_IP` (docs/facts.md, facts 6–9).
 //!
 //! Served: the ping `GET /`, and under `/computeMetadata/v1/`:
 //! `project/project-id`, `universe/universe-domain`,

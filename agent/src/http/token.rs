@@ -5,7 +5,7 @@
 //! start and handed to the processes it serves (through
 //! `AWS_CONTAINER_AUTHORIZATION_TOKEN(_FILE)`, the env file or `exec`). The
 //! AWS SDKs send it as the whole `Authorization` header value, without a
-//! `Bearer ` prefix (FACTS 2), so that is the one form accepted.
+//! `Bearer ` prefix (docs/facts.md, fact 2), so that is the one form accepted.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
