@@ -22,6 +22,9 @@ pub struct CountingMinter {
     gate: Option<Arc<Semaphore>>,
     /// When set, mints fail with this message.
     fail: std::sync::Mutex<Option<String>>,
+    /// When set, mints fail with this message as a refusal, which retrying
+    /// cannot fix (a permanent error).
+    refuse: std::sync::Mutex<Option<String>>,
 }
 
 impl CountingMinter {
@@ -34,6 +37,7 @@ impl CountingMinter {
             minted: Notify::new(),
             gate: None,
             fail: std::sync::Mutex::new(None),
+            refuse: std::sync::Mutex::new(None),
         })
     }
 
@@ -46,12 +50,20 @@ impl CountingMinter {
             minted: Notify::new(),
             gate: Some(gate),
             fail: std::sync::Mutex::new(None),
+            refuse: std::sync::Mutex::new(None),
         })
     }
 
-    /// Makes the following mints fail (or succeed again with `None`).
+    /// Makes the following mints fail with an error worth retrying (or
+    /// succeed again with `None`).
     pub fn fail_with(&self, message: Option<&str>) {
         *self.fail.lock().unwrap() = message.map(str::to_owned);
+    }
+
+    /// Makes the following mints fail with a refusal, an error retrying
+    /// cannot fix (or succeed again with `None`).
+    pub fn refuse_with(&self, message: Option<&str>) {
+        *self.refuse.lock().unwrap() = message.map(str::to_owned);
     }
 
     /// How many mints started.
@@ -87,8 +99,14 @@ impl Minter for CountingMinter {
             if let Some(gate) = &self.gate {
                 gate.acquire().await.expect("gate open").forget();
             }
-            if let Some(message) = self.fail.lock().unwrap().clone() {
+            if let Some(message) = self.refuse.lock().unwrap().clone() {
                 return Err(MintError::Refused {
+                    kind: "fake",
+                    message,
+                });
+            }
+            if let Some(message) = self.fail.lock().unwrap().clone() {
+                return Err(MintError::Failed {
                     kind: "fake",
                     message,
                 });

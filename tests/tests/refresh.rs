@@ -175,7 +175,7 @@ async fn mint_errors_are_reported_and_retried_until_one_succeeds() {
     let status = broker.status(cluster).await.unwrap();
     assert_eq!(
         status.last_refresh_error,
-        "fake refused to mint: AccessDenied: not today"
+        "fake minting failed: AccessDenied: not today"
     );
     assert!(
         status
