@@ -68,7 +68,7 @@ impl AgentServer {
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(super::HELLO_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no hello within 30 seconds"))??;
+            .map_err(|_| super::no_hello())??;
         let Some(SubscribeRequest {
             message: Some(subscribe_request::Message::Hello(hello)),
         }) = first

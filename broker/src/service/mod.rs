@@ -42,6 +42,14 @@ fn check_routing(header: Option<&str>, cluster_id: &str, what: &str) -> Result<(
 /// and says nothing must not hold a task forever.
 const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The status for a stream whose hello did not come within [`HELLO_TIMEOUT`].
+fn no_hello() -> Status {
+    Status::deadline_exceeded(format!(
+        "no hello within {} seconds",
+        HELLO_TIMEOUT.as_secs()
+    ))
+}
+
 /// The status that ends every stream when the broker shuts down.
 fn shutting_down() -> Status {
     Status::unavailable("the broker is shutting down; reconnect with backoff")

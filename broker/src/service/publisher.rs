@@ -106,7 +106,7 @@ async fn session(
     let first = tokio::select! {
         message = inbound.message() => message?,
         () = tokio::time::sleep(super::HELLO_TIMEOUT) => {
-            return Err(Status::deadline_exceeded("no hello within 30 seconds"));
+            return Err(super::no_hello());
         }
         () = super::shutdown_requested(&mut shutdown) => return Err(super::shutting_down()),
     };
