@@ -5,6 +5,8 @@
 #   node_modules/  buf, @grpc/grpc-js and @grpc/proto-loader, pinned by
 #                  package.json / package-lock.json
 #   haproxy, nginx Debian's packages, when missing (the sharding tests)
+#   systemd        Debian's package, when systemd-analyze is missing (verifies
+#                  the units in deploy/systemd/)
 # Idempotent and quick when nothing changed: each install is skipped while its
 # marker (a hash of what was installed) matches. Runnable from any directory.
 # Called by scripts/test.sh; run it alone to get the tools for a dev shell.
@@ -91,6 +93,9 @@ proxies=()
 for proxy in haproxy nginx; do
   [[ -n "$(sbin_tool "$proxy")" ]] || proxies+=("$proxy")
 done
+# Not a proxy: systemd-analyze (Debian's systemd package) verifies the units
+# in deploy/systemd/ (tests/tests/ops_systemd.rs); installed the same way.
+[[ -n "$(sbin_tool systemd-analyze)" ]] || proxies+=(systemd)
 if ((${#proxies[@]})); then
   SUDO=()
   if [[ $(id -u) -ne 0 ]] && sudo -n true 2>/dev/null; then
@@ -109,4 +114,4 @@ if ((${#proxies[@]})); then
   fi
 fi
 
-note "ready: python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'), $("$GRPCURL" -version 2>&1), buf $("$ROOT/node_modules/.bin/buf" --version), node $(node --version), $(proxy_version haproxy), $(proxy_version nginx)"
+note "ready: python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'), $("$GRPCURL" -version 2>&1), buf $("$ROOT/node_modules/.bin/buf" --version), node $(node --version), $(proxy_version haproxy), $(proxy_version nginx), $(if [[ -n "$(sbin_tool systemd-analyze)" ]]; then "$(sbin_tool systemd-analyze)" --version | head -1; else echo "no systemd-analyze"; fi)"
