@@ -2,6 +2,8 @@
 //!
 //! - [`store`] — the latest credentials and private env, with the version and
 //!   expiry rules; every other module reads it.
+//! - [`seal`] — sealed delivery: opening what the publisher sealed, and
+//!   refusing everything else, before the store applies it.
 //! - [`subscription`] — the `Subscribe` stream loop: hello, snapshot, updates,
 //!   acks, refresh hints, reconnect with backoff.
 //! - [`http`] — the loopback listener user processes reach: the AWS container
@@ -20,5 +22,6 @@ pub mod env_file;
 pub mod exec;
 pub mod hardening;
 pub mod http;
+pub mod seal;
 pub mod store;
 pub mod subscription;

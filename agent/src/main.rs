@@ -84,6 +84,12 @@ struct AgentArgs {
     /// GCE_METADATA_HOST).
     #[arg(long, env = "CREDSTREAM_NO_GCE_METADATA")]
     no_gce_metadata: bool,
+    /// The cluster's seal key (from `credstream seal-key --cluster ID`).
+    /// With it, the agent accepts only credentials and env the publisher
+    /// sealed, and refuses anything unsealed, altered or replayed. Without
+    /// it, sealed updates are refused.
+    #[arg(long, env = "CREDSTREAM_SEAL_KEY_FILE")]
+    seal_key_file: Option<PathBuf>,
     #[command(flatten)]
     transport: TransportArgs,
 }
@@ -237,7 +243,15 @@ impl Agent {
         // Fail on a bad URL or the plaintext rule now, before serving.
         address.endpoint()?;
 
-        let store = CredentialStore::new();
+        let seal_key = args
+            .seal_key_file
+            .as_deref()
+            .map(|path| credstream_agent::seal::read_key_file(path, &args.cluster))
+            .transpose()?;
+        if let Some(key) = &seal_key {
+            tracing::info!(key_id = %key.key_id_hex(), "sealed delivery: only sealed updates are accepted");
+        }
+        let store = CredentialStore::with_gate(credstream_agent::seal::Gate::new(seal_key));
         let auth = AuthToken::generate();
         let token_file =
             TokenFile::create(&auth).context("cannot write the local authorization token file")?;

@@ -130,6 +130,8 @@ impl AgentState {
 pub struct CredentialStore {
     state: Arc<watch::Sender<AgentState>>,
     snapshot_seen: Arc<watch::Sender<bool>>,
+    /// Sealed delivery: what passes before anything is applied.
+    gate: Arc<crate::seal::Gate>,
 }
 
 impl Default for CredentialStore {
@@ -139,12 +141,24 @@ impl Default for CredentialStore {
 }
 
 impl CredentialStore {
-    /// An empty store.
+    /// An empty store without a seal key (it refuses sealed items).
     pub fn new() -> Self {
+        Self::with_gate(crate::seal::Gate::default())
+    }
+
+    /// An empty store whose messages pass `gate` first (sealed delivery:
+    /// with a seal key, only the publisher's sealed items are applied).
+    pub fn with_gate(gate: crate::seal::Gate) -> Self {
         Self {
             state: Arc::new(watch::Sender::new(AgentState::default())),
             snapshot_seen: Arc::new(watch::Sender::new(false)),
+            gate: Arc::new(gate),
         }
+    }
+
+    /// The sealed-delivery gate (refusal count and last reason).
+    pub fn gate(&self) -> &crate::seal::Gate {
+        &self.gate
     }
 
     /// A copy of the current state.
@@ -166,6 +180,9 @@ impl CredentialStore {
     /// Applies one message from the broker. Returns true if anything changed.
     pub fn apply(&self, message: subscribe_response::Message) -> bool {
         use subscribe_response::Message;
+        let Some(message) = self.gate.admit(message) else {
+            return false;
+        };
         let is_snapshot = matches!(message, Message::Snapshot(_));
         let changed = self.state.send_if_modified(|state| match message {
             Message::Snapshot(snapshot) => {

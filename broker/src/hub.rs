@@ -705,6 +705,19 @@ impl Cluster {
     /// it (unchanged if the change changed nothing).
     pub fn publish_env(&self, change: PrivateEnv) -> Result<u64, Status> {
         let mut inner = self.lock();
+        if change.sealed.is_some() {
+            // Sealed: the whole env, which the broker cannot read or merge;
+            // relayed as it came (checked by `limits::check_env_change`).
+            return Ok(self.publish_with(&mut inner, |state, version| {
+                state.env = Slot::Env(Arc::new(PrivateEnv {
+                    set: vec![],
+                    unset: vec![],
+                    replace_all: true,
+                    version,
+                    sealed: change.sealed,
+                }));
+            }));
+        }
         let state = self.state();
         let current: &[EnvVar] = match &state.env {
             Slot::Env(env) => &env.set,
@@ -743,6 +756,7 @@ impl Cluster {
                 unset: vec![],
                 replace_all: true,
                 version,
+                sealed: None,
             }));
         }))
     }
@@ -957,6 +971,7 @@ impl Cluster {
                     expires_at: update.expires_at,
                     principal,
                     account,
+                    sealed: update.sealed.is_some(),
                 })
             })
             .collect();
@@ -964,6 +979,7 @@ impl Cluster {
             Slot::Env(env) => Some(PrivateEnvStatus {
                 version: env.version,
                 names: env.set.iter().map(|v| v.name.clone()).collect(),
+                sealed: env.sealed.is_some(),
             }),
             _ => None,
         };

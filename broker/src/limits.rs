@@ -112,9 +112,78 @@ fn check_env_var(var: &EnvVar) -> Result<(), Status> {
     Ok(())
 }
 
+/// Largest sealed ciphertext relayed (the whole message is bounded by the
+/// stream's 256 KiB limit; this keeps a sealed credential near the size of
+/// the clear fields it replaces).
+const MAX_SEALED_CREDENTIAL_BYTES: usize = 64 * 1024;
+
+/// Checks the clear parts of a sealed payload the broker relays without
+/// reading (docs/sealing.md): bounded sizes only; the agents verify it.
+fn check_sealed_payload(
+    sealed: &credstream_proto::v1::SealedPayload,
+    max_ciphertext: usize,
+) -> Result<(), Status> {
+    if sealed.cluster_id.len() > 128 || sealed.key_id.len() > 64 || sealed.nonce.len() > 64 {
+        return Err(invalid("sealed: cluster_id, key_id or nonce is too long"));
+    }
+    if sealed.ciphertext.is_empty() || sealed.ciphertext.len() > max_ciphertext {
+        return Err(invalid(format!(
+            "sealed.ciphertext must be 1 to {max_ciphertext} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// A sealed credential: its kind and clear metadata only (every secret
+/// field empty: a publisher that sealed must not also send it in clear),
+/// an issue time (bound into the seal, so the broker must not fill it in),
+/// and a bounded payload.
+fn check_sealed_credential(update: &CredentialUpdate) -> Result<(), Status> {
+    let clear_secret = match &update.credential {
+        Some(Credential::Aws(aws)) => {
+            check_field("aws.principal_arn", &aws.principal_arn, false)?;
+            check_field("aws.account_id", &aws.account_id, false)?;
+            !aws.access_key_id.is_empty()
+                || !aws.secret_access_key.is_empty()
+                || !aws.session_token.is_empty()
+                || !aws.region.is_empty()
+        }
+        Some(Credential::Gcp(gcp)) => {
+            check_field("gcp.principal_email", &gcp.principal_email, false)?;
+            check_field("gcp.project_id", &gcp.project_id, false)?;
+            !gcp.access_token.is_empty() || !gcp.token_type.is_empty() || !gcp.scopes.is_empty()
+        }
+        None => {
+            return Err(invalid(
+                "a sealed credential update must name its kind (aws or gcp with the clear metadata only)",
+            ));
+        }
+    };
+    if clear_secret {
+        return Err(invalid(
+            "a sealed credential update carries secret fields in clear; send them only inside `sealed`",
+        ));
+    }
+    if update.issued_at.is_none() {
+        return Err(invalid("a sealed credential update must carry issued_at"));
+    }
+    check_sealed_payload(
+        update.sealed.as_ref().expect("checked by the caller"),
+        MAX_SEALED_CREDENTIAL_BYTES,
+    )
+}
+
 /// Checks a private env change from a publisher (names and sizes of what it
-/// sets and unsets).
+/// sets and unsets). A sealed change is the whole env, opaque to the broker.
 pub fn check_env_change(env: &PrivateEnv) -> Result<(), Status> {
+    if let Some(sealed) = &env.sealed {
+        if !env.set.is_empty() || !env.unset.is_empty() || !env.replace_all {
+            return Err(invalid(
+                "a sealed private env must be the whole env: set and unset empty, replace_all true",
+            ));
+        }
+        return check_sealed_payload(sealed, MAX_ENV_TOTAL_BYTES + 4096);
+    }
     if env.set.len() > MAX_ENV_VARS || env.unset.len() > MAX_ENV_VARS {
         return Err(invalid(format!(
             "a private env may hold at most {MAX_ENV_VARS} variables"
@@ -174,6 +243,7 @@ pub fn check_credential(
     now: SystemTime,
 ) -> Result<CheckedLifetime, Status> {
     match &update.credential {
+        _ if update.sealed.is_some() => check_sealed_credential(update)?,
         Some(Credential::Aws(aws)) => {
             check_field("aws.access_key_id", &aws.access_key_id, true)?;
             check_field("aws.secret_access_key", &aws.secret_access_key, true)?;

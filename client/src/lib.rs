@@ -3,6 +3,8 @@
 //! - [`env`] — the private environment (`--env KEY=VALUE`, `--env-file F`),
 //!   parsed and validated before it is sent.
 //! - [`mint`] — one [`mint::Minter`] per credential kind.
+//! - [`seal`] — sealed delivery: the cluster's seal key on disk and the
+//!   [`seal::Sealer`] the session seals with.
 //! - [`session`] — the `Publish` stream loop: hello, publishing credentials and
 //!   the private env, answering refresh requests, reconnecting.
 //! - [`whoami`] — which AWS identity and GCP principal would be forwarded.
@@ -10,5 +12,6 @@
 
 pub mod env;
 pub mod mint;
+pub mod seal;
 pub mod session;
 pub mod whoami;

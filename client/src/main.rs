@@ -45,6 +45,10 @@ enum Command {
     /// they hold, credential principals and expiry times, pending refreshes.
     /// Never a secret.
     Status(BrokerArgs),
+    /// Print the cluster's seal key on stdout (creating it if there is none
+    /// yet), for agents' `--seal-key-file`. Give it to workers out of band,
+    /// like the agent token: the broker must never receive it.
+    SealKey(SealKeyArgs),
 }
 
 /// Where the broker is and how to authenticate to it.
@@ -124,6 +128,28 @@ struct PublishArgs {
     /// once.
     #[arg(long, env = "CREDSTREAM_REVOKE_ON_EXIT")]
     revoke_on_exit: bool,
+    /// Send credentials and env unsealed (readable by the broker). By
+    /// default every update is sealed with the cluster's seal key, created
+    /// on first publish (see `credstream seal-key`).
+    #[arg(long, env = "CREDSTREAM_NO_SEAL")]
+    no_seal: bool,
+    /// The cluster's seal key file (created, mode 0600, if missing).
+    /// Default: <config dir>/credstream/seal-keys/<cluster>.key.
+    #[arg(long, env = "CREDSTREAM_SEAL_KEY_FILE", conflicts_with = "no_seal")]
+    seal_key_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SealKeyArgs {
+    /// The cluster id.
+    #[arg(long, env = "CREDSTREAM_CLUSTER")]
+    cluster: String,
+    /// The key file to read (created, mode 0600, if missing). Default:
+    /// <config dir>/credstream/seal-keys/<cluster>.key, where <config dir>
+    /// is $CREDSTREAM_CONFIG_DIR, else $XDG_CONFIG_HOME/credstream, else
+    /// ~/.config/credstream.
+    #[arg(long, env = "CREDSTREAM_SEAL_KEY_FILE")]
+    seal_key_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -147,6 +173,9 @@ fn main() -> ExitCode {
             Command::Publish(args) => cli::publish::run(args.into()).await,
             Command::Whoami(args) => cli::identity::whoami(&args.into()).await,
             Command::Status(args) => cli::status::run(&args.into()).await,
+            Command::SealKey(args) => {
+                cli::seal_key::run(&args.cluster, args.seal_key_file.as_deref())
+            }
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -195,6 +224,8 @@ impl From<PublishArgs> for cli::publish::PublishOptions {
             env: args.env,
             env_files: args.env_file,
             revoke_on_exit: args.revoke_on_exit,
+            no_seal: args.no_seal,
+            seal_key_file: args.seal_key_file,
         }
     }
 }

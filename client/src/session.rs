@@ -64,6 +64,7 @@ use tonic::Code;
 use zeroize::Zeroizing;
 
 use crate::mint::Minter;
+use crate::seal::Sealer;
 
 /// Why a session ended for good.
 #[derive(Debug, thiserror::Error)]
@@ -153,9 +154,19 @@ pub struct SessionBuilder {
     declare_env: bool,
     publisher_name: String,
     revoke_on_exit: bool,
+    sealer: Option<Arc<Sealer>>,
 }
 
 impl SessionBuilder {
+    /// Seals every credential and private env change with `key` (sealed
+    /// delivery, `docs/sealing.md`): the broker relays what it cannot read,
+    /// and agents holding the key accept nothing else. The private env is
+    /// then sent whole on every change, since the broker cannot merge it.
+    pub fn seal(mut self, key: credstream_proto::seal::SealKey) -> Self {
+        self.sealer = Some(Arc::new(Sealer::new(key)));
+        self
+    }
+
     /// Adds a minter; its kind is declared in the hello.
     pub fn minter(mut self, minter: Arc<dyn Minter>) -> Self {
         self.minters.push(minter);
@@ -208,6 +219,7 @@ impl SessionBuilder {
             events: events.clone(),
             acks: acks.clone(),
             stopped: stopped.clone(),
+            sealer: self.sealer,
         };
         let task = tokio::spawn(runner.run(command_rx));
         Ok(PublishSession {
@@ -250,6 +262,7 @@ impl PublishSession {
             declare_env: false,
             publisher_name: default_publisher_name(),
             revoke_on_exit: false,
+            sealer: None,
         }
     }
 
@@ -414,6 +427,7 @@ struct Runner {
     events: broadcast::Sender<SessionEvent>,
     acks: watch::Sender<UpdateAck>,
     stopped: StoppedKinds,
+    sealer: Option<Arc<Sealer>>,
 }
 
 /// How one connection ended.
@@ -503,7 +517,7 @@ impl Runner {
                 .collect(),
             unset: vec![],
             replace_all: true,
-            version: 0,
+            ..Default::default()
         }
     }
 
@@ -526,7 +540,7 @@ impl Runner {
                 let _ = done.send(());
             }
             Command::Credential(update, done) => {
-                held.push(request(publish_request::Message::Credential(update)));
+                held.extend(self.credential_request(update));
                 let _ = done.send(());
             }
             Command::Revoke(revoke, done) => {
@@ -555,11 +569,9 @@ impl Runner {
             .send(request(publish_request::Message::Hello(hello)))
             .await;
         if !self.env.is_empty() || self.declare_env {
-            let _ = tx
-                .send(request(publish_request::Message::PrivateEnv(
-                    self.full_env(),
-                )))
-                .await;
+            if let Some(env) = self.env_request(self.full_env()) {
+                let _ = tx.send(env).await;
+            }
         }
         for message in held.drain(..) {
             let _ = tx.send(message).await;
@@ -632,11 +644,16 @@ impl Runner {
                         Some(Command::Env(change, done)) => {
                             self.apply_env_locally(&change);
                             let _ = done.send(());
-                            request(publish_request::Message::PrivateEnv(change))
+                            // Sealed: the whole env, since the broker cannot
+                            // merge a change into what it cannot read.
+                            let change = if self.sealer.is_some() { self.full_env() } else { change };
+                            let Some(message) = self.env_request(change) else { continue };
+                            message
                         }
                         Some(Command::Credential(update, done)) => {
                             let _ = done.send(());
-                            request(publish_request::Message::Credential(update))
+                            let Some(message) = self.credential_request(update) else { continue };
+                            message
                         }
                         Some(Command::Revoke(revoke, done)) => {
                             let _ = done.send(());
@@ -649,6 +666,38 @@ impl Runner {
                 }
             }
         }
+    }
+
+    /// A credential as sent: sealed when the session seals. `None` (logged)
+    /// if sealing failed: a credential is never sent in clear instead.
+    fn credential_request(&self, update: CredentialUpdate) -> Option<PublishRequest> {
+        let update = match &self.sealer {
+            None => update,
+            Some(sealer) => match sealer.seal_credential(&update) {
+                Ok(sealed) => sealed,
+                Err(error) => {
+                    tracing::error!(cluster = %self.cluster_id, kind = update.kind().label(), %error, "cannot seal the credential; not sent");
+                    return None;
+                }
+            },
+        };
+        Some(request(publish_request::Message::Credential(update)))
+    }
+
+    /// A private env change as sent: when the session seals, `env` must be
+    /// the whole env and is sealed. `None` (logged) if sealing failed.
+    fn env_request(&self, env: PrivateEnv) -> Option<PublishRequest> {
+        let env = match &self.sealer {
+            None => env,
+            Some(sealer) => match sealer.seal_env(&env) {
+                Ok(sealed) => sealed,
+                Err(error) => {
+                    tracing::error!(cluster = %self.cluster_id, %error, "cannot seal the private env; not sent");
+                    return None;
+                }
+            },
+        };
+        Some(request(publish_request::Message::PrivateEnv(env)))
     }
 
     fn start_mint(&self, req: &RefreshRequest, results: mpsc::Sender<MintResult>) {
@@ -690,12 +739,20 @@ impl Runner {
                 };
                 let expires_at = update.expires_at.as_ref().and_then(system_time);
                 tracing::info!(cluster = %self.cluster_id, kind = kind.label(), %principal, "minted and sent");
+                let refresh_request_id = update.refresh_request_id.clone();
+                let Some(message) = self.credential_request(update) else {
+                    return request(publish_request::Message::RefreshError(RefreshError {
+                        refresh_request_id,
+                        message: "the minted credential could not be sealed".into(),
+                        permanent: false,
+                    }));
+                };
                 let _ = self.events.send(SessionEvent::Minted {
                     kind,
                     principal,
                     expires_at,
                 });
-                request(publish_request::Message::Credential(update))
+                message
             }
             Err((message, permanent)) => {
                 tracing::warn!(cluster = %self.cluster_id, kind = kind.label(), error = %message, permanent, "minting failed");

@@ -11,10 +11,15 @@
 //! - [`codec`] — the stubs' codec: undecodable messages are
 //!   `INVALID_ARGUMENT`, not `INTERNAL`.
 //! - [`convert`] — small helpers between the generated types and `SystemTime`.
+//! - `seal` (feature `seal`) — sealed delivery: the one implementation of the
+//!   construction in `docs/sealing.md`, used by the client to seal and by the
+//!   agent to open.
 
 pub mod codec;
 pub mod connect;
 pub mod convert;
+#[cfg(feature = "seal")]
+pub mod seal;
 mod secret;
 
 /// The generated `credstream.v1` package.

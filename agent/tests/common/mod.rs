@@ -68,6 +68,7 @@ pub fn update(version: u64, credential: Credential, expires_in: Option<Duration>
         expires_at: Some(timestamp(expires)),
         version,
         refresh_request_id: String::new(),
+        ..Default::default()
     })
 }
 
@@ -86,6 +87,7 @@ pub fn env(version: u64, vars: &[(&str, &str)]) -> Message {
         unset: Vec::new(),
         replace_all: true,
         version,
+        ..Default::default()
     })
 }
 

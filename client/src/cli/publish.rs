@@ -37,6 +37,10 @@ pub struct PublishOptions {
     pub env_files: Vec<PathBuf>,
     /// `--revoke-on-exit`.
     pub revoke_on_exit: bool,
+    /// `--no-seal`.
+    pub no_seal: bool,
+    /// `--seal-key-file F`.
+    pub seal_key_file: Option<PathBuf>,
 }
 
 /// Runs `credstream publish` until Ctrl-C / SIGTERM (exit 0), another
@@ -84,6 +88,18 @@ pub async fn run(options: PublishOptions) -> Result<ExitCode> {
     ));
 
     let mut builder = PublishSession::builder(address.clone());
+    if let Some((key, line)) = super::seal_key::for_publish(
+        &address.cluster_id,
+        options.seal_key_file.as_deref(),
+        options.no_seal,
+    )? {
+        printer.line(line);
+        builder = builder.seal(key);
+    } else {
+        printer.line(
+            "not sealing (--no-seal): the broker can read every credential and env value it relays",
+        );
+    }
     for minter in usable.minters {
         builder = builder.minter(minter);
     }

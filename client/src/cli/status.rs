@@ -107,11 +107,18 @@ fn report(status: &ClusterStatus, now: SystemTime) -> Vec<String> {
                 if expired { "expired" } else { "expires" },
                 when(&credential.expires_at)
             ));
+            if credential.sealed {
+                line.push_str(", sealed");
+            }
             lines.push(line);
         }
     }
 
     match &status.private_env {
+        Some(env) if env.sealed => lines.push(format!(
+            "private env: version {}, sealed (the broker cannot read its names or values)",
+            env.version
+        )),
         Some(env) if !env.names.is_empty() => lines.push(format!(
             "private env: version {}, {} variable{}: {}",
             env.version,
@@ -240,10 +247,12 @@ mod tests {
                 expires_at: Some(timestamp(now + Duration::from_secs(3600))),
                 principal: "arn:aws:sts::123456789012:assumed-role/r/s".into(),
                 account: "123456789012".into(),
+                ..Default::default()
             }],
             private_env: Some(PrivateEnvStatus {
                 version: 2,
                 names: vec!["AUTH_TOKEN_FOR_CUSTOM_DATABASE".into()],
+                ..Default::default()
             }),
             agents: vec![
                 AgentStatus {

@@ -481,6 +481,7 @@ impl AwsMinter {
             expires_at: Some(timestamp(expires_at)),
             version: 0,
             refresh_request_id: String::new(),
+            ..Default::default()
         })
     }
 

@@ -193,6 +193,7 @@ impl GcpMinter {
             expires_at: Some(timestamp(fetched.expires_at)),
             version: 0,
             refresh_request_id: String::new(),
+            ..Default::default()
         })
     }
 

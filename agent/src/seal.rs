@@ -1,0 +1,312 @@
+//! The agent's side of sealed delivery (`docs/sealing.md`): every message
+//! from the broker passes [`Gate::admit`] before the store applies it.
+//!
+//! With a seal key, a credential or private env is applied only if it opens
+//! with the key (so it was sealed by the cluster's publisher, for this
+//! cluster and slot, with the clear metadata it arrived with) and its
+//! sealed sequence is newer than the last one accepted for its slot.
+//! Anything else — an unsealed item (a downgrade), another cluster's, a
+//! flipped byte, an altered expiry, an older sealed item re-sent under a
+//! newer broker version — is refused: the store keeps what it holds, the
+//! refusal is logged with its reason (never the content) and counted.
+//!
+//! Without a key, unsealed items pass as before, and a *sealed* item is
+//! refused (the agent cannot open it, and its clear part has no secret to
+//! serve), with a log line naming `--seal-key-file`.
+//!
+//! Revocations and the cluster declaration are not sealed: a broker can
+//! always withhold credentials, and these can do no more than that (see the
+//! threat model in `docs/sealing.md`).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use credstream_proto::seal::{self, Refusal, SealKey, SealSlot};
+use credstream_proto::v1::{CredentialUpdate, PrivateEnv, subscribe_response::Message};
+
+/// The last sealed item accepted for one slot.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    sequence: u64,
+    version: u64,
+}
+
+/// What happened to one item.
+enum Verdict<T> {
+    /// Apply it.
+    Accept(T),
+    /// The same item again (a reconnect's snapshot): nothing to do.
+    Duplicate,
+    /// Refused, with the reason.
+    Refuse(String),
+}
+
+/// Checks messages against the seal key (if any) before they are applied.
+#[derive(Debug)]
+pub struct Gate {
+    key: Option<SealKey>,
+    held: Mutex<[Held; 3]>,
+    refused: AtomicU64,
+    last_refusal: Mutex<Option<String>>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+impl Gate {
+    /// A gate for `key` (`None`: the agent accepts unsealed items only).
+    pub fn new(key: Option<SealKey>) -> Self {
+        Self {
+            key,
+            held: Mutex::new([Held::default(); 3]),
+            refused: AtomicU64::new(0),
+            last_refusal: Mutex::new(None),
+        }
+    }
+
+    /// True if the agent holds a seal key.
+    pub fn sealed(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// How many items were refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// The reason of the last refusal (no secret content), if any.
+    pub fn last_refusal(&self) -> Option<String> {
+        self.last_refusal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The message to apply in place of `message`: credentials and the env
+    /// opened (or dropped when refused; a snapshot keeps what passes).
+    /// `None` when nothing of it is to be applied.
+    pub fn admit(&self, message: Message) -> Option<Message> {
+        match message {
+            Message::Snapshot(mut snapshot) => {
+                snapshot.credentials = std::mem::take(&mut snapshot.credentials)
+                    .into_iter()
+                    .filter_map(|update| self.credential(update))
+                    .collect();
+                snapshot.private_env = snapshot.private_env.and_then(|env| self.env(env));
+                Some(Message::Snapshot(snapshot))
+            }
+            Message::Credential(update) => self.credential(update).map(Message::Credential),
+            Message::PrivateEnv(env) => self.env(env).map(Message::PrivateEnv),
+            other => Some(other),
+        }
+    }
+
+    fn refuse(&self, what: &str, version: u64, reason: &str) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            item = what,
+            version,
+            reason,
+            "refused an update from the broker; keeping the last good one"
+        );
+        *self.last_refusal.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(format!("{what} version {version}: {reason}"));
+    }
+
+    fn settle<T>(&self, what: &str, version: u64, verdict: Verdict<T>) -> Option<T> {
+        match verdict {
+            Verdict::Accept(item) => Some(item),
+            Verdict::Duplicate => None,
+            Verdict::Refuse(reason) => {
+                self.refuse(what, version, &reason);
+                None
+            }
+        }
+    }
+
+    /// The rollback rule: newer sequence (and broker version) than the last
+    /// accepted item of the slot; the same pair again is a duplicate.
+    fn fresh(&self, slot: SealSlot, sequence: u64, version: u64) -> Verdict<()> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let held = &mut held[slot as usize - 1];
+        if sequence == held.sequence && version == held.version {
+            return Verdict::Duplicate;
+        }
+        if version <= held.version {
+            // The store ignores versions it has seen; nothing to refuse.
+            return Verdict::Duplicate;
+        }
+        if sequence <= held.sequence {
+            return Verdict::Refuse(
+                Refusal::NotNewer {
+                    sequence,
+                    held: held.sequence,
+                }
+                .to_string(),
+            );
+        }
+        *held = Held { sequence, version };
+        Verdict::Accept(())
+    }
+
+    fn credential(&self, update: CredentialUpdate) -> Option<CredentialUpdate> {
+        let what = match SealSlot::of_kind(update.kind()) {
+            Some(slot) => slot.label(),
+            None => "credential",
+        };
+        let version = update.version;
+        let verdict = match &self.key {
+            None if update.sealed.is_some() => Verdict::Refuse(no_key()),
+            None => Verdict::Accept(update),
+            Some(key) => match seal::open_credential(key, &update) {
+                Err(refusal) => Verdict::Refuse(refusal.to_string()),
+                Ok(opened) => {
+                    let slot = SealSlot::of_kind(opened.update.kind()).expect("opened a kind");
+                    match self.fresh(slot, opened.sequence, version) {
+                        Verdict::Accept(()) => Verdict::Accept(opened.update),
+                        Verdict::Duplicate => Verdict::Duplicate,
+                        Verdict::Refuse(reason) => Verdict::Refuse(reason),
+                    }
+                }
+            },
+        };
+        self.settle(what, version, verdict)
+    }
+
+    fn env(&self, env: PrivateEnv) -> Option<PrivateEnv> {
+        let version = env.version;
+        let verdict = match &self.key {
+            None if env.sealed.is_some() => Verdict::Refuse(no_key()),
+            None => Verdict::Accept(env),
+            Some(key) => match seal::open_env(key, &env) {
+                Err(refusal) => Verdict::Refuse(refusal.to_string()),
+                Ok(opened) => match self.fresh(SealSlot::Env, opened.sequence, version) {
+                    Verdict::Accept(()) => Verdict::Accept(opened.env),
+                    Verdict::Duplicate => Verdict::Duplicate,
+                    Verdict::Refuse(reason) => Verdict::Refuse(reason),
+                },
+            },
+        };
+        self.settle(SealSlot::Env.label(), version, verdict)
+    }
+}
+
+fn no_key() -> String {
+    "it is sealed and this agent has no seal key: start it with --seal-key-file F (CREDSTREAM_SEAL_KEY_FILE), F from `credstream seal-key --cluster ID`".into()
+}
+
+/// Reads the agent's seal key file, which must name `cluster_id`.
+pub fn read_key_file(path: &std::path::Path, cluster_id: &str) -> Result<SealKey, KeyFileError> {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+        KeyFileError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })?);
+    SealKey::parse_for(&text, cluster_id).map_err(|source| KeyFileError::Invalid {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A seal key file the agent cannot use.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// Unreadable.
+    #[error("cannot read the seal key file {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not a key for this cluster.
+    #[error("the seal key file {path} is not usable: {source}")]
+    Invalid {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: seal::KeyError,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use credstream_proto::convert::timestamp;
+    use credstream_proto::v1::credential_update::Credential;
+    use credstream_proto::v1::{AwsCredential, ClusterSnapshot};
+
+    use super::*;
+    use crate::store::CredentialStore;
+
+    fn minted(secret: &str) -> CredentialUpdate {
+        let now = SystemTime::now();
+        let mut aws = AwsCredential::default();
+        aws.access_key_id = "ASIAEXAMPLE".into();
+        aws.secret_access_key = secret.into();
+        aws.session_token = "token".into();
+        CredentialUpdate {
+            credential: Some(Credential::Aws(aws)),
+            issued_at: Some(timestamp(now)),
+            expires_at: Some(timestamp(now + Duration::from_secs(3600))),
+            ..Default::default()
+        }
+    }
+
+    fn relayed(mut update: CredentialUpdate, version: u64) -> Message {
+        update.version = version;
+        Message::Credential(update)
+    }
+
+    fn secret_held(store: &CredentialStore) -> String {
+        match store.current().aws.as_ref().and_then(|u| u.credential.clone()) {
+            Some(Credential::Aws(aws)) => aws.secret_access_key.clone(),
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn a_replayed_older_seal_is_refused_and_a_reconnect_duplicate_is_not() {
+        let key = SealKey::generate("dev");
+        let store = CredentialStore::with_gate(Gate::new(Some(key.clone())));
+        let old = seal::seal_credential(&key, &minted("old"), 10).unwrap();
+        let new = seal::seal_credential(&key, &minted("new"), 20).unwrap();
+        assert!(store.apply(relayed(old.clone(), 1)));
+        assert!(store.apply(relayed(new.clone(), 2)));
+        assert_eq!(secret_held(&store), "new");
+        // The same item in a reconnect's snapshot: no refusal.
+        let snapshot = ClusterSnapshot {
+            version: 2,
+            credentials: vec![{
+                let mut n = new.clone();
+                n.version = 2;
+                n
+            }],
+            ..Default::default()
+        };
+        store.apply(Message::Snapshot(snapshot));
+        assert_eq!(store.gate().refused(), 0);
+        // The old one under a newer version: refused, "new" still served.
+        assert!(!store.apply(relayed(old, 3)));
+        assert_eq!(secret_held(&store), "new");
+        assert_eq!(store.gate().refused(), 1);
+        assert!(store.gate().last_refusal().unwrap().contains("not newer"));
+    }
+
+    #[test]
+    fn without_a_key_a_sealed_item_is_refused_and_unsealed_ones_pass() {
+        let key = SealKey::generate("dev");
+        let store = CredentialStore::new();
+        let sealed = seal::seal_credential(&key, &minted("s"), 10).unwrap();
+        assert!(!store.apply(relayed(sealed, 1)));
+        assert!(store.current().aws.is_none());
+        assert!(store.gate().last_refusal().unwrap().contains("--seal-key-file"));
+        assert!(store.apply(relayed(minted("plain"), 2)));
+        assert_eq!(secret_held(&store), "plain");
+    }
+}
