@@ -45,6 +45,10 @@ use crate::rate_limit::{Bucket, CallRate};
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// An HTTP/2 GOAWAY frame (RFC 9113 §6.8): length 8, type 7, no flags,
+/// stream 0; last stream 0, error PROTOCOL_ERROR (1).
+const GOAWAY_PROTOCOL_ERROR: [u8; 17] = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
 /// File descriptors kept for what is not a connection (the listener, the
 /// metrics endpoint, the key file, log files, the runtime).
 pub const RESERVED_FDS: u64 = 64;
@@ -55,6 +59,13 @@ const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes before the connection is dropped.
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
+
+/// Encrypted bytes rustls may hold for one connection beyond what the
+/// socket took: one full TLS record. rustls' default (64 KiB) would let an
+/// agent that stops reading pin 64 KiB in the broker; with this, a full
+/// socket pushes back on HTTP/2 as it does in plaintext, and h2's flow
+/// control bounds the rest.
+const TLS_SEND_BUFFER_LIMIT: usize = 16 * 1024;
 
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -441,7 +452,13 @@ async fn handshake(
     let id = info.id;
     let work = async {
         let mut io = match tls {
-            Some(acceptor) => Io::Tls(Box::new(acceptor.accept(stream).await?)),
+            Some(acceptor) => Io::Tls(Box::new(
+                acceptor
+                    .accept_with(stream, |tls| {
+                        tls.set_buffer_limit(Some(TLS_SEND_BUFFER_LIMIT));
+                    })
+                    .await?,
+            )),
             None => Io::Plain(stream),
         };
         let mut preface = [0u8; PREFACE.len()];
@@ -450,6 +467,13 @@ async fn handshake(
             Io::Tls(io) => io.read_exact(&mut preface).await?,
         };
         if &preface != PREFACE {
+            // Answer as an HTTP/2 server does, so that a TLS client
+            // reaching this plaintext port reads a non-TLS record and can
+            // say "use http://" instead of "connection reset".
+            if let Io::Plain(io) = &mut io {
+                use tokio::io::AsyncWriteExt;
+                let _ = io.write_all(&GOAWAY_PROTOCOL_ERROR).await;
+            }
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "not an HTTP/2 client preface (the broker speaks gRPC over HTTP/2 only)",
@@ -581,7 +605,10 @@ mod tests {
             .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .unwrap();
-        assert!(closed_by_peer(&mut client).await);
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut answer)).await;
+        assert_eq!(answer, GOAWAY_PROTOCOL_ERROR, "a GOAWAY, then the close");
         assert_eq!(incoming.counts.timed_out.load(Ordering::Relaxed), 0);
     }
 
