@@ -157,12 +157,10 @@ async fn publish(url: &str, token: &str) -> mpsc::Sender<PublishRequest> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_exec_child_cannot_take_the_broker_token_from_its_parent() {
     let Some(python) = system_python() else {
-        eprintln!("skipped: token isolation: needs a system python3");
-        return;
+        return skip("needs a system python3 (/usr/bin/python3)");
     };
     if rustix::process::geteuid().is_root() && which("setpriv").is_none() {
-        eprintln!("skipped: token isolation: run as root, needs setpriv to drop to nobody");
-        return;
+        return skip("run as root, it needs setpriv (util-linux) to drop to nobody");
     }
     let key = TokenKey::generate();
     let broker = server::start(BrokerConfig::for_tests(key.clone()))
@@ -247,6 +245,16 @@ async fn the_exec_child_cannot_take_the_broker_token_from_its_parent() {
         assert_eq!(report["cmdline"], "clean", "{way}: {report}");
         assert_eq!(report["files named in cmdline"], "clean", "{way}: {report}");
     }
+}
+
+/// Prints why the test is skipped, or fails under scripts/test.sh, which
+/// sets CREDSTREAM_TEST_REQUIRE_TOOLS=1.
+fn skip(why: &str) {
+    let line = format!("skipped: token isolation: {why}");
+    if std::env::var("CREDSTREAM_TEST_REQUIRE_TOOLS").as_deref() == Ok("1") {
+        panic!("{line}, and CREDSTREAM_TEST_REQUIRE_TOOLS=1 says every tool must be present");
+    }
+    eprintln!("{line}");
 }
 
 fn which(program: &str) -> Option<PathBuf> {
