@@ -264,7 +264,12 @@ mod tests {
     }
 
     fn secret_held(store: &CredentialStore) -> String {
-        match store.current().aws.as_ref().and_then(|u| u.credential.clone()) {
+        match store
+            .current()
+            .aws
+            .as_ref()
+            .and_then(|u| u.credential.clone())
+        {
             Some(Credential::Aws(aws)) => aws.secret_access_key.clone(),
             _ => String::new(),
         }
@@ -305,7 +310,13 @@ mod tests {
         let sealed = seal::seal_credential(&key, &minted("s"), 10).unwrap();
         assert!(!store.apply(relayed(sealed, 1)));
         assert!(store.current().aws.is_none());
-        assert!(store.gate().last_refusal().unwrap().contains("--seal-key-file"));
+        assert!(
+            store
+                .gate()
+                .last_refusal()
+                .unwrap()
+                .contains("--seal-key-file")
+        );
         assert!(store.apply(relayed(minted("plain"), 2)));
         assert_eq!(secret_held(&store), "plain");
     }

@@ -10,6 +10,10 @@
 //! - [`fake_http`] — a recording HTTP server for endpoints the client calls.
 //! - [`recording_proxy`] — a recording HTTP proxy in front of a real server
 //!   (moto), to count the calls the client made.
+//! - [`hostile_relay`] — a gRPC relay between agents and the broker that
+//!   records and tampers with what agents receive (sealed delivery).
+//! - [`sealed_agent`] — a real agent process with or without a seal key,
+//!   read through its env file, its AWS endpoint and boto3.
 //! - [`child`] — a test body re-run in a child process with its own
 //!   environment.
 //! - [`shard_proxy`] — a real HAProxy or nginx sharding brokers by cluster.
@@ -21,10 +25,12 @@ pub mod bins;
 pub mod broker;
 pub mod child;
 pub mod fake_http;
+pub mod hostile_relay;
 pub mod minter;
 pub mod moto;
 pub mod pki;
 pub mod processes;
 pub mod recording_proxy;
+pub mod sealed_agent;
 pub mod shard_proxy;
 pub mod tools;
