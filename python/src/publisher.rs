@@ -346,7 +346,7 @@ impl Publisher {
                 .map_err(|e| PublisherError::new(ErrorKind::Config, format!("{e:#}")))?;
             let (usable, checked) =
                 tokio::join!(identity::usable(minters), preflight(&address));
-            checked?;
+            let held = checked?;
             if usable.minters.is_empty() && env.is_empty() {
                 let mut message = String::from(
                     "nothing to publish: no local credentials were found for the kinds asked for, and no env was given",
@@ -371,9 +371,9 @@ impl Publisher {
                 .start()
                 .map_err(|e| session_error(&address, e))?;
             tokio::spawn(watch_events(session.events(), observed.clone()));
-            Ok::<_, PublisherError>((session, kinds, usable.lines))
+            Ok::<_, PublisherError>((session, kinds, usable.lines, held))
         });
-        let (session, kinds, identity_lines) = match started {
+        let (session, kinds, identity_lines, held) = match started {
             Ok(started) => started,
             Err(error) => {
                 runtime.shutdown_background();
@@ -389,7 +389,7 @@ impl Publisher {
             address,
             running: Mutex::new(Some(Running {
                 session,
-                env_above: (!env.is_empty()).then_some(0),
+                env_above: initial_env_above(&env, held.as_ref()),
                 env,
             })),
             ended: Mutex::new(None),
@@ -581,14 +581,29 @@ impl Publisher {
                 ));
             }
         }
-        if let Some(above) = env_above {
-            let version = cluster.private_env.as_ref().map(|e| e.version);
-            if version.is_none_or(|v| v <= above) {
-                return Ok((
-                    false,
-                    "the latest private env change has not reached the broker yet".into(),
-                ));
-            }
+        let names_match = {
+            let guard = self.running()?;
+            let local = guard
+                .as_ref()
+                .map(|r| r.env.keys().cloned().collect::<Vec<_>>());
+            let held = cluster
+                .private_env
+                .as_ref()
+                .map(|e| e.names.clone())
+                .unwrap_or_default();
+            local.is_none_or(|local| local == held)
+        };
+        let version_newer = env_above.is_none_or(|above| {
+            cluster
+                .private_env
+                .as_ref()
+                .is_some_and(|e| e.version > above)
+        });
+        if !(names_match && version_newer) {
+            return Ok((
+                false,
+                "the latest private env change has not reached the broker yet".into(),
+            ));
         }
         let current = cluster
             .agents
@@ -777,14 +792,32 @@ fn closed() -> PublisherError {
 /// Connects and asks for the cluster's status, as `credstream publish`
 /// does: proves the URL, TLS and the token before the session starts
 /// retrying in the background.
-async fn preflight(address: &BrokerAddress) -> Result<(), PublisherError> {
+async fn preflight(address: &BrokerAddress) -> Result<Option<ClusterStatus>, PublisherError> {
     let mut admin = broker::connect_admin(address)
         .await
         .map_err(|e| PublisherError::from_cli(&e))?;
     broker::get_cluster(&mut admin, address)
         .await
-        .map_err(|e| PublisherError::from_cli(&e))?;
-    Ok(())
+        .map_err(|e| PublisherError::from_cli(&e))
+}
+
+/// The env version `wait_delivered` must see exceeded for this publisher's
+/// first env to be at the broker: the version the broker held before it
+/// connected. When the broker already holds exactly these names (a
+/// restarted notebook publishing the same env), a replacement that changes
+/// no value gets no new version, so then only the names are checked.
+fn initial_env_above(
+    env: &BTreeMap<String, Zeroizing<String>>,
+    held: Option<&ClusterStatus>,
+) -> Option<u64> {
+    if env.is_empty() {
+        return None;
+    }
+    match held.and_then(|cluster| cluster.private_env.as_ref()) {
+        None => Some(0),
+        Some(held) if held.names.iter().eq(env.keys()) => None,
+        Some(held) => Some(held.version),
+    }
 }
 
 /// A session error with the fix spelled out, as `credstream publish` says it.

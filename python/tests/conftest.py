@@ -35,6 +35,8 @@ import pytest
 T = TypeVar("T")
 
 VENV_BIN = os.path.dirname(sys.executable)
+#: For the scheduler and workers: dask_tasks.py (not the source package).
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def wait_until(what: str, check: Callable[[], Optional[T]], timeout: float = 60.0,
@@ -195,7 +197,10 @@ def seed_moto(moto: Moto) -> None:
     moto.access_key_id = key["AccessKeyId"]
     moto.secret_access_key = key["SecretAccessKey"]
     moto.role_arn = role["Arn"]
-    request = urllib.request.Request(f"{moto.url}/moto-api/reset-auth", data=b"0", method="POST")
+    # The body is the number of requests still allowed without auth; a form
+    # content type (urllib's default) would hide it from moto.
+    request = urllib.request.Request(f"{moto.url}/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})
     with urllib.request.urlopen(request) as response:
         assert response.status == 200
 
@@ -306,6 +311,7 @@ class DaskCluster:
             "AWS_SHARED_CREDENTIALS_FILE": empty,
             "CLOUDSDK_CONFIG": os.path.join(home, "gcloud"),
             "DASK_DISTRIBUTED__WORKER__DAEMON": "False",
+            "PYTHONPATH": TESTS_DIR,
         }
 
     def add_worker(self, host: str, name: str) -> Proc:
@@ -328,7 +334,7 @@ def start_scheduler(log_dir: str, moto_url: str) -> DaskCluster:
     proc = Proc("scheduler",
                 [os.path.join(VENV_BIN, "dask"), "scheduler", "--scheduler-file", scheduler_file,
                  "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
-                {"PATH": "/usr/bin:/bin", "HOME": log_dir}, log_dir)
+                {"PATH": "/usr/bin:/bin", "HOME": log_dir, "PYTHONPATH": TESTS_DIR}, log_dir)
     wait_until("the scheduler file", lambda: os.path.exists(scheduler_file), timeout=60)
     proc.wait_for_line(r"Scheduler at:")
     return DaskCluster(scheduler=proc, scheduler_file=scheduler_file, log_dir=log_dir,

@@ -16,7 +16,7 @@ README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
 def quickstart() -> str:
     with open(README) as f:
         text = f.read()
-    section = text.split("<!-- python-doc-test: begin -->", 1)[1].split(
+    section = re.split(r"<!-- python-doc-test: begin.*?-->", text, 1, re.S)[1].split(
         "<!-- python-doc-test: end -->", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert blocks, "no python block between the python-doc-test markers"
