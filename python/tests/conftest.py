@@ -83,7 +83,12 @@ class Proc:
     def __init__(self, name: str, argv: List[str], env: Dict[str, str], log_dir: str,
                  **kwargs: object) -> None:
         self.name = name
+        # One file per process, even for a second broker in one session.
         self.log_path = os.path.join(log_dir, f"{name}.log")
+        number = 1
+        while os.path.exists(self.log_path):
+            number += 1
+            self.log_path = os.path.join(log_dir, f"{name}-{number}.log")
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[arg-type]

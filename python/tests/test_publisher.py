@@ -146,3 +146,43 @@ def test_wait_delivered_times_out_saying_how_far_it_got(broker):
             publisher.wait_delivered(timeout=0.5, min_agents=1)
         assert "0/0 agents hold version" in str(raised.value)
         assert "fix:" in str(raised.value)
+
+
+def _processes_mentioning(text: str) -> list:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append((int(pid), cmdline))
+    return found
+
+
+def test_the_plugin_gives_up_after_ready_timeout_saying_what_it_waited_for(
+        log_dir, tmp_path, monkeypatch):
+    from credstream.dask import AgentNotReadyError, CredstreamPlugin
+
+    # A broker no publisher ever connected to.
+    lonely = start_broker(log_dir)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    try:
+        plugin = CredstreamPlugin(broker=lonely.url, cluster="dev",
+                                  agent_token=lonely.agent_token, ready_timeout=2)
+        with pytest.raises(AgentNotReadyError) as raised:
+            plugin.attach()
+        message = str(raised.value)
+        assert "was not ready within 2s: not ready: waiting for a publisher to connect" in message, message
+        assert "fix: start the publisher" in message
+        assert lonely.agent_token not in message
+        # The agent it started is gone again, and nothing was left in os.environ.
+        from conftest import wait_until
+        wait_until("the agent to exit", lambda: not _processes_mentioning(str(tmp_path)),
+                   timeout=15)
+        assert "AWS_CONTAINER_CREDENTIALS_FULL_URI" not in os.environ
+    finally:
+        lonely.proc.stop()
