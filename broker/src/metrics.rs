@@ -53,6 +53,13 @@ pub fn render(hub: &ClusterHub) -> String {
     );
     family(
         &mut out,
+        "credstream_clusters_dropped_total",
+        "counter",
+        "Clusters dropped after their idle grace period (no publisher, no agents, no live credential).",
+        [format!(" {}", hub.dropped())],
+    );
+    family(
+        &mut out,
         "credstream_agents_connected",
         "gauge",
         "Agents subscribed to the cluster.",
@@ -68,6 +75,57 @@ pub fn render(hub: &ClusterHub) -> String {
         statuses.iter().map(|s| {
             let connected = s.info.as_ref().is_some_and(|i| i.publisher_connected);
             format!("{{cluster=\"{}\"}} {}", s.cluster_id, u8::from(connected))
+        }),
+    );
+    family(
+        &mut out,
+        "credstream_publisher_responsive",
+        "gauge",
+        "0 while the connected publisher has left a heartbeat unanswered (refresh requests are held).",
+        statuses
+            .iter()
+            .filter(|s| s.info.as_ref().is_some_and(|i| i.publisher_connected))
+            .map(|s| {
+                format!(
+                    "{{cluster=\"{}\"}} {}",
+                    s.cluster_id,
+                    u8::from(s.publisher_responsive)
+                )
+            }),
+    );
+    family(
+        &mut out,
+        "credstream_takeovers_total",
+        "counter",
+        "Hellos that took the cluster from a connected publisher.",
+        statuses.iter().map(|s| {
+            let count = s.takeovers.as_ref().map_or(0, |t| t.count);
+            format!("{{cluster=\"{}\"}} {count}", s.cluster_id)
+        }),
+    );
+    family(
+        &mut out,
+        "credstream_takeovers_refused_total",
+        "counter",
+        "Hellos refused by the takeover hold-down.",
+        statuses.iter().map(|s| {
+            let refused = s.takeovers.as_ref().map_or(0, |t| t.refused);
+            format!("{{cluster=\"{}\"}} {refused}", s.cluster_id)
+        }),
+    );
+    family(
+        &mut out,
+        "credstream_refresh_stopped",
+        "gauge",
+        "1 for a kind the broker stopped asking for after a permanent refresh error.",
+        statuses.iter().flat_map(|s| {
+            s.stopped_refreshes.iter().map(move |stopped| {
+                format!(
+                    "{{cluster=\"{}\",kind=\"{}\"}} 1",
+                    s.cluster_id,
+                    stopped.kind().label()
+                )
+            })
         }),
     );
     family(
