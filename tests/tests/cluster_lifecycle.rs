@@ -180,7 +180,10 @@ async fn the_broker_binary_drops_a_cluster_nobody_uses_after_its_grace() {
     drop(agent);
     let deadline = tokio::time::Instant::now() + PROCESS_WAIT;
     while !list().await.is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "dev was never dropped");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dev was never dropped"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let gone = broker.status("dev").await.unwrap_err();

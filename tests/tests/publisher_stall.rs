@@ -177,8 +177,15 @@ async fn a_sigstopped_publisher_resumed_after_several_deadlines_mints_once() {
     assert!(!through.publisher_responsive, "{through:?}");
     assert_eq!(through.pending_refreshes.len(), 1, "{through:?}");
     assert_eq!(through.pending_refreshes[0].id, request.id, "{through:?}");
-    assert_eq!(count(&through, RefreshReason::AgentRequested, "timed_out"), 0);
-    assert_eq!(sts.aws_calls("AssumeRole"), 1, "nothing minted while stopped");
+    assert_eq!(
+        count(&through, RefreshReason::AgentRequested, "timed_out"),
+        0
+    );
+    assert_eq!(
+        sts.aws_calls("AssumeRole"),
+        1,
+        "nothing minted while stopped"
+    );
 
     publish.signal("CONT");
     // Every agent gets one new version...
@@ -200,9 +207,18 @@ async fn a_sigstopped_publisher_resumed_after_several_deadlines_mints_once() {
         "exactly one AssumeRole for the stall: {:?}",
         sts.received()
     );
-    assert_eq!(count(&settled, RefreshReason::AgentRequested, "requested"), 1);
-    assert_eq!(count(&settled, RefreshReason::AgentRequested, "fulfilled"), 1);
-    assert_eq!(count(&settled, RefreshReason::AgentRequested, "superseded"), 0);
+    assert_eq!(
+        count(&settled, RefreshReason::AgentRequested, "requested"),
+        1
+    );
+    assert_eq!(
+        count(&settled, RefreshReason::AgentRequested, "fulfilled"),
+        1
+    );
+    assert_eq!(
+        count(&settled, RefreshReason::AgentRequested, "superseded"),
+        0
+    );
     let minted = publish
         .stdout()
         .lines()

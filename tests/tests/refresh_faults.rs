@@ -82,7 +82,10 @@ async fn an_answer_to_a_superseded_request_is_dropped_and_counted() {
         count(s, "superseded") == 1
     })
     .await;
-    assert_eq!(dropped.version, before, "no version for a superseded answer");
+    assert_eq!(
+        dropped.version, before,
+        "no version for a superseded answer"
+    );
     assert!(dropped.credentials.is_empty(), "{dropped:?}");
     assert_eq!(dropped.pending_refreshes[0].id, second.id);
 
@@ -169,16 +172,26 @@ async fn a_publisher_that_stops_answering_heartbeats_is_unresponsive_until_it_an
     .await;
     assert_eq!(silent.pending_refreshes[0].id, missing.id);
     publisher
-        .send(publish_request::Message::HeartbeatAck(HeartbeatAck { sequence: 1 }))
+        .send(publish_request::Message::HeartbeatAck(HeartbeatAck {
+            sequence: 1,
+        }))
         .await;
-    status_until(&broker, cluster, "responsive again", |s| s.publisher_responsive).await;
+    status_until(&broker, cluster, "responsive again", |s| {
+        s.publisher_responsive
+    })
+    .await;
     // An ack for a heartbeat never sent is refused, clearly.
     publisher
-        .send(publish_request::Message::HeartbeatAck(HeartbeatAck { sequence: 99 }))
+        .send(publish_request::Message::HeartbeatAck(HeartbeatAck {
+            sequence: 99,
+        }))
         .await;
     let status = publisher.ended_with().await;
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("heartbeat_ack.sequence 99"), "{status:?}");
+    assert!(
+        status.message().contains("heartbeat_ack.sequence 99"),
+        "{status:?}"
+    );
     // A publisher without heartbeats is never called unresponsive.
     let mut quiet = broker.publisher(cluster, &[AWS], false).await;
     quiet.welcome().await;

@@ -95,11 +95,7 @@ async fn status_until(
 
 fn takeovers(status: &ClusterStatus) -> (u64, u64, Option<SystemTime>) {
     let t = status.takeovers.clone().unwrap_or_default();
-    (
-        t.count,
-        t.refused,
-        t.last_at.as_ref().and_then(system_time),
-    )
+    (t.count, t.refused, t.last_at.as_ref().and_then(system_time))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,12 +148,7 @@ async fn two_supervised_publishers_take_over_at_most_once_per_hold_down() {
         }
     });
 
-    let (alice, alice_task) = supervise(
-        &broker,
-        "alice",
-        homes.path().to_owned(),
-        stopped.clone(),
-    );
+    let (alice, alice_task) = supervise(&broker, "alice", homes.path().to_owned(), stopped.clone());
     status_until(&broker, "alice to publish", |s| {
         s.publisher_name.starts_with("alice@")
     })
@@ -166,7 +157,10 @@ async fn two_supervised_publishers_take_over_at_most_once_per_hold_down() {
     // Bob takes over once; record the broker's time of it.
     let first = status_until(&broker, "bob's takeover", |s| takeovers(s).0 >= 1).await;
     let (count, _, first_at) = takeovers(&first);
-    assert_eq!(count, 1, "observed before the hold-down could pass: {first:?}");
+    assert_eq!(
+        count, 1,
+        "observed before the hold-down could pass: {first:?}"
+    );
     let first_at = first_at.expect("the takeover's time");
     // Let them fight until alice's restarts were refused and she took the
     // cluster back, and bob's in turn.
@@ -184,7 +178,10 @@ async fn two_supervised_publishers_take_over_at_most_once_per_hold_down() {
         (count - 1) as f64 * HOLD_DOWN.as_secs_f64() <= span.as_secs_f64() + 0.01,
         "{count} takeovers within {span:?} with a {HOLD_DOWN:?} hold-down: {fought:?}"
     );
-    assert!(refused >= 1, "restarts within the hold-down are refused: {fought:?}");
+    assert!(
+        refused >= 1,
+        "restarts within the hold-down are refused: {fought:?}"
+    );
     // Every run that ended on its own was taken over, and said so.
     for (name, runs) in [("alice", &alice), ("bob", &bob)] {
         let exits = &runs.lock().unwrap().exits;
