@@ -137,3 +137,27 @@ pub async fn boto3_credentials(python: &Path, env: &HashMap<String, String>) -> 
         lines.next().unwrap_or_default().to_owned(),
     )
 }
+
+/// `credstream seal-key --cluster CLUSTER` on the laptop (its environment:
+/// `HOME` decides where the key is), its stdout written to a 0600 file in
+/// `dir` for a worker's `--seal-key-file`, as a user would copy it.
+pub async fn worker_seal_key(
+    laptop: &[(String, String)],
+    cluster: &str,
+    dir: &Path,
+) -> (PathBuf, credstream_proto::seal::SealKey) {
+    let mut command = clean_command(binary("credstream"));
+    command
+        .envs(laptop.iter().map(|(k, v)| (k, v)))
+        .args(["seal-key", "--cluster", cluster]);
+    let mut process = Process::spawn("credstream seal-key", command);
+    assert!(process.exit().await.success(), "{}", process.output());
+    let line = process.stdout();
+    let key = credstream_proto::seal::SealKey::parse_for(&line, cluster)
+        .unwrap_or_else(|e| panic!("{e}\n{}", process.output()));
+    let path = dir.join(format!("{cluster}.worker.seal-key"));
+    std::fs::write(&path, format!("{}\n", line.trim())).expect("write the key file");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod the key file");
+    (path, key)
+}

@@ -23,10 +23,15 @@ use tokio::sync::{oneshot, watch};
 
 const DB_SECRET: &str = "db-secret-value-7f3a";
 
-/// `credstream ARGS` with exactly `env` (plus `PATH`).
+/// `credstream ARGS` with exactly `env` (plus `PATH`), publishing
+/// unsealed (`CREDSTREAM_NO_SEAL`): these agents hold no seal key, and
+/// sealing end to end is tested in `e2e_*.rs` and `sealed_*.rs`.
 fn credstream(env: &[(String, String)], args: &[&str]) -> Command {
     let mut command = clean_command(binary("credstream"));
-    command.envs(env.iter().map(|(k, v)| (k, v))).args(args);
+    command
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("CREDSTREAM_NO_SEAL", "1")
+        .args(args);
     command
 }
 

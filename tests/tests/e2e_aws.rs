@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
+use credstream_proto::seal::{SealKey, open_credential};
 use credstream_proto::v1::credential_update::Credential;
 use credstream_proto::v1::{
     AgentAck, CredentialKind, RefreshHint, subscribe_request, subscribe_response,
@@ -18,6 +19,7 @@ use credstream_tests::bins::binary;
 use credstream_tests::broker::{RawAgent, open_agent};
 use credstream_tests::moto::{Moto, Seeded, laptop_env, seed, worker_env};
 use credstream_tests::processes::{BrokerProcess, Process, clean_command, write_file};
+use credstream_tests::sealed_agent::worker_seal_key;
 use credstream_tests::tools;
 use tokio::process::Command;
 use tonic::transport::Channel;
@@ -72,6 +74,9 @@ struct World {
     script: PathBuf,
     laptop: Vec<(String, String)>,
     worker: Vec<(String, String)>,
+    /// The cluster's seal key as the worker got it (`credstream seal-key`).
+    seal_key_file: PathBuf,
+    seal_key: SealKey,
 }
 
 /// moto seeded and enforcing auth, a broker, the script, and the laptop's
@@ -89,6 +94,9 @@ async fn world(python: &Path) -> World {
     std::fs::create_dir_all(&worker_home).unwrap();
     let laptop = laptop_env(&moto, &seeded, &laptop_home);
     let worker = worker_env(&moto, &worker_home);
+    // Sealing is on by default: the laptop's key, handed to the worker out
+    // of band (`publish` uses the same key file, created here first).
+    let (seal_key_file, seal_key) = worker_seal_key(&laptop, "dev", dir.path()).await;
     World {
         _python: python.to_owned(),
         moto,
@@ -98,6 +106,8 @@ async fn world(python: &Path) -> World {
         script,
         laptop,
         worker,
+        seal_key_file,
+        seal_key,
     }
 }
 
@@ -126,6 +136,8 @@ impl World {
             .args(["--agent-id", "worker-1", "--wait-timeout", "60s"])
             .arg("--token-file")
             .arg(&token_file)
+            .arg("--seal-key-file")
+            .arg(&self.seal_key_file)
             .arg("--")
             .arg(python)
             .arg(&self.script)
@@ -251,24 +263,26 @@ async fn ack(agent: &RawAgent, version: u64) {
         .await;
 }
 
-/// The AWS credential's (version, access key id) in a message, if any.
-fn aws_in(message: &subscribe_response::Message) -> Option<(u64, String)> {
+/// The AWS credential's (version, access key id) in a message, if any,
+/// opened with the cluster's seal key as an agent does.
+fn aws_in(message: &subscribe_response::Message, key: &SealKey) -> Option<(u64, String)> {
     let credentials: Vec<_> = match message {
         subscribe_response::Message::Snapshot(snapshot) => snapshot.credentials.iter().collect(),
         subscribe_response::Message::Credential(update) => vec![update],
         _ => vec![],
     };
-    credentials
-        .into_iter()
-        .find_map(|update| match &update.credential {
+    credentials.into_iter().find_map(|update| {
+        let opened = open_credential(key, update).expect("a sealed credential that opens");
+        match &opened.update.credential {
             Some(Credential::Aws(aws)) => Some((update.version, aws.access_key_id.clone())),
             _ => None,
-        })
+        }
+    })
 }
 
 /// Reads a raw agent's stream (acknowledging everything) until it carries
 /// an AWS credential; returns its version and access key id.
-async fn next_aws(agent: &mut RawAgent) -> (u64, String) {
+async fn next_aws(agent: &mut RawAgent, key: &SealKey) -> (u64, String) {
     loop {
         let message = agent.expect().await;
         let version = match &message {
@@ -279,7 +293,7 @@ async fn next_aws(agent: &mut RawAgent) -> (u64, String) {
             subscribe_response::Message::ClusterInfo(i) => i.version,
         };
         ack(agent, version).await;
-        if let Some(found) = aws_in(&message) {
+        if let Some(found) = aws_in(&message, key) {
             return found;
         }
     }
@@ -325,7 +339,7 @@ async fn a_long_running_boto3_process_keeps_reading_across_a_rotation() {
     let mut probe = open_agent(channel, &world.broker.agent_token, "dev", "probe")
         .await
         .expect("subscribe");
-    let (held_version, held_key) = next_aws(&mut probe).await;
+    let (held_version, held_key) = next_aws(&mut probe, &world.seal_key).await;
     assert_eq!(held_key, first_key, "both agents hold the same credential");
     probe
         .send(subscribe_request::Message::RefreshHint(RefreshHint {
@@ -337,7 +351,7 @@ async fn a_long_running_boto3_process_keeps_reading_across_a_rotation() {
         .line(|l| l == "refresh requested: AWS (an agent asked)")
         .await;
     publish.nth_line(2, |l| l.starts_with("minted AWS")).await;
-    let (new_version, new_key) = next_aws(&mut probe).await;
+    let (new_version, new_key) = next_aws(&mut probe, &world.seal_key).await;
     assert!(new_version > held_version);
     assert_ne!(new_key, first_key, "a new credential");
     // Both agents (the worker's and the probe) applied it.

@@ -164,6 +164,13 @@ async fn google_auth_default_on_a_worker_gets_the_token_the_client_published() {
         minted.starts_with(&format!("minted GCP for {EMAIL}, valid until ")),
         "{minted}"
     );
+    // Sealed (the default): the worker gets the key out of band.
+    publish
+        .line(|l| l.starts_with("sealing every credential and env change for cluster dev"))
+        .await;
+    let laptop = [("HOME".to_owned(), laptop_home.display().to_string())];
+    let (seal_key, _) =
+        credstream_tests::sealed_agent::worker_seal_key(&laptop, "dev", dir.path()).await;
     // The published token is the endpoint's latest (the first one only
     // proved the key works, for the `gcp:` line above).
     let published = issued(&endpoint).last().cloned().expect("a token");
@@ -175,6 +182,8 @@ async fn google_auth_default_on_a_worker_gets_the_token_the_client_published() {
         .args(["--agent-id", "worker-1", "--wait-timeout", "60s"])
         .arg("--token-file")
         .arg(&token_file)
+        .arg("--seal-key-file")
+        .arg(&seal_key)
         .arg("--")
         .arg(&python)
         .arg(&script);
