@@ -7,6 +7,8 @@
 //!   and credential builders.
 //! - [`minter`] — a counting fake minter for refresh tests.
 //! - [`moto`] — a real moto server (STS, IAM, S3), seeded through boto3.
+//! - [`aws_login`] — temporary credentials moto issued, and an AWS SSO login
+//!   (profile, token cache, portal) that hands them out.
 //! - [`fake_http`] — a recording HTTP server for endpoints the client calls.
 //! - [`recording_proxy`] — a recording HTTP proxy in front of a real server
 //!   (moto), to count the calls the client made.
@@ -18,9 +20,11 @@
 //!   environment.
 //! - [`shard_proxy`] — a real HAProxy or nginx sharding brokers by cluster.
 //! - [`pki`] — a throwaway CA for TLS and mutual-TLS tests.
+//! - [`wait`] — `eventually(what, check)`, the one poll-until-true wait.
 //! - [`bins`] — paths of the workspace binaries, building them once if a test
 //!   runs before `cargo build`.
 
+pub mod aws_login;
 pub mod bins;
 pub mod broker;
 pub mod child;
@@ -34,3 +38,4 @@ pub mod recording_proxy;
 pub mod sealed_agent;
 pub mod shard_proxy;
 pub mod tools;
+pub mod wait;

@@ -4,15 +4,16 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use credstream_proto::connect::CallCredentials;
 use credstream_proto::v1::admin_service_client::AdminServiceClient;
 use credstream_proto::v1::{
     CreateAgentTokenRequest, CredentialKind, Revoke, publish_request, subscribe_response,
 };
-use credstream_tests::broker::{WAIT, aws_update, open_agent, open_publisher, publisher_hello};
+use credstream_tests::broker::{aws_update, open_agent, open_publisher, publisher_hello};
 use credstream_tests::processes::BrokerProcess;
+use credstream_tests::wait;
 use serde_json::Value;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -41,21 +42,14 @@ fn events(path: &Path) -> Vec<Value> {
 
 /// Waits until the trail holds an event `name` matching `accept`.
 async fn eventually(path: &Path, name: &str, accept: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(event) = events(path)
+    let what = format!("a {name} event in {}", path.display());
+    wait::eventually(&what, || {
+        let found = events(path)
             .into_iter()
-            .find(|e| e["event"] == name && accept(e))
-        {
-            return event;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {name} event in:\n{}",
-            std::fs::read_to_string(path).unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .find(|e| e["event"] == name && accept(e));
+        async move { found }
+    })
+    .await
 }
 
 #[tokio::test]

@@ -4,14 +4,15 @@
 //! are untouched.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use credstream_proto::v1::{CredentialKind, publish_request, subscribe_response};
 use credstream_tests::bins::binary;
-use credstream_tests::broker::{WAIT, aws_update, open_agent, open_publisher, publisher_hello};
+use credstream_tests::broker::{aws_update, open_agent, open_publisher, publisher_hello};
 use credstream_tests::processes::BrokerProcess;
+use credstream_tests::wait;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -49,15 +50,11 @@ async fn reloaded(broker: &BrokerProcess, times: usize) {
 }
 
 async fn logged(broker: &BrokerProcess, what: &str, times: usize) {
-    let deadline = Instant::now() + WAIT;
-    while broker.process.stderr().matches(what).count() < times {
-        assert!(
-            Instant::now() < deadline,
-            "no reload logged:\n{}",
-            broker.process.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait::eventually(&format!("{times} × {what:?} in the broker's log"), || {
+        let seen = broker.process.stderr().matches(what).count() >= times;
+        async move { seen.then_some(()) }
+    })
+    .await
 }
 
 #[tokio::test]
