@@ -19,6 +19,8 @@ if [[ -z "$WHEEL" ]]; then
   WHEEL="$(ls "$ROOT"/target/wheels/credstream-*.whl 2>/dev/null | head -1 || true)"
 fi
 [[ -f "$WHEEL" ]] || die "no wheel (build it with scripts/wheel.sh)"
+# Absolute: pytest runs from python/tests.
+WHEEL="$(cd "$(dirname "$WHEEL")" && pwd)/$(basename "$WHEEL")"
 export CREDSTREAM_TEST_WHEEL="$WHEEL"
 export CREDSTREAM_TEST_PYTHON="${CREDSTREAM_TEST_PYTHON:-$ROOT/.venv/bin/python}"
 export CREDSTREAM_TEST_BROKER="${CREDSTREAM_TEST_BROKER:-$ROOT/target/debug/credstream-broker}"
