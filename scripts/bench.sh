@@ -3,7 +3,16 @@
 # pub/sub and a minimal tonic fan-out, at N = 100, 1,000 and 10,000 agents.
 #
 #   scripts/bench.sh                      # everything, about 10 minutes
+#   scripts/bench.sh --tls                # the same over TLS on every system,
+#                                         # then the reconnect storms (plaintext
+#                                         # and TLS) at the largest N (issue 18)
 #   scripts/bench.sh --agents 100,1000    # any credstream-bench flag
+#
+# With --tls the bench generates one CA and one server certificate for IP
+# 127.0.0.1 (target/bench/work/tls/), gives them to every server
+# (credstream --tls-cert/--tls-key, the floor the same rustls setup, etcd
+# --cert-file/--key-file, NATS --tls --tlscert/--tlskey, Redis --tls-port)
+# and every client verifies the server against the CA.
 #
 # Installs the peers from Debian (etcd-server, nats-server, redis-server),
 # builds the release binaries
@@ -11,7 +20,8 @@
 # credstream-bench, which starts every server as its own process on
 # 127.0.0.1 only, on ports below 32768, and stops each by its PID. This
 # script stops the bench itself by PID if interrupted. Output: one table,
-# then the JSON (also written to target/bench/report.json).
+# then the JSON (also written to target/bench/report.json, or
+# target/bench/report-tls.json with --tls).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +52,10 @@ ulimit -n "$(ulimit -Hn)"
 section "open files: $(ulimit -n)"
 
 mkdir -p target/bench
+REPORT=target/bench/report.json
+for arg in "$@"; do
+  if [[ "$arg" == "--tls" ]]; then REPORT=target/bench/report-tls.json; fi
+done
 BENCH_PID=""
 cleanup() {
   if [[ -n "$BENCH_PID" ]] && kill -0 "$BENCH_PID" 2>/dev/null; then
@@ -54,7 +68,7 @@ trap cleanup EXIT INT TERM
 
 section "credstream-bench $*"
 target/release/credstream-bench \
-  --json target/bench/report.json \
+  --json "$REPORT" \
   --work-dir "$ROOT/target/bench/work" \
   "$@" &
 BENCH_PID=$!

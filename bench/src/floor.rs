@@ -2,7 +2,9 @@
 //! `watch` channel holding the latest credential, each Subscribe stream a
 //! `WatchStream` over it that encodes the message for itself, default
 //! server settings, no auth, no acks kept, no versions checked. It speaks
-//! credstream's services so that the same client measures both.
+//! credstream's services so that the same client measures both. Over TLS
+//! it uses the broker's own rustls configuration
+//! ([`credstream_broker::tls::acceptor`]), so the two differ above TLS only.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,9 +17,13 @@ use credstream_proto::v1::{
     SubscribeRequest, SubscribeResponse, publish_request, publish_response, subscribe_response,
 };
 use futures::{Stream, StreamExt};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, WatchStream};
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -103,12 +109,43 @@ impl AgentService for Floor {
     }
 }
 
-/// Serves the floor on `listener` until the process ends.
-pub async fn serve(listener: TcpListener) -> Result<(), tonic::transport::Error> {
+/// Serves the floor on `listener` until the process ends; with `tls`,
+/// each connection's TLS handshake runs in a task of its own (as the
+/// broker's accept loop does) and tonic gets the TLS streams.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+) -> Result<(), tonic::transport::Error> {
     let floor = Floor::default();
-    Server::builder()
+    let server = Server::builder()
         .add_service(PublisherServiceServer::new(floor.clone()))
-        .add_service(AgentServiceServer::new(floor))
-        .serve_with_incoming(TcpListenerStream::new(listener))
-        .await
+        .add_service(AgentServiceServer::new(floor));
+    match tls {
+        None => {
+            server
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await
+        }
+        Some(acceptor) => {
+            let (tx, rx) = mpsc::channel::<std::io::Result<TlsStream<TcpStream>>>(1024);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let acceptor = acceptor.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        if let Ok(Ok(tls)) =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                                .await
+                        {
+                            let _ = tx.send(Ok(tls)).await;
+                        }
+                    });
+                }
+            });
+            server.serve_with_incoming(ReceiverStream::new(rx)).await
+        }
+    }
 }

@@ -14,6 +14,8 @@
 //! - [`floor`]: the minimal tonic fan-out (a `watch` channel, nothing else)
 //!   served by the `credstream-bench-floor` binary.
 //! - [`agent_http`]: keep-alive load on the agent's `/aws/credentials`.
+//! - [`tls`]: the CA and server certificate of a TLS run.
+//! - [`storm`]: the reconnect storm: N agent streams, the broker restarted.
 //! - [`report`]: results, targets, the table and the JSON.
 //! - [`run`]: the whole benchmark, driven by a [`run::BenchConfig`].
 #![warn(missing_docs)]
@@ -27,3 +29,5 @@ pub mod recorder;
 pub mod report;
 pub mod run;
 pub mod servers;
+pub mod storm;
+pub mod tls;

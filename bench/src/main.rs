@@ -77,6 +77,18 @@ struct Cli {
     /// How long to load the agent endpoint.
     #[arg(long, env = "CREDSTREAM_BENCH_HTTP_DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     http_duration: Duration,
+    /// Every fan-out connection over TLS: one CA and a server certificate
+    /// for 127.0.0.1 are generated, every server gets them and every client
+    /// verifies them. Also runs the reconnect storms (see --storm).
+    #[arg(long, env = "CREDSTREAM_BENCH_TLS")]
+    tls: bool,
+    /// Agents in the reconnect storms, plaintext then TLS, in this run
+    /// (default: the largest --agents with --tls, none without; 0 for none).
+    #[arg(long, env = "CREDSTREAM_BENCH_STORM")]
+    storm: Option<usize>,
+    /// How long the storms' agents get to converge.
+    #[arg(long, env = "CREDSTREAM_BENCH_STORM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    storm_timeout: Duration,
     /// Write the JSON report here (it is also printed after the table).
     #[arg(long, env = "CREDSTREAM_BENCH_JSON")]
     json: Option<PathBuf>,
@@ -102,7 +114,12 @@ fn main() -> Result<()> {
         (false, Some(path)) => Some(path),
         (false, None) => Some(sibling_binary("credstream-agent")).filter(|p| p.exists()),
     };
+    let largest = cli.agents.iter().copied().max().unwrap_or_default();
+    let storm = cli.storm.unwrap_or(if cli.tls { largest } else { 0 });
     let config = BenchConfig {
+        tls: cli.tls,
+        storm,
+        storm_timeout: cli.storm_timeout,
         agents: cli.agents,
         publishes: cli.publishes,
         warmup: cli.warmup,

@@ -10,6 +10,8 @@ use anyhow::{Context, Result};
 pub struct ProcStats {
     /// Resident set size in bytes (`VmRSS`).
     pub rss_bytes: u64,
+    /// The peak resident set size since the process started (`VmHWM`).
+    pub peak_rss_bytes: u64,
     /// User plus system CPU time in seconds (`utime + stime`).
     pub cpu_seconds: f64,
     /// The system (kernel) part of it (`stime`): system calls, and on
@@ -42,6 +44,12 @@ impl ProcStats {
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|kib| kib.parse().ok())
             .context("no VmRSS")?;
+        let peak_kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or(rss_kib);
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
         // Fields after the command name (which may hold spaces), which ends
@@ -53,6 +61,7 @@ impl ProcStats {
         let stime: u64 = fields.get(12).context("no stime")?.parse()?;
         Ok(Self {
             rss_bytes: rss_kib * 1024,
+            peak_rss_bytes: peak_kib * 1024,
             cpu_seconds: (utime + stime) as f64 / clock_ticks(),
             system_seconds: stime as f64 / clock_ticks(),
         })

@@ -83,6 +83,54 @@ pub struct HintResult {
     pub refresh_requests: u64,
 }
 
+/// One reconnect storm (see [`crate::storm`]); times are seconds from the
+/// restart (SIGTERM to the old broker).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StormResult {
+    /// `plaintext` or `TLS`.
+    pub transport: String,
+    /// Agent streams, each on its own connection.
+    pub agents: usize,
+    /// Seconds to connect them all before the restart.
+    pub connect_seconds: f64,
+    /// When the old broker had exited.
+    pub old_broker_exit_seconds: f64,
+    /// When the new one accepted its first connection.
+    pub new_broker_listening_seconds: f64,
+    /// When the publisher's stream was open again and the credential
+    /// re-published.
+    pub publisher_reconnected_seconds: f64,
+    /// When the last agent held the re-published credential (`None` if
+    /// some never did within the timeout).
+    pub converged_seconds: Option<f64>,
+    /// When half of them did.
+    pub median_seconds: Option<f64>,
+    /// Agents that did not hold it by the timeout.
+    pub not_converged: usize,
+    /// Streams that delivered a snapshot after the restart (one handshake
+    /// each, TLS included).
+    pub streams_opened: u64,
+    /// Stream attempts that failed after the restart (each is retried).
+    pub failed_attempts: u64,
+    /// `streams_opened` / (last opened − new broker listening).
+    pub handshakes_per_second: f64,
+    /// The new broker's CPU (user + system) from its start to convergence.
+    pub broker_cpu_seconds: f64,
+    /// The kernel's part of it.
+    pub broker_system_seconds: f64,
+    /// The load process's CPU over the same time (every agent's
+    /// reconnects, handshakes included, and the publisher).
+    pub load_cpu_seconds: f64,
+    /// The old broker's RSS with every agent connected and idle.
+    pub steady_rss_bytes: u64,
+    /// The new broker's peak RSS (`VmHWM`) up to 2 s after convergence.
+    pub peak_rss_bytes: u64,
+    /// Its RSS 2 s after convergence.
+    pub rss_after_bytes: u64,
+    /// Why the storm failed, if it did.
+    pub error: Option<String>,
+}
+
 /// One target of the issue.
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
@@ -111,6 +159,10 @@ pub struct Report {
     pub config: BTreeMap<String, String>,
     /// Fan-out results, by N then peer.
     pub fanout: Vec<FanoutResult>,
+    /// True if every connection used TLS (the fan-out table says so).
+    pub tls: bool,
+    /// The reconnect storms (plaintext and TLS, same N).
+    pub storms: Vec<StormResult>,
     /// The hint storm at the largest N.
     pub hints: Option<HintResult>,
     /// The agent's HTTP endpoint.
@@ -152,43 +204,101 @@ impl Report {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let mut targets = vec![
-            (
-                format!("max latency at N={largest} / etcd"),
-                ratio(cs(largest), self.max_latency("etcd", largest)),
-                0.5,
-                true,
+        let broker_cpu = self
+            .find("credstream", largest)
+            .map(|r| r.server_cpu_ms_per_update);
+        let bytes_per_agent = (
+            format!(
+                "broker bytes per connected {}agent (N={largest})",
+                if self.tls { "TLS " } else { "" }
             ),
-            (
-                format!("max latency at N={largest} / faster of NATS and Redis"),
-                ratio(cs(largest), faster_pubsub),
-                1.0,
-                true,
-            ),
-            (
-                "max latency at N=1000 / tonic floor".to_owned(),
-                ratio(cs(1000), self.max_latency("tonic-floor", 1000)),
-                1.0,
-                true,
-            ),
-            (
-                format!("broker bytes per connected agent (N={largest})"),
-                self.find("credstream", largest)
-                    .map(|r| r.server_bytes_per_agent),
-                16384.0,
-                true,
-            ),
-            (
-                format!("broker CPU per fan-out at N={largest} / tonic floor"),
-                ratio(
-                    self.find("credstream", largest)
-                        .map(|r| r.server_cpu_ms_per_update),
-                    self.find("tonic-floor", largest)
-                        .map(|r| r.server_cpu_ms_per_update),
+            self.find("credstream", largest)
+                .map(|r| r.server_bytes_per_agent),
+            16384.0,
+            true,
+        );
+        // Issue 18's targets over TLS, issue 7's in plaintext.
+        let mut targets = if self.tls {
+            vec![
+                (
+                    format!("TLS: max latency at N={largest} / etcd"),
+                    ratio(cs(largest), self.max_latency("etcd", largest)),
+                    0.4,
+                    true,
                 ),
-                0.5,
+                (
+                    format!("TLS: max latency at N={largest} / faster of NATS and Redis"),
+                    ratio(cs(largest), faster_pubsub),
+                    0.8,
+                    true,
+                ),
+                bytes_per_agent,
+                (
+                    format!("TLS: broker CPU per fan-out at N={largest} / Redis"),
+                    ratio(
+                        broker_cpu,
+                        self.find("redis", largest)
+                            .map(|r| r.server_cpu_ms_per_update),
+                    ),
+                    1.0,
+                    true,
+                ),
+            ]
+        } else {
+            vec![
+                (
+                    format!("max latency at N={largest} / etcd"),
+                    ratio(cs(largest), self.max_latency("etcd", largest)),
+                    0.5,
+                    true,
+                ),
+                (
+                    format!("max latency at N={largest} / faster of NATS and Redis"),
+                    ratio(cs(largest), faster_pubsub),
+                    1.0,
+                    true,
+                ),
+                (
+                    "max latency at N=1000 / tonic floor".to_owned(),
+                    ratio(cs(1000), self.max_latency("tonic-floor", 1000)),
+                    1.0,
+                    true,
+                ),
+                bytes_per_agent,
+                (
+                    format!("broker CPU per fan-out at N={largest} / tonic floor"),
+                    ratio(
+                        broker_cpu,
+                        self.find("tonic-floor", largest)
+                            .map(|r| r.server_cpu_ms_per_update),
+                    ),
+                    0.5,
+                    true,
+                ),
+            ]
+        };
+        for storm in self.storms.iter().filter(|s| s.error.is_none()) {
+            targets.push((
+                format!(
+                    "{} reconnect storm of {}: seconds to converge",
+                    storm.transport, storm.agents
+                ),
+                storm.converged_seconds,
+                10.0,
                 true,
-            ),
+            ));
+            targets.push((
+                format!(
+                    "{} reconnect storm of {}: broker peak RSS / steady",
+                    storm.transport, storm.agents
+                ),
+                (storm.steady_rss_bytes > 0)
+                    .then(|| storm.peak_rss_bytes as f64 / storm.steady_rss_bytes as f64),
+                1.5,
+                true,
+            ));
+        }
+        targets.extend([
             (
                 format!(
                     "mints for {} simultaneous hints",
@@ -210,7 +320,7 @@ impl Report {
                 10.0 * 1024.0 * 1024.0,
                 true,
             ),
-        ];
+        ]);
         self.targets = targets
             .drain(..)
             .map(|(name, value, limit, at_most)| Target {
@@ -236,7 +346,12 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "credstream fan-out benchmark, {} ({} publishes per N after warm-up)",
+            "credstream fan-out benchmark over {}, {} ({} publishes per N after warm-up)",
+            if self.tls {
+                "TLS (every connection; clients verify a P-256 certificate for 127.0.0.1)"
+            } else {
+                "plaintext TCP"
+            },
             self.date,
             self.config.get("publishes").map_or("?", String::as_str)
         );
@@ -291,6 +406,41 @@ impl Report {
             }
         }
         let _ = writeln!(out);
+        for s in &self.storms {
+            if let Some(error) = &s.error {
+                let _ = writeln!(
+                    out,
+                    "reconnect storm, {}, {} agents: failed: {error}",
+                    s.transport, s.agents
+                );
+                continue;
+            }
+            let mib = |b: u64| b as f64 / 1048576.0;
+            let _ = writeln!(
+                out,
+                "reconnect storm, {:<9} {} agents: old broker gone {:.2} s, new listening {:.2} s, publisher back {:.2} s, \
+                 half converged {}, all converged {} ({} never); {} streams opened ({} failed attempts), {:.0} handshakes/s; \
+                 new broker CPU {:.2} s (kernel {:.2} s), load process {:.2} s; broker RSS steady {:.1} MiB, peak {:.1} MiB, after {:.1} MiB",
+                format!("{},", s.transport),
+                s.agents,
+                s.old_broker_exit_seconds,
+                s.new_broker_listening_seconds,
+                s.publisher_reconnected_seconds,
+                s.median_seconds.map_or("-".into(), |v| format!("{v:.2} s")),
+                s.converged_seconds
+                    .map_or("-".into(), |v| format!("{v:.2} s")),
+                s.not_converged,
+                s.streams_opened,
+                s.failed_attempts,
+                s.handshakes_per_second,
+                s.broker_cpu_seconds,
+                s.broker_system_seconds,
+                s.load_cpu_seconds,
+                mib(s.steady_rss_bytes),
+                mib(s.peak_rss_bytes),
+                mib(s.rss_after_bytes),
+            );
+        }
         if let Some(h) = &self.hints {
             let _ = writeln!(
                 out,

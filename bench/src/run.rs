@@ -1,7 +1,11 @@
 //! The whole benchmark: for each N, for each peer, start its server as its
 //! own process, connect N agents, publish, measure, disconnect, stop the
-//! server by PID. Then the hint storm (at the largest N, on the broker) and
-//! the agent's HTTP endpoint.
+//! server by PID. Then the hint storm (at the largest N, on the broker), the
+//! reconnect storms (plaintext and TLS) and the agent's HTTP endpoint.
+//!
+//! With [`BenchConfig::tls`] every fan-out connection is TLS: one CA and one
+//! server certificate for 127.0.0.1 ([`crate::tls`]) that every server is
+//! given and every client verifies.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,8 +25,10 @@ use crate::peers::redis::RedisPeer;
 use crate::peers::{Agents, Peer, connect_all};
 use crate::procstat::ProcStats;
 use crate::recorder::Recorder;
-use crate::report::{FanoutResult, HintResult, Latency, Report};
+use crate::report::{FanoutResult, HintResult, Latency, Report, StormResult};
 use crate::servers::{ServerProcess, version_of};
+use crate::storm::{self, StormSetup};
+use crate::tls::TlsMaterial;
 
 const CLUSTER: &str = "bench";
 
@@ -96,6 +102,12 @@ pub struct BenchConfig {
     pub http_connections: usize,
     /// How long to load it.
     pub http_duration: Duration,
+    /// Run the fan-out over TLS on every system.
+    pub tls: bool,
+    /// Agents in the reconnect storms (plaintext, then TLS); 0 for none.
+    pub storm: usize,
+    /// How long the storm's agents get to converge.
+    pub storm_timeout: Duration,
 }
 
 fn port(config: &BenchConfig, step: usize, slot: u16) -> u16 {
@@ -149,9 +161,17 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         key_file,
     };
 
+    let material = if config.tls || config.storm > 0 {
+        Some(TlsMaterial::generate(&config.work_dir.join("tls"))?)
+    } else {
+        None
+    };
+    let fanout_tls = material.as_ref().filter(|_| config.tls);
+
     let mut report = Report {
         date: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
         machine: machine(),
+        tls: config.tls,
         ..Report::default()
     };
     report.versions.insert(
@@ -180,6 +200,11 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         ),
         ("gap_ms", config.gap.as_millis().to_string()),
         (
+            "transport",
+            if config.tls { "tls" } else { "plaintext" }.to_owned(),
+        ),
+        ("storm_agents", config.storm.to_string()),
+        (
             "peers",
             config
                 .peers
@@ -197,7 +222,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         for &peer in &config.peers {
             eprintln!("[bench] {} with {n} agents", peer.label());
             let hint_storm = peer == PeerKind::Credstream && n == largest;
-            let outcome = step_peer(config, &tokens, step, n, peer, hint_storm).await;
+            let outcome = step_peer(config, &tokens, fanout_tls, step, n, peer, hint_storm).await;
             let result = match outcome {
                 Ok((result, hints)) => {
                     if hints.is_some() {
@@ -229,6 +254,48 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         }
     }
 
+    if let (true, Some(material)) = (config.storm > 0, &material) {
+        let step = config.agents.len() + 1;
+        for (slot, tls) in [(0, None), (1, Some(material))] {
+            let transport = if tls.is_some() { "TLS" } else { "plaintext" };
+            let port = port(config, step, slot);
+            let setup = StormSetup {
+                transport,
+                url: url_of(port, tls.is_some()),
+                ca: tls.map(|m| m.ca.clone()),
+                cluster: CLUSTER,
+                publisher_token: &tokens.publisher,
+                agent_token: &tokens.agent,
+                start: || start_broker(config, &tokens, port, tls),
+                connect_concurrency: config.connect_concurrency,
+                timeout: config.storm_timeout,
+            };
+            let result = storm::run(setup, config.storm)
+                .await
+                .unwrap_or_else(|error| StormResult {
+                    transport: transport.into(),
+                    agents: config.storm,
+                    error: Some(format!("{error:#}")),
+                    ..StormResult::default()
+                });
+            eprintln!(
+                "[bench]   converged {:?} s ({} never), {:.0} handshakes/s, broker CPU {:.2} s, RSS steady {} peak {}{}",
+                result.converged_seconds,
+                result.not_converged,
+                result.handshakes_per_second,
+                result.broker_cpu_seconds,
+                result.steady_rss_bytes,
+                result.peak_rss_bytes,
+                result
+                    .error
+                    .as_deref()
+                    .map(|e| format!(", error: {e}"))
+                    .unwrap_or_default()
+            );
+            report.storms.push(result);
+        }
+    }
+
     if config.peers.contains(&PeerKind::Credstream) {
         match &config.agent_bin {
             Some(agent_bin) => {
@@ -253,13 +320,33 @@ struct Tokens {
     key_file: PathBuf,
 }
 
-async fn start_broker(config: &BenchConfig, tokens: &Tokens, port: u16) -> Result<ServerProcess> {
+fn url_of(port: u16, tls: bool) -> String {
+    format!(
+        "{}://{}",
+        if tls { "https" } else { "http" },
+        loopback(port)
+    )
+}
+
+async fn start_broker(
+    config: &BenchConfig,
+    tokens: &Tokens,
+    port: u16,
+    tls: Option<&TlsMaterial>,
+) -> Result<ServerProcess> {
     let mut command = Command::new(&config.broker_bin);
     command
         .arg("--listen")
         .arg(loopback(port).to_string())
         .arg("--token-key-file")
         .arg(&tokens.key_file);
+    if let Some(tls) = tls {
+        command
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key);
+    }
     ServerProcess::start(
         "credstream-broker",
         command,
@@ -272,22 +359,26 @@ async fn start_broker(config: &BenchConfig, tokens: &Tokens, port: u16) -> Resul
 async fn start_server(
     config: &BenchConfig,
     tokens: &Tokens,
+    tls: Option<&TlsMaterial>,
     peer: PeerKind,
     port: u16,
 ) -> Result<ServerProcess> {
     let log = config.work_dir.join(format!("{}-{port}.log", peer.label()));
     let addr = loopback(port);
     match peer {
-        PeerKind::Credstream => start_broker(config, tokens, port).await,
+        PeerKind::Credstream => start_broker(config, tokens, port, tls).await,
         PeerKind::Floor => {
             let mut command = Command::new(&config.floor_bin);
             command.arg(addr.to_string());
+            if let Some(tls) = tls {
+                command.arg(&tls.cert).arg(&tls.key);
+            }
             ServerProcess::start("credstream-bench-floor", command, addr, &log).await
         }
         PeerKind::Etcd => {
             let data = config.etcd_data_root.join(format!("etcd-{port}"));
             let _ = std::fs::remove_dir_all(&data);
-            let client = format!("http://{addr}");
+            let client = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
             let peer_url = format!("http://{}", loopback(port + 1));
             let mut command = Command::new("etcd");
             command
@@ -299,17 +390,44 @@ async fn start_server(
                 .args(["--initial-advertise-peer-urls", &peer_url])
                 .args(["--initial-cluster", &format!("bench={peer_url}")])
                 .args(["--logger", "zap", "--log-level", "warn"]);
+            if let Some(tls) = tls {
+                command
+                    .arg("--cert-file")
+                    .arg(&tls.cert)
+                    .arg("--key-file")
+                    .arg(&tls.key);
+            }
             ServerProcess::start("etcd", command, addr, &log).await
         }
         PeerKind::Nats => {
             let mut command = Command::new("nats-server");
             command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+            if let Some(tls) = tls {
+                command
+                    .arg("--tls")
+                    .arg("--tlscert")
+                    .arg(&tls.cert)
+                    .arg("--tlskey")
+                    .arg(&tls.key);
+            }
             ServerProcess::start("nats-server", command, addr, &log).await
         }
         PeerKind::Redis => {
             let mut command = Command::new("redis-server");
+            match tls {
+                None => command.args(["--port", &port.to_string()]),
+                Some(tls) => command
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    .args(["--tls-auth-clients", "no"]),
+            };
             command
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--bind", "127.0.0.1"])
                 .args(["--maxclients", "15000", "--save", "", "--appendonly", "no"])
                 .arg("--dir")
                 .arg(&config.work_dir);
@@ -321,21 +439,30 @@ async fn start_server(
 async fn step_peer(
     config: &BenchConfig,
     tokens: &Tokens,
+    tls: Option<&TlsMaterial>,
     step: usize,
     n: usize,
     peer: PeerKind,
     hint_storm: bool,
 ) -> Result<(FanoutResult, Option<HintResult>)> {
     let port = port(config, step, peer.slot());
-    let server = start_server(config, tokens, peer, port).await?;
+    let server = start_server(config, tokens, tls, peer, port).await?;
     let pid = server.pid();
-    let url = format!("http://{}", loopback(port));
+    let url = url_of(port, tls.is_some());
+    let ca_pem = tls.map(TlsMaterial::ca_pem).transpose()?;
     let outcome = async {
         match peer {
             PeerKind::Credstream | PeerKind::Floor => {
-                let mut grpc = GrpcPeer::connect(&url, CLUSTER, &tokens.publisher, &tokens.agent)
-                    .await
-                    .context("publisher")?;
+                let mut grpc = GrpcPeer::connect(
+                    &url,
+                    CLUSTER,
+                    &tokens.publisher,
+                    &tokens.agent,
+                    tls.map(|m| m.ca.clone()),
+                    0,
+                )
+                .await
+                .context("publisher")?;
                 let (mut result, agents) = fanout(config, &mut grpc, pid, n).await?;
                 result.peer = peer.label().into();
                 let hints = if hint_storm {
@@ -347,19 +474,25 @@ async fn step_peer(
                 Ok((result, hints))
             }
             PeerKind::Etcd => {
-                let mut etcd = EtcdPeer::connect(&url).await?;
+                let mut etcd = EtcdPeer::connect(&url, ca_pem).await?;
                 let (mut result, _agents) = fanout(config, &mut etcd, pid, n).await?;
                 result.peer = peer.label().into();
                 Ok((result, None))
             }
             PeerKind::Nats => {
-                let mut nats = NatsPeer::connect(&format!("nats://{}", loopback(port))).await?;
+                let mut nats = NatsPeer::connect(
+                    &format!("nats://{}", loopback(port)),
+                    tls.map(|m| m.ca.clone()),
+                )
+                .await?;
                 let (mut result, _agents) = fanout(config, &mut nats, pid, n).await?;
                 result.peer = peer.label().into();
                 Ok((result, None))
             }
             PeerKind::Redis => {
-                let mut redis = RedisPeer::connect(&format!("redis://{}/", loopback(port))).await?;
+                let scheme = if tls.is_some() { "rediss" } else { "redis" };
+                let mut redis =
+                    RedisPeer::connect(&format!("{scheme}://{}/", loopback(port)), ca_pem).await?;
                 let (mut result, _agents) = fanout(config, &mut redis, pid, n).await?;
                 result.peer = peer.label().into();
                 Ok((result, None))
@@ -464,10 +597,11 @@ async fn agent_endpoint(
 ) -> Result<agent_http::AgentHttpResult> {
     let step = config.agents.len();
     let broker_port = port(config, step, 0);
-    let broker = start_broker(config, tokens, broker_port).await?;
-    let url = format!("http://{}", loopback(broker_port));
+    let broker = start_broker(config, tokens, broker_port, None).await?;
+    let url = url_of(broker_port, false);
     let result = async {
-        let _publisher = GrpcPeer::connect(&url, CLUSTER, &tokens.publisher, &tokens.agent).await?;
+        let _publisher =
+            GrpcPeer::connect(&url, CLUSTER, &tokens.publisher, &tokens.agent, None, 0).await?;
         agent_http::measure(&AgentHttpConfig {
             agent_bin: agent_bin.to_owned(),
             broker_url: url.clone(),

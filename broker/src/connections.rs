@@ -60,6 +60,13 @@ const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes before the connection is dropped.
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
+/// The listen backlog asked of the kernel (it caps it at
+/// `net.core.somaxconn`, 4,096 by default). tokio binds with 1,024; a
+/// broker restarted under 10,000 agents overflowed that (the kernel's
+/// `ListenOverflows` counted 6,833 in one storm), and every dropped SYN
+/// costs its agent a 1 s, then 3 s, retransmission.
+const LISTEN_BACKLOG: i32 = 4096;
+
 /// Encrypted bytes rustls may hold for one connection beyond what the
 /// socket took: one full TLS record. rustls' default (64 KiB) would let an
 /// agent that stops reading pin 64 KiB in the broker; with this, a full
@@ -349,7 +356,18 @@ pub fn incoming(
     // Room for every connection a burst of handshakes may finish while
     // tonic is busy; a full channel only delays the handshake tasks.
     let (tx, rx) = mpsc::channel(1024);
-    let accept_loop = tokio::spawn(accept_loop(listener, tls, limits, registry, tx));
+    if let Err(error) = socket2::SockRef::from(&listener).listen(LISTEN_BACKLOG) {
+        tracing::debug!(%error, "cannot raise the listen backlog");
+    }
+    // Unconstrained: the loop accepts until the kernel's queue is empty
+    // instead of yielding to the runtime after tokio's cooperative budget,
+    // which in a reconnect storm put it behind thousands of runnable
+    // handshake and connection tasks while the queue overflowed. Each
+    // accept only admits, configures and spawns, so a full queue of 4,096
+    // costs the worker a few milliseconds.
+    let accept_loop = tokio::spawn(tokio::task::unconstrained(accept_loop(
+        listener, tls, limits, registry, tx,
+    )));
     Incoming {
         connections: ReceiverStream::new(rx),
         accept_loop,

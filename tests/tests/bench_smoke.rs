@@ -1,11 +1,21 @@
 //! The benchmark cannot rot: `credstream-bench` runs at N=10 against the
 //! credstream broker alone (no etcd, NATS or Redis needed) and must produce
-//! a JSON report with every field the README's table comes from. No timing
-//! is asserted: only that each measurement happened.
+//! a JSON report with every field the README's table comes from; and again
+//! with `--tls` against the broker and the tonic floor, both reconnect
+//! storms included. No timing is asserted: only that each measurement
+//! happened and every agent got what it should.
 
 use std::process::Command;
 
 use credstream_tests::bins;
+
+/// A base port from this process id, below the ephemeral range
+/// (docs/facts.md, fact 18), so that concurrent test runs do not collide;
+/// each test of this file adds its own `offset` (a run uses at most 24
+/// ports from its base).
+fn base_port(offset: u32) -> u32 {
+    20_000 + (std::process::id() % 250) * 24 + offset
+}
 
 #[test]
 fn bench_at_ten_agents_reports_every_field() {
@@ -15,9 +25,7 @@ fn bench_at_ten_agents_reports_every_field() {
     let agent = bins::binary("credstream-agent");
     let work = tempfile::tempdir().expect("tempdir");
     let json_path = work.path().join("report.json");
-    // A base port from this process id, below the ephemeral range (docs/facts.md, fact 18),
-    // so that concurrent test runs do not collide.
-    let base_port = 20_000 + (std::process::id() % 1_000) * 8;
+    let base_port = base_port(0);
     let output = Command::new(&bench)
         .args(["--agents", "10", "--publishes", "3", "--warmup", "1"])
         .args([
@@ -89,4 +97,95 @@ fn bench_at_ten_agents_reports_every_field() {
         report["agent_http_error"]
     );
     assert!(!report["targets"].as_array().expect("targets").is_empty());
+}
+
+#[test]
+fn tls_bench_at_ten_agents_runs_both_storms() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let json_path = work.path().join("report.json");
+    let output = Command::new(bins::binary("credstream-bench"))
+        .args([
+            "--tls",
+            "--agents",
+            "10",
+            "--publishes",
+            "3",
+            "--warmup",
+            "1",
+        ])
+        .args(["--peers", "credstream,floor", "--gap", "20ms"])
+        .args(["--round-timeout", "20s", "--storm-timeout", "60s"])
+        .arg("--no-agent-http")
+        .arg("--base-port")
+        .arg(base_port(6_000).to_string())
+        .arg("--broker-bin")
+        .arg(bins::binary("credstream-broker"))
+        .arg("--floor-bin")
+        .arg(bins::binary("credstream-bench-floor"))
+        .arg("--work-dir")
+        .arg(work.path())
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run credstream-bench");
+    assert!(
+        output.status.success(),
+        "credstream-bench --tls failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("over TLS"),
+        "the table does not say TLS: {table}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).expect("JSON written")).expect("JSON");
+    assert_eq!(report["tls"], true, "{report:#}");
+    assert_eq!(report["config"]["transport"], "tls", "{report:#}");
+
+    let fanout = report["fanout"].as_array().expect("fanout array");
+    let peers: Vec<&str> = fanout.iter().filter_map(|r| r["peer"].as_str()).collect();
+    assert_eq!(peers, ["credstream", "tonic-floor"], "{report:#}");
+    for row in fanout {
+        assert!(row["error"].is_null(), "{row:#}");
+        assert_eq!(row["agents"], 10, "{row:#}");
+        assert_eq!(row["lost"], 0, "every TLS agent got every publish: {row:#}");
+        assert!(row["latency_ms"]["max"].is_number(), "{row:#}");
+        assert!(row["server_bytes_per_agent"].is_number(), "{row:#}");
+    }
+
+    // Both storms ran with the same N, and every agent came back to the
+    // new broker and got the re-published credential.
+    let storms = report["storms"].as_array().expect("storms array");
+    let transports: Vec<&str> = storms
+        .iter()
+        .filter_map(|s| s["transport"].as_str())
+        .collect();
+    assert_eq!(transports, ["plaintext", "TLS"], "{report:#}");
+    for storm in storms {
+        assert!(storm["error"].is_null(), "{storm:#}");
+        assert_eq!(storm["agents"], 10, "{storm:#}");
+        assert_eq!(storm["not_converged"], 0, "{storm:#}");
+        assert!(storm["converged_seconds"].is_number(), "{storm:#}");
+        assert!(
+            storm["streams_opened"].as_u64().expect("streams_opened") >= 10,
+            "every agent opened a stream on the new broker: {storm:#}"
+        );
+        for field in [
+            "handshakes_per_second",
+            "broker_cpu_seconds",
+            "steady_rss_bytes",
+            "peak_rss_bytes",
+        ] {
+            assert!(storm[field].is_number(), "no {field}: {storm:#}");
+        }
+    }
+    let targets = report["targets"].as_array().expect("targets");
+    assert!(
+        targets.iter().any(|t| t["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("TLS reconnect storm"))),
+        "{report:#}"
+    );
 }

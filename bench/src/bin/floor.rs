@@ -1,5 +1,6 @@
 //! `credstream-bench-floor`: the minimal tonic fan-out the benchmark
-//! compares the broker with. Usage: `credstream-bench-floor 127.0.0.1:PORT`.
+//! compares the broker with. Usage:
+//! `credstream-bench-floor 127.0.0.1:PORT [CERT.pem KEY.pem]` (TLS with both).
 
 use anyhow::{Context, Result};
 
@@ -12,7 +13,17 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("listening on {}", listener.local_addr()?);
-    credstream_bench::floor::serve(listener)
+    let tls = match (std::env::args().nth(2), std::env::args().nth(3)) {
+        (Some(cert), Some(key)) => Some(credstream_broker::tls::acceptor(
+            &credstream_broker::server::TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+                client_ca: None,
+            },
+        )?),
+        _ => None,
+    };
+    credstream_bench::floor::serve(listener, tls)
         .await
         .context("serve")
 }

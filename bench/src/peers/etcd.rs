@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use super::Peer;
 use crate::payload;
@@ -40,9 +40,17 @@ pub struct EtcdPeer {
 }
 
 impl EtcdPeer {
-    /// Connects the publisher to `url` and puts round 0.
-    pub async fn connect(url: &str) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_owned())?;
+    /// Connects the publisher to `url` and puts round 0; over TLS
+    /// (`https://`) every connection verifies the server against `ca_pem`.
+    pub async fn connect(url: &str, ca_pem: Option<Vec<u8>>) -> Result<Self> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())?;
+        if let Some(ca) = ca_pem {
+            endpoint = endpoint.tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name("127.0.0.1"),
+            )?;
+        }
         let channel = endpoint.connect().await.context("etcd publisher")?;
         let mut peer = Self {
             endpoint,

@@ -4,6 +4,7 @@
 //! ack delay around 500 ms, one ack for a burst of versions). The same
 //! client drives the minimal tonic fan-out, which speaks the same services.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -33,9 +34,7 @@ const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A credstream-protocol server under test (the broker or the floor).
 #[derive(Debug)]
 pub struct GrpcPeer {
-    endpoint: Endpoint,
-    credentials: CallCredentials,
-    cluster: String,
+    dialer: AgentDialer,
     publisher: mpsc::Sender<PublishRequest>,
     publisher_task: JoinHandle<()>,
     refresh_requests: Arc<AtomicU64>,
@@ -57,19 +56,23 @@ fn request(message: subscribe_request::Message) -> SubscribeRequest {
 }
 
 impl GrpcPeer {
-    /// Opens the publisher stream on `url` and publishes round 0, so that
-    /// agents find a credential in their snapshot.
+    /// Opens the publisher stream on `url` and publishes round
+    /// `first_round`, so that agents find a credential in their snapshot.
+    /// Over TLS (`https://`) the publisher and every agent verify the
+    /// server against the CA file `ca`.
     pub async fn connect(
         url: &str,
         cluster: &str,
         publisher_token: &str,
         agent_token: &str,
+        ca: Option<PathBuf>,
+        first_round: u64,
     ) -> Result<Self> {
         let publisher_address = BrokerAddress {
             url: url.to_owned(),
             token: publisher_token.to_owned(),
             cluster_id: cluster.to_owned(),
-            ca_cert: None,
+            ca_cert: ca,
             client_identity: None,
             insecure: false,
         };
@@ -105,9 +108,7 @@ impl GrpcPeer {
             ..publisher_address
         };
         let peer = Self {
-            endpoint: agent_address.endpoint()?,
-            credentials: agent_address.interceptor()?,
-            cluster: cluster.to_owned(),
+            dialer: AgentDialer::new(&agent_address)?,
             publisher,
             publisher_task,
             refresh_requests,
@@ -115,8 +116,14 @@ impl GrpcPeer {
             hint: watch::Sender::new(0),
             hints_sent: Arc::new(AtomicUsize::new(0)),
         };
-        peer.send_credential(payload::credential(0)).await?;
+        peer.send_credential(payload::credential(first_round))
+            .await?;
         Ok(peer)
+    }
+
+    /// How this peer's agents connect.
+    pub fn dialer(&self) -> &AgentDialer {
+        &self.dialer
     }
 
     async fn send_credential(&self, update: credstream_proto::v1::CredentialUpdate) -> Result<()> {
@@ -179,9 +186,37 @@ async fn read_publisher(
     }
 }
 
-impl Peer for GrpcPeer {
-    async fn connect_agent(&self, index: usize, recorder: Arc<Recorder>) -> Result<JoinHandle<()>> {
-        // connect(): a connection of its own, made now.
+/// How an agent opens its Subscribe stream: the endpoint (TLS or not),
+/// its token and cluster. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AgentDialer {
+    endpoint: Endpoint,
+    credentials: CallCredentials,
+    cluster: String,
+}
+
+/// A Subscribe stream that delivered its snapshot.
+pub struct OpenStream {
+    inbound: Streaming<SubscribeResponse>,
+    tx: mpsc::Sender<SubscribeRequest>,
+    held: u64,
+    /// The rounds of the credentials in the snapshot.
+    pub snapshot_rounds: Vec<u64>,
+}
+
+impl AgentDialer {
+    /// Agents of `address` (its token must have the agent role).
+    pub fn new(address: &BrokerAddress) -> Result<Self> {
+        Ok(Self {
+            endpoint: address.endpoint()?,
+            credentials: address.interceptor()?,
+            cluster: address.cluster_id.clone(),
+        })
+    }
+
+    /// Connects agent `index` on a connection of its own, made now, says
+    /// hello and waits for the snapshot.
+    pub async fn open(&self, index: usize) -> Result<OpenStream> {
         let channel = self.endpoint.clone().connect().await?;
         let mut client = AgentServiceClient::with_interceptor(channel, self.credentials.clone());
         let (tx, rx) = mpsc::channel(8);
@@ -197,21 +232,52 @@ impl Peer for GrpcPeer {
         let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message())
             .await
             .context("no snapshot in time")??;
-        let held = match first.and_then(|r| r.message) {
-            Some(subscribe_response::Message::Snapshot(snapshot)) => snapshot
-                .credentials
-                .iter()
-                .map(|c| c.version)
-                .max()
-                .unwrap_or(0),
+        match first.and_then(|r| r.message) {
+            Some(subscribe_response::Message::Snapshot(snapshot)) => Ok(OpenStream {
+                inbound,
+                tx,
+                held: snapshot
+                    .credentials
+                    .iter()
+                    .map(|c| c.version)
+                    .max()
+                    .unwrap_or(0),
+                snapshot_rounds: snapshot
+                    .credentials
+                    .iter()
+                    .filter_map(payload::round_of)
+                    .collect(),
+            }),
             other => bail!("the first message was not a snapshot: {other:?}"),
-        };
+        }
+    }
+}
+
+/// Runs an open stream as the real agent does (recording every round into
+/// `recorder` and acking once per burst) until the stream ends.
+pub async fn run_stream(index: usize, open: OpenStream, recorder: Arc<Recorder>) {
+    let (_never, hint) = watch::channel(0);
+    agent_loop(AgentLoop {
+        index,
+        recorder,
+        inbound: open.inbound,
+        tx: open.tx,
+        held: open.held,
+        hint,
+        hints_sent: Arc::new(AtomicUsize::new(0)),
+    })
+    .await;
+}
+
+impl Peer for GrpcPeer {
+    async fn connect_agent(&self, index: usize, recorder: Arc<Recorder>) -> Result<JoinHandle<()>> {
+        let open = self.dialer.open(index).await?;
         Ok(tokio::spawn(agent_loop(AgentLoop {
             index,
             recorder,
-            inbound,
-            tx,
-            held,
+            inbound: open.inbound,
+            tx: open.tx,
+            held: open.held,
             hint: self.hint.subscribe(),
             hints_sent: self.hints_sent.clone(),
         })))

@@ -1,6 +1,7 @@
 //! NATS core pub/sub: one connection and one subscription per agent;
 //! publishing is a publish plus a flush.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -17,23 +18,37 @@ const SUBJECT: &str = "credstream-bench.credential";
 #[derive(Debug)]
 pub struct NatsPeer {
     url: String,
+    ca: Option<PathBuf>,
     publisher: async_nats::Client,
 }
 
 impl NatsPeer {
-    /// Connects the publisher to `url`.
-    pub async fn connect(url: &str) -> Result<Self> {
-        let publisher = async_nats::connect(url).await.context("NATS publisher")?;
+    /// Connects the publisher to `url`; with `ca`, every connection
+    /// requires TLS and verifies the server against that CA file.
+    pub async fn connect(url: &str, ca: Option<PathBuf>) -> Result<Self> {
+        let publisher = options(ca.as_ref())
+            .connect(url)
+            .await
+            .context("NATS publisher")?;
         Ok(Self {
             url: url.to_owned(),
+            ca,
             publisher,
         })
     }
 }
 
+fn options(ca: Option<&PathBuf>) -> async_nats::ConnectOptions {
+    let options = async_nats::ConnectOptions::new();
+    match ca {
+        Some(ca) => options.require_tls(true).add_root_certificates(ca.clone()),
+        None => options,
+    }
+}
+
 impl Peer for NatsPeer {
     async fn connect_agent(&self, index: usize, recorder: Arc<Recorder>) -> Result<JoinHandle<()>> {
-        let client = async_nats::connect(self.url.as_str()).await?;
+        let client = options(self.ca.as_ref()).connect(self.url.as_str()).await?;
         let mut subscriber = client.subscribe(SUBJECT).await?;
         // The PONG proves the server processed the SUB.
         client.flush().await?;

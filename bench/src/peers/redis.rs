@@ -27,9 +27,21 @@ impl std::fmt::Debug for RedisPeer {
 }
 
 impl RedisPeer {
-    /// Connects the publisher to `url` (`redis://127.0.0.1:PORT/`).
-    pub async fn connect(url: &str) -> Result<Self> {
-        let client = redis::Client::open(url).context("Redis URL")?;
+    /// Connects the publisher to `url` (`redis://127.0.0.1:PORT/`, or
+    /// `rediss://` with `ca_pem`, against which every connection verifies
+    /// the server).
+    pub async fn connect(url: &str, ca_pem: Option<Vec<u8>>) -> Result<Self> {
+        let client = match ca_pem {
+            None => redis::Client::open(url),
+            Some(ca) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca),
+                },
+            ),
+        }
+        .context("Redis URL")?;
         let publisher = client
             .get_multiplexed_async_connection()
             .await
