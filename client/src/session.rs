@@ -141,7 +141,8 @@ pub enum SessionEvent {
 
 enum Command {
     Env(PrivateEnv, oneshot::Sender<()>),
-    Credential(CredentialUpdate, oneshot::Sender<()>),
+    // Boxed: a credential update is much larger than the other commands.
+    Credential(Box<CredentialUpdate>, oneshot::Sender<()>),
     Revoke(Revoke, oneshot::Sender<()>),
     Shutdown,
 }
@@ -364,7 +365,8 @@ impl PublishSession {
 
     /// Publishes a credential minted elsewhere (unprompted).
     pub async fn publish_credential(&self, update: CredentialUpdate) -> Result<(), SessionError> {
-        self.command(|done| Command::Credential(update, done)).await
+        self.command(|done| Command::Credential(Box::new(update), done))
+            .await
     }
 
     /// Revokes credential kinds, or everything with `all` (the private env
@@ -540,7 +542,7 @@ impl Runner {
                 let _ = done.send(());
             }
             Command::Credential(update, done) => {
-                held.extend(self.credential_request(update));
+                held.extend(self.credential_request(*update));
                 let _ = done.send(());
             }
             Command::Revoke(revoke, done) => {
@@ -568,10 +570,10 @@ impl Runner {
         let _ = tx
             .send(request(publish_request::Message::Hello(hello)))
             .await;
-        if !self.env.is_empty() || self.declare_env {
-            if let Some(env) = self.env_request(self.full_env()) {
-                let _ = tx.send(env).await;
-            }
+        if (!self.env.is_empty() || self.declare_env)
+            && let Some(env) = self.env_request(self.full_env())
+        {
+            let _ = tx.send(env).await;
         }
         for message in held.drain(..) {
             let _ = tx.send(message).await;
@@ -652,7 +654,7 @@ impl Runner {
                         }
                         Some(Command::Credential(update, done)) => {
                             let _ = done.send(());
-                            let Some(message) = self.credential_request(update) else { continue };
+                            let Some(message) = self.credential_request(*update) else { continue };
                             message
                         }
                         Some(Command::Revoke(revoke, done)) => {
