@@ -972,6 +972,7 @@ impl Cluster {
                     principal,
                     account,
                     sealed: update.sealed.is_some(),
+                    access_end: update.access_end.clone(),
                 })
             })
             .collect();

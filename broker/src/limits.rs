@@ -6,7 +6,9 @@
 use std::time::{Duration, SystemTime};
 
 use credstream_proto::convert::system_time;
-use credstream_proto::v1::{CredentialUpdate, EnvVar, PrivateEnv, credential_update::Credential};
+use credstream_proto::v1::{
+    AccessEnd, CredentialUpdate, EnvVar, PrivateEnv, credential_update::Credential,
+};
 use tonic::Status;
 
 /// Largest gRPC message the broker decodes, in bytes.
@@ -310,10 +312,33 @@ pub fn check_credential(
     if expires_at.duration_since(now).unwrap_or_default() > MAX_LIFETIME {
         return Err(invalid("expires_at is more than 7 days away"));
     }
+    if let Some(end) = &update.access_end {
+        check_access_end(end)?;
+    }
     Ok(CheckedLifetime {
         issued_at: issued_at.min(now),
         expires_at,
     })
+}
+
+/// The longest `AccessEnd.reason`, in bytes.
+const MAX_ACCESS_END_REASON_BYTES: usize = 200;
+
+/// Checks the publisher's `access_end`: a valid time, and a reason of 1 to
+/// 200 bytes of printable ASCII (it reaches logs, admin answers and
+/// terminals, like a display name). A time in the past is accepted: a
+/// credential minted just before an SSO session ended outlives it.
+fn check_access_end(end: &AccessEnd) -> Result<(), Status> {
+    end.at
+        .as_ref()
+        .and_then(system_time)
+        .ok_or_else(|| invalid("access_end.at is required and must be a valid timestamp"))?;
+    if end.reason.is_empty() || end.reason.len() > MAX_ACCESS_END_REASON_BYTES {
+        return Err(invalid(format!(
+            "access_end.reason must be 1 to {MAX_ACCESS_END_REASON_BYTES} bytes"
+        )));
+    }
+    check_display_name("access_end.reason", &end.reason)
 }
 
 /// Bounds a publisher's refresh error message (kept for `GetCluster`).

@@ -1,6 +1,6 @@
 //! `--metrics-listen`: a Prometheus text endpoint (`GET /metrics`) with what
 //! an operator alerts on — clusters, connected agents and publishers,
-//! credential expiry, refresh outcomes — built from the same secret-free
+//! credential expiry, when access ends, refresh outcomes — built from the same secret-free
 //! `ClusterStatus` that `AdminService.GetCluster` returns.
 
 use std::fmt::Write as _;
@@ -150,6 +150,22 @@ pub fn render(hub: &ClusterHub) -> String {
                     s.cluster_id,
                     c.kind().label()
                 )
+            })
+        }),
+    );
+    family(
+        &mut out,
+        "credstream_access_end_timestamp_seconds",
+        "gauge",
+        "When workers lose a kind of access unless the user logs in again (Unix time), as the publisher reported it; absent while the publisher can keep minting.",
+        statuses.iter().flat_map(|s| {
+            s.credentials.iter().filter_map(move |c| {
+                let at = c.access_end.as_ref()?.at.as_ref()?.seconds;
+                Some(format!(
+                    "{{cluster=\"{}\",kind=\"{}\"}} {at}",
+                    s.cluster_id,
+                    c.kind().label()
+                ))
             })
         }),
     );

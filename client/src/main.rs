@@ -137,6 +137,26 @@ struct PublishArgs {
     /// Default: <config dir>/credstream/seal-keys/<cluster>.key.
     #[arg(long, env = "CREDSTREAM_SEAL_KEY_FILE", conflicts_with = "no_seal")]
     seal_key_file: Option<PathBuf>,
+    /// The SourceIdentity AssumeRole records in CloudTrail for every call
+    /// made with the role's credentials (default: your own identity's name,
+    /// from GetCallerIdentity). Needs --aws-role-arn, and a trust policy
+    /// allowing sts:SetSourceIdentity.
+    #[arg(long, env = "CREDSTREAM_AWS_SOURCE_IDENTITY")]
+    aws_source_identity: Option<String>,
+    /// A transitive session tag for AssumeRole, as KEY=VALUE (repeatable),
+    /// besides credstream-cluster=<cluster>, which is always set. Needs
+    /// --aws-role-arn, and a trust policy allowing sts:TagSession.
+    #[arg(long = "aws-tag", value_name = "KEY=VALUE", env = "CREDSTREAM_AWS_TAG", value_delimiter = ',', value_parser = parse_tag)]
+    aws_tag: Vec<(String, String)>,
+}
+
+/// `KEY=VALUE` for `--aws-tag` (STS checks the characters; the minter
+/// checks them first and says which).
+fn parse_tag(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
 }
 
 #[derive(Args)]
@@ -226,6 +246,11 @@ impl From<PublishArgs> for cli::publish::PublishOptions {
             revoke_on_exit: args.revoke_on_exit,
             no_seal: args.no_seal,
             seal_key_file: args.seal_key_file,
+            aws_audit: cli::identity::AwsAudit {
+                cluster: None,
+                source_identity: args.aws_source_identity,
+                tags: args.aws_tag,
+            },
         }
     }
 }

@@ -52,7 +52,7 @@ use credstream_proto::connect::{BrokerAddress, ConnectError};
 use credstream_proto::convert::system_time;
 use credstream_proto::v1::publisher_service_client::PublisherServiceClient;
 use credstream_proto::v1::{
-    CredentialKind, CredentialUpdate, EnvVar, HeartbeatAck, PrivateEnv, PublishRequest,
+    AccessEnd, CredentialKind, CredentialUpdate, EnvVar, HeartbeatAck, PrivateEnv, PublishRequest,
     PublisherHello, RefreshError, RefreshReason, RefreshRequest, Revoke, UpdateAck,
     credential_update::Credential, publish_request, publish_response,
 };
@@ -209,6 +209,7 @@ impl SessionBuilder {
         let (events, _) = broadcast::channel(256);
         let (acks, _) = watch::channel(UpdateAck::default());
         let (stopped, _) = watch::channel(Vec::new());
+        let (access_ends, _) = watch::channel(AccessEnds::new());
         let revoke_on_exit = self.revoke_on_exit;
         let runner = Runner {
             cluster_id: self.address.cluster_id.clone(),
@@ -221,6 +222,7 @@ impl SessionBuilder {
             acks: acks.clone(),
             stopped: stopped.clone(),
             sealer: self.sealer,
+            access_ends: access_ends.clone(),
         };
         let task = tokio::spawn(runner.run(command_rx));
         Ok(PublishSession {
@@ -230,6 +232,7 @@ impl SessionBuilder {
             task,
             revoke_on_exit,
             stopped,
+            access_ends,
         })
     }
 }
@@ -242,10 +245,15 @@ pub struct PublishSession {
     task: JoinHandle<Result<(), SessionError>>,
     revoke_on_exit: bool,
     stopped: StoppedKinds,
+    access_ends: watch::Sender<AccessEnds>,
 }
 
 /// Kinds whose last mint failed permanently on the current connection.
 type StoppedKinds = watch::Sender<Vec<CredentialKind>>;
+
+/// Per kind, when workers lose access unless the user logs in again, as the
+/// last credential minted and sent says (`CredentialUpdate.access_end`).
+pub type AccessEnds = BTreeMap<CredentialKind, AccessEnd>;
 
 impl std::fmt::Debug for PublishSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -284,6 +292,14 @@ impl PublishSession {
     /// [`SessionEvent::MintFailed`] is sent; cleared on every connect.
     pub fn stopped_kinds(&self) -> Vec<CredentialKind> {
         self.stopped.borrow().clone()
+    }
+
+    /// When workers will lose each kind of access unless the user logs in
+    /// again: the `access_end` of the last credential of that kind minted
+    /// and sent (a kind is absent while its minter can renew itself).
+    /// Updated before the matching [`SessionEvent::Minted`] is sent.
+    pub fn watch_access_ends(&self) -> watch::Receiver<AccessEnds> {
+        self.access_ends.subscribe()
     }
 
     /// [`PublishSession::stopped_kinds`] as a receiver that does not borrow
@@ -429,6 +445,7 @@ struct Runner {
     events: broadcast::Sender<SessionEvent>,
     acks: watch::Sender<UpdateAck>,
     stopped: StoppedKinds,
+    access_ends: watch::Sender<AccessEnds>,
     sealer: Option<Arc<Sealer>>,
 }
 
@@ -740,6 +757,7 @@ impl Runner {
                     None => String::new(),
                 };
                 let expires_at = update.expires_at.as_ref().and_then(system_time);
+                let access_end = update.access_end.clone();
                 tracing::info!(cluster = %self.cluster_id, kind = kind.label(), %principal, "minted and sent");
                 let refresh_request_id = update.refresh_request_id.clone();
                 let Some(message) = self.credential_request(update) else {
@@ -749,6 +767,10 @@ impl Runner {
                         permanent: false,
                     }));
                 };
+                self.access_ends.send_if_modified(|ends| match access_end {
+                    Some(end) => ends.insert(kind, end.clone()).as_ref() != Some(&end),
+                    None => ends.remove(&kind).is_some(),
+                });
                 let _ = self.events.send(SessionEvent::Minted {
                     kind,
                     principal,

@@ -17,7 +17,10 @@ use credstream_tests::tools::{missing, repo_root};
 /// The units, and the instance each template is verified as.
 const UNITS: &[(&str, &str)] = &[
     ("credstream-broker.service", "credstream-broker.service"),
-    ("credstream-agent@.service", "credstream-agent@analysis.service"),
+    (
+        "credstream-agent@.service",
+        "credstream-agent@analysis.service",
+    ),
     (
         "credstream-publish@.service",
         "credstream-publish@analysis.service",

@@ -30,6 +30,19 @@ pub struct IdentityOptions {
     pub gcp_scopes: Vec<String>,
 }
 
+/// What `publish` adds to an `AssumeRole` so that CloudTrail names the
+/// person and the cluster (`credstream_client::mint::cloudtrail`).
+#[derive(Clone, Debug, Default)]
+pub struct AwsAudit {
+    /// The cluster: the `credstream-cluster` session tag and the session
+    /// name.
+    pub cluster: Option<String>,
+    /// `--aws-source-identity` (default: the name in the local ARN).
+    pub source_identity: Option<String>,
+    /// `--aws-tag KEY=VALUE`.
+    pub tags: Vec<(String, String)>,
+}
+
 /// The configured minters; `None` for a kind turned off.
 pub struct Minters {
     /// AWS, unless `--no-aws`.
@@ -42,8 +55,23 @@ impl IdentityOptions {
     /// Builds the minters. A wrong setting (a duration out of range, an
     /// unreadable session policy) is an error: the user asked for it.
     pub async fn minters(&self) -> Result<Minters> {
+        self.minters_for(&AwsAudit::default()).await
+    }
+
+    /// [`IdentityOptions::minters`], with what `AssumeRole` carries for
+    /// CloudTrail.
+    pub async fn minters_for(&self, audit: &AwsAudit) -> Result<Minters> {
         let aws = if self.aws {
             let mut builder = AwsMinter::builder();
+            if let Some(cluster) = &audit.cluster {
+                builder = builder.cluster(cluster);
+            }
+            if let Some(name) = &audit.source_identity {
+                builder = builder.source_identity(name);
+            }
+            for (key, value) in &audit.tags {
+                builder = builder.session_tag(key, value);
+            }
             if let Some(profile) = &self.aws_profile {
                 builder = builder.profile(profile);
             }

@@ -7,7 +7,9 @@
 //! - [`seal_key`]: `credstream seal-key`, and the key `publish` seals with.
 //! - [`status`]: `credstream status`, `AdminService.GetCluster` for people.
 //! - [`output`]: event lines, the live agent count on a terminal, times.
+//! - [`access`]: "workers keep access until …" and the warning before it.
 
+pub mod access;
 pub mod broker;
 pub mod identity;
 pub mod output;

@@ -13,8 +13,9 @@ use credstream_proto::v1::{EnvVar, UpdateAck};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::access::AccessView;
 use super::broker::{self, BrokerOptions};
-use super::identity::{self, IdentityOptions};
+use super::identity::{self, AwsAudit, IdentityOptions};
 use super::output::{Printer, kind_name, reason_name, time_and_distance};
 
 /// How long to wait for the broker to confirm a revocation at exit.
@@ -41,6 +42,9 @@ pub struct PublishOptions {
     pub no_seal: bool,
     /// `--seal-key-file F`.
     pub seal_key_file: Option<PathBuf>,
+    /// `--aws-source-identity`, `--aws-tag` (the cluster is filled in from
+    /// `broker`).
+    pub aws_audit: AwsAudit,
 }
 
 /// Runs `credstream publish` until Ctrl-C / SIGTERM (exit 0), another
@@ -52,7 +56,11 @@ pub async fn run(options: PublishOptions) -> Result<ExitCode> {
     if !options.identity.aws && !options.identity.gcp && env.is_empty() {
         bail!("nothing to publish: --no-aws and --no-gcp were given, and no --env or --env-file");
     }
-    let minters = options.identity.minters().await?;
+    let audit = AwsAudit {
+        cluster: Some(address.cluster_id.clone()),
+        ..options.aws_audit.clone()
+    };
+    let minters = options.identity.minters_for(&audit).await?;
     let mut signals = Signals::install()?;
 
     // The identities and the broker are independent: check both at once, so
@@ -114,6 +122,9 @@ pub async fn run(options: PublishOptions) -> Result<ExitCode> {
         delivered: None,
         disconnected: false,
     };
+    let mut access_ends = session.watch_access_ends();
+    let mut access_open = true;
+    let mut access = AccessView::default();
 
     let stop = loop {
         tokio::select! {
@@ -122,6 +133,21 @@ pub async fn run(options: PublishOptions) -> Result<ExitCode> {
                 Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => {}
             },
+            changed = access_ends.changed(), if access_open => {
+                if changed.is_err() {
+                    access_open = false;
+                    continue;
+                }
+                let ends = access_ends.borrow_and_update().clone();
+                for line in access.update(&ends, std::time::SystemTime::now()) {
+                    printer.line(line);
+                }
+            }
+            () = sleep_until_wall(access.next_warning()) => {
+                for line in access.due(std::time::SystemTime::now()) {
+                    printer.line(line);
+                }
+            }
             name = signals.recv() => break Stop::Signal(name),
             ended = session.wait() => break Stop::Ended(ended),
         }
@@ -150,6 +176,19 @@ pub async fn run(options: PublishOptions) -> Result<ExitCode> {
                 Err(error) => ended_with(&address, error),
             }
         }
+    }
+}
+
+/// Sleeps until the wall-clock time `at`; forever when there is none.
+async fn sleep_until_wall(at: Option<std::time::SystemTime>) {
+    match at {
+        Some(at) => {
+            let left = at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -286,7 +325,9 @@ impl EventView {
                     printer.line(format!(
                         "the broker keeps the cluster with the other publisher for now: {reason}; trying again in {retry}"
                     ));
-                    printer.status(format!("held off by the takeover hold-down; retrying in {retry}"));
+                    printer.status(format!(
+                        "held off by the takeover hold-down; retrying in {retry}"
+                    ));
                     self.disconnected = true;
                     return;
                 }

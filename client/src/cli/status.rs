@@ -111,6 +111,14 @@ fn report(status: &ClusterStatus, now: SystemTime) -> Vec<String> {
                 line.push_str(", sealed");
             }
             lines.push(line);
+            if let Some(end) = &credential.access_end {
+                lines.push(format!(
+                    "    workers keep {} access until {}: {}",
+                    kind_name(kind),
+                    when(&end.at),
+                    end.reason
+                ));
+            }
         }
     }
 
@@ -198,7 +206,11 @@ fn report(status: &ClusterStatus, now: SystemTime) -> Vec<String> {
             stopped.message
         ));
     }
-    if let Some(takeovers) = status.takeovers.as_ref().filter(|t| t.count + t.refused > 0) {
+    if let Some(takeovers) = status
+        .takeovers
+        .as_ref()
+        .filter(|t| t.count + t.refused > 0)
+    {
         let mut line = format!("takeovers: {}", takeovers.count);
         if takeovers.count > 0 {
             line.push_str(&format!(
@@ -223,8 +235,8 @@ mod tests {
     use super::*;
     use credstream_proto::convert::timestamp;
     use credstream_proto::v1::{
-        AgentStatus, ClusterInfo, CredentialStatus, PendingRefresh, PrivateEnvStatus, RefreshReason,
-        StoppedRefresh, TakeoverStatus,
+        AccessEnd, AgentStatus, ClusterInfo, CredentialStatus, PendingRefresh, PrivateEnvStatus,
+        RefreshReason, StoppedRefresh, TakeoverStatus,
     };
     use std::time::Duration;
 
@@ -247,6 +259,10 @@ mod tests {
                 expires_at: Some(timestamp(now + Duration::from_secs(3600))),
                 principal: "arn:aws:sts::123456789012:assumed-role/r/s".into(),
                 account: "123456789012".into(),
+                access_end: Some(AccessEnd {
+                    at: Some(timestamp(now + Duration::from_secs(7200))),
+                    reason: "your SSO session ends then".into(),
+                }),
                 ..Default::default()
             }],
             private_env: Some(PrivateEnvStatus {
@@ -296,16 +312,14 @@ mod tests {
             text.contains("publisher: alice@laptop connected (unresponsive: a heartbeat is unanswered; refresh requests are held); publishes AWS, private env"),
             "{text}"
         );
-        assert!(
-            text.contains("refresh stopped: AWS since "),
-            "{text}"
-        );
+        assert!(text.contains("refresh stopped: AWS since "), "{text}");
         assert!(
             text.contains(": AWS refused to mint: AccessDenied; the broker asks again once the publisher reconnects"),
             "{text}"
         );
         assert!(
-            text.contains("takeovers: 2, last ") && text.contains("(displaced \"bob@desk\"); 5 refused during the hold-down"),
+            text.contains("takeovers: 2, last ")
+                && text.contains("(displaced \"bob@desk\"); 5 refused during the hold-down"),
             "{text}"
         );
         assert!(
@@ -315,6 +329,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("expires "), "{text}");
+        assert!(
+            text.contains("\n    workers keep AWS access until ")
+                && text.contains("): your SSO session ends then\n"),
+            "{text}"
+        );
         assert!(
             text.contains("private env: version 2, 1 variable: AUTH_TOKEN_FOR_CUSTOM_DATABASE"),
             "{text}"

@@ -22,7 +22,28 @@
 //! Every mint makes real STS calls — two mints are two `GetSessionToken` (or
 //! `AssumeRole`) calls — because the broker asks for a refresh exactly when
 //! it wants a newer credential. `GetCallerIdentity` fills in the principal
-//! ARN and account (and, for forwarded credentials, proves they still work).
+//! ARN and account.
+//!
+//! **Checked before fan-out.** Every minted credential is tried once with
+//! `GetCallerIdentity` signed by the *new* credential before the minter
+//! returns it (for forwarded credentials that call is the one above). One
+//! that STS does not accept is a [`MintError::Failed`]: the session reports
+//! it as a refresh error, nothing reaches an agent, agents keep serving the
+//! last good credential, and the broker asks again with backoff.
+//!
+//! **CloudTrail names the person and the cluster.** `AssumeRole` carries a
+//! `SourceIdentity`, transitive session tags and a `RoleSessionName` naming
+//! the cluster; see [`super::cloudtrail`].
+//!
+//! **When access ends.** Each update says, in `access_end`, when minting
+//! from the local login will stop working without the user: the end of an
+//! SSO session ([`super::sso_cache`]), or the expiry of temporary
+//! credentials that nothing renews (`AWS_SESSION_TOKEN` in the environment,
+//! a session token in a profile), whether they are forwarded as they are or
+//! a role is assumed from them (role chaining, where AWS limits each
+//! assumed credential to one hour, so the minter asks for at most that).
+//! Long-term keys, `credential_process`, web identity and the instance and
+//! container endpoints renew themselves: no end is reported.
 //!
 //! `AWS_ENDPOINT_URL_STS` and `AWS_ENDPOINT_URL` are honoured by aws-config;
 //! [`AwsMinterBuilder::endpoint_url`] sets the same thing in code (tests point
@@ -43,13 +64,16 @@ use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvid
 use aws_sdk_sts::config::timeout::TimeoutConfig;
 use aws_sdk_sts::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_sts::primitives::{DateTime, DateTimeFormat};
+use aws_sdk_sts::types::Tag;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 use credstream_proto::convert::timestamp;
 use credstream_proto::v1::{AwsCredential, CredentialKind, CredentialUpdate, credential_update};
 use tracing::{debug, instrument, warn};
 
-use super::{MintError, MintFuture, Minter};
+use super::cloudtrail::{self, check_name, identity_name, session_name_for_cluster};
+use super::{MintError, MintFuture, Minter, sso_cache};
 use crate::whoami::AwsIdentity;
+use credstream_proto::v1::AccessEnd;
 
 const KIND: &str = "AWS";
 
@@ -65,6 +89,9 @@ pub const MAX_ASSUME_ROLE_DURATION: Duration = Duration::from_secs(12 * 3600);
 /// What most roles allow (`MaxSessionDuration` defaults to 1 hour); used
 /// when a role refuses the requested duration.
 const ROLE_FALLBACK_DURATION: Duration = Duration::from_secs(3600);
+/// AWS limits a role assumed with temporary credentials (role chaining) to
+/// one hour.
+const ROLE_CHAINING_MAX_DURATION: Duration = Duration::from_secs(3600);
 /// Longest session policy AWS accepts, in characters of plain text.
 const MAX_SESSION_POLICY_CHARS: usize = 2048;
 /// STS needs a signing region; without a configured one the global
@@ -92,6 +119,9 @@ pub struct AwsMinterBuilder {
     region: Option<String>,
     endpoint_url: Option<String>,
     credentials: Option<SharedCredentialsProvider>,
+    cluster: Option<String>,
+    source_identity: Option<String>,
+    tags: Vec<(String, String)>,
 }
 
 enum PolicySource {
@@ -113,8 +143,10 @@ impl AwsMinterBuilder {
         self
     }
 
-    /// The `RoleSessionName` for `AssumeRole` (default `credstream-<user>`);
-    /// it shows up in CloudTrail and in the assumed-role ARN.
+    /// The `RoleSessionName` for `AssumeRole` (default
+    /// `credstream-<cluster>` with [`cluster`](Self::cluster), else
+    /// `credstream-<user>`); it shows up in CloudTrail and in the
+    /// assumed-role ARN.
     pub fn role_session_name(mut self, name: impl Into<String>) -> Self {
         self.role_session_name = Some(name.into());
         self
@@ -152,6 +184,29 @@ impl AwsMinterBuilder {
     /// Sends STS calls to this endpoint (what `AWS_ENDPOINT_URL_STS` does).
     pub fn endpoint_url(mut self, url: impl Into<String>) -> Self {
         self.endpoint_url = Some(url.into());
+        self
+    }
+
+    /// The cluster the credentials are for: `AssumeRole` tags the session
+    /// `credstream-cluster=<id>` (transitive) and names it
+    /// `credstream-<id>`, so CloudTrail shows the cluster behind every call.
+    pub fn cluster(mut self, id: impl Into<String>) -> Self {
+        self.cluster = Some(id.into());
+        self
+    }
+
+    /// The `SourceIdentity` `AssumeRole` carries (default: the name in the
+    /// ARN `GetCallerIdentity` gives for the local credentials). Needs
+    /// [`role_arn`](Self::role_arn).
+    pub fn source_identity(mut self, name: impl Into<String>) -> Self {
+        self.source_identity = Some(name.into());
+        self
+    }
+
+    /// Adds a transitive session tag to `AssumeRole` (beside
+    /// `credstream-cluster`). Needs [`role_arn`](Self::role_arn).
+    pub fn session_tag(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.tags.push((key.into(), value.into()));
         self
     }
 
@@ -196,17 +251,18 @@ impl AwsMinterBuilder {
                 }
                 let session_name = match self.role_session_name {
                     Some(name) => {
-                        let valid =
-                            (2..=64).contains(&name.len()) && name.chars().all(session_name_char);
-                        if !valid {
-                            return Err(config_error(format!(
-                                "role session name {name:?} must be 2 to 64 characters of letters, digits and +=,.@_-"
-                            )));
-                        }
+                        check_name("role session name", &name)?;
                         name
                     }
-                    None => default_session_name(),
+                    None => match &self.cluster {
+                        Some(cluster) => session_name_for_cluster(cluster),
+                        None => default_session_name(),
+                    },
                 };
+                if let Some(name) = &self.source_identity {
+                    check_name("source identity", name)?;
+                }
+                let tags = cloudtrail::session_tags(self.cluster.as_deref(), self.tags)?;
                 let policy = match self.session_policy {
                     Some(source) => Some(load_policy(source)?),
                     None => None,
@@ -215,11 +271,18 @@ impl AwsMinterBuilder {
                     arn,
                     session_name,
                     policy,
+                    source_identity: self.source_identity,
+                    tags,
                 })
             }
             None if self.session_policy.is_some() => {
                 return Err(config_error(
                     "a session policy needs a role ARN (--aws-role-arn): GetSessionToken cannot be down-scoped",
+                ));
+            }
+            None if self.source_identity.is_some() || !self.tags.is_empty() => {
+                return Err(config_error(
+                    "a source identity or session tags need a role ARN (--aws-role-arn): GetSessionToken takes neither",
                 ));
             }
             None => None,
@@ -252,10 +315,6 @@ impl AwsMinterBuilder {
     }
 }
 
-fn session_name_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "+=,.@_-".contains(c)
-}
-
 /// `credstream-<login name>`, reduced to the characters STS allows.
 fn default_session_name() -> String {
     let user = std::env::var("USER")
@@ -263,7 +322,7 @@ fn default_session_name() -> String {
         .unwrap_or_default();
     let mut name: String = format!("credstream-{user}")
         .chars()
-        .filter(|c| session_name_char(*c))
+        .filter(|c| cloudtrail::identity_char(*c))
         .collect();
     name.truncate(64);
     name
@@ -310,6 +369,10 @@ struct RoleSettings {
     arn: String,
     session_name: String,
     policy: Option<String>,
+    /// Given by the user; else derived from the local identity per mint.
+    source_identity: Option<String>,
+    /// Transitive session tags, `credstream-cluster` first.
+    tags: Vec<(String, String)>,
 }
 
 /// Mints AWS credentials; see the module documentation for what it
@@ -329,6 +392,10 @@ impl fmt::Debug for AwsMinter {
         f.debug_struct("AwsMinter")
             .field("profile", &self.profile)
             .field("role_arn", &self.role.as_ref().map(|r| &r.arn))
+            .field(
+                "role_session_name",
+                &self.role.as_ref().map(|r| &r.session_name),
+            )
             .field("duration", &self.duration)
             .field("region", &self.region)
             .field("endpoint_url", &self.endpoint_url)
@@ -431,7 +498,7 @@ impl AwsMinter {
             Some(role) => AwsMintPlan::AssumeRole {
                 role_arn: role.arn.clone(),
                 session_policy: role.policy.is_some(),
-                duration: self.duration,
+                duration: self.role_duration(credentials),
             },
             None if credentials.session_token().is_some() => AwsMintPlan::Forward {
                 expires_at: credentials.expiry(),
@@ -442,6 +509,16 @@ impl AwsMinter {
         }
     }
 
+    /// The lifetime to ask `AssumeRole` for: at most one hour when the
+    /// local credentials are temporary (role chaining).
+    fn role_duration(&self, local: &Credentials) -> Duration {
+        if local.session_token().is_some() {
+            self.duration.min(ROLE_CHAINING_MAX_DURATION)
+        } else {
+            self.duration
+        }
+    }
+
     #[instrument(name = "mint_aws", skip_all, fields(profile = ?self.profile))]
     async fn mint_aws(&self) -> Result<CredentialUpdate, MintError> {
         let config = self.sdk_config().await;
@@ -449,10 +526,24 @@ impl AwsMinter {
         let plan = self.plan(&local);
         let temporary = local.session_token().is_some();
         let sts = self.sts(&config, local.clone());
-        let (credential, expires_at) = match (&self.role, plan) {
-            (Some(role), _) => self.assume_role(&sts, role).await?,
-            (None, AwsMintPlan::Forward { .. }) => forward(&sts, local).await?,
-            (None, _) => self.session_token(&sts).await?,
+        let (credential, expires_at) = match (&self.role, &plan) {
+            (Some(role), _) => {
+                let (minted, expires_at) = self.assume_role(&sts, role, &local).await?;
+                (
+                    self.checked(&config, minted, "AssumeRole").await?,
+                    expires_at,
+                )
+            }
+            // Forwarded credentials are the local ones: `forward` has just
+            // called GetCallerIdentity with them.
+            (None, AwsMintPlan::Forward { .. }) => forward(&sts, local.clone()).await?,
+            (None, _) => {
+                let (minted, expires_at) = self.session_token(&sts).await?;
+                (
+                    self.checked(&config, minted, "GetSessionToken").await?,
+                    expires_at,
+                )
+            }
         };
         if credential.session_token.is_empty() {
             // Never ship long-term keys, whatever a provider returned.
@@ -475,14 +566,113 @@ impl AwsMinter {
                 .as_secs(),
             "minted aws credentials"
         );
+        let access_end = self.access_end(&local, &plan, expires_at).await;
+        if let Some(end) = &access_end {
+            debug!(reason = %end.reason, "minting from this login ends");
+        }
         Ok(CredentialUpdate {
             credential: Some(credential_update::Credential::Aws(credential)),
             issued_at: Some(timestamp(SystemTime::now())),
             expires_at: Some(timestamp(expires_at)),
-            version: 0,
-            refresh_request_id: String::new(),
+            access_end,
             ..Default::default()
         })
+    }
+
+    /// Tries a freshly minted credential with `GetCallerIdentity` signed by
+    /// it, before anyone else sees it. On success the credential gets the
+    /// account STS names (and the principal, if it had none).
+    async fn checked(
+        &self,
+        config: &SdkConfig,
+        mut credential: AwsCredential,
+        operation: &str,
+    ) -> Result<AwsCredential, MintError> {
+        let minted = Credentials::new(
+            credential.access_key_id.clone(),
+            credential.secret_access_key.clone(),
+            Some(credential.session_token.clone()),
+            None,
+            "credstream-minted",
+        );
+        let identity = self
+            .sts(config, minted)
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(|err| {
+                let what = match &err {
+                    SdkError::ServiceError(_) => {
+                        let (code, message) = sts_code_and_message(&err);
+                        format!("STS refused it ({code}: {message})")
+                    }
+                    _ => format!("STS could not be reached ({})", DisplayErrorContext(&err)),
+                };
+                MintError::Failed {
+                    kind: KIND,
+                    message: format!(
+                        "the credential {operation} just issued failed its check (GetCallerIdentity signed with it): {what}; it was not published, and agents keep the last good one"
+                    ),
+                }
+            })?;
+        let arn = identity.arn().unwrap_or_default();
+        debug!(principal = %arn, "the minted credential works");
+        if credential.principal_arn.is_empty() && !arn.is_empty() {
+            credential.principal_arn = arn.to_owned();
+        }
+        if let Some(account) = identity.account().filter(|a| !a.is_empty()) {
+            credential.account_id = account.to_owned();
+        }
+        Ok(credential)
+    }
+
+    /// When minting from `local` will stop working without the user (see
+    /// the module documentation); `None` while it can renew itself.
+    async fn access_end(
+        &self,
+        local: &Credentials,
+        plan: &AwsMintPlan,
+        forwarded_expiry: SystemTime,
+    ) -> Option<AccessEnd> {
+        local.session_token()?;
+        let features = local
+            .get_property::<Vec<AwsCredentialFeature>>()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        use AwsCredentialFeature as F;
+        let has = |f: AwsCredentialFeature| features.contains(&f);
+        let end = |at: SystemTime, reason: &str| AccessEnd {
+            at: Some(timestamp(at)),
+            reason: reason.to_owned(),
+        };
+        if has(F::CredentialsProfileSso) || has(F::CredentialsSso) {
+            let at = sso_cache::session_end(self.profile.as_deref()).await?;
+            return Some(end(at, "your SSO session ends then"));
+        }
+        // Temporary credentials nothing renews: keys in the environment or
+        // in a profile, or handed over by the embedding program.
+        let fixed = self.credentials.is_some()
+            || has(F::CredentialsEnvVars)
+            || (has(F::CredentialsProfile)
+                && !has(F::CredentialsProfileSourceProfile)
+                && !has(F::CredentialsProfileProcess));
+        if !fixed {
+            return None;
+        }
+        match plan {
+            AwsMintPlan::Forward { .. } => Some(end(
+                forwarded_expiry,
+                "your temporary AWS credentials expire then",
+            )),
+            AwsMintPlan::AssumeRole { .. } => {
+                let at = local.expiry().or_else(expiry_from_env)?;
+                Some(end(
+                    at,
+                    "the temporary AWS credentials the role is assumed from expire then",
+                ))
+            }
+            AwsMintPlan::SessionToken { .. } => None,
+        }
     }
 
     /// `GetSessionToken` from long-term keys, with `GetCallerIdentity` for
@@ -531,24 +721,52 @@ impl AwsMinter {
         &self,
         sts: &aws_sdk_sts::Client,
         role: &RoleSettings,
+        local: &Credentials,
     ) -> Result<(AwsCredential, SystemTime), MintError> {
+        let source_identity = match &role.source_identity {
+            Some(name) => Some(name.clone()),
+            None => {
+                let identity = sts
+                    .get_caller_identity()
+                    .send()
+                    .await
+                    .map_err(|err| sts_error("GetCallerIdentity", err))?;
+                let arn = identity.arn().unwrap_or_default();
+                let name = identity_name(arn);
+                if name.is_none() {
+                    warn!(principal = %arn, "no identity name in the local principal's ARN; assuming the role without a source identity (set --aws-source-identity)");
+                }
+                name
+            }
+        };
+        let tags: Vec<Tag> = role
+            .tags
+            .iter()
+            .map(|(key, value)| Tag::builder().key(key).value(value).build())
+            .collect::<Result<_, _>>()
+            .map_err(|err| config_error(format!("a session tag is incomplete: {err}")))?;
+        let transitive: Vec<String> = role.tags.iter().map(|(key, _)| key.clone()).collect();
+        let duration = self.role_duration(local);
         let call = |duration: Duration| {
             sts.assume_role()
                 .role_arn(&role.arn)
                 .role_session_name(&role.session_name)
                 .set_policy(role.policy.clone())
+                .set_source_identity(source_identity.clone())
+                .set_tags((!tags.is_empty()).then(|| tags.clone()))
+                .set_transitive_tag_keys((!transitive.is_empty()).then(|| transitive.clone()))
                 .duration_seconds(duration.as_secs() as i32)
                 .send()
         };
-        let answer = match call(self.duration).await {
+        let answer = match call(duration).await {
             Err(err)
-                if self.duration > ROLE_FALLBACK_DURATION
+                if duration > ROLE_FALLBACK_DURATION
                     && err.code() == Some("ValidationError")
                     && err.message().is_some_and(|m| m.contains("DurationSeconds")) =>
             {
                 warn!(
                     role = %role.arn,
-                    requested = %humantime::format_duration(self.duration),
+                    requested = %humantime::format_duration(duration),
                     "the role does not allow this duration; asking for 1h (set --aws-duration 1h to silence this)"
                 );
                 call(ROLE_FALLBACK_DURATION).await
@@ -812,6 +1030,32 @@ fn xml_text(body: &str, tag: &str) -> Option<String> {
     Some(text).filter(|t| !t.is_empty())
 }
 
+/// The error code and message of an STS service error.
+fn sts_code_and_message<E>(err: &SdkError<E>) -> (String, String)
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let raw = err
+        .raw_response()
+        .and_then(|r| r.body().bytes())
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    // Some STS emulators (moto's auth layer) wrap the error in `<Errors>`,
+    // which the SDK's parser does not read; fall back to the first `<Code>`
+    // / `<Message>` of the body.
+    let code = err
+        .code()
+        .map(str::to_owned)
+        .or_else(|| xml_text(&raw, "Code"))
+        .unwrap_or_else(|| "Unknown".to_owned());
+    let message = err
+        .message()
+        .map(str::to_owned)
+        .or_else(|| xml_text(&raw, "Message"))
+        .unwrap_or_else(|| "no message".to_owned());
+    (code, message)
+}
+
 /// Maps an STS failure to what the user can do. STS error messages carry
 /// no secrets (they name principals and actions).
 fn sts_error<E>(operation: &str, err: SdkError<E>) -> MintError
@@ -820,30 +1064,13 @@ where
 {
     match &err {
         SdkError::ServiceError(_) => {
-            let raw = err
-                .raw_response()
-                .and_then(|r| r.body().bytes())
-                .map(String::from_utf8_lossy)
-                .unwrap_or_default();
-            // Some STS emulators (moto's auth layer) wrap the error in
-            // `<Errors>`, which the SDK's parser does not read; fall back to
-            // the first `<Code>` / `<Message>` of the body.
-            let code = err
-                .code()
-                .map(str::to_owned)
-                .or_else(|| xml_text(&raw, "Code"))
-                .unwrap_or_else(|| "Unknown".to_owned());
-            let message = err
-                .message()
-                .map(str::to_owned)
-                .or_else(|| xml_text(&raw, "Message"))
-                .unwrap_or_else(|| "no message".to_owned());
+            let (code, message) = sts_code_and_message(&err);
             let fix = match code.as_str() {
                 "ExpiredToken" | "ExpiredTokenException" | "RequestExpired" => {
                     "the credentials have expired: run `aws sso login` (or renew the credentials in your environment or profile)"
                 }
                 "AccessDenied" | "AccessDeniedException" => {
-                    "access denied: the local identity needs permission for this call (for a role, its trust policy must allow you)"
+                    "access denied: the local identity needs permission for this call (for a role, its trust policy must allow you sts:AssumeRole, sts:TagSession and sts:SetSourceIdentity)"
                 }
                 "InvalidClientTokenId"
                 | "SignatureDoesNotMatch"
@@ -890,6 +1117,7 @@ mod tests {
 
     use std::sync::{Arc, Mutex};
 
+    use credstream_proto::convert::system_time as system_time_of;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -1004,6 +1232,10 @@ mod tests {
             );
             assert_eq!(aws.account_id, "210987654321");
             assert_eq!(aws.region, "eu-west-1");
+            // Nothing renews them: minting ends when they expire.
+            let end = update.access_end.as_ref().expect("an access end");
+            assert_eq!(end.at.as_ref().and_then(system_time_of), Some(expiry));
+            assert_eq!(end.reason, "your temporary AWS credentials expire then");
         }
         // GetSessionToken would have been refused; it was never asked.
         assert_eq!(
@@ -1112,6 +1344,6 @@ mod tests {
     fn default_session_name_is_valid() {
         let name = default_session_name();
         assert!(name.starts_with("credstream-"));
-        assert!(name.len() <= 64 && name.chars().all(session_name_char));
+        assert!(name.len() <= 64 && name.chars().all(cloudtrail::identity_char));
     }
 }
