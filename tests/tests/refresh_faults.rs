@@ -160,7 +160,7 @@ async fn a_publisher_that_stops_answering_heartbeats_is_unresponsive_until_it_an
     let missing = publisher.until(refresh_request).await;
     let heartbeat = publisher
         .until(|m| match &m.message {
-            Some(publish_response::Message::Heartbeat(h)) => Some(h.clone()),
+            Some(publish_response::Message::Heartbeat(h)) => Some(*h),
             _ => None,
         })
         .await;
