@@ -36,35 +36,36 @@ LATE_VALUE = "sent-after-registration-41b2"
 
 @pytest.fixture(scope="module")
 def world(log_dir):
-    moto = start_moto(log_dir)
-    seed_moto(moto)
-    endpoint = TokenEndpoint()
-    laptop_home = os.path.join(log_dir, "laptop")
-    os.makedirs(os.path.join(laptop_home, "gcloud"), exist_ok=True)
-    key_file = service_account_key(log_dir, f"{endpoint.url}/token")
-    broker = start_broker(log_dir, "--refresh-at", "0.1")
-    cluster = start_scheduler(log_dir, moto.url)
-    cluster.add_worker("host-a", "a1")
-    cluster.add_worker("host-a", "a2")
-    client = Client(scheduler_file=cluster.scheduler_file, timeout=60)
-    client.wait_for_workers(2, timeout=120)
-
     saved = dict(os.environ)
-    os.environ.update(laptop_env(moto, laptop_home, key_file))
-    world = {"moto": moto, "endpoint": endpoint, "broker": broker, "cluster": cluster,
-             "client": client, "publisher": None, "log_dir": log_dir}
+    world = {"publisher": None, "log_dir": log_dir}
+    cleanup = []
     try:
+        moto = world["moto"] = start_moto(log_dir)
+        cleanup.append(moto.proc.stop)
+        seed_moto(moto)
+        endpoint = world["endpoint"] = TokenEndpoint()
+        cleanup.append(endpoint.close)
+        laptop_home = os.path.join(log_dir, "laptop")
+        os.makedirs(os.path.join(laptop_home, "gcloud"), exist_ok=True)
+        key_file = service_account_key(log_dir, f"{endpoint.url}/token")
+        broker = world["broker"] = start_broker(log_dir, "--refresh-at", "0.1")
+        cleanup.append(broker.proc.stop)
+        cluster = world["cluster"] = start_scheduler(log_dir, moto.url)
+        cleanup.append(cluster.close)
+        cluster.add_worker("host-a", "a1")
+        cluster.add_worker("host-a", "a2")
+        client = world["client"] = Client(scheduler_file=cluster.scheduler_file, timeout=60)
+        cleanup.append(client.close)
+        client.wait_for_workers(2, timeout=120)
+        os.environ.update(laptop_env(moto, laptop_home, key_file))
         yield world
     finally:
         os.environ.clear()
         os.environ.update(saved)
         if world["publisher"] is not None:
             world["publisher"].close()
-        client.close()
-        cluster.close()
-        broker.proc.stop()
-        moto.proc.stop()
-        endpoint.close()
+        for stop in reversed(cleanup):
+            stop()
 
 
 def test_workers_without_the_plugin_have_no_credentials(world):

@@ -25,7 +25,11 @@ def quickstart() -> str:
 
 def test_the_readme_quickstart_runs_verbatim(log_dir, tmp_path):
     moto = start_moto(log_dir)
-    broker = start_broker(log_dir)
+    try:
+        broker = start_broker(log_dir)
+    except BaseException:
+        moto.proc.stop()
+        raise
     try:
         seed_moto(moto)
         home = tmp_path / "laptop"
