@@ -641,15 +641,13 @@ async fn a_draining_broker_sends_no_snapshot_to_new_streams() {
             if let Ok(Ok(mut again)) =
                 tokio::time::timeout(WAIT, open_agent_with(via, &broker.agent_token, Some(hello)))
                     .await
+                && let Ok(Ok(Some(message))) = tokio::time::timeout(WAIT, again.rx.message()).await
+                && matches!(
+                    message.message,
+                    Some(subscribe_response::Message::Snapshot(_))
+                )
             {
-                if let Ok(Ok(Some(message))) = tokio::time::timeout(WAIT, again.rx.message()).await
-                    && matches!(
-                        message.message,
-                        Some(subscribe_response::Message::Snapshot(_))
-                    )
-                {
-                    snapshots_after_term += 1;
-                }
+                snapshots_after_term += 1;
             }
         }
     }
