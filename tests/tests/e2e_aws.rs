@@ -222,7 +222,7 @@ async fn read_object_on_a_worker_uses_credentials_minted_through_moto_sts() {
     let mut publish = world.publish();
     let minted = publish.line(|l| l.starts_with("minted AWS")).await;
     assert!(
-        minted.starts_with("minted AWS for arn:aws:sts::123456789012:assumed-role/cluster-reader/credstream-laptop-user, valid until "),
+        minted.starts_with("minted AWS for arn:aws:sts::123456789012:assumed-role/cluster-reader/credstream-dev, valid until "),
         "{minted}"
     );
 
