@@ -30,7 +30,7 @@ fn credstream(env: &[(String, String)], args: &[&str]) -> Command {
     let mut command = clean_command(binary("credstream"));
     command
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("CREDSTREAM_NO_SEAL", "1")
+        .env("CREDSTREAM_NO_SEAL", "true")
         .args(args);
     command
 }
