@@ -37,7 +37,7 @@ enum Command {
     /// Exit status: 0 after Ctrl-C or SIGTERM; 3 when another publisher
     /// took the cluster over (do not restart it: systemd's
     /// `RestartPreventExitStatus=3`); 1 on any other error.
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
     /// Show the AWS identity and GCP principal `publish` would forward.
     /// Exits non-zero if a kind asked about has no usable credentials.
     Whoami(IdentityArgs),
@@ -190,7 +190,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Publish(args) => cli::publish::run(args.into()).await,
+            Command::Publish(args) => cli::publish::run((*args).into()).await,
             Command::Whoami(args) => cli::identity::whoami(&args.into()).await,
             Command::Status(args) => cli::status::run(&args.into()).await,
             Command::SealKey(args) => {
