@@ -224,7 +224,8 @@ async fn publish_forwards_session_credentials_minted_by_moto_sts_from_long_term_
     assert!(status.exit().await.success(), "{}", status.output());
     let report = status.stdout();
     assert!(
-        report.contains("publisher: connected; publishes AWS, private env"),
+        report.contains("publisher: laptop-user@")
+            && report.contains(" connected; publishes AWS, private env"),
         "{report}"
     );
     assert!(
