@@ -64,7 +64,9 @@ impl AgentServer {
     ) -> Result<SubscribeBody, Status> {
         let claims = auth::claims(&request)?;
         let routing = super::routing_cluster(&request)?;
-        let caller = audit::Caller::of(request.extensions());
+        // Formatting the peer and token id costs every Subscribe of a
+        // reconnect storm; only the audit trail reads them.
+        let caller = audit::enabled().then(|| audit::Caller::of(request.extensions()));
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(super::HELLO_TIMEOUT, inbound.message())
             .await
@@ -107,7 +109,7 @@ impl AgentServer {
             failed,
             self.hub.shutdown_signal(),
         );
-        if audit::enabled() {
+        if let Some(caller) = caller {
             audit::record(audit::Event::AgentSubscribed {
                 cluster: &hello.cluster_id,
                 agent_id: &hello.agent_id,
