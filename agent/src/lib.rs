@@ -4,6 +4,8 @@
 //!   expiry rules; every other module reads it.
 //! - [`seal`] — sealed delivery: opening what the publisher sealed, and
 //!   refusing everything else, before the store applies it.
+//! - [`served`] — how many local requests each version served, logged as
+//!   each version retires (the agent's half of the audit trail).
 //! - [`subscription`] — the `Subscribe` stream loop: hello, snapshot, updates,
 //!   acks, refresh hints, reconnect with backoff.
 //! - [`http`] — the loopback listener user processes reach: the AWS container
@@ -23,5 +25,6 @@ pub mod exec;
 pub mod hardening;
 pub mod http;
 pub mod seal;
+pub mod served;
 pub mod store;
 pub mod subscription;

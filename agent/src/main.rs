@@ -363,6 +363,7 @@ impl Agent {
         {
             tracing::warn!("shutdown did not finish in time");
         }
+        self.store.served().log_all();
     }
 }
 

@@ -19,6 +19,8 @@ use credstream_proto::v1::{
 };
 use tokio::sync::watch;
 
+use crate::served::{Served, ServedTally};
+
 /// Everything the agent holds. Cheap to clone (reference-counted items).
 #[derive(Clone, Debug, Default)]
 pub struct AgentState {
@@ -68,6 +70,15 @@ pub enum NotReady {
 }
 
 impl AgentState {
+    /// The version of each item local requests are served (0: none held).
+    fn served_versions(&self) -> [(Served, u64); 3] {
+        [
+            (Served::Aws, self.aws.as_ref().map_or(0, |c| c.version)),
+            (Served::Gcp, self.gcp.as_ref().map_or(0, |c| c.version)),
+            (Served::Env, self.env.as_ref().map_or(0, |e| e.version)),
+        ]
+    }
+
     /// The credential of `kind` if it is unexpired at `now`.
     pub fn live(&self, kind: CredentialKind, now: SystemTime) -> Option<&Arc<CredentialUpdate>> {
         let held = match kind {
@@ -132,6 +143,8 @@ pub struct CredentialStore {
     snapshot_seen: Arc<watch::Sender<bool>>,
     /// Sealed delivery: what passes before anything is applied.
     gate: Arc<crate::seal::Gate>,
+    /// Local requests served per version.
+    served: Arc<ServedTally>,
 }
 
 impl Default for CredentialStore {
@@ -153,7 +166,13 @@ impl CredentialStore {
             state: Arc::new(watch::Sender::new(AgentState::default())),
             snapshot_seen: Arc::new(watch::Sender::new(false)),
             gate: Arc::new(gate),
+            served: Arc::new(ServedTally::default()),
         }
+    }
+
+    /// Local requests served per version (logged as each version retires).
+    pub fn served(&self) -> &ServedTally {
+        &self.served
     }
 
     /// The sealed-delivery gate (refusal count and last reason).
@@ -184,6 +203,7 @@ impl CredentialStore {
             return false;
         };
         let is_snapshot = matches!(message, Message::Snapshot(_));
+        let before = self.state.borrow().served_versions();
         let changed = self.state.send_if_modified(|state| match message {
             Message::Snapshot(snapshot) => {
                 let first = !std::mem::replace(&mut state.snapshot_received, true);
@@ -196,6 +216,14 @@ impl CredentialStore {
         });
         if is_snapshot {
             self.snapshot_seen.send_replace(true);
+        }
+        if changed {
+            let after = self.state.borrow().served_versions();
+            for ((item, old), (_, new)) in before.into_iter().zip(after) {
+                if old != new {
+                    self.served.replaced(item, new);
+                }
+            }
         }
         changed
     }

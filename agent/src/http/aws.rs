@@ -17,6 +17,7 @@ use credstream_proto::v1::{CredentialKind, credential_update::Credential};
 use serde::Serialize;
 
 use super::{AppState, HttpError};
+use crate::served::Served;
 
 /// The JSON body, borrowing from the held credential so no extra copy of
 /// the secret is made before serialization.
@@ -54,6 +55,7 @@ pub(super) async fn credentials(
         expiration: humantime::format_rfc3339_seconds(expiry).to_string(),
         account_id: (!aws.account_id.is_empty()).then_some(aws.account_id.as_str()),
     };
+    app.store.served().record(Served::Aws, update.version);
     let mut response = Json(body).into_response();
     response
         .headers_mut()

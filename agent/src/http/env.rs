@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, header::CACHE_CONTROL};
 use axum::response::{IntoResponse, Response};
 
 use super::{AppState, HttpError};
+use crate::served::Served;
 use crate::store::NotReady;
 
 /// 200 with the variables (an empty object when the publisher declared no
@@ -36,6 +37,9 @@ pub(super) async fn private_env(
         }
     }
     let vars: BTreeMap<&str, &str> = state.env_vars().collect();
+    if let Some(env) = &state.env {
+        app.store.served().record(Served::Env, env.version);
+    }
     let mut response = Json(vars).into_response();
     response
         .headers_mut()

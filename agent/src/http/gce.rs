@@ -28,6 +28,7 @@ use credstream_proto::v1::{CredentialKind, GcpCredential, credential_update::Cre
 use serde_json::json;
 
 use super::{AppState, HttpError};
+use crate::served::Served;
 
 /// The path prefix of the v1 metadata API.
 pub const METADATA_PREFIX: &str = "/computeMetadata/v1/";
@@ -141,6 +142,7 @@ fn token(app: &AppState) -> Result<Response, HttpError> {
     } else {
         gcp.token_type.as_str()
     };
+    app.store.served().record(Served::Gcp, update.version);
     let mut response = Json(json!({
         "access_token": gcp.access_token.as_str(),
         "expires_in": expires_in,
