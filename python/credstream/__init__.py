@@ -17,6 +17,12 @@ credentials) and keeps the stream to the broker, on a background runtime that
 keeps answering the broker's refresh requests after the cell returns, until
 :meth:`Publisher.close` or the interpreter exits.
 
+Like ``credstream publish``, it seals every credential and private env change
+for the cluster's agents by default (``docs/sealing.md``), with the cluster's
+seal key, created in your config directory on first use; the broker relays
+what it cannot read. :class:`credstream.dask.CredstreamPlugin` carries the
+same key to every worker's agent.
+
 The wheel also puts the ``credstream`` and ``credstream-agent`` commands on
 ``PATH``.
 """
@@ -25,11 +31,12 @@ from __future__ import annotations
 
 import atexit
 import datetime as _dt
+import logging
 import os
 import threading
 import warnings
 import weakref
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from . import _credstream
 from ._credstream import (
@@ -65,6 +72,8 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+logger = logging.getLogger("credstream")
+
 
 class CredstreamWarning(UserWarning):
     """A kind asked for is skipped (no local credentials for it); the others
@@ -99,7 +108,29 @@ def _seconds(value: Union[None, int, float, str, _dt.timedelta], name: str) -> O
     )
 
 
-def _env_pairs(env: Optional[Mapping[str, Any]], name: str = "env") -> List[tuple]:
+def _expand(path: Optional[PathLike]) -> Optional[str]:
+    return None if path is None else os.path.expanduser(os.fspath(path))
+
+
+def _tag_pairs(tags: Optional[Mapping[str, str]]) -> List[Tuple[str, str]]:
+    """``aws_tags`` as the CLI's ``--aws-tag KEY=VALUE`` pairs (the minter
+    checks the characters STS allows, and says which)."""
+    if tags is None:
+        return []
+    if not isinstance(tags, Mapping):
+        raise ConfigurationError("aws_tags must be a mapping of session tag keys to values")
+    pairs = []
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key or not isinstance(value, str):
+            raise ConfigurationError(
+                f"aws_tags: every key must be a non-empty string and every value a string, "
+                f"not {key!r}: {value!r}"
+            )
+        pairs.append((key, value))
+    return pairs
+
+
+def _env_pairs(env: Optional[Mapping[str, Any]], name: str = "env") -> List[Tuple[str, str]]:
     if env is None:
         return []
     if not isinstance(env, Mapping):
@@ -157,6 +188,21 @@ class Publisher:
     A kind without local credentials is skipped with a
     :class:`CredstreamWarning`, as the CLI skips it with a note.
 
+    Sealing is on by default, as in ``credstream publish``: every credential
+    and private env change is sealed for the cluster's agents with the
+    cluster's seal key, so the broker relays what it cannot read (and
+    :meth:`status` shows no env names, only that the env is sealed). The key
+    is ``seal_key_file``, else ``<config>/credstream/seal-keys/<cluster>.key``
+    (``<config>``: ``$CREDSTREAM_CONFIG_DIR``, ``$XDG_CONFIG_HOME`` or
+    ``~/.config``), created (mode 0600) on first use. Agents need it:
+    :class:`credstream.dask.CredstreamPlugin` reads the same file and carries
+    it to every worker; for agents started by hand, ``credstream seal-key
+    --cluster ID > F`` then ``credstream-agent run --seal-key-file F``. A key
+    file that cannot be used (readable by others, another cluster's, not a
+    key) raises :class:`ConfigurationError` before anything is sent, and is
+    left as it was. ``seal=False`` publishes in clear (agents holding the
+    key then refuse it).
+
     Then it runs in the background: it answers every refresh request of the
     broker (at half each credential's lifetime) until :meth:`close`, or
     until the interpreter exits.
@@ -194,6 +240,18 @@ class Publisher:
     :param tls_client_cert: a client certificate for a mutual-TLS broker.
     :param tls_client_key: its private key.
     :param insecure: allow ``http://`` to a broker not on this machine.
+    :param seal: seal for the cluster's agents (``--no-seal`` when false).
+    :param seal_key_file: the cluster's seal key file (``--seal-key-file``;
+        created, mode 0600, if missing).
+    :param aws_source_identity: with ``aws_role_arn``, the ``SourceIdentity``
+        CloudTrail records on every call made with the role's credentials
+        (``--aws-source-identity``; default: your own identity's name, from
+        ``GetCallerIdentity``). The trust policy must allow
+        ``sts:SetSourceIdentity``.
+    :param aws_tags: with ``aws_role_arn``, transitive session tags
+        (``--aws-tag KEY=VALUE``), besides ``credstream-cluster=<cluster>``,
+        which is always set; the trust policy must allow ``sts:TagSession``.
+        The role session is named ``credstream-<cluster>``, as by the CLI.
     """
 
     def __init__(
@@ -217,6 +275,10 @@ class Publisher:
         tls_client_cert: Optional[PathLike] = None,
         tls_client_key: Optional[PathLike] = None,
         insecure: bool = False,
+        seal: bool = True,
+        seal_key_file: Optional[PathLike] = None,
+        aws_source_identity: Optional[str] = None,
+        aws_tags: Optional[Mapping[str, str]] = None,
     ) -> None:
         if token is not None and token_file is not None:
             raise ConfigurationError("give the publisher token as token or token_file, not both")
@@ -225,32 +287,38 @@ class Publisher:
                 "give the publisher token with token_file=... or token=... "
                 "(`credstream-broker token --role publisher --cluster ...` issues one)"
             )
-        expand = lambda p: None if p is None else os.path.expanduser(os.fspath(p))  # noqa: E731
         self._lock = threading.Lock()
         self._cluster = cluster
         self._native = _credstream.NativePublisher(
             broker,
             cluster,
             token,
-            expand(token_file),
+            _expand(token_file),
             bool(aws),
             bool(gcp),
             aws_profile,
             aws_role_arn,
-            expand(aws_session_policy),
+            _expand(aws_session_policy),
             _seconds(aws_duration, "aws_duration"),
             list(gcp_scopes or []),
             _env_pairs(env),
-            [expand(f) for f in (env_files or [])],
+            [os.path.expanduser(os.fspath(f)) for f in (env_files or [])],
             bool(revoke_on_close),
-            expand(ca_cert),
-            expand(tls_client_cert),
-            expand(tls_client_key),
+            _expand(ca_cert),
+            _expand(tls_client_cert),
+            _expand(tls_client_key),
             bool(insecure),
+            bool(seal),
+            _expand(seal_key_file),
+            aws_source_identity,
+            _tag_pairs(aws_tags),
         )
         for line in self._native.identity_lines():
             if ": not publishing " in line:
                 warnings.warn(line, CredstreamWarning, stacklevel=2)
+        self._sealing, self._seal_key_id, key_file = self._native.seal_info()
+        self._seal_key_file = None if key_file is None else os.fspath(key_file)
+        logger.info("%s", self._sealing)
         _live.add(self)
 
     @property
@@ -268,6 +336,30 @@ class Publisher:
         """Who each kind publishes as (or why it is skipped): the lines
         ``credstream publish`` prints first. No secrets."""
         return list(self._native.identity_lines())
+
+    @property
+    def sealed(self) -> bool:
+        """True if this publisher seals (the default; ``seal=False`` not given)."""
+        return self._seal_key_id is not None
+
+    @property
+    def seal_key_id(self) -> Optional[str]:
+        """The seal key's id (16 hex digits, as agents log it), or ``None``
+        when not sealing. Not secret."""
+        return self._seal_key_id
+
+    @property
+    def seal_key_file(self) -> Optional[str]:
+        """The file the seal key is in (pass it to
+        ``CredstreamPlugin(seal_key_file=...)`` when it is not the default),
+        or ``None`` when not sealing."""
+        return self._seal_key_file
+
+    @property
+    def sealing(self) -> str:
+        """What ``credstream publish`` prints about sealing: the key's id and
+        file and how agents get it, or that it does not seal."""
+        return self._sealing
 
     @property
     def running(self) -> bool:
@@ -299,9 +391,14 @@ class Publisher:
     def status(self) -> Dict[str, Any]:
         """What the broker holds for the cluster: its version, the live
         credentials (kind, principal, version, ``issued_at``/``expires_at``
-        as UTC datetimes), the private env's *names*, each agent and the
-        version it acknowledged; and this publisher's own state
-        (``connected``, ``mint_errors``, ``ended``). Never a secret value."""
+        as UTC datetimes, ``sealed``), the private env (``version``, its
+        *names*, ``sealed``: a sealed env shows no names, the broker cannot
+        read them), each agent and the version it acknowledged; ``sealed``:
+        whether the cluster is sealed as the broker reports it (``True``
+        when every credential and the env it holds are sealed, ``False``
+        when any is in clear, ``None`` while it holds none); and this
+        publisher's own state (``connected``, ``mint_errors``, ``ended``).
+        Never a secret value."""
         status = self._native.status()
         for credential in status["credentials"]:
             credential["issued_at"] = _timestamp(credential["issued_at"])
@@ -329,4 +426,5 @@ class Publisher:
 
     def __repr__(self) -> str:
         state = "running" if self.running else "closed"
-        return f"<credstream.Publisher cluster={self._cluster!r} {state}>"
+        sealed = "sealed" if self.sealed else "not sealed"
+        return f"<credstream.Publisher cluster={self._cluster!r} {state}, {sealed}>"

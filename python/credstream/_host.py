@@ -1,7 +1,7 @@
 """One ``credstream-agent run`` per host, shared by the Dask workers there.
 
 Layout of a host's agent directory (mode 0700, under ``$XDG_RUNTIME_DIR`` or
-the temp dir, one per user, broker, cluster and agent token)::
+the temp dir, one per user, broker, cluster, agent token and seal key)::
 
     lock          flock'd while a worker attaches or detaches
     users/<pid>   one per attached worker, flock'd by it while it lives
@@ -14,9 +14,12 @@ the temp dir, one per user, broker, cluster and agent token)::
 The first worker starts a small supervisor (``python -m credstream._host``)
 in its own session; the supervisor starts the agent, writes
 ``agent.json``, and stops the agent once no worker holds a ``users/`` lock
-(the last one detached, or every worker was killed). The agent token
-reaches the supervisor and the agent on a pipe: it is never in an
-environment variable, an argument or a file.
+(the last one detached, or every worker was killed). The agent token and
+the cluster's seal key reach the supervisor on a pipe (its stdin), and the
+agent on pipes too: the token on its stdin (``--token-file /dev/stdin``,
+which the agent moves into an anonymous memory file), the key on a pipe
+the agent inherits (``--seal-key-file /dev/fd/N``, read once at start).
+Neither is ever in an environment variable, an argument or a file.
 """
 
 from __future__ import annotations
@@ -62,10 +65,15 @@ def _private_dir(path: str) -> str:
     return path
 
 
-def host_dir(broker: str, cluster: str, agent_token: str, options: str) -> str:
-    """The agent directory for this user, broker, cluster, token and agent
-    options (a different token or option means a different agent)."""
-    key = hashlib.sha256("\0".join([broker, cluster, agent_token, options]).encode()).hexdigest()
+def host_dir(broker: str, cluster: str, agent_token: str, options: str,
+             seal_key: Optional[str] = None) -> str:
+    """The agent directory for this user, broker, cluster, token, agent
+    options and seal key (a different token, option or key, or none, means a
+    different agent). The name is a digest: it reveals neither secret."""
+    parts = [broker, cluster, agent_token, options]
+    if seal_key is not None:
+        parts.append("seal:" + seal_key)
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()
     base = _private_dir(os.path.join(_runtime_root(), f"credstream-dask-{os.getuid()}"))
     return _private_dir(os.path.join(base, key[:20]))
 
@@ -199,9 +207,12 @@ def attach(
     agent_args: List[str],
     agent_id: str,
     start_timeout: float,
+    seal_key: Optional[str] = None,
 ) -> HostAgent:
-    """Attaches this process to the host's agent, starting it if none runs."""
-    directory = host_dir(broker, cluster, agent_token, "\0".join(agent_args))
+    """Attaches this process to the host's agent, starting it if none runs.
+    With ``seal_key`` (the key file's line), the agent accepts only what the
+    publisher sealed with it."""
+    directory = host_dir(broker, cluster, agent_token, "\0".join(agent_args), seal_key)
     users = _private_dir(os.path.join(directory, "users"))
     with _locked(os.path.join(directory, "lock")):
         user_path = os.path.join(users, str(os.getpid()))
@@ -211,7 +222,7 @@ def attach(
             info = _read_info(directory)
             if info is None:
                 info = _start(directory, agent_binary, broker, cluster, agent_token,
-                              agent_args, agent_id, start_timeout)
+                              agent_args, agent_id, start_timeout, seal_key)
         except BaseException:
             os.close(user_fd)
             with contextlib.suppress(FileNotFoundError):
@@ -221,15 +232,16 @@ def attach(
         directory=directory,
         address=str(info["address"]),
         env_file=str(info["env_file"]),
-        agent_pid=int(info["agent_pid"]),
-        supervisor_pid=int(info["supervisor_pid"]),
+        agent_pid=int(str(info["agent_pid"])),
+        supervisor_pid=int(str(info["supervisor_pid"])),
         _user_fd=user_fd,
         _user_path=user_path,
     )
 
 
 def _start(directory: str, agent_binary: str, broker: str, cluster: str, agent_token: str,
-           agent_args: List[str], agent_id: str, start_timeout: float) -> Dict[str, object]:
+           agent_args: List[str], agent_id: str, start_timeout: float,
+           seal_key: Optional[str]) -> Dict[str, object]:
     config = json.dumps({
         "agent_binary": agent_binary,
         "broker": broker,
@@ -248,7 +260,7 @@ def _start(directory: str, agent_binary: str, broker: str, cluster: str, agent_t
         close_fds=True,
     )
     assert supervisor.stdin is not None
-    supervisor.stdin.write(agent_token.encode())
+    supervisor.stdin.write(json.dumps({"token": agent_token, "seal_key": seal_key}).encode())
     supervisor.stdin.close()
     deadline = time.monotonic() + start_timeout
     while time.monotonic() < deadline:
@@ -293,8 +305,11 @@ def _supervise(directory: str, config_json: str) -> int:
     signal.signal(signal.SIGINT, stop)
 
     config = json.loads(config_json)
-    token = sys.stdin.buffer.read()
+    secrets = json.loads(sys.stdin.buffer.read())
     sys.stdin.close()
+    token = str(secrets["token"]).encode()
+    seal_key = secrets.get("seal_key")
+    del secrets
     # Files of this supervisor's agent only: a successor started while this
     # one stops must not lose its env file when this agent removes its own.
     env_file = os.path.join(directory, f"env-{os.getpid()}")
@@ -306,15 +321,35 @@ def _supervise(directory: str, config_json: str) -> int:
     out_path = os.path.join(directory, f"agent-{os.getpid()}.out")
     out = open(out_path, "wb", buffering=0)
     os.chmod(out_path, 0o600)
-    agent = subprocess.Popen(
-        [config["agent_binary"], "run", "--broker", config["broker"],
-         "--cluster", config["cluster"], "--agent-id", config["agent_id"],
-         "--token-file", "/dev/stdin", "--env-file", env_file, *config["agent_args"]],
-        stdin=subprocess.PIPE,
-        stdout=out,
-        stderr=log,
-        close_fds=True,
-    )
+    argv = [config["agent_binary"], "run", "--broker", config["broker"],
+            "--cluster", config["cluster"], "--agent-id", config["agent_id"],
+            "--token-file", "/dev/stdin", "--env-file", env_file, *config["agent_args"]]
+    pass_fds: tuple = ()
+    if seal_key is not None:
+        # The key goes into a pipe before the agent starts (a key line is far
+        # below the pipe's buffer), and the write end is closed: the agent
+        # reads it, to its end, from the one descriptor it inherits. No file,
+        # and only the descriptor's number in its arguments.
+        key_read, key_write = os.pipe()
+        try:
+            os.write(key_write, str(seal_key).encode() + b"\n")
+        finally:
+            os.close(key_write)
+        del seal_key
+        argv += ["--seal-key-file", f"/dev/fd/{key_read}"]
+        pass_fds = (key_read,)
+    try:
+        agent = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=log,
+            close_fds=True,
+            pass_fds=pass_fds,
+        )
+    finally:
+        for fd in pass_fds:
+            os.close(fd)
     out.close()
     log.close()
     assert agent.stdin is not None

@@ -26,6 +26,16 @@ is never put in ``os.environ``; no credential and no private env value goes
 through the Dask scheduler: private env sent later reaches the workers'
 ``os.environ`` from the broker, through each host's agent.
 
+Sealing: by default the plugin reads the cluster's seal key on the client,
+from the file :class:`credstream.Publisher` and ``credstream publish`` use
+(creating it there, as they would, if there is none yet), and carries it
+to every worker's agent with the agent token, so the agents accept only what
+the publisher sealed and the broker relays credentials it cannot read. Pass
+``seal_key_file=`` for another file, or ``seal=False`` for a publisher with
+``seal=False``. On the worker the key reaches the agent on a pipe: never in
+``os.environ``, an argument or a file. The key, like the agent token, passes
+through the Dask scheduler inside the plugin; it never reaches the broker.
+
 fsspec caches filesystem instances: an ``s3fs.S3FileSystem()`` (or gcsfs)
 created in a worker *before* the plugin ran keeps the session it found then
 (none), and ``fsspec.filesystem("s3")`` hands that same instance back. Create
@@ -50,11 +60,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import _host
+from . import _credstream, _host
+from ._credstream import ConfigurationError
+
+PathLike = Union[str, "os.PathLike[str]"]
 
 logger = logging.getLogger("credstream.dask")
 
@@ -235,6 +248,17 @@ def _ready(address: str) -> Tuple[bool, str]:
         return False, f"the agent at {address} does not answer: {error}"
 
 
+def _last_refusal(log: str) -> Optional[str]:
+    """The agent's last "refused an update" line (a reason, never content):
+    a publisher that seals while the plugin does not, or the other way."""
+    try:
+        with open(log, errors="replace") as f:
+            lines = [line.strip() for line in f if "refused an update" in line]
+    except OSError:
+        return None
+    return lines[-1] if lines else None
+
+
 class CredstreamPlugin(WorkerPlugin):
     """Serves every Dask worker the credentials and private env published
     to ``cluster`` (a :class:`credstream.Publisher` or ``credstream
@@ -259,6 +283,16 @@ class CredstreamPlugin(WorkerPlugin):
     :param tls_client_cert: on the workers, a client certificate (mutual TLS).
     :param tls_client_key: its key.
     :param insecure: allow ``http://`` to a broker not on the worker's host.
+    :param seal: give every agent the cluster's seal key (the default), so
+        it accepts only what the publisher sealed; ``False`` for a publisher
+        with ``seal=False`` (an agent with the key refuses unsealed updates,
+        one without it refuses sealed ones).
+    :param seal_key_file: on the client, the seal key file the publisher
+        uses (``Publisher.seal_key_file``), when it is not the default
+        ``<config>/credstream/seal-keys/<cluster>.key``. Read, or created
+        (mode 0600) as the publisher would, when the plugin is made; a file
+        that cannot be used raises :class:`credstream.ConfigurationError`
+        then, before anything is registered or started.
     """
 
     name = "credstream"
@@ -276,9 +310,22 @@ class CredstreamPlugin(WorkerPlugin):
         tls_client_key: Optional[str] = None,
         insecure: bool = False,
         name: Optional[str] = None,
+        seal: bool = True,
+        seal_key_file: Optional[PathLike] = None,
     ) -> None:
         if not agent_token or not isinstance(agent_token, str):
             raise ValueError("agent_token must be the cluster's agent token")
+        self._seal_key: Optional[str] = None
+        self.seal_key_id: Optional[str] = None
+        if seal:
+            path = None if seal_key_file is None else os.path.expanduser(os.fspath(seal_key_file))
+            # The publisher's own lookup (Rust, `credstream publish`'s): the
+            # same file, created there if missing, the same errors.
+            self._seal_key, self.seal_key_id, _ = _credstream.seal_key(cluster, path)
+        elif seal_key_file is not None:
+            raise ConfigurationError(
+                "seal=False and seal_key_file go against each other: give one or neither"
+            )
         self.broker = broker
         self.cluster = cluster
         self.agent_token = agent_token
@@ -293,8 +340,14 @@ class CredstreamPlugin(WorkerPlugin):
         self._agent: Optional[_host.HostAgent] = None
         self._follower: Optional[_Follower] = None
 
-    def __repr__(self) -> str:  # the token is not shown
-        return f"CredstreamPlugin(broker={self.broker!r}, cluster={self.cluster!r})"
+    @property
+    def sealed(self) -> bool:
+        """True if the plugin gives the agents a seal key."""
+        return self._seal_key is not None
+
+    def __repr__(self) -> str:  # neither the token nor the key is shown
+        sealed = f"seal_key_id={self.seal_key_id!r}" if self.sealed else "seal=False"
+        return f"CredstreamPlugin(broker={self.broker!r}, cluster={self.cluster!r}, {sealed})"
 
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
@@ -302,8 +355,8 @@ class CredstreamPlugin(WorkerPlugin):
         state["_follower"] = None
         return state
 
-    def _agent_args(self) -> list:
-        args = []
+    def _agent_args(self) -> List[str]:
+        args: List[str] = []
         if not self.gce_metadata:
             args.append("--no-gce-metadata")
         if self.ca_cert:
@@ -321,7 +374,9 @@ class CredstreamPlugin(WorkerPlugin):
         points ``os.environ`` at it. Blocking; ``setup`` runs it in a thread."""
         deadline = time.monotonic() + self.ready_timeout
         args = self._agent_args()
-        directory = _host.host_dir(self.broker, self.cluster, self.agent_token, "\0".join(args))
+        seal_key = getattr(self, "_seal_key", None)
+        directory = _host.host_dir(self.broker, self.cluster, self.agent_token, "\0".join(args),
+                                   seal_key)
         try:
             agent = _host.attach(
                 agent_binary=agent_binary(),
@@ -331,6 +386,7 @@ class CredstreamPlugin(WorkerPlugin):
                 agent_args=args,
                 agent_id=_agent_id(directory),
                 start_timeout=self.ready_timeout,
+                seal_key=seal_key,
             )
         except _host.AgentError as error:
             raise AgentNotReadyError(str(error)) from None
@@ -341,6 +397,9 @@ class CredstreamPlugin(WorkerPlugin):
                 if ready:
                     break
                 if time.monotonic() >= deadline:
+                    refused = _last_refusal(os.path.join(agent.directory, "agent.log"))
+                    if refused:
+                        reason += f"; the agent refused what the broker sent: {refused}"
                     raise AgentNotReadyError(
                         f"credstream-agent for cluster {self.cluster!r} at {self.broker} was not "
                         f"ready within {self.ready_timeout:g}s: {reason}\n  fix: start the "

@@ -1,4 +1,5 @@
-from typing import Any, Dict, Mapping, Optional
+import os
+from typing import Any, Dict, Mapping, Optional, Union
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -13,6 +14,7 @@ class CredstreamPlugin(WorkerPlugin):
     broker: str
     cluster: str
     ready_timeout: float
+    seal_key_id: Optional[str]
     def __init__(
         self,
         broker: str,
@@ -26,7 +28,11 @@ class CredstreamPlugin(WorkerPlugin):
         tls_client_key: Optional[str] = ...,
         insecure: bool = ...,
         name: Optional[str] = ...,
+        seal: bool = ...,
+        seal_key_file: Optional[Union[str, os.PathLike[str]]] = ...,
     ) -> None: ...
+    @property
+    def sealed(self) -> bool: ...
     def attach(self) -> None: ...
     def detach(self) -> None: ...
     async def setup(self, worker: Any) -> None: ...

@@ -15,7 +15,9 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::publisher::{ErrorKind, Publisher, PublisherError, PublisherOptions, Status};
+use crate::publisher::{
+    ErrorKind, Publisher, PublisherError, PublisherOptions, Status, cluster_seal_key,
+};
 
 create_exception!(
     _credstream,
@@ -126,7 +128,8 @@ impl NativePublisher {
     #[pyo3(signature = (
         broker, cluster, token, token_file, aws, gcp, aws_profile, aws_role_arn,
         aws_session_policy, aws_duration, gcp_scopes, env, env_files, revoke_on_close,
-        ca_cert, tls_client_cert, tls_client_key, insecure
+        ca_cert, tls_client_cert, tls_client_key, insecure, seal, seal_key_file,
+        aws_source_identity, aws_tags
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -149,6 +152,10 @@ impl NativePublisher {
         tls_client_cert: Option<PathBuf>,
         tls_client_key: Option<PathBuf>,
         insecure: bool,
+        seal: bool,
+        seal_key_file: Option<PathBuf>,
+        aws_source_identity: Option<String>,
+        aws_tags: Vec<(String, String)>,
     ) -> PyResult<Self> {
         let aws_duration = match aws_duration {
             Some(seconds) if !(seconds.is_finite() && seconds > 0.0) => {
@@ -178,6 +185,10 @@ impl NativePublisher {
             env,
             env_files,
             revoke_on_close,
+            no_seal: !seal,
+            seal_key_file,
+            aws_source_identity,
+            aws_tags,
         };
         let publisher = py.detach(|| Publisher::start(options)).map_err(to_py)?;
         Ok(Self {
@@ -188,6 +199,21 @@ impl NativePublisher {
     /// One line per kind asked for: who it publishes as, or why not.
     fn identity_lines(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         self.with(py, |p| Ok(p.identity_lines().to_vec()))
+    }
+
+    /// How it seals: `(line, key_id, key_file)`; the last two `None` when
+    /// not sealing. No key material.
+    fn seal_info(&self, py: Python<'_>) -> PyResult<(String, Option<String>, Option<String>)> {
+        self.with(py, |p| {
+            let info = p.seal_info();
+            Ok((
+                info.line.clone(),
+                info.key_id.clone(),
+                info.key_file
+                    .as_ref()
+                    .map(|path| path.to_string_lossy().into_owned()),
+            ))
+        })
     }
 
     /// The kinds being published.
@@ -269,13 +295,16 @@ fn status_dict<'py>(py: Python<'py>, status: &Status) -> PyResult<Bound<'py, PyD
         item.set_item("version", c.version)?;
         item.set_item("issued_at", c.issued_at)?;
         item.set_item("expires_at", c.expires_at)?;
+        item.set_item("sealed", c.sealed)?;
         credentials.append(item)?;
     }
     dict.set_item("credentials", credentials)?;
     let env = PyDict::new(py);
     env.set_item("version", status.env_version)?;
     env.set_item("names", &status.env_names)?;
+    env.set_item("sealed", status.env_sealed)?;
     dict.set_item("private_env", env)?;
+    dict.set_item("sealed", status.sealed)?;
     let agents = PyList::empty(py);
     for a in &status.agents {
         let item = PyDict::new(py);
@@ -298,10 +327,31 @@ fn status_dict<'py>(py: Python<'py>, status: &Status) -> PyResult<Bound<'py, PyD
     Ok(dict)
 }
 
+/// The seal key of `cluster` as `credstream publish` finds it (read, or
+/// created on first use): `(line, key_id, key_file)`. The line is the
+/// secret the Dask plugin carries to the workers' agents.
+#[pyfunction]
+#[pyo3(signature = (cluster, seal_key_file=None))]
+fn seal_key(
+    py: Python<'_>,
+    cluster: String,
+    seal_key_file: Option<PathBuf>,
+) -> PyResult<(String, String, String)> {
+    let key = py
+        .detach(|| cluster_seal_key(&cluster, seal_key_file.as_deref()))
+        .map_err(to_py)?;
+    Ok((
+        key.line.to_string(),
+        key.key_id,
+        key.key_file.to_string_lossy().into_owned(),
+    ))
+}
+
 #[pymodule]
 fn _credstream(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<NativePublisher>()?;
+    m.add_function(wrap_pyfunction!(seal_key, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CredstreamError", py.get_type::<CredstreamError>())?;
     m.add("AuthenticationError", py.get_type::<AuthenticationError>())?;

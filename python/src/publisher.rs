@@ -5,10 +5,19 @@
 //!
 //! Every method blocks the calling thread (the Python layer releases the
 //! GIL around it) and returns a [`PublisherError`] whose message is the one
-//! the CLI prints, `fix:` line included.
+//! the CLI prints, `fix:` line included (with the CLI's flag names for
+//! sealing turned into the keyword arguments: `seal=False`,
+//! `seal_key_file=`).
+//!
+//! Sealing is the CLI's: [`crate::seal_key::for_publish`] finds the
+//! cluster's key (creating it on first use, in the same place `credstream
+//! publish` and `credstream seal-key` use) and the session seals every
+//! credential and env change with it. [`cluster_seal_key`] is the same
+//! lookup for the Dask plugin, which carries the key to the workers'
+//! agents.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,7 +30,8 @@ use tokio::sync::broadcast::error::RecvError;
 use zeroize::Zeroizing;
 
 use crate::broker::{self, BrokerOptions};
-use crate::identity::{self, IdentityOptions};
+use crate::identity::{self, AwsAudit, IdentityOptions};
+use crate::seal_key;
 
 /// How long `close` waits for the broker to confirm a revocation (as the CLI).
 const REVOKE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -146,6 +156,16 @@ pub struct PublisherOptions {
     pub env_files: Vec<PathBuf>,
     /// `--revoke-on-exit`: revoke at `close`.
     pub revoke_on_close: bool,
+    /// `--no-seal`: publish unsealed (Python's `seal=False`). Off by
+    /// default, as in the CLI: every update is sealed.
+    pub no_seal: bool,
+    /// `--seal-key-file`: the cluster's seal key file (created if missing);
+    /// default: the per-cluster file in the user's config directory.
+    pub seal_key_file: Option<PathBuf>,
+    /// `--aws-source-identity`.
+    pub aws_source_identity: Option<String>,
+    /// `--aws-tag KEY=VALUE`, in order.
+    pub aws_tags: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for PublisherOptions {
@@ -186,6 +206,8 @@ pub struct CredentialInfo {
     pub issued_at: Option<f64>,
     /// Unix seconds.
     pub expires_at: Option<f64>,
+    /// Sealed for the cluster's agents: the broker cannot read it.
+    pub sealed: bool,
 }
 
 /// One agent in [`Status`].
@@ -216,6 +238,13 @@ pub struct Status {
     pub env_names: Vec<String>,
     /// The private env's version at the broker.
     pub env_version: u64,
+    /// The private env at the broker is sealed (then `env_names` is empty:
+    /// the broker cannot read them). `None` when it holds no env.
+    pub env_sealed: Option<bool>,
+    /// Whether the cluster is sealed, as the broker reports it: `Some(true)`
+    /// when every credential and the env it holds are sealed,
+    /// `Some(false)` when any is in clear, `None` while it holds none.
+    pub sealed: Option<bool>,
     /// Connected agents.
     pub agents: Vec<AgentInfo>,
     /// Agents holding `version`.
@@ -250,6 +279,74 @@ pub struct Publisher {
     kinds: Vec<CredentialKind>,
     identity_lines: Vec<String>,
     revoke_on_close: bool,
+    seal: SealInfo,
+}
+
+/// How a publisher seals: what `credstream publish` prints about it, the
+/// key's id and its file. No key material.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SealInfo {
+    /// The CLI's line: "sealing every credential … (key ID in PATH)", or
+    /// "not sealing (seal=False): …".
+    pub line: String,
+    /// The key id (16 hex digits); `None` when not sealing.
+    pub key_id: Option<String>,
+    /// The key file; `None` when not sealing.
+    pub key_file: Option<PathBuf>,
+}
+
+/// A cluster's seal key as the Dask plugin carries it to the workers: the
+/// key file's line (the secret), its id and its file. Debug shows no key.
+pub struct ClusterSealKey {
+    /// `credstream-seal-v1:<cluster>:<base64>`, for the agent's
+    /// `--seal-key-file`.
+    pub line: Zeroizing<String>,
+    /// The key id (16 hex digits).
+    pub key_id: String,
+    /// The file it was read from (or created in).
+    pub key_file: PathBuf,
+}
+
+impl std::fmt::Debug for ClusterSealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSealKey")
+            .field("key_id", &self.key_id)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The CLI's words for the seal options, as the Python keyword arguments.
+fn python_seal_words(message: &str) -> String {
+    message
+        .replace("--no-seal", "seal=False")
+        .replace("--seal-key-file", "seal_key_file=")
+}
+
+/// A seal key that cannot be used: the CLI's message (file, reason, fix),
+/// in Python's words.
+fn seal_key_error(error: &anyhow::Error) -> PublisherError {
+    PublisherError::new(ErrorKind::Config, python_seal_words(&format!("{error:#}")))
+}
+
+/// The seal key of `cluster` exactly as `credstream publish` (and
+/// `Publisher`) finds it: `file`, else the per-cluster file in the user's
+/// config directory; read, or created (0600, in a 0700 directory) if there
+/// is none. A file readable by others, for another cluster or not a key is
+/// a [`ErrorKind::Config`] error, and is left as it was.
+pub fn cluster_seal_key(
+    cluster: &str,
+    file: Option<&Path>,
+) -> Result<ClusterSealKey, PublisherError> {
+    let key_file = seal_key::key_path(cluster, file).map_err(|e| seal_key_error(&e))?;
+    let (key, _) = seal_key::for_publish(cluster, Some(&key_file), false)
+        .map_err(|e| seal_key_error(&e))?
+        .ok_or_else(|| PublisherError::new(ErrorKind::Other, "no seal key"))?;
+    Ok(ClusterSealKey {
+        line: key.encode(),
+        key_id: key.key_id_hex(),
+        key_file,
+    })
 }
 
 impl std::fmt::Debug for Publisher {
@@ -278,6 +375,12 @@ impl Publisher {
     /// `credstream publish` does, then starts the session in the
     /// background. `publisher_name` is what the broker shows for it.
     pub fn start(options: PublisherOptions) -> Result<Self, PublisherError> {
+        if options.no_seal && options.seal_key_file.is_some() {
+            return Err(PublisherError::new(
+                ErrorKind::Config,
+                "seal=False and seal_key_file go against each other: give one or neither",
+            ));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("credstream-publisher")
@@ -338,10 +441,15 @@ impl Publisher {
             aws_duration: options.aws_duration,
             gcp_scopes: options.gcp_scopes.clone(),
         };
+        let audit = AwsAudit {
+            cluster: Some(address.cluster_id.clone()),
+            source_identity: options.aws_source_identity.clone(),
+            tags: options.aws_tags.clone(),
+        };
         let observed = Arc::new(Mutex::new(Observed::default()));
         let started = runtime.block_on(async {
             let minters = identity
-                .minters()
+                .minters_for(&audit)
                 .await
                 .map_err(|e| PublisherError::new(ErrorKind::Config, format!("{e:#}")))?;
             let (usable, checked) =
@@ -360,6 +468,36 @@ impl Publisher {
             let kinds: Vec<CredentialKind> = usable.minters.iter().map(|m| m.kind()).collect();
             let mut builder = PublishSession::builder(address.clone())
                 .revoke_on_exit(options.revoke_on_close);
+            // As `credstream publish`: after the broker and identity checks,
+            // before anything is sent; a key that cannot be used stops here.
+            let seal = match seal_key::for_publish(
+                &address.cluster_id,
+                options.seal_key_file.as_deref(),
+                options.no_seal,
+            )
+            .map_err(|e| seal_key_error(&e))?
+            {
+                Some((key, line)) => {
+                    let info = SealInfo {
+                        line,
+                        key_id: Some(key.key_id_hex()),
+                        key_file: Some(
+                            seal_key::key_path(
+                                &address.cluster_id,
+                                options.seal_key_file.as_deref(),
+                            )
+                            .map_err(|e| seal_key_error(&e))?,
+                        ),
+                    };
+                    builder = builder.seal(key);
+                    info
+                }
+                None => SealInfo {
+                    line: "not sealing (seal=False): the broker can read every credential and env value it relays".into(),
+                    key_id: None,
+                    key_file: None,
+                },
+            };
             for minter in usable.minters {
                 builder = builder.minter(minter);
             }
@@ -371,9 +509,9 @@ impl Publisher {
                 .start()
                 .map_err(|e| session_error(&address, e))?;
             tokio::spawn(watch_events(session.events(), observed.clone()));
-            Ok::<_, PublisherError>((session, kinds, usable.lines, held))
+            Ok::<_, PublisherError>((session, kinds, usable.lines, held, seal))
         });
-        let (session, kinds, identity_lines, held) = match started {
+        let (session, kinds, identity_lines, held, seal) = match started {
             Ok(started) => started,
             Err(error) => {
                 runtime.shutdown_background();
@@ -389,7 +527,7 @@ impl Publisher {
             address,
             running: Mutex::new(Some(Running {
                 session,
-                env_above: initial_env_above(&env, held.as_ref()),
+                env_above: initial_env_above(&env, held.as_ref(), seal.key_id.is_some()),
                 env,
             })),
             ended: Mutex::new(None),
@@ -397,7 +535,13 @@ impl Publisher {
             kinds,
             identity_lines,
             revoke_on_close: options.revoke_on_close,
+            seal,
         })
+    }
+
+    /// Whether and how this publisher seals (no key material).
+    pub fn seal_info(&self) -> &SealInfo {
+        &self.seal
     }
 
     /// One line per kind asked for: who it publishes as, or why not.
@@ -591,7 +735,17 @@ impl Publisher {
                 .as_ref()
                 .map(|e| e.names.clone())
                 .unwrap_or_default();
-            local.is_none_or(|local| local == held)
+            let held_sealed = cluster.private_env.as_ref().is_some_and(|e| e.sealed);
+            // A sealed env shows no names: it is this publisher's when this
+            // publisher seals (and `version_newer` holds); an unsealing
+            // publisher waits until its clear env replaced it.
+            local.is_none_or(|local| {
+                if held_sealed {
+                    self.seal.key_id.is_some()
+                } else {
+                    local == held
+                }
+            })
         };
         let version_newer = env_above.is_none_or(|above| {
             cluster
@@ -695,12 +849,15 @@ impl Publisher {
                 version: c.version,
                 issued_at: c.issued_at.as_ref().and_then(unix),
                 expires_at: c.expires_at.as_ref().and_then(unix),
+                sealed: c.sealed,
             })
             .collect();
         if let Some(env) = &cluster.private_env {
             status.env_names = env.names.clone();
             status.env_version = env.version;
+            status.env_sealed = Some(env.sealed);
         }
+        status.sealed = cluster_sealed(&cluster);
         status.agents = cluster
             .agents
             .iter()
@@ -801,20 +958,38 @@ async fn preflight(address: &BrokerAddress) -> Result<Option<ClusterStatus>, Pub
         .map_err(|e| PublisherError::from_cli(&e))
 }
 
+/// Whether the broker holds the cluster sealed: `Some(true)` when every
+/// credential and the env it holds are sealed, `Some(false)` when any is in
+/// clear, `None` when it holds neither.
+fn cluster_sealed(cluster: &ClusterStatus) -> Option<bool> {
+    let mut items = cluster
+        .credentials
+        .iter()
+        .map(|c| c.sealed)
+        .chain(cluster.private_env.as_ref().map(|e| e.sealed))
+        .peekable();
+    items.peek()?;
+    Some(items.all(|sealed| sealed))
+}
+
 /// The env version `wait_delivered` must see exceeded for this publisher's
 /// first env to be at the broker: the version the broker held before it
-/// connected. When the broker already holds exactly these names (a
-/// restarted notebook publishing the same env), a replacement that changes
-/// no value gets no new version, so then only the names are checked.
+/// connected. When the broker already holds exactly these names in clear (a
+/// restarted notebook publishing the same env unsealed), a replacement that
+/// changes no value gets no new version, so then only the names are
+/// checked. A sealed env always gets a new version (the broker cannot tell
+/// that it changes nothing).
 fn initial_env_above(
     env: &BTreeMap<String, Zeroizing<String>>,
     held: Option<&ClusterStatus>,
+    sealing: bool,
 ) -> Option<u64> {
     if env.is_empty() {
         return None;
     }
     match held.and_then(|cluster| cluster.private_env.as_ref()) {
         None => Some(0),
+        Some(held) if sealing || held.sealed => Some(held.version),
         Some(held) if held.names.iter().eq(env.keys()) => None,
         Some(held) => Some(held.version),
     }
@@ -986,6 +1161,81 @@ mod tests {
         assert_eq!(error.kind, ErrorKind::Unreachable, "{}", error.message);
         assert!(error.message.contains("fix:"), "{}", error.message);
         assert!(!error.message.contains("token\""), "{}", error.message);
+    }
+
+    #[test]
+    fn the_plugin_finds_the_key_the_publisher_would_and_a_bad_one_is_left_alone() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys").join("dev.key");
+        let created = cluster_seal_key("dev", Some(&path)).unwrap();
+        assert!(created.line.starts_with("credstream-seal-v1:dev:"));
+        assert!(!format!("{created:?}").contains(created.line.as_str()));
+        let again = cluster_seal_key("dev", Some(&path)).unwrap();
+        assert_eq!(again.key_id, created.key_id);
+        assert_eq!(again.line.as_str(), created.line.as_str());
+        // The CLI's own resolution agrees.
+        let (key, line) = seal_key::for_publish("dev", Some(&path), false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(key.key_id_hex(), created.key_id);
+        assert!(line.contains(&created.key_id), "{line}");
+
+        let error = cluster_seal_key("prod", Some(&path)).unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Config);
+        assert!(error.message.contains("not prod"), "{}", error.message);
+        assert!(error.message.contains("seal=False"), "{}", error.message);
+        assert!(!error.message.contains("--no-seal"), "{}", error.message);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = cluster_seal_key("dev", Some(&path)).unwrap_err();
+        assert!(error.message.contains("chmod 600"), "{}", error.message);
+        assert!(!error.message.contains(created.line.as_str()));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.trim(),
+            created.line.as_str(),
+            "the file is left as it was"
+        );
+    }
+
+    #[test]
+    fn no_seal_with_a_key_file_is_refused_before_anything_starts() {
+        let options = PublisherOptions {
+            broker: "http://127.0.0.1:1".into(),
+            cluster: "dev".into(),
+            token: Some("token".into()),
+            env: vec![("A".into(), "b".into())],
+            no_seal: true,
+            seal_key_file: Some("/nonexistent/dev.key".into()),
+            ..PublisherOptions::default()
+        };
+        let error = Publisher::start(options).unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Config, "{}", error.message);
+        assert!(error.message.contains("seal=False"), "{}", error.message);
+    }
+
+    #[test]
+    fn a_cluster_is_sealed_when_everything_the_broker_holds_is() {
+        use credstream_proto::v1::{CredentialStatus, PrivateEnvStatus};
+
+        let credential = |sealed| CredentialStatus {
+            sealed,
+            ..CredentialStatus::default()
+        };
+        let env = |sealed| PrivateEnvStatus {
+            sealed,
+            ..PrivateEnvStatus::default()
+        };
+        let mut cluster = ClusterStatus::default();
+        assert_eq!(cluster_sealed(&cluster), None);
+        cluster.credentials = vec![credential(true)];
+        assert_eq!(cluster_sealed(&cluster), Some(true));
+        cluster.private_env = Some(env(false));
+        assert_eq!(cluster_sealed(&cluster), Some(false));
+        cluster.private_env = Some(env(true));
+        cluster.credentials.push(credential(false));
+        assert_eq!(cluster_sealed(&cluster), Some(false));
     }
 
     #[test]

@@ -9,6 +9,9 @@
 - ``dask scheduler`` and ``dask worker`` processes from this venv, whose
   environment has no AWS or Google credentials of their own.
 
+Seal keys (sealing is on by default) go to a config directory of the
+session's own (``CREDSTREAM_CONFIG_DIR``), never the user's.
+
 Every wait is on an event with a deadline (``wait_until``).
 """
 
@@ -358,6 +361,40 @@ def log_dir() -> str:
     yield path
     if os.environ.get("CREDSTREAM_TEST_KEEP_LOGS") != "1":
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def seal_key_dir(log_dir: str) -> str:
+    """Where ``Publisher`` and ``CredstreamPlugin`` keep the clusters' seal
+    keys in this session (``$CREDSTREAM_CONFIG_DIR``, which wins over
+    ``HOME``): the tests never write to the user's config directory."""
+    path = os.path.join(log_dir, "config")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.environ["CREDSTREAM_CONFIG_DIR"] = path
+    return path
+
+
+def read_seal_key(path: str) -> str:
+    """The secret part (base64) of a seal key file's line."""
+    with open(path) as f:
+        line = f.read().strip()
+    assert line.startswith("credstream-seal-v1:"), "a seal key file"
+    secret = line.rsplit(":", 1)[1]
+    assert len(secret) == 44, "32 bytes in base64"
+    return secret
+
+
+def agent_infos(runtime_dir: str) -> List[Dict[str, object]]:
+    """The running agents' ``agent.json`` under a worker's runtime dir, each
+    with the ``directory`` it is in."""
+    infos = []
+    for root, _, files in os.walk(runtime_dir):
+        if "agent.json" in files:
+            with open(os.path.join(root, "agent.json")) as f:
+                info = json.load(f)
+            info["directory"] = root
+            infos.append(info)
+    return infos
 
 
 def laptop_env(moto: Moto, home: str, key_file: Optional[str]) -> Dict[str, str]:

@@ -117,3 +117,8 @@ def read_through_rotation(bucket: str, key: str, timeout: float) -> Dict[str, ob
         time.sleep(0.5)
     return {"boto3": list(dict.fromkeys(boto_keys)), "s3fs": list(dict.fromkeys(fs_keys)),
             "reads": reads, "failures": failures}
+
+
+def environ_values() -> List[str]:
+    """Every value in the worker's ``os.environ``."""
+    return list(os.environ.values())

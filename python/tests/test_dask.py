@@ -8,13 +8,20 @@ service-account key, and ``dask scheduler`` with two ``dask worker``
 processes that share one "host" (one runtime dir) and have no credentials
 of their own. The plugin is registered from this process, which is neither
 the scheduler nor a worker. Tests run in file order and build on each
-other (a late worker joins, then the publisher closes with revoke).
+other (a late worker joins, then the publisher closes with revoke; then an
+unsealed publisher is refused by the sealed agents and served by an
+unsealed plugin).
+
+Sealing is on (the default of both ``Publisher`` and ``CredstreamPlugin``):
+the key is created in the session's config directory by the publisher and
+read from there by the plugin, which carries it to the agents.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -23,10 +30,11 @@ from distributed import Client
 import credstream
 from credstream.dask import CredstreamPlugin, send_private_envs
 
-from dask_tasks import (getenv, google_default, read_both, read_through_rotation,
-                        try_read)
-from conftest import (GCP_EMAIL, GCP_PROJECT, TokenEndpoint, laptop_env, seed_moto,
-                      service_account_key, start_broker, start_moto, start_scheduler, wait_until)
+from dask_tasks import (environ_values, getenv, google_default, read_both,
+                        read_through_rotation, try_read)
+from conftest import (GCP_EMAIL, GCP_PROJECT, TokenEndpoint, agent_infos, laptop_env,
+                      read_seal_key, seed_moto, service_account_key, start_broker, start_moto,
+                      start_scheduler, wait_until)
 
 DB_TOKEN = "custom-db-token-7f3a"
 LATE_VALUE = "sent-after-registration-41b2"
@@ -48,7 +56,9 @@ def world(log_dir):
         laptop_home = os.path.join(log_dir, "laptop")
         os.makedirs(os.path.join(laptop_home, "gcloud"), exist_ok=True)
         key_file = service_account_key(log_dir, f"{endpoint.url}/token")
-        broker = world["broker"] = start_broker(log_dir, "--refresh-at", "0.1")
+        audit_log = world["audit_log"] = os.path.join(log_dir, "audit.jsonl")
+        broker = world["broker"] = start_broker(log_dir, "--refresh-at", "0.1",
+                                                "--audit-log", audit_log)
         cleanup.append(broker.proc.stop)
         cluster = world["cluster"] = start_scheduler(log_dir, moto.url)
         cleanup.append(cluster.close)
@@ -82,14 +92,19 @@ def test_every_worker_reads_with_credentials_the_python_publisher_minted(world):
         publisher = credstream.Publisher(
             broker=broker.url, cluster="dev", token=broker.publisher_token,
             aws_role_arn=moto.role_arn, aws_duration="15m",
+            aws_source_identity="laptop-user", aws_tags={"team": "analytics"},
             env={"AUTH_TOKEN_FOR_CUSTOM_DATABASE": DB_TOKEN})
     world["publisher"] = publisher
     assert sorted(publisher.kinds) == ["aws", "gcp"]
+    assert publisher.sealed and publisher.seal_key_file is not None
+    assert publisher.seal_key_id in publisher.sealing, publisher.sealing
     publisher.wait_delivered(timeout=60)
 
     pids_before = {addr: pid for addr, pid in client.run(os.getpid).items()}
-    client.register_plugin(CredstreamPlugin(broker=broker.url, cluster="dev",
-                                            agent_token=broker.agent_token))
+    plugin = CredstreamPlugin(broker=broker.url, cluster="dev", agent_token=broker.agent_token)
+    # The publisher's key, from the same file.
+    assert plugin.sealed and plugin.seal_key_id == publisher.seal_key_id
+    client.register_plugin(plugin)
     results = client.run(read_both, moto.bucket, moto.key)
     assert set(results) == set(pids_before)
     issued = moto.assumed_role_keys()
@@ -116,9 +131,75 @@ def test_every_worker_reads_with_credentials_the_python_publisher_minted(world):
     status = publisher.status()
     assert status["agents_connected"] == 1, status["agents"]
     aws = [c for c in status["credentials"] if c["kind"] == "aws"][0]
-    assert aws["principal"].startswith("arn:aws:sts::123456789012:assumed-role/cluster-reader/")
+    # The role session is named for the cluster, as by `credstream publish`.
+    assert aws["principal"] == "arn:aws:sts::123456789012:assumed-role/cluster-reader/credstream-dev"
     assert aws["expires_at"] is not None
     assert DB_TOKEN not in json.dumps(status, default=str)
+
+
+def _host_agent(world, host: str = "host-a"):
+    runtime = world["cluster"].worker_env(host)["XDG_RUNTIME_DIR"]
+    infos = agent_infos(runtime)
+    assert len(infos) == 1, infos
+    return infos[0]
+
+
+def _agent_log(info) -> str:
+    with open(os.path.join(info["directory"], "agent.log"), errors="replace") as f:
+        return f.read()
+
+
+def test_the_broker_says_the_cluster_is_sealed_while_workers_read(world):
+    moto, client, publisher = world["moto"], world["client"], world["publisher"]
+    results = client.run(read_both, moto.bucket, moto.key)
+    status = publisher.status()
+    assert [r["boto3"] for r in results.values()] == [moto.body.decode()] * 2
+    assert [r["s3fs"] for r in results.values()] == [moto.body.decode()] * 2
+    assert status["sealed"] is True, status
+    assert sorted(c["kind"] for c in status["credentials"]) == ["aws", "gcp"]
+    assert all(c["sealed"] for c in status["credentials"]), status["credentials"]
+    # The broker cannot read a sealed env, names included.
+    assert status["private_env"]["sealed"] is True
+    assert status["private_env"]["names"] == []
+    # The agent holds the publisher's key, and says so.
+    log = _agent_log(_host_agent(world))
+    assert f"sealed delivery: only sealed updates are accepted key_id={publisher.seal_key_id}" \
+        in log, log
+    assert "refused an update" not in log, log
+
+
+def test_the_seal_key_is_in_no_worker_environ_agent_argv_file_or_broker_log(world):
+    client, broker, publisher = world["client"], world["broker"], world["publisher"]
+    secret = read_seal_key(publisher.seal_key_file)
+    for values in client.run(environ_values).values():
+        assert values and not [v for v in values if secret in v]
+    info = _host_agent(world)
+    for pid in (info["agent_pid"], info["supervisor_pid"]):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+        assert secret not in cmdline
+    with open(f"/proc/{info['agent_pid']}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")
+    # The agent has the key, from a descriptor: only its number is in argv.
+    flag = argv.index("--seal-key-file")
+    assert re.fullmatch(r"/dev/fd/\d+", argv[flag + 1]), argv
+    # The supervisor is a Python process: its environment is readable.
+    with open(f"/proc/{info['supervisor_pid']}/environ", "rb") as f:
+        assert secret.encode() not in f.read()
+    # Nothing in the agent's directory (env file, logs, agent.json) has it.
+    for root, _, files in os.walk(info["directory"]):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert secret.encode() not in f.read(), os.path.join(root, name)
+    # The broker never received it: not in its output, not in its audit log
+    # (which did record the sealed publications).
+    with open(world["audit_log"]) as f:
+        audit = f.read()
+    assert '"event":"credential_published"' in audit.replace(" ", ""), audit[:2000]
+    assert secret not in audit
+    assert secret not in broker.proc.output()
+    assert secret not in repr(CredstreamPlugin(broker=broker.url, cluster="dev",
+                                               agent_token=broker.agent_token))
 
 
 class _no_warning:
@@ -151,8 +232,10 @@ def test_private_env_sent_after_registration_reaches_running_workers(world):
     after = wait_until("LATE_VARIABLE on every worker", arrived, timeout=30)
     assert {addr: pid for addr, (pid, _) in after.items()} == \
         {addr: pid for addr, (pid, _) in before.items()}, "same workers, same processes"
-    assert publisher.status()["private_env"]["names"] == [
-        "AUTH_TOKEN_FOR_CUSTOM_DATABASE", "LATE_VARIABLE"]
+    env = publisher.status()["private_env"]
+    # Sealed: the broker holds a new version of the whole env, and cannot
+    # tell its names.
+    assert env["sealed"] is True and env["names"] == [], env
 
 
 def test_a_worker_that_joins_later_is_served(world):
@@ -208,11 +291,7 @@ def test_the_agent_stops_with_its_last_worker(world):
     client, cluster = world["client"], world["cluster"]
     late, address = world.pop("late")
     runtime = cluster.worker_env("host-b")["XDG_RUNTIME_DIR"]
-    infos = []
-    for root, _, files in os.walk(runtime):
-        if "agent.json" in files:
-            with open(os.path.join(root, "agent.json")) as f:
-                infos.append(json.load(f))
+    infos = agent_infos(runtime)
     assert len(infos) == 1, infos
     agent_pid = infos[0]["agent_pid"]
     os.kill(agent_pid, 0)
@@ -252,3 +331,68 @@ def test_closing_with_revoke_leaves_tasks_with_the_sdks_no_credentials_error(wor
     assert time.monotonic() - started < 30
     gone = client.run(getenv, "AUTH_TOKEN_FOR_CUSTOM_DATABASE")
     assert all(value is None for _, value in gone.values()), gone
+
+
+# --- sealing off -------------------------------------------------------------
+
+UNSEALED_TOKEN = "unsealed-db-token-c41e"
+
+
+def test_agents_holding_the_key_refuse_an_unsealed_publisher(world):
+    moto, broker, client = world["moto"], world["broker"], world["client"]
+    sealed_agent = _host_agent(world)
+    publisher = credstream.Publisher(
+        broker=broker.url, cluster="dev", token=broker.publisher_token,
+        aws_role_arn=moto.role_arn, aws_duration="15m", seal=False,
+        env={"AUTH_TOKEN_FOR_CUSTOM_DATABASE": UNSEALED_TOKEN})
+    world["publisher"] = publisher
+    assert not publisher.sealed and publisher.seal_key_id is None
+    assert publisher.sealing.startswith("not sealing (seal=False)")
+
+    def refused():
+        log = _agent_log(sealed_agent)
+        found = {kind for kind in ("aws", "gcp", "private env")
+                 if re.search(rf'refused an update.*item="?{kind}"?', log)}
+        return found if found == {"aws", "gcp", "private env"} else None
+
+    wait_until("the sealed agent to refuse the unsealed credentials and env", refused,
+               timeout=60)
+    # The broker holds the clear credentials; the sealed agent serves none.
+    status = publisher.status()
+    assert status["sealed"] is False, status
+    assert not any(c["sealed"] for c in status["credentials"])
+    results = client.run(try_read, moto.bucket, moto.key)
+    assert all(r.startswith("botocore.exceptions.NoCredentialsError") for r in results.values()), \
+        results
+    assert all(value is None for _, value in
+               client.run(getenv, "AUTH_TOKEN_FOR_CUSTOM_DATABASE").values())
+
+
+def test_an_unsealed_plugin_serves_an_unsealed_publisher_and_status_says_not_sealed(world):
+    moto, broker, client, publisher = (world["moto"], world["broker"], world["client"],
+                                       world["publisher"])
+    plugin = CredstreamPlugin(broker=broker.url, cluster="dev", agent_token=broker.agent_token,
+                              seal=False)
+    assert not plugin.sealed and plugin.seal_key_id is None
+    # Same name: distributed tears the sealed plugin down on every worker
+    # (its agent stops) and sets this one up (a new agent, without a key).
+    client.register_plugin(plugin)
+    results = client.run(read_both, moto.bucket, moto.key)
+    issued = moto.assumed_role_keys()
+    for result in results.values():
+        assert result["boto3"] == moto.body.decode()
+        assert result["s3fs"] == moto.body.decode()
+        assert result["boto3_key"] in issued
+        assert result["env"]["AUTH_TOKEN_FOR_CUSTOM_DATABASE"] == UNSEALED_TOKEN
+    publisher.wait_delivered(timeout=60, min_agents=1)
+    status = publisher.status()
+    assert status["sealed"] is False, status
+    assert sorted(c["kind"] for c in status["credentials"]) == ["aws", "gcp"]
+    assert not any(c["sealed"] for c in status["credentials"])
+    assert status["private_env"] == {"version": status["private_env"]["version"],
+                                     "names": ["AUTH_TOKEN_FOR_CUSTOM_DATABASE"],
+                                     "sealed": False}
+    agent = _host_agent(world)
+    with open(f"/proc/{agent['agent_pid']}/cmdline", "rb") as f:
+        assert b"--seal-key-file" not in f.read()
+    assert "sealed delivery" not in _agent_log(agent)

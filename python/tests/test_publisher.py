@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
 import credstream
 
-from conftest import start_broker
+from conftest import read_seal_key, start_broker
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +100,10 @@ def test_a_kind_without_local_credentials_is_skipped_with_a_warning(broker, no_l
         publisher.close()
 
 
-def test_a_bad_variable_is_refused_and_the_publisher_keeps_what_it_had(broker):
-    with env_only(broker) as publisher:
+@pytest.mark.parametrize("seal", [True, False], ids=["sealed", "unsealed"])
+def test_a_bad_variable_is_refused_and_the_publisher_keeps_what_it_had(broker, seal):
+    with env_only(broker, seal=seal) as publisher:
+        assert publisher.sealed is seal
         publisher.wait_delivered(timeout=30)
         before = publisher.status()
         with pytest.raises(credstream.ConfigurationError) as raised:
@@ -112,8 +116,14 @@ def test_a_bad_variable_is_refused_and_the_publisher_keeps_what_it_had(broker):
         publisher.send_private_envs({"SECOND": "s3cret-3"})
         publisher.wait_delivered(timeout=30)
         after = publisher.status()
-        assert before["private_env"]["names"] == ["AUTH_TOKEN_FOR_CUSTOM_DATABASE"]
-        assert after["private_env"]["names"] == ["AUTH_TOKEN_FOR_CUSTOM_DATABASE", "SECOND"]
+        if seal:
+            # The broker cannot read a sealed env's names.
+            assert before["private_env"]["names"] == after["private_env"]["names"] == []
+        else:
+            assert before["private_env"]["names"] == ["AUTH_TOKEN_FOR_CUSTOM_DATABASE"]
+            assert after["private_env"]["names"] == ["AUTH_TOKEN_FOR_CUSTOM_DATABASE", "SECOND"]
+        assert after["private_env"]["sealed"] is seal
+        assert after["sealed"] is seal
         assert after["private_env"]["version"] > before["private_env"]["version"]
         assert "s3cret" not in repr(after)
     assert not publisher.running
@@ -186,3 +196,127 @@ def test_the_plugin_gives_up_after_ready_timeout_saying_what_it_waited_for(
         assert "AWS_CONTAINER_CREDENTIALS_FULL_URI" not in os.environ
     finally:
         lonely.proc.stop()
+
+
+# --- sealing -------------------------------------------------------------------
+
+def _broker_holds_nothing(broker) -> str:
+    """``credstream status`` (the wheel's command): what the broker holds."""
+    done = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "credstream"), "status",
+         "--broker", broker.url, "--cluster", "dev", "--token", broker.publisher_token],
+        capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
+def test_the_publisher_seals_with_the_key_in_the_config_dir_created_once(broker, seal_key_dir):
+    path = os.path.join(seal_key_dir, "seal-keys", "dev.key")
+    with env_only(broker) as first:
+        assert first.sealed and first.seal_key_file == path
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        assert first.sealing.startswith(
+            f"sealing every credential and env change for cluster dev (key {first.seal_key_id} "
+            f"in {path}")
+        assert "credstream seal-key --cluster dev" in first.sealing
+        first.wait_delivered(timeout=30)
+        assert first.status()["sealed"] is True
+    secret = read_seal_key(path)
+    with env_only(broker) as second:
+        # The same key, not a new one.
+        assert second.seal_key_id == first.seal_key_id
+        assert "created now" not in second.sealing
+    assert read_seal_key(path) == secret
+    assert secret not in first.sealing + repr(first)
+    # The CLI finds the same key.
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "credstream"),
+                           "seal-key", "--cluster", "dev"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(secret)
+
+
+def _key_file(tmp_path, name: str, text: str, mode: int = 0o600) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["readable-by-others", "another-cluster", "not-a-key",
+                                  "unwritable-dir"])
+def test_a_bad_seal_key_file_is_a_configuration_error_and_nothing_starts(
+        log_dir, tmp_path, case):
+    from credstream.dask import CredstreamPlugin
+
+    other = subprocess.run([os.path.join(os.path.dirname(sys.executable), "credstream"),
+                            "seal-key", "--cluster", "other", "--seal-key-file",
+                            str(tmp_path / "made.key")], capture_output=True, text=True,
+                           timeout=60).stdout
+    assert other.startswith("credstream-seal-v1:other:"), other
+    if case == "readable-by-others":
+        path = _key_file(tmp_path, "dev.key", other.replace(":other:", ":dev:"), 0o644)
+        expected = "run `chmod 600"
+    elif case == "another-cluster":
+        path, expected = _key_file(tmp_path, "other.key", other), "for cluster other, not dev"
+    elif case == "not-a-key":
+        path, expected = _key_file(tmp_path, "junk.key", "not a key\n"), "junk.key"
+    else:  # a regular file where the key's directory would be created
+        (tmp_path / "file-not-dir").write_text("")
+        path, expected = str(tmp_path / "file-not-dir" / "dev.key"), "file-not-dir"
+    before = open(path).read() if os.path.exists(path) else None
+    lonely = start_broker(log_dir)
+    try:
+        with pytest.raises(credstream.ConfigurationError) as raised:
+            env_only(lonely, seal_key_file=path)
+        message = str(raised.value)
+        assert message.startswith("cannot use the seal key (or pass seal=False to publish "
+                                  "unsealed)"), message
+        assert expected in message, message
+        assert "--no-seal" not in message
+        # Nothing was published, nothing runs, and the file is as it was.
+        assert "holds nothing for cluster \"dev\"" in _broker_holds_nothing(lonely)
+        assert not [p for p in credstream._live if p.running]
+        # The plugin reads the key as the publisher does: the same error,
+        # when it is made, before anything is registered.
+        with pytest.raises(credstream.ConfigurationError) as plugin_raised:
+            CredstreamPlugin(broker=lonely.url, cluster="dev", agent_token=lonely.agent_token,
+                             seal_key_file=path)
+        assert str(plugin_raised.value) == message
+        after = open(path).read() if os.path.exists(path) else None
+        assert after == before
+        if before is not None:
+            assert before.strip().rsplit(":", 1)[-1] not in message
+    finally:
+        lonely.proc.stop()
+
+
+def test_seal_false_and_a_seal_key_file_together_are_refused(broker, tmp_path):
+    from credstream.dask import CredstreamPlugin
+
+    with pytest.raises(credstream.ConfigurationError, match="seal=False and seal_key_file"):
+        env_only(broker, seal=False, seal_key_file=str(tmp_path / "dev.key"))
+    with pytest.raises(credstream.ConfigurationError, match="seal=False and seal_key_file"):
+        CredstreamPlugin(broker=broker.url, cluster="dev", agent_token=broker.agent_token,
+                         seal=False, seal_key_file=str(tmp_path / "dev.key"))
+    assert not (tmp_path / "dev.key").exists()
+
+
+def test_the_cloudtrail_options_reach_the_minter_and_are_checked_as_the_cli_checks_them(broker):
+    role = "arn:aws:iam::123456789012:role/r"
+
+    def refused(**kwargs) -> str:
+        with pytest.raises(credstream.ConfigurationError) as raised:
+            credstream.Publisher(broker=broker.url, cluster="dev", token=broker.publisher_token,
+                                 gcp=False, **kwargs)
+        return str(raised.value)
+
+    assert 'source identity "aws:me" must be 2 to 64 characters' in refused(
+        aws_role_arn=role, aws_source_identity="aws:me")
+    # The cluster's own tag is set from `cluster`, as `credstream publish` sets it.
+    assert "(credstream sets it to the cluster id)" in refused(
+        aws_role_arn=role, aws_tags={"credstream-cluster": "other"})
+    assert 'session tag key "aws:team" must not start with "aws:"' in refused(
+        aws_role_arn=role, aws_tags={"aws:team": "x"})
+    assert "need a role ARN" in refused(aws_tags={"team": "data"})
+    with pytest.raises(credstream.ConfigurationError, match="aws_tags must be a mapping"):
+        env_only(broker, aws_tags=["team=data"])  # type: ignore[arg-type]

@@ -43,7 +43,9 @@ def test_the_readme_quickstart_runs_verbatim(log_dir, tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "'kind': 'aws'" in done.stdout, done.stdout
-        assert "'names': ['AUTH_TOKEN_FOR_CUSTOM_DATABASE']" in done.stdout, done.stdout
+        # Sealed by default: the broker cannot read the env's names.
+        assert "'names': [], 'sealed': True}, 'sealed': True, 'agents'" in done.stdout, \
+            done.stdout
         assert "some-token" not in done.stdout + done.stderr
     finally:
         broker.proc.stop()
