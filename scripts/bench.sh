@@ -6,7 +6,20 @@
 #   scripts/bench.sh --tls                # the same over TLS on every system,
 #                                         # then the reconnect storms (plaintext
 #                                         # and TLS) at the largest N (issue 18)
+#   scripts/bench.sh --seal               # sealing off against on (issue 16):
+#                                         # credstream alone at N=10,000, three
+#                                         # off/on pairs, about 4 minutes
 #   scripts/bench.sh --agents 100,1000    # any credstream-bench flag
+#
+# With --seal the run is only the sealing comparison (no other system, no
+# storms, no agent endpoint): at the largest --agents, each fan-out a fresh
+# broker and N fresh agents, in --seal-pairs (3) pairs whose order
+# alternates (off,on | on,off | off,on), so that a drift of the shared
+# machine weighs on both modes; medians per mode and the on/off ratios.
+# Sealed, the publisher seals each version once (credstream-proto's seal
+# module) and every agent opens it through its own credstream-agent Gate,
+# the agent's verification path; the cost of one open and one seal is also
+# timed in a tight loop. Output in target/bench/report-seal.json.
 #
 # With --tls the bench generates one CA and one server certificate for IP
 # 127.0.0.1 (target/bench/work/tls/), gives them to every server
@@ -29,10 +42,16 @@ cd "$ROOT"
 
 section() { printf '\n==> %s\n' "$*" >&2; }
 
+SEAL=0
+for arg in "$@"; do
+  if [[ "$arg" == "--seal" ]]; then SEAL=1; fi
+done
+
 missing=()
-command -v etcd >/dev/null || missing+=(etcd-server)
-command -v nats-server >/dev/null || missing+=(nats-server)
-command -v redis-server >/dev/null || missing+=(redis-server)
+# The sealing comparison runs credstream alone: no peers to install.
+((SEAL)) || command -v etcd >/dev/null || missing+=(etcd-server)
+((SEAL)) || command -v nats-server >/dev/null || missing+=(nats-server)
+((SEAL)) || command -v redis-server >/dev/null || missing+=(redis-server)
 if ((${#missing[@]})); then
   section "apt-get install ${missing[*]}"
   SUDO=""
@@ -56,6 +75,7 @@ REPORT=target/bench/report.json
 for arg in "$@"; do
   if [[ "$arg" == "--tls" ]]; then REPORT=target/bench/report-tls.json; fi
 done
+if ((SEAL)); then REPORT=target/bench/report-seal.json; fi
 BENCH_PID=""
 cleanup() {
   if [[ -n "$BENCH_PID" ]] && kill -0 "$BENCH_PID" 2>/dev/null; then

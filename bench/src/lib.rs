@@ -16,6 +16,7 @@
 //! - [`agent_http`]: keep-alive load on the agent's `/aws/credentials`.
 //! - [`tls`]: the CA and server certificate of a TLS run.
 //! - [`storm`]: the reconnect storm: N agent streams, the broker restarted.
+//! - [`sealing`]: sealing on against off, and what one open costs an agent.
 //! - [`report`]: results, targets, the table and the JSON.
 //! - [`run`]: the whole benchmark, driven by a [`run::BenchConfig`].
 #![warn(missing_docs)]
@@ -28,6 +29,7 @@ pub mod procstat;
 pub mod recorder;
 pub mod report;
 pub mod run;
+pub mod sealing;
 pub mod servers;
 pub mod storm;
 pub mod tls;

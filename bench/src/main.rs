@@ -89,6 +89,24 @@ struct Cli {
     /// How long the storms' agents get to converge.
     #[arg(long, env = "CREDSTREAM_BENCH_STORM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     storm_timeout: Duration,
+    /// Sealing off against on (issue 16) instead of the comparison with the
+    /// other systems: credstream alone at the largest --agents, each mode a
+    /// fresh broker and N fresh agents, in --seal-pairs pairs of alternating
+    /// order (off,on | on,off | ...); sealed, the publisher seals each
+    /// version once and every agent opens it through the agent's own gate.
+    /// Also times one open and one seal in a tight loop.
+    #[arg(long, env = "CREDSTREAM_BENCH_SEAL")]
+    seal: bool,
+    /// Off/on pairs of fan-outs with --seal.
+    #[arg(long, env = "CREDSTREAM_BENCH_SEAL_PAIRS", default_value_t = 3)]
+    seal_pairs: usize,
+    /// Versions per mode in the tight-loop timing of one open (--seal).
+    #[arg(
+        long,
+        env = "CREDSTREAM_BENCH_OPEN_ITERATIONS",
+        default_value_t = 20_000
+    )]
+    open_iterations: usize,
     /// Write the JSON report here (it is also printed after the table).
     #[arg(long, env = "CREDSTREAM_BENCH_JSON")]
     json: Option<PathBuf>,
@@ -117,6 +135,9 @@ fn main() -> Result<()> {
     let largest = cli.agents.iter().copied().max().unwrap_or_default();
     let storm = cli.storm.unwrap_or(if cli.tls { largest } else { 0 });
     let config = BenchConfig {
+        seal: cli.seal,
+        seal_pairs: cli.seal_pairs,
+        open_iterations: cli.open_iterations,
         tls: cli.tls,
         storm,
         storm_timeout: cli.storm_timeout,

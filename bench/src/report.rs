@@ -131,6 +131,293 @@ pub struct StormResult {
     pub error: Option<String>,
 }
 
+/// One fan-out of the sealing comparison ([`crate::sealing`]).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SealStep {
+    /// True if the publisher sealed and the agents opened.
+    pub sealed: bool,
+    /// Which off/on pair it belongs to (0, 1, …).
+    pub pair: usize,
+    /// The fan-out, measured as the main one is.
+    pub fanout: FanoutResult,
+    /// Credential updates an agent's gate did not let through (0 in a sound
+    /// run: every sealed update opened).
+    pub not_opened: u64,
+    /// Versions the publisher sealed (warm-up and the first included).
+    pub publisher_seals: u64,
+    /// The publisher's wall time per seal, in microseconds.
+    pub publisher_seal_us_per_version: f64,
+}
+
+/// The median of one mode's fan-outs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SealMode {
+    /// Fan-outs that completed.
+    pub fanouts: usize,
+    /// Median of their max latencies (ms).
+    pub max_ms: Option<f64>,
+    /// Median of their p99 latencies (ms).
+    pub p99_ms: Option<f64>,
+    /// Median of their p50 latencies (ms).
+    pub p50_ms: Option<f64>,
+    /// Median broker CPU (user + system) per version, ms.
+    pub broker_cpu_ms_per_version: Option<f64>,
+    /// Median broker kernel CPU per version, ms.
+    pub broker_kernel_ms_per_version: Option<f64>,
+    /// Median load-process CPU per version, ms: the publisher and all N
+    /// agents receiving (and, sealed, opening).
+    pub load_cpu_ms_per_version: Option<f64>,
+    /// That divided by N, in microseconds: one agent's share per update.
+    pub load_cpu_us_per_agent_update: Option<f64>,
+    /// (agent, version) pairs lost, summed.
+    pub lost: usize,
+    /// Updates not let through by a gate, summed.
+    pub not_opened: u64,
+}
+
+fn median_of(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
+}
+
+impl SealMode {
+    /// The medians of `steps` (failed fan-outs left out).
+    pub fn of<'a>(steps: impl Iterator<Item = &'a SealStep>, agents: usize) -> Self {
+        let ok: Vec<&SealStep> = steps
+            .filter(|s| s.fanout.error.is_none() && s.fanout.latency_ms.is_some())
+            .collect();
+        let of = |f: &dyn Fn(&SealStep) -> f64| median_of(ok.iter().map(|s| f(s)).collect());
+        let latency = |s: &SealStep| s.fanout.latency_ms.unwrap_or_default();
+        let load = of(&|s| s.fanout.agents_cpu_ms_per_update);
+        Self {
+            fanouts: ok.len(),
+            max_ms: of(&|s| latency(s).max),
+            p99_ms: of(&|s| latency(s).p99),
+            p50_ms: of(&|s| latency(s).p50),
+            broker_cpu_ms_per_version: of(&|s| s.fanout.server_cpu_ms_per_update),
+            broker_kernel_ms_per_version: of(&|s| s.fanout.server_system_ms_per_update),
+            load_cpu_ms_per_version: load,
+            load_cpu_us_per_agent_update: load.map(|ms| ms * 1000.0 / agents.max(1) as f64),
+            lost: ok.iter().map(|s| s.fanout.lost).sum(),
+            not_opened: ok.iter().map(|s| s.not_opened).sum(),
+        }
+    }
+}
+
+/// What one version costs, measured in a tight loop on one thread
+/// ([`crate::sealing::open_cost`]); medians over the passes, in
+/// microseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct OpenCost {
+    /// Versions per pass (one fresh `Gate` each).
+    pub versions_per_pass: usize,
+    /// Passes per mode.
+    pub passes: usize,
+    /// An agent without sealing: decode the `SubscribeResponse`.
+    pub decode_us: f64,
+    /// An agent with sealing: decode it and pass it through its `Gate`.
+    pub decode_open_us: f64,
+    /// The difference: what sealing adds per update on each agent.
+    pub open_us: f64,
+    /// The publisher: one seal per version.
+    pub seal_us: f64,
+    /// The encoded clear `SubscribeResponse`.
+    pub clear_bytes: usize,
+    /// The encoded sealed one.
+    pub sealed_bytes: usize,
+    /// How it was timed.
+    pub clock: String,
+}
+
+/// Sealing on against off at one N (issue 16).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SealComparison {
+    /// Agents in every fan-out.
+    pub agents: usize,
+    /// Off/on pairs run.
+    pub pairs: usize,
+    /// Every fan-out, in the order run.
+    pub steps: Vec<SealStep>,
+    /// Medians with sealing off.
+    pub off: SealMode,
+    /// Medians with sealing on.
+    pub on: SealMode,
+    /// on / off, median max latency.
+    pub ratio_max: Option<f64>,
+    /// on / off, median p99 latency.
+    pub ratio_p99: Option<f64>,
+    /// on / off, median broker CPU per version.
+    pub ratio_broker_cpu: Option<f64>,
+    /// on / off, median load-process CPU per version.
+    pub ratio_load_cpu: Option<f64>,
+    /// (on − off) load-process CPU per version / N, in microseconds: the
+    /// in-situ estimate of one agent's cost per opened update (noisy: a
+    /// difference of two medians).
+    pub load_cpu_us_per_opened_update: Option<f64>,
+    /// The tight-loop cost of one open.
+    pub open: Option<OpenCost>,
+    /// Why it was not measured, if it was not.
+    pub open_error: Option<String>,
+}
+
+impl SealComparison {
+    /// Fills the ratios from the two modes' medians.
+    pub fn compute_ratios(&mut self) {
+        let ratio = |on: Option<f64>, off: Option<f64>| match (on, off) {
+            (Some(on), Some(off)) if off > 0.0 => Some(on / off),
+            _ => None,
+        };
+        self.ratio_max = ratio(self.on.max_ms, self.off.max_ms);
+        self.ratio_p99 = ratio(self.on.p99_ms, self.off.p99_ms);
+        self.ratio_broker_cpu = ratio(
+            self.on.broker_cpu_ms_per_version,
+            self.off.broker_cpu_ms_per_version,
+        );
+        self.ratio_load_cpu = ratio(
+            self.on.load_cpu_ms_per_version,
+            self.off.load_cpu_ms_per_version,
+        );
+        self.load_cpu_us_per_opened_update = match (
+            self.on.load_cpu_ms_per_version,
+            self.off.load_cpu_ms_per_version,
+        ) {
+            (Some(on), Some(off)) => Some((on - off) * 1000.0 / self.agents.max(1) as f64),
+            _ => None,
+        };
+    }
+
+    fn table(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "sealing off vs on, credstream, {} agents, {} pairs (order off,on | on,off | ...), medians of each mode's fan-outs",
+            self.agents, self.pairs
+        );
+        let _ = writeln!(
+            out,
+            "{:>5} {:>5} {:>9} {:>9} {:>9} {:>6} {:>10} {:>15} {:>9} {:>10} {:>14}",
+            "pair",
+            "seal",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "lost",
+            "not opened",
+            "broker CPU/v ms",
+            "kernel ms",
+            "load ms/v",
+            "seal us/v"
+        );
+        for s in &self.steps {
+            let mode = if s.sealed { "on" } else { "off" };
+            if let Some(error) = &s.fanout.error {
+                let _ = writeln!(out, "{:>5} {:>5} failed: {error}", s.pair, mode);
+                continue;
+            }
+            let l = s.fanout.latency_ms.unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{:>5} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>6} {:>10} {:>15.2} {:>9.2} {:>10.2} {:>14}",
+                s.pair,
+                mode,
+                l.p50,
+                l.p99,
+                l.max,
+                s.fanout.lost,
+                s.not_opened,
+                s.fanout.server_cpu_ms_per_update,
+                s.fanout.server_system_ms_per_update,
+                s.fanout.agents_cpu_ms_per_update,
+                if s.sealed {
+                    format!("{:.1}", s.publisher_seal_us_per_version)
+                } else {
+                    "-".into()
+                }
+            );
+        }
+        let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
+        let r = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}x"));
+        let _ = writeln!(
+            out,
+            "{:>11} {:>9} {:>9} {:>9} {:>17} {:>9} {:>10} {:>16}",
+            "median",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "broker CPU/v ms",
+            "kernel",
+            "load ms/v",
+            "load us/agent/v"
+        );
+        for (name, m) in [("off", &self.off), ("on", &self.on)] {
+            let _ = writeln!(
+                out,
+                "{:>11} {:>9} {:>9} {:>9} {:>17} {:>9} {:>10} {:>16}",
+                name,
+                f(m.p50_ms),
+                f(m.p99_ms),
+                f(m.max_ms),
+                f(m.broker_cpu_ms_per_version),
+                f(m.broker_kernel_ms_per_version),
+                f(m.load_cpu_ms_per_version),
+                f(m.load_cpu_us_per_agent_update),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{:>11} {:>9} {:>9} {:>9} {:>17} {:>9} {:>10}",
+            "on/off",
+            r(median_ratio(self.on.p50_ms, self.off.p50_ms)),
+            r(self.ratio_p99),
+            r(self.ratio_max),
+            r(self.ratio_broker_cpu),
+            "",
+            r(self.ratio_load_cpu),
+        );
+        let _ = writeln!(
+            out,
+            "load process: (on - off) / N = {} us of CPU per opened update per agent (in situ, all agents sharing the load process)",
+            f(self.load_cpu_us_per_opened_update)
+        );
+        match (&self.open, &self.open_error) {
+            (Some(o), _) => {
+                let _ = writeln!(
+                    out,
+                    "one agent, one update ({}, {} passes of {}): decode {:.2} us, decode + open through the agent's Gate {:.2} us, \
+                     so opening adds {:.2} us; the publisher seals once per version in {:.2} us; {} B clear, {} B sealed",
+                    o.clock,
+                    o.passes,
+                    o.versions_per_pass,
+                    o.decode_us,
+                    o.decode_open_us,
+                    o.open_us,
+                    o.seal_us,
+                    o.clear_bytes,
+                    o.sealed_bytes
+                );
+            }
+            (None, Some(error)) => {
+                let _ = writeln!(out, "open cost: not measured: {error}");
+            }
+            (None, None) => {}
+        }
+    }
+}
+
+fn median_ratio(on: Option<f64>, off: Option<f64>) -> Option<f64> {
+    match (on, off) {
+        (Some(on), Some(off)) if off > 0.0 => Some(on / off),
+        _ => None,
+    }
+}
+
 /// One target of the issue.
 #[derive(Clone, Debug, Serialize)]
 pub struct Target {
@@ -169,6 +456,9 @@ pub struct Report {
     pub agent_http: Option<AgentHttpResult>,
     /// Why the agent endpoint was not measured, if it was not.
     pub agent_http_error: Option<String>,
+    /// Sealing on against off (`--seal`); the other sections stay empty
+    /// in such a run.
+    pub seal: Option<SealComparison>,
     /// The issue's targets.
     pub targets: Vec<Target>,
 }
@@ -186,6 +476,30 @@ impl Report {
 
     /// Fills [`Report::targets`] from the results.
     pub fn compute_targets(&mut self) {
+        if let Some(seal) = &self.seal {
+            // Issue 16: sealing on within 5% of off.
+            let n = seal.agents;
+            self.targets = [
+                (
+                    format!("sealing on / off: max latency at N={n}"),
+                    seal.ratio_max,
+                ),
+                (
+                    format!("sealing on / off: broker CPU per version at N={n}"),
+                    seal.ratio_broker_cpu,
+                ),
+            ]
+            .into_iter()
+            .map(|(name, value)| Target {
+                met: value.map(|v| v <= 1.05),
+                name,
+                value,
+                limit: 1.05,
+                at_most: true,
+            })
+            .collect();
+            return;
+        }
         let largest = self
             .fanout
             .iter()
@@ -365,6 +679,11 @@ impl Report {
                 .join(", ")
         );
         let _ = writeln!(out);
+        if let Some(seal) = &self.seal {
+            seal.table(&mut out);
+            self.targets_table(&mut out);
+            return out;
+        }
         let _ = writeln!(
             out,
             "{:>6}  {:<12} {:>9} {:>9} {:>9} {:>6} {:>14} {:>9} {:>10} {:>14} {:>9}",
@@ -465,6 +784,14 @@ impl Report {
             }
             (None, None) => {}
         }
+        self.targets_table(&mut out);
+        if let Some(line) = self.kernel_bound() {
+            let _ = writeln!(out, "{line}");
+        }
+        out
+    }
+
+    fn targets_table(&self, out: &mut String) {
         let _ = writeln!(out);
         let _ = writeln!(out, "targets:");
         for t in &self.targets {
@@ -490,10 +817,6 @@ impl Report {
                 verdict
             );
         }
-        if let Some(line) = self.kernel_bound() {
-            let _ = writeln!(out, "{line}");
-        }
-        out
     }
 
     /// What the CPU target is up against: the broker's kernel time per

@@ -6,6 +6,10 @@
 //! With [`BenchConfig::tls`] every fan-out connection is TLS: one CA and one
 //! server certificate for 127.0.0.1 ([`crate::tls`]) that every server is
 //! given and every client verifies.
+//!
+//! With [`BenchConfig::seal`] the run is the sealing comparison instead
+//! ([`crate::sealing`]): credstream alone at the largest N, sealing off and
+//! on, alternating.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -30,7 +34,7 @@ use crate::servers::{ServerProcess, version_of};
 use crate::storm::{self, StormSetup};
 use crate::tls::TlsMaterial;
 
-const CLUSTER: &str = "bench";
+pub(crate) const CLUSTER: &str = "bench";
 
 /// A system under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -108,9 +112,16 @@ pub struct BenchConfig {
     pub storm: usize,
     /// How long the storm's agents get to converge.
     pub storm_timeout: Duration,
+    /// Run the sealing comparison (issue 16) instead of the fan-out against
+    /// the other systems: credstream only, at the largest N.
+    pub seal: bool,
+    /// Off/on pairs of fan-outs in the sealing comparison.
+    pub seal_pairs: usize,
+    /// Versions per mode in the tight-loop measurement of one open.
+    pub open_iterations: usize,
 }
 
-fn port(config: &BenchConfig, step: usize, slot: u16) -> u16 {
+pub(crate) fn port(config: &BenchConfig, step: usize, slot: u16) -> u16 {
     config.base_port + (step as u16) * 8 + slot
 }
 
@@ -218,6 +229,18 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     }
 
     let largest = config.agents.iter().copied().max().unwrap_or_default();
+    if config.seal {
+        report
+            .config
+            .insert("seal_pairs".into(), config.seal_pairs.to_string());
+        report
+            .config
+            .insert("open_iterations".into(), config.open_iterations.to_string());
+        report.seal = Some(crate::sealing::compare(config, &tokens, fanout_tls, largest).await);
+        report.compute_targets();
+        return Ok(report);
+    }
+
     for (step, &n) in config.agents.iter().enumerate() {
         for &peer in &config.peers {
             eprintln!("[bench] {} with {n} agents", peer.label());
@@ -314,13 +337,13 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     Ok(report)
 }
 
-struct Tokens {
-    publisher: String,
-    agent: String,
+pub(crate) struct Tokens {
+    pub(crate) publisher: String,
+    pub(crate) agent: String,
     key_file: PathBuf,
 }
 
-fn url_of(port: u16, tls: bool) -> String {
+pub(crate) fn url_of(port: u16, tls: bool) -> String {
     format!(
         "{}://{}",
         if tls { "https" } else { "http" },
@@ -328,7 +351,7 @@ fn url_of(port: u16, tls: bool) -> String {
     )
 }
 
-async fn start_broker(
+pub(crate) async fn start_broker(
     config: &BenchConfig,
     tokens: &Tokens,
     port: u16,
@@ -507,7 +530,7 @@ async fn step_peer(
     outcome
 }
 
-async fn fanout<P: Peer>(
+pub(crate) async fn fanout<P: Peer>(
     config: &BenchConfig,
     peer: &mut P,
     pid: u32,

@@ -3,20 +3,30 @@
 //! credential recorded and acknowledged as the real agent does (a jittered
 //! ack delay around 500 ms, one ack for a burst of versions). The same
 //! client drives the minimal tonic fan-out, which speaks the same services.
+//!
+//! With a seal key ([`GrpcPeer::connect_sealed`]) the publisher seals each
+//! version once with `credstream_proto::seal` (as `credstream publish`
+//! does) and every agent passes each message through its own
+//! `credstream_agent::seal::Gate`, the real agent's verification path
+//! (open, check the clear metadata, the rollback rule), before it reads the
+//! round: a sealed update carries no access key id in clear, so an agent
+//! cannot record a round it did not open.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use credstream_agent::seal::Gate;
 use credstream_proto::connect::{BrokerAddress, CallCredentials};
+use credstream_proto::seal::SealKey;
 use credstream_proto::v1::agent_service_client::AgentServiceClient;
 use credstream_proto::v1::publisher_service_client::PublisherServiceClient;
 use credstream_proto::v1::{
-    AgentAck, AgentHello, CredentialKind, PublishRequest, PublisherHello, RefreshHint,
-    SubscribeRequest, SubscribeResponse, publish_request, publish_response, subscribe_request,
-    subscribe_response,
+    AgentAck, AgentHello, CredentialKind, CredentialUpdate, PublishRequest, PublisherHello,
+    RefreshHint, SubscribeRequest, SubscribeResponse, publish_request, publish_response,
+    subscribe_request, subscribe_response,
 };
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -41,6 +51,34 @@ pub struct GrpcPeer {
     refresh_ids: Mutex<mpsc::UnboundedReceiver<String>>,
     hint: watch::Sender<u64>,
     hints_sent: Arc<AtomicUsize>,
+    sealer: Option<Sealer>,
+    not_opened: Arc<AtomicU64>,
+}
+
+/// The publisher's sealing: the cluster's key and the sequence rule of
+/// `credstream publish` (`credstream_client::seal::Sealer`: each seal gets
+/// `max(previous + 1, wall clock in µs)`), and the time spent sealing.
+#[derive(Debug)]
+struct Sealer {
+    key: SealKey,
+    last: u64,
+    seals: u64,
+    sealing: Duration,
+}
+
+impl Sealer {
+    fn seal(&mut self, update: &CredentialUpdate) -> Result<CredentialUpdate> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        self.last = (self.last + 1).max(now);
+        let started = Instant::now();
+        let sealed = credstream_proto::seal::seal_credential(&self.key, update, self.last)
+            .context("seal the credential")?;
+        self.sealing += started.elapsed();
+        self.seals += 1;
+        Ok(sealed)
+    }
 }
 
 impl Drop for GrpcPeer {
@@ -67,6 +105,32 @@ impl GrpcPeer {
         agent_token: &str,
         ca: Option<PathBuf>,
         first_round: u64,
+    ) -> Result<Self> {
+        Self::connect_sealed(
+            url,
+            cluster,
+            publisher_token,
+            agent_token,
+            ca,
+            first_round,
+            None,
+        )
+        .await
+    }
+
+    /// [`GrpcPeer::connect`], and with `seal` (a key for `cluster`) every
+    /// credential this peer publishes is sealed once, and every agent it
+    /// connects holds the key and opens each update through its own
+    /// `Gate`, refusing anything else as `credstream-agent
+    /// --seal-key-file` does.
+    pub async fn connect_sealed(
+        url: &str,
+        cluster: &str,
+        publisher_token: &str,
+        agent_token: &str,
+        ca: Option<PathBuf>,
+        first_round: u64,
+        seal: Option<SealKey>,
     ) -> Result<Self> {
         let publisher_address = BrokerAddress {
             url: url.to_owned(),
@@ -107,18 +171,53 @@ impl GrpcPeer {
             token: agent_token.to_owned(),
             ..publisher_address
         };
-        let peer = Self {
-            dialer: AgentDialer::new(&agent_address)?,
+        let mut dialer = AgentDialer::new(&agent_address)?;
+        dialer.seal_key = seal.clone();
+        let mut peer = Self {
+            dialer,
             publisher,
             publisher_task,
             refresh_requests,
             refresh_ids: Mutex::new(refresh_ids),
             hint: watch::Sender::new(0),
             hints_sent: Arc::new(AtomicUsize::new(0)),
+            sealer: seal.map(|key| Sealer {
+                key,
+                last: 0,
+                seals: 0,
+                sealing: Duration::ZERO,
+            }),
+            not_opened: Arc::new(AtomicU64::new(0)),
         };
-        peer.send_credential(payload::credential(first_round))
-            .await?;
+        let first = peer.prepare(payload::credential(first_round))?;
+        peer.send_credential(first).await?;
         Ok(peer)
+    }
+
+    /// The update as this peer publishes it: sealed if it has a key.
+    fn prepare(&mut self, update: CredentialUpdate) -> Result<CredentialUpdate> {
+        match &mut self.sealer {
+            Some(sealer) => sealer.seal(&update),
+            None => Ok(update),
+        }
+    }
+
+    /// True if this peer seals what it publishes.
+    pub fn sealed(&self) -> bool {
+        self.sealer.is_some()
+    }
+
+    /// Seals made so far and the publisher's time spent in them.
+    pub fn seals(&self) -> (u64, Duration) {
+        self.sealer
+            .as_ref()
+            .map_or((0, Duration::ZERO), |s| (s.seals, s.sealing))
+    }
+
+    /// Credential updates the agents received but their gate did not let
+    /// through (refused, or taken for a duplicate): 0 in a sound run.
+    pub fn not_opened(&self) -> u64 {
+        self.not_opened.load(Ordering::Acquire)
     }
 
     /// How this peer's agents connect.
@@ -193,6 +292,8 @@ pub struct AgentDialer {
     endpoint: Endpoint,
     credentials: CallCredentials,
     cluster: String,
+    /// The cluster's seal key, which every agent then holds.
+    seal_key: Option<SealKey>,
 }
 
 /// A Subscribe stream that delivered its snapshot.
@@ -200,7 +301,9 @@ pub struct OpenStream {
     inbound: Streaming<SubscribeResponse>,
     tx: mpsc::Sender<SubscribeRequest>,
     held: u64,
-    /// The rounds of the credentials in the snapshot.
+    /// The agent's gate, which has seen the snapshot (with a seal key).
+    gate: Option<Gate>,
+    /// The rounds of the credentials in the snapshot (opened, if sealed).
     pub snapshot_rounds: Vec<u64>,
 }
 
@@ -211,6 +314,7 @@ impl AgentDialer {
             endpoint: address.endpoint()?,
             credentials: address.interceptor()?,
             cluster: address.cluster_id.clone(),
+            seal_key: None,
         })
     }
 
@@ -233,21 +337,34 @@ impl AgentDialer {
             .await
             .context("no snapshot in time")??;
         match first.and_then(|r| r.message) {
-            Some(subscribe_response::Message::Snapshot(snapshot)) => Ok(OpenStream {
-                inbound,
-                tx,
-                held: snapshot
+            Some(subscribe_response::Message::Snapshot(snapshot)) => {
+                let held = snapshot
                     .credentials
                     .iter()
                     .map(|c| c.version)
                     .max()
-                    .unwrap_or(0),
-                snapshot_rounds: snapshot
-                    .credentials
-                    .iter()
-                    .filter_map(payload::round_of)
-                    .collect(),
-            }),
+                    .unwrap_or(0);
+                let gate = self.seal_key.clone().map(|key| Gate::new(Some(key)));
+                let snapshot = match &gate {
+                    None => snapshot,
+                    Some(gate) => match gate.admit(subscribe_response::Message::Snapshot(snapshot))
+                    {
+                        Some(subscribe_response::Message::Snapshot(opened)) => opened,
+                        _ => bail!("the agent's gate dropped the snapshot"),
+                    },
+                };
+                Ok(OpenStream {
+                    inbound,
+                    tx,
+                    held,
+                    gate,
+                    snapshot_rounds: snapshot
+                        .credentials
+                        .iter()
+                        .filter_map(payload::round_of)
+                        .collect(),
+                })
+            }
             other => bail!("the first message was not a snapshot: {other:?}"),
         }
     }
@@ -263,6 +380,8 @@ pub async fn run_stream(index: usize, open: OpenStream, recorder: Arc<Recorder>)
         inbound: open.inbound,
         tx: open.tx,
         held: open.held,
+        gate: open.gate,
+        not_opened: Arc::new(AtomicU64::new(0)),
         hint,
         hints_sent: Arc::new(AtomicUsize::new(0)),
     })
@@ -278,13 +397,15 @@ impl Peer for GrpcPeer {
             inbound: open.inbound,
             tx: open.tx,
             held: open.held,
+            gate: open.gate,
+            not_opened: self.not_opened.clone(),
             hint: self.hint.subscribe(),
             hints_sent: self.hints_sent.clone(),
         })))
     }
 
     async fn publish(&mut self, round: u64) -> Result<()> {
-        let mut update = payload::credential(round);
+        let mut update = self.prepare(payload::credential(round))?;
         update.version = 0;
         self.send_credential(update).await
     }
@@ -296,6 +417,8 @@ struct AgentLoop {
     inbound: Streaming<SubscribeResponse>,
     tx: mpsc::Sender<SubscribeRequest>,
     held: u64,
+    gate: Option<Gate>,
+    not_opened: Arc<AtomicU64>,
     hint: watch::Receiver<u64>,
     hints_sent: Arc<AtomicUsize>,
 }
@@ -323,6 +446,16 @@ async fn agent_loop(mut a: AgentLoop) {
             received = a.inbound.message() => {
                 let Ok(Some(response)) = received else { return };
                 if let Some(subscribe_response::Message::Credential(update)) = response.message {
+                    let update = match &a.gate {
+                        None => update,
+                        Some(gate) => match gate.admit(subscribe_response::Message::Credential(update)) {
+                            Some(subscribe_response::Message::Credential(opened)) => opened,
+                            _ => {
+                                a.not_opened.fetch_add(1, Ordering::AcqRel);
+                                continue;
+                            }
+                        },
+                    };
                     if let Some(round) = payload::round_of(&update) {
                         a.recorder.record(a.index, round);
                     }
