@@ -189,3 +189,53 @@ fn tls_bench_at_ten_agents_runs_both_storms() {
         "{report:#}"
     );
 }
+
+#[test]
+fn seal_bench_at_ten_agents_opens_every_sealed_update() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let json_path = work.path().join("report.json");
+    let output = Command::new(bins::binary("credstream-bench"))
+        .args(["--seal", "--seal-pairs", "1", "--open-iterations", "200"])
+        .args(["--agents", "10", "--publishes", "3", "--warmup", "1"])
+        .args(["--gap", "20ms", "--round-timeout", "20s"])
+        .arg("--base-port")
+        .arg(base_port(3_000).to_string())
+        .arg("--broker-bin")
+        .arg(bins::binary("credstream-broker"))
+        .arg("--work-dir")
+        .arg(work.path())
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run credstream-bench");
+    assert!(
+        output.status.success(),
+        "credstream-bench --seal failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).expect("JSON written")).expect("JSON");
+    let seal = &report["seal"];
+    // One pair: off, then on; every agent got and (sealed) opened every
+    // version through its own gate.
+    let modes: Vec<bool> = seal["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["sealed"].as_bool())
+        .collect();
+    assert_eq!(modes, [false, true], "{report:#}");
+    for step in seal["steps"].as_array().expect("steps") {
+        assert!(step["fanout"]["error"].is_null(), "{step:#}");
+        assert_eq!(step["fanout"]["lost"], 0, "{step:#}");
+        assert_eq!(step["not_opened"], 0, "{step:#}");
+        assert!(step["fanout"]["latency_ms"]["max"].is_number(), "{step:#}");
+    }
+    assert!(seal["ratio_max"].is_number(), "{report:#}");
+    assert!(seal["open"]["open_us"].is_number(), "{report:#}");
+    assert!(
+        seal["open"]["sealed_bytes"].as_u64() > seal["open"]["clear_bytes"].as_u64(),
+        "{report:#}"
+    );
+}
