@@ -7,25 +7,21 @@
 #                                         # then the reconnect storms (plaintext
 #                                         # and TLS) at the largest N (issue 18)
 #   scripts/bench.sh --seal               # sealing off against on (issue 16):
-#                                         # credstream alone at N=10,000, three
-#                                         # off/on pairs, about 4 minutes
+#                                         # credstream alone at N=10,000, about
+#                                         # 7 minutes (--seal-modes off,on: 4)
 #   scripts/bench.sh --agents 100,1000    # any credstream-bench flag
 #
 # With --seal the run is only the sealing comparison (no other system, no
-# storms, no agent endpoint): at the largest --agents, each fan-out a fresh
-# broker and N fresh agents, in --seal-pairs (3) pairs whose order
-# alternates (off,on | on,off | off,on), so that a drift of the shared
-# machine weighs on both modes; medians per mode and the on/off ratios.
-# Sealed, the publisher seals each version once (credstream-proto's seal
-# module) and every agent opens it through its own credstream-agent Gate,
-# the agent's verification path; the cost of one open and one seal is also
-# timed in a tight loop. Output in target/bench/report-seal.json.
-#
-# With --tls the bench generates one CA and one server certificate for IP
-# 127.0.0.1 (target/bench/work/tls/), gives them to every server
-# (credstream --tls-cert/--tls-key, the floor the same rustls setup, etcd
-# --cert-file/--key-file, NATS --tls --tlscert/--tlskey, Redis --tls-port)
-# and every client verifies the server against the CA.
+# storms, no agent endpoint, nothing to install): at the largest --agents,
+# each fan-out a fresh broker and N fresh agents, --seal-rounds (3) rounds
+# of one fan-out per mode, the order rotating each round (off,relay,on |
+# relay,on,off | on,off,relay) so that a drift of the shared machine weighs
+# on every mode; medians per mode and the on/off ratios. Modes: off (clear);
+# relay (the publisher seals each version once with credstream-proto's seal
+# module, agents do not open: the sealed bytes alone); on (sealed, and every
+# agent opens each update through its own credstream-agent Gate, the
+# agent's verification path). One open and one seal are also timed in a
+# tight loop. Output also in target/bench/report-seal.json.
 #
 # Installs the peers from Debian (etcd-server, nats-server, redis-server),
 # builds the release binaries

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use credstream_bench::agent_http::sibling_binary;
+use credstream_bench::peers::grpc::Sealing;
 use credstream_bench::run::{self, BenchConfig, PeerKind};
 
 /// Fans one credential out to N agents (each on its own connection) through
@@ -90,16 +91,27 @@ struct Cli {
     #[arg(long, env = "CREDSTREAM_BENCH_STORM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     storm_timeout: Duration,
     /// Sealing off against on (issue 16) instead of the comparison with the
-    /// other systems: credstream alone at the largest --agents, each mode a
-    /// fresh broker and N fresh agents, in --seal-pairs pairs of alternating
-    /// order (off,on | on,off | ...); sealed, the publisher seals each
-    /// version once and every agent opens it through the agent's own gate.
-    /// Also times one open and one seal in a tight loop.
+    /// other systems: credstream alone at the largest --agents, each fan-out
+    /// a fresh broker and N fresh agents, --seal-rounds rounds of one
+    /// fan-out per --seal-modes mode, the order rotating each round. Sealed,
+    /// the publisher seals each version once; `on`, every agent opens it
+    /// through the agent's own gate; `relay`, agents do not open (the cost
+    /// of the sealed bytes alone). Also times one open and one seal in a
+    /// tight loop.
     #[arg(long, env = "CREDSTREAM_BENCH_SEAL")]
     seal: bool,
-    /// Off/on pairs of fan-outs with --seal.
-    #[arg(long, env = "CREDSTREAM_BENCH_SEAL_PAIRS", default_value_t = 3)]
-    seal_pairs: usize,
+    /// The modes compared by --seal.
+    #[arg(
+        long,
+        env = "CREDSTREAM_BENCH_SEAL_MODES",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "off,relay,on"
+    )]
+    seal_modes: Vec<Sealing>,
+    /// Rounds of --seal (each one fan-out per mode).
+    #[arg(long, env = "CREDSTREAM_BENCH_SEAL_ROUNDS", default_value_t = 3)]
+    seal_rounds: usize,
     /// Versions per mode in the tight-loop timing of one open (--seal).
     #[arg(
         long,
@@ -136,7 +148,8 @@ fn main() -> Result<()> {
     let storm = cli.storm.unwrap_or(if cli.tls { largest } else { 0 });
     let config = BenchConfig {
         seal: cli.seal,
-        seal_pairs: cli.seal_pairs,
+        seal_modes: cli.seal_modes,
+        seal_rounds: cli.seal_rounds,
         open_iterations: cli.open_iterations,
         tls: cli.tls,
         storm,

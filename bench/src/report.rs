@@ -134,10 +134,10 @@ pub struct StormResult {
 /// One fan-out of the sealing comparison ([`crate::sealing`]).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct SealStep {
-    /// True if the publisher sealed and the agents opened.
-    pub sealed: bool,
-    /// Which off/on pair it belongs to (0, 1, …).
-    pub pair: usize,
+    /// `off`, `relay` (sealed, not opened) or `on` (sealed and opened).
+    pub mode: String,
+    /// Which round it belongs to (0, 1, …).
+    pub round: usize,
     /// The fan-out, measured as the main one is.
     pub fanout: FanoutResult,
     /// Credential updates an agent's gate did not let through (0 in a sound
@@ -242,25 +242,35 @@ pub struct OpenCost {
 pub struct SealComparison {
     /// Agents in every fan-out.
     pub agents: usize,
-    /// Off/on pairs run.
-    pub pairs: usize,
+    /// Rounds run (one fan-out per mode each).
+    pub rounds: usize,
+    /// The modes, in the order of the first round.
+    pub modes: Vec<String>,
     /// Every fan-out, in the order run.
     pub steps: Vec<SealStep>,
     /// Medians with sealing off.
-    pub off: SealMode,
+    pub off: Option<SealMode>,
+    /// Medians with sealed updates the agents do not open.
+    pub relay: Option<SealMode>,
     /// Medians with sealing on.
-    pub on: SealMode,
+    pub on: Option<SealMode>,
     /// on / off, median max latency.
     pub ratio_max: Option<f64>,
     /// on / off, median p99 latency.
     pub ratio_p99: Option<f64>,
+    /// on / off, median p50 latency.
+    pub ratio_p50: Option<f64>,
     /// on / off, median broker CPU per version.
     pub ratio_broker_cpu: Option<f64>,
     /// on / off, median load-process CPU per version.
     pub ratio_load_cpu: Option<f64>,
-    /// (on − off) load-process CPU per version / N, in microseconds: the
-    /// in-situ estimate of one agent's cost per opened update (noisy: a
-    /// difference of two medians).
+    /// relay / off, median max latency.
+    pub relay_ratio_max: Option<f64>,
+    /// relay / off, median broker CPU per version.
+    pub relay_ratio_broker_cpu: Option<f64>,
+    /// (on − relay) load-process CPU per version / N, in microseconds (or
+    /// on − off without relay): the in-situ estimate of one agent's cost
+    /// per opened update (noisy: a difference of two medians).
     pub load_cpu_us_per_opened_update: Option<f64>,
     /// The tight-loop cost of one open.
     pub open: Option<OpenCost>,
@@ -269,27 +279,27 @@ pub struct SealComparison {
 }
 
 impl SealComparison {
-    /// Fills the ratios from the two modes' medians.
+    /// Fills the ratios from the modes' medians.
     pub fn compute_ratios(&mut self) {
-        let ratio = |on: Option<f64>, off: Option<f64>| match (on, off) {
-            (Some(on), Some(off)) if off > 0.0 => Some(on / off),
-            _ => None,
-        };
-        self.ratio_max = ratio(self.on.max_ms, self.off.max_ms);
-        self.ratio_p99 = ratio(self.on.p99_ms, self.off.p99_ms);
-        self.ratio_broker_cpu = ratio(
-            self.on.broker_cpu_ms_per_version,
-            self.off.broker_cpu_ms_per_version,
+        let off = self.off.clone().unwrap_or_default();
+        let on = self.on.clone().unwrap_or_default();
+        let relay = self.relay.clone().unwrap_or_default();
+        self.ratio_max = median_ratio(on.max_ms, off.max_ms);
+        self.ratio_p99 = median_ratio(on.p99_ms, off.p99_ms);
+        self.ratio_p50 = median_ratio(on.p50_ms, off.p50_ms);
+        self.ratio_broker_cpu =
+            median_ratio(on.broker_cpu_ms_per_version, off.broker_cpu_ms_per_version);
+        self.ratio_load_cpu = median_ratio(on.load_cpu_ms_per_version, off.load_cpu_ms_per_version);
+        self.relay_ratio_max = median_ratio(relay.max_ms, off.max_ms);
+        self.relay_ratio_broker_cpu = median_ratio(
+            relay.broker_cpu_ms_per_version,
+            off.broker_cpu_ms_per_version,
         );
-        self.ratio_load_cpu = ratio(
-            self.on.load_cpu_ms_per_version,
-            self.off.load_cpu_ms_per_version,
-        );
-        self.load_cpu_us_per_opened_update = match (
-            self.on.load_cpu_ms_per_version,
-            self.off.load_cpu_ms_per_version,
-        ) {
-            (Some(on), Some(off)) => Some((on - off) * 1000.0 / self.agents.max(1) as f64),
+        let base = relay
+            .load_cpu_ms_per_version
+            .or(off.load_cpu_ms_per_version);
+        self.load_cpu_us_per_opened_update = match (on.load_cpu_ms_per_version, base) {
+            (Some(on), Some(base)) => Some((on - base) * 1000.0 / self.agents.max(1) as f64),
             _ => None,
         };
     }
@@ -297,14 +307,20 @@ impl SealComparison {
     fn table(&self, out: &mut String) {
         let _ = writeln!(
             out,
-            "sealing off vs on, credstream, {} agents, {} pairs (order off,on | on,off | ...), medians of each mode's fan-outs",
-            self.agents, self.pairs
+            "sealing: credstream, {} agents, {} rounds of {} (order rotating each round), medians of each mode's fan-outs",
+            self.agents,
+            self.rounds,
+            self.modes.join(", ")
         );
         let _ = writeln!(
             out,
-            "{:>5} {:>5} {:>9} {:>9} {:>9} {:>6} {:>10} {:>15} {:>9} {:>10} {:>14}",
-            "pair",
-            "seal",
+            "  off: clear; relay: sealed once by the publisher, agents do not open; on: sealed, every agent opens through its own Gate"
+        );
+        let _ = writeln!(
+            out,
+            "{:>5} {:>6} {:>9} {:>9} {:>9} {:>6} {:>10} {:>15} {:>9} {:>10} {:>10}",
+            "round",
+            "mode",
             "p50 ms",
             "p99 ms",
             "max ms",
@@ -316,17 +332,16 @@ impl SealComparison {
             "seal us/v"
         );
         for s in &self.steps {
-            let mode = if s.sealed { "on" } else { "off" };
             if let Some(error) = &s.fanout.error {
-                let _ = writeln!(out, "{:>5} {:>5} failed: {error}", s.pair, mode);
+                let _ = writeln!(out, "{:>5} {:>6} failed: {error}", s.round, s.mode);
                 continue;
             }
             let l = s.fanout.latency_ms.unwrap_or_default();
             let _ = writeln!(
                 out,
-                "{:>5} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>6} {:>10} {:>15.2} {:>9.2} {:>10.2} {:>14}",
-                s.pair,
-                mode,
+                "{:>5} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>6} {:>10} {:>15.2} {:>9.2} {:>10.2} {:>10}",
+                s.round,
+                s.mode,
                 l.p50,
                 l.p99,
                 l.max,
@@ -335,7 +350,7 @@ impl SealComparison {
                 s.fanout.server_cpu_ms_per_update,
                 s.fanout.server_system_ms_per_update,
                 s.fanout.agents_cpu_ms_per_update,
-                if s.sealed {
+                if s.publisher_seals > 0 {
                     format!("{:.1}", s.publisher_seal_us_per_version)
                 } else {
                     "-".into()
@@ -346,7 +361,7 @@ impl SealComparison {
         let r = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.3}x"));
         let _ = writeln!(
             out,
-            "{:>11} {:>9} {:>9} {:>9} {:>17} {:>9} {:>10} {:>16}",
+            "{:>12} {:>9} {:>9} {:>9} {:>17} {:>9} {:>10} {:>16}",
             "median",
             "p50 ms",
             "p99 ms",
@@ -356,10 +371,11 @@ impl SealComparison {
             "load ms/v",
             "load us/agent/v"
         );
-        for (name, m) in [("off", &self.off), ("on", &self.on)] {
+        for (name, m) in [("off", &self.off), ("relay", &self.relay), ("on", &self.on)] {
+            let Some(m) = m else { continue };
             let _ = writeln!(
                 out,
-                "{:>11} {:>9} {:>9} {:>9} {:>17} {:>9} {:>10} {:>16}",
+                "{:>12} {:>9} {:>9} {:>9} {:>17} {:>9} {:>10} {:>16}",
                 name,
                 f(m.p50_ms),
                 f(m.p99_ms),
@@ -372,18 +388,30 @@ impl SealComparison {
         }
         let _ = writeln!(
             out,
-            "{:>11} {:>9} {:>9} {:>9} {:>17} {:>9} {:>10}",
+            "{:>12} {:>9} {:>9} {:>9} {:>17} {:>9} {:>10}",
             "on/off",
-            r(median_ratio(self.on.p50_ms, self.off.p50_ms)),
+            r(self.ratio_p50),
             r(self.ratio_p99),
             r(self.ratio_max),
             r(self.ratio_broker_cpu),
             "",
             r(self.ratio_load_cpu),
         );
+        if self.relay.is_some() {
+            let _ = writeln!(
+                out,
+                "{:>12} {:>9} {:>9} {:>9} {:>17}",
+                "relay/off",
+                "",
+                "",
+                r(self.relay_ratio_max),
+                r(self.relay_ratio_broker_cpu),
+            );
+        }
         let _ = writeln!(
             out,
-            "load process: (on - off) / N = {} us of CPU per opened update per agent (in situ, all agents sharing the load process)",
+            "load process: (on - {}) / N = {} us of CPU per opened update per agent (in situ: all N agents share the load process)",
+            if self.relay.is_some() { "relay" } else { "off" },
             f(self.load_cpu_us_per_opened_update)
         );
         match (&self.open, &self.open_error) {

@@ -115,8 +115,10 @@ pub struct BenchConfig {
     /// Run the sealing comparison (issue 16) instead of the fan-out against
     /// the other systems: credstream only, at the largest N.
     pub seal: bool,
-    /// Off/on pairs of fan-outs in the sealing comparison.
-    pub seal_pairs: usize,
+    /// The modes of the sealing comparison, in the order of its first round.
+    pub seal_modes: Vec<crate::peers::grpc::Sealing>,
+    /// Rounds of the sealing comparison (one fan-out per mode each).
+    pub seal_rounds: usize,
     /// Versions per mode in the tight-loop measurement of one open.
     pub open_iterations: usize,
 }
@@ -232,7 +234,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
     if config.seal {
         report
             .config
-            .insert("seal_pairs".into(), config.seal_pairs.to_string());
+            .insert("seal_rounds".into(), config.seal_rounds.to_string());
         report
             .config
             .insert("open_iterations".into(), config.open_iterations.to_string());

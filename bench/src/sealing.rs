@@ -1,22 +1,25 @@
 //! Sealing on against sealing off (issue 16): the same credstream fan-out
-//! to the same N agents, once with clear credentials and once with sealed
-//! ones, several times in alternating order, plus what one open costs an
-//! agent.
+//! to the same N agents with clear and with sealed credentials, several
+//! rounds in rotating order, plus what one open costs an agent.
 //!
-//! - **Off**: the publisher sends the clear credential; agents decode it.
-//! - **On**: the publisher seals each version once with
-//!   `credstream_proto::seal::seal_credential` (as `credstream publish`
-//!   does, with its sequence rule); every agent holds the cluster's key and
-//!   passes each update through its own `credstream_agent::seal::Gate`
+//! - **off**: the publisher sends the clear credential; agents decode it.
+//! - **relay**: the publisher seals each version once; the broker relays
+//!   the sealed update; agents decode it but do not open it (they take the
+//!   round from the clear sequence). What the sealed bytes cost the broker,
+//!   the wire and the receiving side, without the opening.
+//! - **on**: sealed as in relay, and every agent holds the cluster's key
+//!   and passes each update through its own `credstream_agent::seal::Gate`
 //!   (the real agent's verification path: open, clear-metadata checks, the
 //!   rollback rule) before it can read the round, which travels only inside
 //!   the ciphertext. A fan-out's latency therefore ends when the agent has
 //!   *opened* the update.
 //!
-//! Each fan-out is a fresh broker process and N fresh connections, measured
-//! exactly as the main fan-out is ([`crate::run`]). The order is
-//! off, on | on, off | off, on | …, so that a drift of the shared machine
-//! during the run weighs on both modes alike; the summary is the median of
+//! Sealing is `credstream_proto::seal::seal_credential`, which `credstream
+//! publish` calls too. Each fan-out is a fresh broker process and N fresh
+//! connections, measured exactly as the main fan-out is ([`crate::run`]).
+//! Round `r` runs the modes rotated by `r` (off, relay, on | relay, on, off
+//! | on, off, relay), so that each mode runs in each position and a drift of
+//! the shared machine weighs on all alike; the summary is the median of
 //! each mode's fan-outs.
 //!
 //! What an open costs one agent is measured apart, in a tight loop on one
@@ -27,7 +30,7 @@
 //! all N share the load process, whose CPU per version is also reported.
 
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use credstream_agent::seal::Gate;
@@ -36,22 +39,16 @@ use credstream_proto::v1::{SubscribeResponse, subscribe_response};
 use prost::Message;
 
 use crate::payload;
-use crate::peers::grpc::GrpcPeer;
+use crate::peers::grpc::{GrpcPeer, Sealing};
 use crate::report::{FanoutResult, OpenCost, SealComparison, SealMode, SealStep};
 use crate::run::{BenchConfig, CLUSTER, Tokens, fanout, port, start_broker, url_of};
 use crate::tls::TlsMaterial;
 
-/// The modes of the comparison in the order they run: pair `i` is
-/// off then on for even `i`, on then off for odd `i`.
-pub fn order(pairs: usize) -> Vec<bool> {
-    (0..pairs)
-        .flat_map(|pair| {
-            if pair % 2 == 0 {
-                [false, true]
-            } else {
-                [true, false]
-            }
-        })
+/// The fan-outs of the comparison in the order they run, with their
+/// round: round `r` runs `modes` rotated left by `r`.
+pub fn order(modes: &[Sealing], rounds: usize) -> Vec<(usize, Sealing)> {
+    (0..rounds)
+        .flat_map(|round| (0..modes.len()).map(move |i| (round, modes[(i + round) % modes.len()])))
         .collect()
 }
 
@@ -65,7 +62,12 @@ pub(crate) async fn compare(
     let key = SealKey::generate(CLUSTER);
     let mut comparison = SealComparison {
         agents,
-        pairs: config.seal_pairs,
+        rounds: config.seal_rounds,
+        modes: config
+            .seal_modes
+            .iter()
+            .map(|m| m.label().to_owned())
+            .collect(),
         ..SealComparison::default()
     };
 
@@ -78,21 +80,21 @@ pub(crate) async fn compare(
         Err(error) => comparison.open_error = Some(format!("the measurement panicked: {error}")),
     }
 
-    for (index, sealed) in order(config.seal_pairs).into_iter().enumerate() {
-        let mode = if sealed { "on" } else { "off" };
+    let fanouts = order(&config.seal_modes, config.seal_rounds);
+    let total = fanouts.len();
+    for (index, (round, mode)) in fanouts.into_iter().enumerate() {
+        let label = mode.label();
         eprintln!(
-            "[bench] sealing {mode} (fan-out {} of {}), {agents} agents",
-            index + 1,
-            config.seal_pairs * 2
+            "[bench] sealing {label} (fan-out {} of {total}), {agents} agents",
+            index + 1
         );
-        let step = match seal_step(config, tokens, tls, index, agents, sealed.then_some(&key)).await
-        {
-            Ok(step) => step,
+        let step = match seal_step(config, tokens, tls, index, agents, &key, mode).await {
+            Ok(step) => SealStep { round, ..step },
             Err(error) => SealStep {
-                sealed,
-                pair: index / 2,
+                mode: label.into(),
+                round,
                 fanout: FanoutResult {
-                    peer: format!("credstream, sealing {mode}"),
+                    peer: format!("credstream, sealing {label}"),
                     agents,
                     error: Some(format!("{error:#}")),
                     ..FanoutResult::default()
@@ -116,8 +118,17 @@ pub(crate) async fn compare(
         );
         comparison.steps.push(step);
     }
-    comparison.off = SealMode::of(comparison.steps.iter().filter(|s| !s.sealed), agents);
-    comparison.on = SealMode::of(comparison.steps.iter().filter(|s| s.sealed), agents);
+    let of = |mode: Sealing| {
+        let steps: Vec<&SealStep> = comparison
+            .steps
+            .iter()
+            .filter(|s| s.mode == mode.label())
+            .collect();
+        (!steps.is_empty()).then(|| SealMode::of(steps.into_iter(), agents))
+    };
+    comparison.off = of(Sealing::Off);
+    comparison.relay = of(Sealing::Relay);
+    comparison.on = of(Sealing::On);
     comparison.compute_ratios();
     comparison
 }
@@ -128,7 +139,8 @@ async fn seal_step(
     tls: Option<&TlsMaterial>,
     index: usize,
     agents: usize,
-    key: Option<&SealKey>,
+    key: &SealKey,
+    mode: Sealing,
 ) -> Result<SealStep> {
     let port = port(config, index, 0);
     let server = start_broker(config, tokens, port, tls).await?;
@@ -141,19 +153,18 @@ async fn seal_step(
             &tokens.agent,
             tls.map(|m| m.ca.clone()),
             0,
-            key.cloned(),
+            Some((key.clone(), mode)),
         )
         .await
         .context("publisher")?;
         let (mut result, connected) = fanout(config, &mut grpc, pid, agents).await?;
-        let sealed = key.is_some();
-        result.peer = format!("credstream, sealing {}", if sealed { "on" } else { "off" });
+        result.peer = format!("credstream, sealing {}", mode.label());
         let (seals, sealing) = grpc.seals();
         let not_opened = grpc.not_opened();
         drop(connected);
         Ok(SealStep {
-            sealed,
-            pair: index / 2,
+            mode: mode.label().into(),
+            round: 0,
             fanout: result,
             not_opened,
             publisher_seals: seals,
@@ -169,26 +180,19 @@ async fn seal_step(
     outcome
 }
 
-/// CPU time of the calling thread so far, in nanoseconds
-/// (`/proc/thread-self/schedstat`: time on the CPU, nanosecond resolution).
-fn thread_cpu_ns() -> Option<u64> {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// CPU time of the calling thread so far (`CLOCK_THREAD_CPUTIME_ID`,
+/// which the kernel brings up to date on every read; the scheduler's
+/// `/proc/thread-self/schedstat` only moves at ticks and context switches).
+fn thread_cpu() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
-/// Times `f` by thread CPU (falling back to wall time without schedstat).
-fn timed(mut f: impl FnMut()) -> (Duration, bool) {
-    let cpu = thread_cpu_ns();
-    let wall = Instant::now();
+/// The thread CPU time `f` takes.
+fn timed(mut f: impl FnMut()) -> Duration {
+    let before = thread_cpu();
     f();
-    match (cpu, thread_cpu_ns()) {
-        (Some(before), Some(after)) => (Duration::from_nanos(after.saturating_sub(before)), true),
-        _ => (wall.elapsed(), false),
-    }
+    thread_cpu().saturating_sub(before)
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -243,11 +247,10 @@ pub fn open_cost(key: &SealKey, iterations: usize) -> Result<OpenCost> {
     let mut decode = Vec::with_capacity(passes);
     let mut decode_open = Vec::with_capacity(passes);
     let mut seal = Vec::with_capacity(passes);
-    let mut thread_cpu = true;
     let per_version = |d: Duration| d.as_secs_f64() * 1e6 / batch as f64;
     for pass in 0..passes {
         let mut rounds = 0u64;
-        let (off, cpu) = timed(|| {
+        let off = timed(|| {
             for bytes in &clear_batch {
                 let response = SubscribeResponse::decode(bytes.as_slice()).expect("decodes");
                 if let Some(subscribe_response::Message::Credential(update)) = response.message {
@@ -255,10 +258,9 @@ pub fn open_cost(key: &SealKey, iterations: usize) -> Result<OpenCost> {
                 }
             }
         });
-        thread_cpu &= cpu;
         let gate = Gate::new(Some(key.clone()));
         let mut opened = 0usize;
-        let (on, cpu) = timed(|| {
+        let on = timed(|| {
             for bytes in &sealed_batch {
                 let response = SubscribeResponse::decode(bytes.as_slice()).expect("decodes");
                 let Some(message) = response.message else {
@@ -270,7 +272,6 @@ pub fn open_cost(key: &SealKey, iterations: usize) -> Result<OpenCost> {
                 }
             }
         });
-        thread_cpu &= cpu;
         if opened != batch || gate.refused() != 0 {
             bail!(
                 "the gate let {opened} of {batch} sealed versions through in pass {pass}: {:?}",
@@ -278,12 +279,11 @@ pub fn open_cost(key: &SealKey, iterations: usize) -> Result<OpenCost> {
             );
         }
         let base = (pass * batch) as u64 * 1_000_000;
-        let (sealing, cpu) = timed(|| {
+        let sealing = timed(|| {
             for (i, credential) in credentials.iter().enumerate() {
                 black_box(seal_credential(key, credential, base + i as u64).expect("seals"));
             }
         });
-        thread_cpu &= cpu;
         black_box(rounds);
         decode.push(per_version(off));
         decode_open.push(per_version(on));
@@ -300,12 +300,7 @@ pub fn open_cost(key: &SealKey, iterations: usize) -> Result<OpenCost> {
         seal_us: median(&mut seal),
         clear_bytes: clear_batch[0].len(),
         sealed_bytes: sealed_batch[0].len(),
-        clock: if thread_cpu {
-            "thread CPU time (/proc/thread-self/schedstat)"
-        } else {
-            "wall time"
-        }
-        .into(),
+        clock: "thread CPU time".into(),
     })
 }
 
@@ -314,9 +309,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_order_alternates_which_mode_goes_first() {
-        assert_eq!(order(3), [false, true, true, false, false, true]);
-        assert!(order(0).is_empty());
+    fn each_round_rotates_the_modes() {
+        use Sealing::{Off, On, Relay};
+        let modes: Vec<Sealing> = order(&[Off, Relay, On], 3)
+            .iter()
+            .map(|(_, m)| *m)
+            .collect();
+        assert_eq!(modes, [Off, Relay, On, Relay, On, Off, On, Off, Relay]);
+        let rounds: Vec<usize> = order(&[Off, On], 2).iter().map(|(r, _)| *r).collect();
+        assert_eq!(rounds, [0, 0, 1, 1]);
+        assert!(order(&[Off, On], 0).is_empty());
     }
 
     #[test]

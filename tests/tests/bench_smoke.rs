@@ -195,7 +195,7 @@ fn seal_bench_at_ten_agents_opens_every_sealed_update() {
     let work = tempfile::tempdir().expect("tempdir");
     let json_path = work.path().join("report.json");
     let output = Command::new(bins::binary("credstream-bench"))
-        .args(["--seal", "--seal-pairs", "1", "--open-iterations", "200"])
+        .args(["--seal", "--seal-rounds", "1", "--open-iterations", "200"])
         .args(["--agents", "10", "--publishes", "3", "--warmup", "1"])
         .args(["--gap", "20ms", "--round-timeout", "20s"])
         .arg("--base-port")
@@ -217,15 +217,15 @@ fn seal_bench_at_ten_agents_opens_every_sealed_update() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json_path).expect("JSON written")).expect("JSON");
     let seal = &report["seal"];
-    // One pair: off, then on; every agent got and (sealed) opened every
-    // version through its own gate.
-    let modes: Vec<bool> = seal["steps"]
+    // One round: off, relay (sealed, not opened), on; every agent got every
+    // version and, with sealing on, opened it through its own gate.
+    let modes: Vec<&str> = seal["steps"]
         .as_array()
         .expect("steps")
         .iter()
-        .filter_map(|s| s["sealed"].as_bool())
+        .filter_map(|s| s["mode"].as_str())
         .collect();
-    assert_eq!(modes, [false, true], "{report:#}");
+    assert_eq!(modes, ["off", "relay", "on"], "{report:#}");
     for step in seal["steps"].as_array().expect("steps") {
         assert!(step["fanout"]["error"].is_null(), "{step:#}");
         assert_eq!(step["fanout"]["lost"], 0, "{step:#}");

@@ -4,13 +4,16 @@
 //! ack delay around 500 ms, one ack for a burst of versions). The same
 //! client drives the minimal tonic fan-out, which speaks the same services.
 //!
-//! With a seal key ([`GrpcPeer::connect_sealed`]) the publisher seals each
-//! version once with `credstream_proto::seal` (as `credstream publish`
-//! does) and every agent passes each message through its own
-//! `credstream_agent::seal::Gate`, the real agent's verification path
-//! (open, check the clear metadata, the rollback rule), before it reads the
-//! round: a sealed update carries no access key id in clear, so an agent
-//! cannot record a round it did not open.
+//! With sealing ([`GrpcPeer::connect_sealed`], [`Sealing`]) the publisher
+//! seals each version once with `credstream_proto::seal` (as `credstream
+//! publish` does). With [`Sealing::On`] every agent passes each message
+//! through its own `credstream_agent::seal::Gate`, the real agent's
+//! verification path (open, check the clear metadata, the rollback rule),
+//! before it reads the round: a sealed update carries no access key id in
+//! clear, so an agent cannot record a round it did not open. With
+//! [`Sealing::Relay`] agents do not open: they read the round from the
+//! sealed payload's clear sequence, which isolates what the sealed bytes
+//! cost the broker and the wire from what opening costs the agents.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,12 +58,41 @@ pub struct GrpcPeer {
     not_opened: Arc<AtomicU64>,
 }
 
-/// The publisher's sealing: the cluster's key and the sequence rule of
-/// `credstream publish` (`credstream_client::seal::Sealer`: each seal gets
-/// `max(previous + 1, wall clock in µs)`), and the time spent sealing.
+/// What a peer's publisher and agents do about sealing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Sealing {
+    /// Clear credentials, as `credstream publish --no-seal`.
+    Off,
+    /// Sealed by the publisher and relayed by the broker, but the agents do
+    /// not open them (they read the round from the clear sequence): the
+    /// cost of sealed bytes without the cost of opening.
+    Relay,
+    /// Sealed, and every agent opens each update through its own `Gate`,
+    /// as `credstream-agent --seal-key-file` does.
+    On,
+}
+
+impl Sealing {
+    /// `off`, `relay` or `on`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Sealing::Off => "off",
+            Sealing::Relay => "relay",
+            Sealing::On => "on",
+        }
+    }
+}
+
+/// The publisher's sealing: the cluster's key, increasing sequences, and
+/// the time spent sealing. `credstream publish` uses `max(previous + 1,
+/// wall clock in µs)` (`credstream_client::seal::Sealer`); the bench uses
+/// `max(previous + 1, base + round)` with `base` the wall clock in µs when
+/// the publisher connected: the same magnitude, strictly increasing as the
+/// rounds are, and a [`Sealing::Relay`] agent can tell the round from it.
 #[derive(Debug)]
 struct Sealer {
     key: SealKey,
+    base: u64,
     last: u64,
     seals: u64,
     sealing: Duration,
@@ -68,10 +100,8 @@ struct Sealer {
 
 impl Sealer {
     fn seal(&mut self, update: &CredentialUpdate) -> Result<CredentialUpdate> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_micros() as u64);
-        self.last = (self.last + 1).max(now);
+        // `payload::credential` sets the version to the round.
+        self.last = (self.last + 1).max(self.base + update.version);
         let started = Instant::now();
         let sealed = credstream_proto::seal::seal_credential(&self.key, update, self.last)
             .context("seal the credential")?;
@@ -118,11 +148,13 @@ impl GrpcPeer {
         .await
     }
 
-    /// [`GrpcPeer::connect`], and with `seal` (a key for `cluster`) every
-    /// credential this peer publishes is sealed once, and every agent it
+    /// [`GrpcPeer::connect`], and with `seal` (a key for `cluster` and
+    /// [`Sealing::Relay`] or [`Sealing::On`]) every credential this peer
+    /// publishes is sealed once; with [`Sealing::On`] every agent it
     /// connects holds the key and opens each update through its own
     /// `Gate`, refusing anything else as `credstream-agent
     /// --seal-key-file` does.
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect_sealed(
         url: &str,
         cluster: &str,
@@ -130,8 +162,9 @@ impl GrpcPeer {
         agent_token: &str,
         ca: Option<PathBuf>,
         first_round: u64,
-        seal: Option<SealKey>,
+        seal: Option<(SealKey, Sealing)>,
     ) -> Result<Self> {
+        let seal = seal.filter(|(_, mode)| *mode != Sealing::Off);
         let publisher_address = BrokerAddress {
             url: url.to_owned(),
             token: publisher_token.to_owned(),
@@ -171,8 +204,15 @@ impl GrpcPeer {
             token: agent_token.to_owned(),
             ..publisher_address
         };
+        let base = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         let mut dialer = AgentDialer::new(&agent_address)?;
-        dialer.seal_key = seal.clone();
+        match &seal {
+            Some((key, Sealing::On)) => dialer.seal_key = Some(key.clone()),
+            Some((_, Sealing::Relay)) => dialer.sequence_base = Some(base),
+            _ => {}
+        }
         let mut peer = Self {
             dialer,
             publisher,
@@ -181,8 +221,9 @@ impl GrpcPeer {
             refresh_ids: Mutex::new(refresh_ids),
             hint: watch::Sender::new(0),
             hints_sent: Arc::new(AtomicUsize::new(0)),
-            sealer: seal.map(|key| Sealer {
+            sealer: seal.map(|(key, _)| Sealer {
                 key,
+                base,
                 last: 0,
                 seals: 0,
                 sealing: Duration::ZERO,
@@ -294,6 +335,8 @@ pub struct AgentDialer {
     cluster: String,
     /// The cluster's seal key, which every agent then holds.
     seal_key: Option<SealKey>,
+    /// [`Sealing::Relay`]: round = the sealed sequence − this.
+    sequence_base: Option<u64>,
 }
 
 /// A Subscribe stream that delivered its snapshot.
@@ -315,6 +358,7 @@ impl AgentDialer {
             credentials: address.interceptor()?,
             cluster: address.cluster_id.clone(),
             seal_key: None,
+            sequence_base: None,
         })
     }
 
@@ -381,6 +425,7 @@ pub async fn run_stream(index: usize, open: OpenStream, recorder: Arc<Recorder>)
         tx: open.tx,
         held: open.held,
         gate: open.gate,
+        sequence_base: None,
         not_opened: Arc::new(AtomicU64::new(0)),
         hint,
         hints_sent: Arc::new(AtomicUsize::new(0)),
@@ -398,6 +443,7 @@ impl Peer for GrpcPeer {
             tx: open.tx,
             held: open.held,
             gate: open.gate,
+            sequence_base: self.dialer.sequence_base,
             not_opened: self.not_opened.clone(),
             hint: self.hint.subscribe(),
             hints_sent: self.hints_sent.clone(),
@@ -418,6 +464,7 @@ struct AgentLoop {
     tx: mpsc::Sender<SubscribeRequest>,
     held: u64,
     gate: Option<Gate>,
+    sequence_base: Option<u64>,
     not_opened: Arc<AtomicU64>,
     hint: watch::Receiver<u64>,
     hints_sent: Arc<AtomicUsize>,
@@ -456,7 +503,12 @@ async fn agent_loop(mut a: AgentLoop) {
                             }
                         },
                     };
-                    if let Some(round) = payload::round_of(&update) {
+                    let round = payload::round_of(&update).or_else(|| {
+                        // Relay: not opened; the round from the clear sequence.
+                        let base = a.sequence_base?;
+                        update.sealed.as_ref()?.sequence.checked_sub(base)
+                    });
+                    if let Some(round) = round {
                         a.recorder.record(a.index, round);
                     }
                     a.held = update.version;
