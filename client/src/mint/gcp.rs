@@ -3,9 +3,14 @@
 //!
 //! Sources, in the order gcp_auth (and Google's own libraries) use:
 //!
-//! 1. `GOOGLE_APPLICATION_CREDENTIALS` (or [`GcpMinterBuilder::credentials_file`]):
-//!    a service account key file. Its `token_uri` is honoured, plain http
-//!    included, which is how tests use a local token endpoint.
+//! 0. [`GcpMinterBuilder::credentials_file`], if given; then a fixed access
+//!    token in `GOOGLE_OAUTH_ACCESS_TOKEN` (as Terraform's Google provider
+//!    reads it, before any credentials file): forwarded as it is, since it
+//!    cannot be refreshed, with its expiry as the update's `access_end`
+//!    (see `gcp_fixed`).
+//! 1. `GOOGLE_APPLICATION_CREDENTIALS`: a service account key file. Its
+//!    `token_uri` is honoured, plain http included, which is how tests use
+//!    a local token endpoint.
 //! 2. gcloud's ADC file, `~/.config/gcloud/application_default_credentials.json`
 //!    (`gcloud auth application-default login`): an authorized user.
 //! 3. The GCE metadata server (on a Google Cloud VM).
@@ -34,13 +39,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use credstream_proto::convert::timestamp;
-use credstream_proto::v1::{CredentialKind, CredentialUpdate, GcpCredential, credential_update};
+use credstream_proto::v1::{
+    AccessEnd, CredentialKind, CredentialUpdate, GcpCredential, credential_update,
+};
 use gcp_auth::{
     ConfigDefaultCredentials, CustomServiceAccount, MetadataServiceAccount, TokenProvider,
 };
 use tracing::{debug, instrument};
 
-use super::{MintError, MintFuture, Minter};
+use super::{MintError, MintFuture, Minter, gcp_fixed};
 use crate::whoami::GcpIdentity;
 
 const KIND: &str = "GCP";
@@ -61,6 +68,7 @@ pub struct GcpMinterBuilder {
     project_id: Option<String>,
     skip_metadata_server: bool,
     gcloud: Option<PathBuf>,
+    tokeninfo_url: Option<String>,
 }
 
 impl GcpMinterBuilder {
@@ -103,6 +111,14 @@ impl GcpMinterBuilder {
         self
     }
 
+    /// Where a fixed token (`GOOGLE_OAUTH_ACCESS_TOKEN`) is described
+    /// (default: Google's token info endpoint; plain http is accepted, for
+    /// tests).
+    pub fn tokeninfo_url(mut self, url: impl Into<String>) -> Self {
+        self.tokeninfo_url = Some(url.into());
+        self
+    }
+
     /// Checks the scopes. No credentials are looked up yet: a missing login
     /// shows at the first mint.
     pub fn build(self) -> Result<GcpMinter, MintError> {
@@ -127,6 +143,7 @@ impl GcpMinterBuilder {
             project_id: self.project_id,
             skip_metadata_server: self.skip_metadata_server,
             gcloud: self.gcloud.unwrap_or_else(|| PathBuf::from("gcloud")),
+            tokeninfo_url: self.tokeninfo_url,
         })
     }
 }
@@ -140,6 +157,7 @@ pub struct GcpMinter {
     project_id: Option<String>,
     skip_metadata_server: bool,
     gcloud: PathBuf,
+    tokeninfo_url: Option<String>,
 }
 
 /// One freshly fetched token and what is known about its principal.
@@ -149,6 +167,11 @@ struct Fetched {
     source: String,
     principal_email: Option<String>,
     project_id: Option<String>,
+    /// The scopes the token carries, when they differ from those asked for
+    /// (a fixed token).
+    scopes: Option<Vec<String>>,
+    /// When this source stops giving new tokens (a fixed token).
+    access_end: Option<AccessEnd>,
 }
 
 impl Drop for Fetched {
@@ -185,7 +208,10 @@ impl GcpMinter {
             credential: Some(credential_update::Credential::Gcp(GcpCredential {
                 access_token: fetched.access_token.clone(),
                 token_type: "Bearer".to_owned(),
-                scopes: self.scopes.clone(),
+                scopes: fetched
+                    .scopes
+                    .clone()
+                    .unwrap_or_else(|| self.scopes.clone()),
                 project_id: fetched.project_id.clone().unwrap_or_default(),
                 principal_email: fetched.principal_email.clone().unwrap_or_default(),
             })),
@@ -193,6 +219,7 @@ impl GcpMinter {
             expires_at: Some(timestamp(fetched.expires_at)),
             version: 0,
             refresh_request_id: String::new(),
+            access_end: fetched.access_end.clone(),
             ..Default::default()
         })
     }
@@ -218,7 +245,11 @@ impl GcpMinter {
         let from_env = std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS")
             .filter(|v| !v.is_empty())
             .map(|p| (PathBuf::from(p), "GOOGLE_APPLICATION_CREDENTIALS"));
-        let mut fetched = if let Some((path, origin)) = explicit.or(from_env) {
+        let mut fetched = if let Some((path, origin)) = explicit {
+            self.fetch_with_file(&path, origin).await?
+        } else if let Some(token) = gcp_fixed::from_env() {
+            self.fetch_fixed(token).await?
+        } else if let Some((path, origin)) = from_env {
             self.fetch_with_file(&path, origin).await?
         } else if let Some(path) = adc_file().filter(|p| p.is_file()) {
             self.fetch_with_file(&path, "gcloud's application default credentials")
@@ -281,6 +312,8 @@ impl GcpMinter {
                 // A new provider has an empty cache: this is a token request.
                 let token = self.token(&provider, &source, &fix).await?;
                 Ok(Fetched {
+                    scopes: None,
+                    access_end: None,
                     access_token: token.0,
                     expires_at: token.1,
                     source,
@@ -298,6 +331,8 @@ impl GcpMinter {
                     .map_err(|err| gcp_error(&source, err, fix))?;
                 let (access_token, expires_at) = self.token(&provider, &source, fix).await?;
                 Ok(Fetched {
+                    scopes: None,
+                    access_end: None,
                     access_token,
                     expires_at,
                     project_id: provider.project_id().await.ok().map(|p| p.to_string()),
@@ -341,12 +376,39 @@ impl GcpMinter {
         let fix = "check the instance's service account and scopes";
         let (access_token, expires_at) = self.token(&provider, &source, fix).await?;
         Ok(Some(Fetched {
+            scopes: None,
+            access_end: None,
             access_token,
             expires_at,
             project_id: provider.project_id().await.ok().map(|p| p.to_string()),
             source,
             principal_email: None,
         }))
+    }
+
+    /// A fixed token from `GOOGLE_OAUTH_ACCESS_TOKEN`, described by the
+    /// token info endpoint: forwarded as it is, until it expires.
+    async fn fetch_fixed(&self, token: zeroize::Zeroizing<String>) -> Result<Fetched, MintError> {
+        let url = self
+            .tokeninfo_url
+            .as_deref()
+            .unwrap_or(gcp_fixed::TOKENINFO_URL);
+        let info = gcp_fixed::token_info(url, &token).await?;
+        Ok(Fetched {
+            access_token: token.as_str().to_owned(),
+            expires_at: info.expires_at,
+            source: format!("the access token in {}", gcp_fixed::ACCESS_TOKEN_ENV),
+            principal_email: info.email,
+            project_id: None,
+            scopes: Some(info.scopes),
+            access_end: Some(AccessEnd {
+                at: Some(timestamp(info.expires_at)),
+                reason: format!(
+                    "the GCP access token in {} expires then and cannot be refreshed",
+                    gcp_fixed::ACCESS_TOKEN_ENV
+                ),
+            }),
+        })
     }
 
     /// The gcloud CLI's login, through `gcloud config config-helper
@@ -434,6 +496,8 @@ impl GcpMinter {
                 message: "gcloud returned a token expiry that is not an RFC 3339 time".into(),
             })?;
         Ok(Fetched {
+            scopes: None,
+            access_end: None,
             access_token,
             expires_at,
             source: "the gcloud CLI login".to_owned(),

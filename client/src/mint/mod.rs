@@ -9,18 +9,21 @@
 //! - [`aws`]: [`aws::AwsMinter`], STS from the default AWS credential chain.
 //! - [`gcp`]: [`gcp::GcpMinter`], OAuth2 access tokens from Google's
 //!   application default credentials.
+//! - `gcp_fixed`: a fixed GCP access token (`GOOGLE_OAUTH_ACCESS_TOKEN`),
+//!   described by Google's token info endpoint.
 //! - [`cloudtrail`]: what `AssumeRole` carries so that CloudTrail names the
 //!   person and the cluster (source identity, session tags, session name).
 //! - [`sso_cache`]: when an AWS SSO login ends, from the SSO token cache.
 //!
 //! A minter also says in the update's `access_end` when minting from the
 //! local login will stop working without the user (an SSO session that
-//! ends, temporary credentials nothing renews); `None` while it can renew
-//! itself.
+//! ends, temporary credentials nothing renews, a fixed GCP token); `None`
+//! while it can renew itself.
 
 pub mod aws;
 pub mod cloudtrail;
 pub mod gcp;
+mod gcp_fixed;
 pub mod sso_cache;
 
 use std::future::Future;
