@@ -26,6 +26,8 @@ use std::time::{Duration, SystemTime};
 
 use credstream_proto::connect::{BrokerAddress, ConnectError};
 use credstream_proto::convert::system_time;
+use credstream_proto::rules::backoff::Backoff as Exponential;
+use credstream_proto::rules::retry::{self, Final};
 use credstream_proto::v1::agent_service_client::AgentServiceClient;
 use credstream_proto::v1::{
     AgentAck, AgentHello, CredentialKind, RefreshHint, SubscribeRequest, subscribe_request,
@@ -33,7 +35,6 @@ use credstream_proto::v1::{
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
 
 use crate::store::{AgentState, CredentialStore};
 
@@ -90,18 +91,19 @@ enum Ended {
 
 fn classify(status: tonic::Status) -> Ended {
     let message = status.message().to_owned();
-    match status.code() {
-        Code::Unauthenticated => Ended::Fatal(SubscriptionError::Unauthenticated(message)),
-        Code::PermissionDenied => Ended::Fatal(SubscriptionError::PermissionDenied(message)),
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            Ended::Fatal(SubscriptionError::Rejected(message))
-        }
-        code => Ended::Retry(format!("{code:?}: {message}")),
+    match retry::final_reason(status.code()) {
+        Some(Final::Unauthenticated) => Ended::Fatal(SubscriptionError::Unauthenticated(message)),
+        Some(Final::PermissionDenied) => Ended::Fatal(SubscriptionError::PermissionDenied(message)),
+        Some(Final::Rejected) => Ended::Fatal(SubscriptionError::Rejected(message)),
+        // Only a displaced publisher is taken over; an agent retries.
+        Some(Final::TakenOver) | None => Ended::Retry(format!("{:?}: {message}", status.code())),
     }
 }
 
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Reconnects: [`BACKOFF_BASE`] doubling to [`BACKOFF_MAX`], full jitter.
+const RECONNECT: Exponential = Exponential::new(BACKOFF_BASE, BACKOFF_MAX);
 
 /// How long a stream must stay open after its snapshot before the
 /// reconnect backoff starts over. A broker that accepts a stream, sends the
@@ -137,16 +139,15 @@ impl Backoff {
         {
             self.failures = 0;
         }
-        let ceiling = self.ceiling();
+        let delay = RECONNECT.full_jitter(self.failures);
         self.failures = self.failures.saturating_add(1);
-        ceiling.mul_f64(rand::thread_rng().r#gen::<f64>())
+        delay
     }
 
     /// The upper bound of the next delay (before jitter).
+    #[cfg(test)]
     fn ceiling(&self) -> Duration {
-        BACKOFF_BASE
-            .saturating_mul(1u32 << self.failures.min(16))
-            .min(BACKOFF_MAX)
+        RECONNECT.ceiling(self.failures)
     }
 }
 

@@ -1,11 +1,14 @@
 //! Input bounds and checks. Every message from a peer passes through here
 //! before it touches a cluster's state, so a rejected message leaves the
 //! state exactly as it was. Each error is an `INVALID_ARGUMENT` status whose
-//! message names the field and the rule, never a secret value.
+//! message names the field and the rule, never a secret value. The private
+//! env's limits and name rule are the ones the publisher applies too
+//! (`credstream_proto::rules::env`); this module words them as statuses.
 
 use std::time::{Duration, SystemTime};
 
 use credstream_proto::convert::system_time;
+use credstream_proto::rules::env::{self as env_rules, ValueProblem};
 use credstream_proto::v1::{
     AccessEnd, CredentialUpdate, EnvVar, PrivateEnv, credential_update::Credential,
 };
@@ -14,13 +17,13 @@ use tonic::Status;
 /// Largest gRPC message the broker decodes, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Most variables a private env may hold.
-pub const MAX_ENV_VARS: usize = 1000;
+pub const MAX_ENV_VARS: usize = env_rules::MAX_VARS;
 /// Longest env var name, in bytes.
-pub const MAX_ENV_NAME_BYTES: usize = 256;
+pub const MAX_ENV_NAME_BYTES: usize = env_rules::MAX_NAME_BYTES;
 /// Longest env var value, in bytes.
-pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+pub const MAX_ENV_VALUE_BYTES: usize = env_rules::MAX_VALUE_BYTES;
 /// Most bytes of names and values in one private env.
-pub const MAX_ENV_TOTAL_BYTES: usize = 256 * 1024;
+pub const MAX_ENV_TOTAL_BYTES: usize = env_rules::MAX_TOTAL_BYTES;
 /// Longest cluster or agent id.
 pub const MAX_ID_BYTES: usize = 128;
 /// Longest credential field (session tokens are ~1–2 KiB; OAuth tokens less).
@@ -75,12 +78,7 @@ pub fn check_display_name(field: &str, name: &str) -> Result<(), Status> {
 
 /// True for a valid env var name: `[A-Za-z_][A-Za-z0-9_]*`, bounded.
 pub fn is_env_name(name: &str) -> bool {
-    let mut bytes = name.bytes();
-    name.len() <= MAX_ENV_NAME_BYTES
-        && bytes
-            .next()
-            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    env_rules::check_name(name).is_ok()
 }
 
 fn check_env_name(name: &str) -> Result<(), Status> {
@@ -98,20 +96,17 @@ fn check_env_name(name: &str) -> Result<(), Status> {
 
 fn check_env_var(var: &EnvVar) -> Result<(), Status> {
     check_env_name(&var.name)?;
-    if var.value.len() > MAX_ENV_VALUE_BYTES {
-        return Err(invalid(format!(
-            "the value of env var {} is {} bytes; the limit is {MAX_ENV_VALUE_BYTES}",
-            var.name,
-            var.value.len()
-        )));
-    }
-    if var.value.contains('\0') {
-        return Err(invalid(format!(
+    match env_rules::check_value(&var.value) {
+        Ok(()) => Ok(()),
+        Err(ValueProblem::TooLong(len)) => Err(invalid(format!(
+            "the value of env var {} is {len} bytes; the limit is {MAX_ENV_VALUE_BYTES}",
+            var.name
+        ))),
+        Err(ValueProblem::Nul) => Err(invalid(format!(
             "the value of env var {} contains a NUL byte",
             var.name
-        )));
+        ))),
     }
-    Ok(())
 }
 
 /// Largest sealed ciphertext relayed (the whole message is bounded by the
@@ -208,7 +203,7 @@ pub fn check_env_result(vars: &[EnvVar]) -> Result<(), Status> {
             vars.len()
         )));
     }
-    let total: usize = vars.iter().map(|v| v.name.len() + v.value.len()).sum();
+    let total = env_rules::total_bytes(vars.iter().map(|v| (v.name.as_str(), v.value.as_str())));
     if total > MAX_ENV_TOTAL_BYTES {
         return Err(invalid(format!(
             "the private env would hold {total} bytes of names and values; the limit is {MAX_ENV_TOTAL_BYTES}"

@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use credstream_proto::convert::timestamp;
+use credstream_proto::rules::backoff::Backoff;
 use credstream_proto::v1::{
     CredentialKind, PendingRefresh, RefreshCount, RefreshReason, RefreshRequest, StoppedRefresh,
 };
@@ -172,15 +173,10 @@ impl RefreshPlanner {
     }
 
     fn backoff(&self, attempts: u32) -> Duration {
-        let exp = self
-            .config
-            .backoff_base
-            .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
-            .min(self.config.backoff_max);
-        // Equal jitter: half fixed, half random, so retries of many clusters
-        // spread out but none retries immediately.
-        let half = exp / 2;
-        half + half.mul_f64(rand::thread_rng().r#gen::<f64>())
+        // Equal jitter: retries of many clusters spread out, but none
+        // retries immediately.
+        Backoff::new(self.config.backoff_base, self.config.backoff_max)
+            .equal_jitter(attempts.saturating_sub(1))
     }
 
     fn request(

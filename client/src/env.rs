@@ -3,8 +3,8 @@
 //!
 //! Everything here is parsed and validated on the user's machine, before it
 //! is sent, so that a typo is reported with a file name and a line number
-//! instead of a gRPC status from the broker. The limits are the broker's
-//! (see `EnvVar` and `PrivateEnv` in the proto).
+//! instead of a gRPC status from the broker. The limits and the name rule
+//! are the broker's: both sides take them from `credstream_proto::rules::env`.
 //!
 //! Values are secrets: no error message, log line or `Debug` output ever
 //! contains one. Errors name the source (`--env`, a file and line) and, when
@@ -22,16 +22,17 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use credstream_proto::rules::env::{self as env_rules, NameProblem, ValueProblem};
 use credstream_proto::v1::EnvVar;
 
 /// Longest accepted variable name, in bytes.
-pub const MAX_NAME_BYTES: usize = 256;
+pub const MAX_NAME_BYTES: usize = env_rules::MAX_NAME_BYTES;
 /// Longest accepted value, in bytes.
-pub const MAX_VALUE_BYTES: usize = 32 * 1024;
+pub const MAX_VALUE_BYTES: usize = env_rules::MAX_VALUE_BYTES;
 /// Most variables in one private environment.
-pub const MAX_VARS: usize = 1000;
+pub const MAX_VARS: usize = env_rules::MAX_VARS;
 /// Most bytes of names and values together in one private environment.
-pub const MAX_TOTAL_BYTES: usize = 256 * 1024;
+pub const MAX_TOTAL_BYTES: usize = env_rules::MAX_TOTAL_BYTES;
 
 /// Where a variable came from, for error messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,41 +92,33 @@ fn invalid(location: EnvSource, problem: impl Into<String>) -> EnvError {
 /// Checks a variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most
 /// [`MAX_NAME_BYTES`]. The error text is meant to follow "invalid name".
 pub fn validate_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("empty variable name".into());
+    match env_rules::check_name(name) {
+        Ok(()) => Ok(()),
+        Err(NameProblem::Empty) => Err("empty variable name".into()),
+        Err(NameProblem::TooLong(len)) => Err(format!(
+            "variable name is {len} bytes long, at most {MAX_NAME_BYTES} are allowed"
+        )),
+        Err(NameProblem::Characters) => {
+            // The name is shown (truncated): it is what the user typed
+            // before `=`, never the value.
+            let shown: String = name.chars().take(64).collect();
+            Err(format!(
+                "invalid variable name {shown:?}: use letters, digits and `_`, not starting with a digit"
+            ))
+        }
     }
-    if name.len() > MAX_NAME_BYTES {
-        return Err(format!(
-            "variable name is {} bytes long, at most {MAX_NAME_BYTES} are allowed",
-            name.len()
-        ));
-    }
-    let mut chars = name.chars();
-    let first = chars.next().unwrap_or('_');
-    let valid = (first.is_ascii_alphabetic() || first == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !valid {
-        // The name is shown (truncated): it is what the user typed before
-        // `=`, never the value.
-        let shown: String = name.chars().take(64).collect();
-        return Err(format!(
-            "invalid variable name {shown:?}: use letters, digits and `_`, not starting with a digit"
-        ));
-    }
-    Ok(())
 }
 
-fn validate_value(name: &str, value: &str) -> Result<(), String> {
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(format!(
-            "the value of {name} is {} bytes long, at most {MAX_VALUE_BYTES} are allowed",
-            value.len()
-        ));
+/// Checks a value: at most [`MAX_VALUE_BYTES`], no NUL byte. The error
+/// names the variable, never the value.
+pub fn validate_value(name: &str, value: &str) -> Result<(), String> {
+    match env_rules::check_value(value) {
+        Ok(()) => Ok(()),
+        Err(ValueProblem::TooLong(len)) => Err(format!(
+            "the value of {name} is {len} bytes long, at most {MAX_VALUE_BYTES} are allowed"
+        )),
+        Err(ValueProblem::Nul) => Err(format!("the value of {name} contains a NUL byte")),
     }
-    if value.contains('\0') {
-        return Err(format!("the value of {name} contains a NUL byte"));
-    }
-    Ok(())
 }
 
 fn checked(source: EnvSource, name: &str, value: String) -> Result<EnvVar, EnvError> {
@@ -314,7 +307,7 @@ pub fn check_limits(vars: &[EnvVar]) -> Result<(), EnvError> {
             vars.len()
         )));
     }
-    let total: usize = vars.iter().map(|v| v.name.len() + v.value.len()).sum();
+    let total = env_rules::total_bytes(vars.iter().map(|v| (v.name.as_str(), v.value.as_str())));
     if total > MAX_TOTAL_BYTES {
         return Err(EnvError::TooLarge(format!(
             "{total} bytes of names and values, at most {MAX_TOTAL_BYTES} are allowed"

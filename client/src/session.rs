@@ -50,17 +50,17 @@ use std::time::{Duration, SystemTime};
 
 use credstream_proto::connect::{BrokerAddress, ConnectError};
 use credstream_proto::convert::system_time;
+use credstream_proto::rules::backoff::Backoff;
+use credstream_proto::rules::retry::{self, Final};
 use credstream_proto::v1::publisher_service_client::PublisherServiceClient;
 use credstream_proto::v1::{
     AccessEnd, CredentialKind, CredentialUpdate, EnvVar, HeartbeatAck, PrivateEnv, PublishRequest,
     PublisherHello, RefreshError, RefreshReason, RefreshRequest, Revoke, UpdateAck,
     credential_update::Credential, publish_request, publish_response,
 };
-use rand::Rng;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Code;
 use zeroize::Zeroizing;
 
 use crate::mint::Minter;
@@ -338,12 +338,7 @@ impl PublishSession {
         // broker rejection that would end the whole session.
         for var in &set {
             crate::env::validate_name(&var.name).map_err(SessionError::InvalidEnv)?;
-            if var.value.contains('\0') || var.value.len() > 32 * 1024 {
-                return Err(SessionError::InvalidEnv(format!(
-                    "the value of {} must be at most 32 KiB without NUL bytes",
-                    var.name
-                )));
-            }
+            crate::env::validate_value(&var.name, &var.value).map_err(SessionError::InvalidEnv)?;
         }
         crate::env::check_limits(&set).map_err(|e| SessionError::InvalidEnv(e.to_string()))?;
         self.command(|done| {
@@ -458,26 +453,21 @@ enum Ended {
 
 fn classify(status: tonic::Status) -> Ended {
     let message = status.message().to_owned();
-    match status.code() {
-        Code::Unauthenticated => Ended::Fatal(SessionError::Unauthenticated(message)),
-        Code::PermissionDenied => Ended::Fatal(SessionError::PermissionDenied(message)),
-        Code::Aborted => Ended::Fatal(SessionError::TakenOver(message)),
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            Ended::Fatal(SessionError::Rejected(message))
-        }
-        code => Ended::Retry(format!("{code:?}: {message}")),
+    match retry::final_reason(status.code()) {
+        Some(Final::Unauthenticated) => Ended::Fatal(SessionError::Unauthenticated(message)),
+        Some(Final::PermissionDenied) => Ended::Fatal(SessionError::PermissionDenied(message)),
+        Some(Final::TakenOver) => Ended::Fatal(SessionError::TakenOver(message)),
+        Some(Final::Rejected) => Ended::Fatal(SessionError::Rejected(message)),
+        None => Ended::Retry(format!("{:?}: {message}", status.code())),
     }
 }
 
-const BACKOFF_BASE: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Reconnects: 500 ms doubling to 30 s, full jitter.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
 
 /// Full jitter: a random delay up to the exponential bound.
 pub(crate) fn full_jitter(attempt: u32) -> Duration {
-    let bound = BACKOFF_BASE
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(BACKOFF_MAX);
-    bound.mul_f64(rand::thread_rng().r#gen::<f64>())
+    RECONNECT.full_jitter(attempt)
 }
 
 /// A finished mint: its kind, and the credential or the error's message and

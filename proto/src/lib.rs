@@ -11,6 +11,8 @@
 //! - [`codec`] — the stubs' codec: undecodable messages are
 //!   `INVALID_ARGUMENT`, not `INTERNAL`.
 //! - [`convert`] — small helpers between the generated types and `SystemTime`.
+//! - [`rules`] — what the publisher, the broker and the agent must apply
+//!   alike: env limits and names, backoff, which codes are retried.
 //! - `seal` (feature `seal`) — sealed delivery: the one implementation of the
 //!   construction in `docs/sealing.md`, used by the client to seal and by the
 //!   agent to open.
@@ -18,6 +20,7 @@
 pub mod codec;
 pub mod connect;
 pub mod convert;
+pub mod rules;
 #[cfg(feature = "seal")]
 pub mod seal;
 mod secret;

@@ -1,0 +1,14 @@
+//! Rules the publisher, the broker and the agent must apply alike, in one
+//! place so that they cannot drift apart:
+//!
+//! - [`env`] — private env limits and the variable name rule;
+//! - [`backoff`] — exponential backoff with jitter;
+//! - [`retry`] — which gRPC codes end a stream for good and which are
+//!   retried.
+//!
+//! Each side words its own errors (the broker as gRPC statuses, the client
+//! for a person at a terminal); the limits and predicates are these.
+
+pub mod backoff;
+pub mod env;
+pub mod retry;
