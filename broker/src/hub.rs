@@ -43,8 +43,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use credstream_proto::convert::timestamp;
 use credstream_proto::v1::{
     AgentStatus, ClusterInfo, ClusterSnapshot, ClusterStatus, ClusterSummary, CredentialKind,
-    CredentialStatus, CredentialUpdate, EnvVar, PrivateEnv, PrivateEnvStatus, RefreshReason,
-    RefreshRequest, Revocation, SubscribeResponse, TakeoverStatus, UpdateAck,
+    CredentialStatus, CredentialUpdate, EnvVar, PrivateEnv, PrivateEnvStatus, RefreshCount,
+    RefreshReason, RefreshRequest, Revocation, SubscribeResponse, TakeoverStatus, UpdateAck,
     credential_update::Credential, subscribe_response,
 };
 use prost::bytes::Bytes;
@@ -1035,10 +1035,48 @@ impl Cluster {
         }
     }
 
+    /// What `--metrics-listen` reports of the cluster ([`crate::metrics`]):
+    /// the state's `Arc` and a few figures copied under the lock, without
+    /// building the whole [`ClusterStatus`] (no agent list), so a scrape
+    /// stays cheap at many clusters and agents.
+    pub fn metrics(&self) -> ClusterMetrics {
+        let state = self.state();
+        let inner = self.lock();
+        ClusterMetrics {
+            state,
+            agents: inner.agents.len(),
+            publisher_responsive: inner.planner.publisher_responsive(),
+            takeovers: inner.takeovers,
+            takeovers_refused: inner.takeovers_refused,
+            stopped: inner.planner.stopped().iter().map(|s| s.kind()).collect(),
+            refresh_counts: inner.planner.counts(),
+        }
+    }
+
     /// Requests created for `reason` so far (tests, metrics).
     pub fn refresh_requested(&self, reason: RefreshReason) -> u64 {
         self.lock().planner.requested(reason)
     }
+}
+
+/// One cluster's figures for the metrics endpoint ([`Cluster::metrics`]).
+/// The counts only grow while the cluster lives.
+#[derive(Clone, Debug)]
+pub struct ClusterMetrics {
+    /// The state as agents see it (version, declaration, credentials).
+    pub state: Arc<ClusterState>,
+    /// Agents subscribed.
+    pub agents: usize,
+    /// False while the connected publisher has a heartbeat unanswered.
+    pub publisher_responsive: bool,
+    /// Hellos that took the cluster from a connected publisher.
+    pub takeovers: u64,
+    /// Hellos refused by the takeover hold-down.
+    pub takeovers_refused: u64,
+    /// Kinds the broker stopped asking for after a permanent error.
+    pub stopped: Vec<CredentialKind>,
+    /// Refresh requests by reason and outcome.
+    pub refresh_counts: Vec<RefreshCount>,
 }
 
 /// Hub-wide settings.

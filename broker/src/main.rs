@@ -265,10 +265,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     let mut broker = server::start(config).await?;
     println!("listening on {}", broker.local_addr);
-    if let Some(listen) = args.metrics_listen {
-        let metrics = credstream_broker::metrics::serve(listen, broker.hub.clone()).await?;
-        println!("metrics on http://{metrics}/metrics");
-    }
+    let metrics = match args.metrics_listen {
+        Some(listen) => {
+            let metrics = credstream_broker::metrics::serve(listen, broker.hub.clone()).await?;
+            println!("metrics on http://{}/metrics", metrics.local_addr);
+            Some(metrics)
+        }
+        None => None,
+    };
     if args.dev {
         print_dev_banner(&token_key, &broker.url())?;
     }
@@ -290,8 +294,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     broker.shutdown().await;
+    // The broker's shutdown stopped the metrics endpoint too; wait for it.
+    if let Some(metrics) = metrics {
+        metrics.stopped(METRICS_GRACE).await;
+    }
     Ok(())
 }
+
+/// How long the metrics endpoint's last responses may take after shutdown.
+const METRICS_GRACE: Duration = Duration::from_secs(5);
 
 /// SIGHUP: re-read the token key file, so keys rotate without a restart.
 fn reload_keys(key: &TokenKey) {

@@ -27,7 +27,8 @@ async fn metrics_report_the_cluster_without_secrets() {
         broker.broker.hub.clone(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .local_addr;
     let cluster = "observed";
     let mut publisher = broker
         .publisher(cluster, &[CredentialKind::Aws], false)
