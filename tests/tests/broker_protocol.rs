@@ -534,15 +534,25 @@ async fn bad_input_gets_a_clear_error_and_keeps_the_state() {
         );
         assert_eq!(after.private_env, before.private_env, "{name}: env intact");
     }
-    // Agents never saw a change to the credentials or env.
-    while let Ok(Ok(Some(message))) =
-        tokio::time::timeout(Duration::from_millis(200), agent.rx.message()).await
-    {
-        let message = message.message.unwrap();
-        assert!(
-            matches!(message, subscribe_response::Message::ClusterInfo(_)),
-            "unexpected {message:?}"
-        );
+    // Agents never saw a change to the credentials or env: a good publisher
+    // now sends a marker, and everything the agent got before it is a
+    // publisher declaration (each case's hello), nothing else.
+    let marker = broker.publisher(cluster, &[AWS], true).await;
+    marker
+        .send(publish_request::Message::PrivateEnv(env(&[(
+            "MARKER", "1",
+        )])))
+        .await;
+    loop {
+        match agent.expect().await {
+            subscribe_response::Message::ClusterInfo(_) => {}
+            subscribe_response::Message::PrivateEnv(env)
+                if env.set.iter().any(|v| v.name == "MARKER") =>
+            {
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     // Agent-side bad input.
