@@ -1,5 +1,10 @@
 //! `credstream-agent`: the worker side of credstream.
 //!
+//! - [`agent`] — the parts below assembled into one running agent:
+//!   [`AgentConfig`] (plain data), [`Agent::start`] → a handle (`store`,
+//!   `endpoints`, `failure`, `stop`), and [`run`]`(config, shutdown)`, so a
+//!   test or another front end runs an agent in its own process; the binary
+//!   (`src/main.rs`) adds only flags, the process hardening and signals.
 //! - [`store`] — the latest credentials and private env, with the version and
 //!   expiry rules; every other module reads it.
 //! - [`seal`] — sealed delivery: opening what the publisher sealed, and
@@ -20,6 +25,7 @@
 //!   signals, restarting it when the private env changes.
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod env_file;
 pub mod exec;
 pub mod hardening;
@@ -28,3 +34,5 @@ pub mod seal;
 pub mod served;
 pub mod store;
 pub mod subscription;
+
+pub use agent::{Agent, AgentConfig, AgentError, SealKeySource, run};

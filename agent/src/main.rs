@@ -1,26 +1,18 @@
-//! `credstream-agent`: flags, sockets and signals; the work is in the
-//! library (see `lib.rs`).
+//! `credstream-agent`: flags, the process hardening and signals; the agent
+//! itself is the library's (`credstream_agent::agent`).
 
 use std::ffi::OsString;
-use std::future::Future;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use credstream_agent::env_file::{EnvFile, EnvFileError};
-use credstream_agent::exec::{self, ExecConfig, Waited};
-use credstream_agent::hardening;
-use credstream_agent::http::{self, AuthToken, LocalEndpoints, LocalServer, TokenFile};
-use credstream_agent::store::CredentialStore;
-use credstream_agent::subscription::{self, SubscriptionConfig, SubscriptionError};
-use credstream_proto::connect::{BrokerAddress, TransportArgs};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use credstream_agent::exec::{self, ExecConfig};
+use credstream_agent::{Agent, AgentConfig, SealKeySource, agent, hardening};
+use credstream_proto::connect::TransportArgs;
 use tracing_subscriber::EnvFilter;
 use zeroize::Zeroizing;
 
@@ -133,40 +125,51 @@ fn main() -> ExitCode {
         Command::Run(args) => args,
         Command::Exec(args) => &args.agent,
     };
-    let token = match agent_token(agent_args) {
-        Ok(token) => token,
-        Err(error) => {
-            eprintln!("credstream-agent: {error:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let fd_limit = hardening::raise_fd_limit();
-    tracing::debug!(?fd_limit, "file descriptor limit");
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("credstream-agent: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let max_connections = fd_limit.map_or(http::MAX_CONNECTIONS, |limit| {
-        // Leave half the descriptors for everything else.
-        usize::try_from(limit / 2)
-            .unwrap_or(usize::MAX)
-            .clamp(16, http::MAX_CONNECTIONS)
+    let result = agent_token(agent_args).and_then(|token| {
+        let fd_limit = hardening::raise_fd_limit();
+        tracing::debug!(?fd_limit, "file descriptor limit");
+        let max_connections = agent::max_connections_for(fd_limit);
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+        let result = runtime.block_on(async {
+            // Handlers first: once `run` printed the address, a SIGTERM must
+            // mean a clean stop (env file and token file removed), not the
+            // default kill; under `exec` it is forwarded, not fatal.
+            let mut signals = exec::os_signals().context("cannot install signal handlers")?;
+            match cli.command {
+                Command::Run(args) => {
+                    let agent = Agent::start(config(args, token, max_connections)).await?;
+                    let mut stdout = std::io::stdout();
+                    stdout
+                        .write_all(agent.banner().as_bytes())
+                        .and_then(|()| stdout.flush())?;
+                    let signalled = async move {
+                        match signals.recv().await {
+                            Some(signal) => tracing::info!(?signal, "shutting down"),
+                            None => std::future::pending().await,
+                        }
+                    };
+                    agent.run_until(signalled).await?;
+                    Ok(0)
+                }
+                Command::Exec(args) => {
+                    let mut program = args.command.into_iter();
+                    let command = ExecConfig {
+                        wait_timeout: args.wait_timeout,
+                        restart_on_change: args.restart_on_change,
+                        ..ExecConfig::new(
+                            program.next().context("no command given after --")?,
+                            program.collect(),
+                        )
+                    };
+                    let agent = Agent::start(config(args.agent, token, max_connections)).await?;
+                    Ok(agent.exec(&command, &mut signals).await?)
+                }
+            }
+        });
+        // Do not wait for blocked tasks (a stuck connection) at exit.
+        runtime.shutdown_timeout(Duration::from_secs(1));
+        result
     });
-    let start = Start {
-        token,
-        max_connections,
-    };
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Run(args) => run(args, start).await.map(|()| 0),
-            Command::Exec(args) => exec(args, start).await,
-        }
-    });
-    // Do not wait for blocked tasks (a stuck connection) at exit.
-    runtime.shutdown_timeout(Duration::from_secs(1));
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(error) => {
@@ -211,243 +214,16 @@ fn agent_token(args: &AgentArgs) -> Result<Zeroizing<String>> {
     Ok(token)
 }
 
-/// What `main` prepared for `run` and `exec`.
-struct Start {
-    token: Zeroizing<String>,
-    max_connections: usize,
-}
-
-/// The running parts shared by `run` and `exec`.
-struct Agent {
-    store: CredentialStore,
-    endpoints: Arc<LocalEndpoints>,
-    shutdown: watch::Sender<bool>,
-    /// `None` once it ended (and its end was reported).
-    subscription: Option<JoinHandle<Result<(), SubscriptionError>>>,
-    server: JoinHandle<()>,
-    /// `None` when there is no env file, or once the writer ended.
-    env_file: Option<JoinHandle<Result<(), EnvFileError>>>,
-    _token_file: TokenFile,
-}
-
-impl Agent {
-    async fn start(args: &AgentArgs, start: Start) -> Result<Self> {
-        let address = BrokerAddress {
-            url: args.broker.clone(),
-            token: start.token.as_str().to_owned(),
-            cluster_id: args.cluster.clone(),
-            ca_cert: args.transport.ca_cert.clone(),
-            client_identity: args.transport.client_identity(),
-            insecure: args.transport.insecure,
-        };
-        // Fail on a bad URL or the plaintext rule now, before serving.
-        address.endpoint()?;
-
-        let seal_key = args
-            .seal_key_file
-            .as_deref()
-            .map(|path| credstream_agent::seal::read_key_file(path, &args.cluster))
-            .transpose()?;
-        if let Some(key) = &seal_key {
-            tracing::info!(key_id = %key.key_id_hex(), "sealed delivery: only sealed updates are accepted");
-        }
-        let store = CredentialStore::with_gate(credstream_agent::seal::Gate::new(seal_key));
-        let auth = AuthToken::generate();
-        let token_file =
-            TokenFile::create(&auth).context("cannot write the local authorization token file")?;
-        let gce_metadata = !args.no_gce_metadata;
-        let router = http::router(store.clone(), auth.clone(), gce_metadata);
-        let server = LocalServer::bind(args.listen, router)
-            .await?
-            .max_connections(start.max_connections);
-        let endpoints = Arc::new(LocalEndpoints {
-            addr: server.local_addr(),
-            token: auth,
-            token_file: Some(token_file.path().to_path_buf()),
-            gce_metadata,
-        });
-        let env_file = args
-            .env_file
-            .clone()
-            .map(|path| EnvFile::new(path, store.clone(), endpoints.clone()))
-            .transpose()?;
-        tracing::info!(
-            addr = %endpoints.addr,
-            cluster = %args.cluster,
-            agent = %args.agent_id,
-            "serving local endpoints"
-        );
-
-        let (shutdown, _) = watch::channel(false);
-        let server = tokio::spawn(server.serve(until(&shutdown)));
-        let config = SubscriptionConfig::new(address, args.agent_id.clone());
-        let subscription = tokio::spawn(subscription::run(config, store.clone(), until(&shutdown)));
-        let env_file = env_file.map(|file| tokio::spawn(file.run(until(&shutdown))));
-        Ok(Self {
-            store,
-            endpoints,
-            shutdown,
-            subscription: Some(subscription),
-            server,
-            env_file,
-            _token_file: token_file,
-        })
-    }
-
-    /// Resolves when a task that should run as long as the agent ends early:
-    /// the subscription (a rejected token) or the env file writer (a write
-    /// error). Pending forever once both are gone.
-    async fn failure(&mut self) -> anyhow::Error {
-        enum Ended {
-            Subscription(Result<Result<(), SubscriptionError>, tokio::task::JoinError>),
-            EnvFile(Result<Result<(), EnvFileError>, tokio::task::JoinError>),
-        }
-        let ended = {
-            let subscription = async {
-                match &mut self.subscription {
-                    Some(task) => task.await,
-                    None => std::future::pending().await,
-                }
-            };
-            let env_file = async {
-                match &mut self.env_file {
-                    Some(task) => task.await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                ended = subscription => Ended::Subscription(ended),
-                ended = env_file => Ended::EnvFile(ended),
-            }
-        };
-        match ended {
-            Ended::Subscription(ended) => {
-                self.subscription = None;
-                match ended {
-                    Ok(Ok(())) => anyhow::anyhow!("the subscription ended"),
-                    Ok(Err(error)) => {
-                        anyhow::Error::new(error).context("the subscription to the broker failed")
-                    }
-                    Err(join) => anyhow::Error::new(join).context("the subscription task failed"),
-                }
-            }
-            Ended::EnvFile(ended) => {
-                self.env_file = None;
-                match ended {
-                    Ok(Ok(())) => anyhow::anyhow!("the env file writer ended"),
-                    Ok(Err(error)) => anyhow::Error::new(error),
-                    Err(join) => anyhow::Error::new(join).context("the env file task failed"),
-                }
-            }
-        }
-    }
-
-    /// Signals every task to stop and waits a bounded time for them (the
-    /// env file is removed on the way out).
-    async fn stop(self) {
-        self.shutdown.send_replace(true);
-        let drain = async {
-            let _ = self.server.await;
-            if let Some(env_file) = self.env_file
-                && let Ok(Err(error)) = env_file.await
-            {
-                tracing::warn!(%error, "cannot remove the env file");
-            }
-            if let Some(subscription) = self.subscription {
-                subscription.abort();
-            }
-        };
-        if tokio::time::timeout(http::DRAIN_TIMEOUT, drain)
-            .await
-            .is_err()
-        {
-            tracing::warn!("shutdown did not finish in time");
-        }
-        self.store.served().log_all();
-    }
-}
-
-/// A future that resolves once `true` is sent on `shutdown`.
-fn until(shutdown: &watch::Sender<bool>) -> impl Future<Output = ()> + Send + 'static {
-    let mut receiver = shutdown.subscribe();
-    async move {
-        let _ = receiver.wait_for(|stop| *stop).await;
-    }
-}
-
-async fn run(args: AgentArgs, start: Start) -> Result<()> {
-    // Handlers first: once the address is printed, a SIGTERM must mean a
-    // clean stop (env file and token file removed), not the default kill.
-    let mut signals = exec::os_signals().context("cannot install signal handlers")?;
-    let mut agent = Agent::start(&args, start).await?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "listening on {}", agent.endpoints.addr)?;
-    for (name, value) in agent.endpoints.public_exports() {
-        writeln!(stdout, "export {name}='{value}'")?;
-    }
-    if let Some(path) = &args.env_file {
-        writeln!(
-            stdout,
-            "# all variables, once ready: set -a; . '{}'; set +a",
-            path.display()
-        )?;
-    }
-    stdout.flush()?;
-    drop(stdout);
-
-    let result = tokio::select! {
-        Some(signal) = signals.recv() => {
-            tracing::info!(?signal, "shutting down");
-            Ok(())
-        }
-        error = agent.failure() => Err(error),
-    };
-    agent.stop().await;
-    result
-}
-
-async fn exec(args: ExecArgs, start: Start) -> Result<i32> {
-    // Handlers first: a SIGTERM from here on is forwarded, not fatal.
-    let mut signals = exec::os_signals().context("cannot install signal handlers")?;
-    let mut agent = Agent::start(&args.agent, start).await?;
-    let mut program = args.command.into_iter();
-    let mut config = ExecConfig::new(
-        program.next().context("no command given after --")?,
-        program.collect(),
-    );
-    config.wait_timeout = args.wait_timeout;
-    config.restart_on_change = args.restart_on_change;
-
-    // Until the child starts, a broken subscription (a rejected token) is
-    // fatal: waiting out the timeout would only hide it.
-    let store = agent.store.clone();
-    let endpoints = agent.endpoints.clone();
-    let waited = tokio::select! {
-        waited = exec::wait_ready(&store, config.wait_timeout, &mut signals) => waited,
-        error = agent.failure() => {
-            agent.stop().await;
-            return Err(error);
-        }
-    };
-    let code = match waited {
-        Ok(Waited::Ready(_)) => {
-            // Once it runs, the child keeps being served what the agent
-            // holds, until it expires, even if the subscription fails for
-            // good: stopping the user's work would not bring it back.
-            let supervise = exec::supervise(&config, &store, &endpoints, &mut signals);
-            tokio::pin!(supervise);
-            loop {
-                tokio::select! {
-                    code = &mut supervise => break code,
-                    error = agent.failure() => tracing::error!(
-                        "{error:#}; the command keeps running with the credentials held until they expire"
-                    ),
-                }
-            }
-        }
-        Ok(Waited::Signalled(signal)) => Ok(signal.exit_code()),
-        Err(error) => Err(error),
-    };
-    agent.stop().await;
-    Ok(code?)
+/// The library's config from the flags.
+fn config(args: AgentArgs, token: Zeroizing<String>, max_connections: usize) -> AgentConfig {
+    let mut config = AgentConfig::new(args.broker, args.cluster, args.agent_id, token);
+    config.listen = args.listen;
+    config.env_file = args.env_file;
+    config.gce_metadata = !args.no_gce_metadata;
+    config.seal_key = args.seal_key_file.map(SealKeySource::File);
+    config.max_connections = max_connections;
+    config.client_identity = args.transport.client_identity();
+    config.ca_cert = args.transport.ca_cert;
+    config.insecure = args.transport.insecure;
+    config
 }
