@@ -20,6 +20,7 @@
 //!   environment.
 //! - [`shard_proxy`] — a real HAProxy or nginx sharding brokers by cluster.
 //! - [`pki`] — a throwaway CA for TLS and mutual-TLS tests.
+//! - [`gcp_key`] — a new RSA service account key, made in Rust.
 //! - [`wait`] — `eventually(what, check)`, the one poll-until-true wait.
 //! - [`bins`] — paths of the workspace binaries, building them once if a test
 //!   runs before `cargo build`.
@@ -29,6 +30,7 @@ pub mod bins;
 pub mod broker;
 pub mod child;
 pub mod fake_http;
+pub mod gcp_key;
 pub mod hostile_relay;
 pub mod minter;
 pub mod moto;

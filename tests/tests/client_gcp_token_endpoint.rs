@@ -3,9 +3,8 @@
 //! must be a new token request, and the JWT it sends must be signed with
 //! the key and name the right audience, issuer and scopes.
 //!
-//! The RSA key is generated per run with the project venv's Python
-//! (`cryptography`, which moto depends on); without the venv the tests
-//! print `skipped:` and pass.
+//! The RSA key is generated per run in Rust (`credstream_tests::gcp_key`),
+//! so these tests need nothing but `cargo test`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,48 +18,10 @@ use credstream_client::whoami::whoami;
 use credstream_proto::v1::{CredentialUpdate, GcpCredential, credential_update::Credential};
 use credstream_tests::child::{in_child, run_child};
 use credstream_tests::fake_http::{FakeHttp, Received, Responder, form};
-use credstream_tests::tools::python;
+use credstream_tests::gcp_key::{self, TestKey};
 
 const EMAIL: &str = "minter@credstream-test.iam.gserviceaccount.com";
 const PROJECT: &str = "credstream-test";
-
-struct TestKey {
-    pem: String,
-    public_pkcs1_der: Vec<u8>,
-}
-
-/// A new 2048-bit RSA key: PKCS#8 PEM (what Google's key files hold) and
-/// the public half as PKCS#1 DER (what ring verifies with).
-fn generate_key(python: &Path) -> TestKey {
-    let script = "\
-import json
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives import serialization as s
-k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-pem = k.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()).decode()
-pub = k.public_key().public_bytes(s.Encoding.DER, s.PublicFormat.PKCS1).hex()
-print(json.dumps({'pem': pem, 'pub': pub}))
-";
-    let output = std::process::Command::new(python)
-        .args(["-c", script])
-        .output()
-        .expect("run python");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let hex = json["pub"].as_str().unwrap();
-    let public_pkcs1_der = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect();
-    TestKey {
-        pem: json["pem"].as_str().unwrap().to_owned(),
-        public_pkcs1_der,
-    }
-}
 
 fn write_key_file(dir: &Path, key: &TestKey, token_uri: &str) -> PathBuf {
     let path = dir.join("service-account.json");
@@ -140,10 +101,7 @@ fn check_grant(received: &Received, key: &TestKey) -> serde_json::Value {
 
 #[tokio::test]
 async fn service_account_tokens_come_from_the_key_files_token_uri() {
-    let Some(python) = python("service_account_tokens_come_from_the_key_files_token_uri") else {
-        return;
-    };
-    let key = generate_key(&python);
+    let key = gcp_key::generate();
     let endpoint = token_endpoint().await;
     let dir = tempfile::tempdir().unwrap();
     let token_uri = format!("{}/token", endpoint.url);
@@ -183,10 +141,7 @@ async fn service_account_tokens_come_from_the_key_files_token_uri() {
 
 #[tokio::test]
 async fn requested_scopes_reach_the_token_endpoint() {
-    let Some(python) = python("requested_scopes_reach_the_token_endpoint") else {
-        return;
-    };
-    let key = generate_key(&python);
+    let key = gcp_key::generate();
     let endpoint = token_endpoint().await;
     let dir = tempfile::tempdir().unwrap();
     let key_file = write_key_file(dir.path(), &key, &format!("{}/token", endpoint.url));
@@ -209,10 +164,7 @@ async fn requested_scopes_reach_the_token_endpoint() {
 
 #[tokio::test]
 async fn a_refused_token_request_says_what_to_do() {
-    let Some(python) = python("a_refused_token_request_says_what_to_do") else {
-        return;
-    };
-    let key = generate_key(&python);
+    let key = gcp_key::generate();
     let respond: Responder = Arc::new(|_, _: &Received| {
         (
             400,
@@ -240,10 +192,7 @@ async fn a_refused_token_request_says_what_to_do() {
 
 #[tokio::test]
 async fn whoami_names_the_service_account_and_its_project() {
-    let Some(python) = python("whoami_names_the_service_account_and_its_project") else {
-        return;
-    };
-    let key = generate_key(&python);
+    let key = gcp_key::generate();
     let endpoint = token_endpoint().await;
     let dir = tempfile::tempdir().unwrap();
     let key_file = write_key_file(dir.path(), &key, &format!("{}/token", endpoint.url));
@@ -280,10 +229,7 @@ async fn google_application_credentials_is_honoured() {
         assert_eq!(gcp(&update).principal_email, EMAIL);
         return;
     }
-    let Some(python) = python(TEST) else {
-        return;
-    };
-    let key = generate_key(&python);
+    let key = gcp_key::generate();
     let endpoint = token_endpoint().await;
     let dir = tempfile::tempdir().unwrap();
     let key_file = write_key_file(dir.path(), &key, &format!("{}/token", endpoint.url));

@@ -35,21 +35,6 @@ print("token=" + credentials.token)
 print("CLOUDSDK_AUTH_ACCESS_TOKEN=" + os.environ.get("CLOUDSDK_AUTH_ACCESS_TOKEN", "<unset>"))
 "#;
 
-/// A PKCS#8 RSA key in PEM, generated with the venv's `cryptography`.
-async fn generate_key(python: &Path) -> String {
-    let script = "\
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives import serialization as s
-k = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-print(k.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()).decode(), end='')
-";
-    let mut command = clean_command(python);
-    command.args(["-c", script]);
-    let mut process = Process::spawn("generate an RSA key", command);
-    assert!(process.exit().await.success(), "{}", process.output());
-    process.stdout() + "\n"
-}
-
 /// An OAuth2 token endpoint on 127.0.0.1:0 that answers every POST with a
 /// new token (`ya29.e2e-1`, `ya29.e2e-2`, …) valid for an hour.
 async fn token_endpoint() -> FakeHttp {
@@ -114,7 +99,7 @@ async fn google_auth_default_on_a_worker_gets_the_token_the_client_published() {
     let endpoint = token_endpoint().await;
     let key = key_file(
         dir.path(),
-        &generate_key(&python).await,
+        &credstream_tests::gcp_key::generate().pem,
         &format!("{}/token", endpoint.url),
     );
     let script = write_file(dir.path(), "adc.py", ADC_SCRIPT);
