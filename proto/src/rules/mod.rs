@@ -4,7 +4,8 @@
 //! - [`env`] — private env limits and the variable name rule;
 //! - [`backoff`] — exponential backoff with jitter;
 //! - [`retry`] — which gRPC codes end a stream for good and which are
-//!   retried.
+//!   retried;
+//! - [`token`] — a token from a flag or a file.
 //!
 //! Each side words its own errors (the broker as gRPC statuses, the client
 //! for a person at a terminal); the limits and predicates are these.
@@ -12,3 +13,4 @@
 pub mod backoff;
 pub mod env;
 pub mod retry;
+pub mod token;
