@@ -1,5 +1,7 @@
 //! `credstream`: the user side of credstream.
 //!
+//! - [`connect_failure`] — why a connection to the broker failed, by the
+//!   types in the error's source chain.
 //! - [`env`] — the private environment (`--env KEY=VALUE`, `--env-file F`),
 //!   parsed and validated before it is sent.
 //! - [`mint`] — one [`mint::Minter`] per credential kind.
@@ -10,6 +12,7 @@
 //! - [`whoami`] — which AWS identity and GCP principal would be forwarded.
 #![warn(missing_docs)]
 
+pub mod connect_failure;
 pub mod env;
 pub mod mint;
 pub mod seal;

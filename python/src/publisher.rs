@@ -1095,7 +1095,11 @@ mod tests {
             (
                 broker::transport_error(
                     &https,
-                    &std::io::Error::other("invalid peer certificate: UnknownIssuer"),
+                    // What a mutual-TLS broker's alert is once h2 hands it on.
+                    &std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "received fatal alert: CertificateRequired",
+                    ),
                 ),
                 ErrorKind::Tls,
             ),

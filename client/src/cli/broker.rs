@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow, bail};
+use credstream_client::connect_failure::{CertificateProblem, ConnectFailure, classify};
 use credstream_proto::connect::{BrokerAddress, CallCredentials, ClientIdentity};
 use credstream_proto::v1::admin_service_client::AdminServiceClient;
 use credstream_proto::v1::{ClusterStatus, GetClusterRequest};
@@ -120,70 +121,59 @@ pub fn status_error(address: &BrokerAddress, status: &tonic::Status) -> anyhow::
     }
 }
 
-/// The fix for a connection that could not be made.
+/// The fix for a connection that could not be made. The cause is read
+/// from the types in `error`'s `source()` chain
+/// ([`credstream_client::connect_failure`]), never from its text; the text
+/// is quoted in the message.
 pub fn transport_error(
     address: &BrokerAddress,
     error: &(dyn std::error::Error + 'static),
 ) -> anyhow::Error {
     let chain = error_chain(error);
     let url = &address.url;
-    let lower = chain.to_ascii_lowercase();
     let https = url.starts_with("https://");
-    let tls_words = [
-        "certificate",
-        "tls",
-        "handshake",
-        "corrupt message",
-        "peer sent",
-        "unknownissuer",
-    ];
-    if https && lower.contains("invalidcontenttype") {
-        anyhow!(
+    let tls_failed =
+        |fix: &str| anyhow!("TLS with the broker at {url} failed: {chain}\n  fix: {fix}");
+    const CA_FIX: &str = "if the broker's certificate comes from a private CA, pass that CA with --ca-cert FILE; \
+         check that the host in --broker is a name the certificate is issued for; \
+         a broker without TLS is reached with http:// (loopback only)";
+    match classify(error) {
+        ConnectFailure::NotTls if https => anyhow!(
             "the broker at {url} did not answer with TLS: {chain}\n  \
              fix: check the port in --broker; a broker without TLS (on this machine) is reached with http://"
-        )
-    } else if https
-        && [
-            "certificaterequired",
-            "unknownca",
-            "badcertificate",
-            "certificateunknown",
-        ]
-        .iter()
-        .any(|alert| lower.contains(alert))
-    {
-        // An alert the broker sent: it did not accept this client.
-        anyhow!(
+        ),
+        // The broker did not accept this client.
+        ConnectFailure::ClientCertificateRefused if https => anyhow!(
             "the broker at {url} refused this client's TLS certificate: {chain}\n  \
              fix: the broker requires mutual TLS; pass --tls-client-cert FILE and --tls-client-key FILE \
              with a certificate signed by the CA the broker trusts (its --client-ca)"
-        )
-    } else if https && tls_words.iter().any(|word| lower.contains(word)) {
-        anyhow!(
-            "TLS with the broker at {url} failed: {chain}\n  \
-             fix: if the broker's certificate comes from a private CA, pass that CA with --ca-cert FILE; \
-             check that the host in --broker is a name the certificate is issued for; \
-             a broker without TLS is reached with http:// (loopback only)"
-        )
-    } else if !https && (lower.contains("frame") || lower.contains("protocol")) {
-        anyhow!(
+        ),
+        ConnectFailure::BrokerCertificate(CertificateProblem::WrongName) if https => tls_failed(
+            "use a host in --broker that the broker's certificate is issued for (the names it presents are above), \
+             or reissue the certificate for this name",
+        ),
+        ConnectFailure::BrokerCertificate(CertificateProblem::OutsideValidity) if https => {
+            tls_failed(
+                "the broker's certificate has expired or is not valid yet: renew it, or check this machine's clock",
+            )
+        }
+        ConnectFailure::BrokerCertificate(_) | ConnectFailure::Tls if https => tls_failed(CA_FIX),
+        ConnectFailure::NotHttp2 if !https => anyhow!(
             "the broker at {url} does not speak plaintext gRPC: {chain}\n  \
              fix: if it serves TLS, use https:// in --broker"
-        )
-    } else if https && address.client_identity.is_none() {
+        ),
         // With TLS 1.3 a broker that requires client certificates accepts
         // the handshake and then drops the connection; the client often
-        // sees only a broken pipe, not the alert.
-        anyhow!(
+        // sees only a closed connection, not the alert.
+        _ if https && address.client_identity.is_none() => anyhow!(
             "cannot reach the broker at {url}: {chain}\n  \
              fix: check the host and port in --broker and that credstream-broker is running and reachable from here; \
              if the broker requires mutual TLS, pass --tls-client-cert FILE and --tls-client-key FILE"
-        )
-    } else {
-        anyhow!(
+        ),
+        _ => anyhow!(
             "cannot reach the broker at {url}: {chain}\n  \
              fix: check the host and port in --broker and that credstream-broker is running and reachable from here"
-        )
+        ),
     }
 }
 
