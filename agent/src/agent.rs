@@ -5,7 +5,7 @@
 //! broker address (URL and plaintext rule), the seal key and the store's
 //! gate, the local authorization token and its 0600 token file, the router
 //! bound on loopback, the env file writer; then it spawns the listener, the
-//! [`subscription`](crate::subscription) and the env file writer, every one
+//! [`subscription`] and the env file writer, every one
 //! selecting on one shutdown signal.
 //!
 //! The handle then offers what a front end needs: [`Agent::store`] and
@@ -426,7 +426,7 @@ impl Agent {
     }
 
     /// Runs `command` once the agent is ready and returns its exit code (see
-    /// [`exec`](crate::exec)), then stops. Until the command starts, a
+    /// the [`exec` module](crate::exec)), then stops. Until the command starts, a
     /// failure (a rejected token) ends it with that error: waiting out the
     /// timeout would only hide it. Once the command runs, a failure is
     /// logged and the command keeps being served what the agent holds until
