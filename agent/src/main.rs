@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use credstream_agent::exec::{self, ExecConfig};
 use credstream_agent::{Agent, AgentConfig, SealKeySource, agent, hardening};
@@ -188,16 +188,12 @@ fn agent_token(args: &AgentArgs) -> Result<Zeroizing<String>> {
         return hardening::read_token_fd(fd)
             .with_context(|| format!("cannot read the agent token from descriptor {fd}"));
     }
-    let token = match (&args.token, &args.token_file) {
-        (Some(token), _) => Zeroizing::new(token.trim().to_owned()),
-        (None, Some(file)) => Zeroizing::new(
-            std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read the token file {}", file.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        (None, None) => bail!("give the agent token with --token-file, --token-fd or --token"),
-    };
+    let token = credstream_proto::rules::token::read(
+        args.token.as_deref(),
+        args.token_file.as_deref(),
+        "agent",
+        "--token-file, --token-fd or --token",
+    )?;
     let argv: Vec<OsString> = std::env::args_os().collect();
     if hardening::without_token_arguments(argv.get(2..).unwrap_or_default()).1 {
         tracing::warn!(

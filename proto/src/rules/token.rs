@@ -19,8 +19,8 @@ pub enum TokenSourceError {
         /// The flags that take it.
         flags: &'static str,
     },
-    /// The file could not be read.
-    #[error("cannot read the token file {}: {source}", path.display())]
+    /// The file could not be read (the reason is the error's source).
+    #[error("cannot read the token file {}", path.display())]
     Unreadable {
         /// The file.
         path: PathBuf,
@@ -88,11 +88,12 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
         let gone = read(None, Some(&file), "agent", FLAGS).unwrap_err();
-        assert!(
-            gone.to_string()
-                .starts_with(&format!("cannot read the token file {}: ", file.display())),
-            "{gone}"
+        assert_eq!(
+            gone.to_string(),
+            format!("cannot read the token file {}", file.display())
         );
+        let reason = std::error::Error::source(&gone).expect("the io error");
+        assert!(reason.to_string().contains("No such file"), "{reason}");
         let missing = read(None, None, "publisher", FLAGS).unwrap_err();
         assert_eq!(
             missing.to_string(),
