@@ -257,3 +257,25 @@ async fn exec_requires_a_command() {
     command.arg("--");
     fails_with(command, &["required"]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_token_file_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("agent.token");
+    std::fs::write(&file, " \n").unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_credstream-agent"));
+    command
+        .args(["run", "--broker", "http://127.0.0.1:1", "--cluster", "c1"])
+        .args(["--agent-id", "worker-1", "--token-file"])
+        .arg(&file)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    fails_with(
+        command,
+        &["the token is empty; give the agent token with --token-file, --token-fd or --token"],
+    )
+    .await;
+}
