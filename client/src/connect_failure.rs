@@ -116,9 +116,7 @@ fn rustls_error<'a>(error: &'a (dyn Error + 'static)) -> Option<&'a rustls::Erro
 /// HTTP/2 framing error, then an `InvalidData` I/O error (which only the
 /// TLS layer returns; h2 drops its type), else unreachable.
 pub fn classify(error: &(dyn Error + 'static)) -> ConnectFailure {
-    let chain = || {
-        std::iter::successors(Some(error), |e: &&(dyn Error + 'static)| (*e).source())
-    };
+    let chain = || std::iter::successors(Some(error), |e: &&(dyn Error + 'static)| (*e).source());
     if let Some(tls) = chain().find_map(rustls_error) {
         return from_rustls(tls);
     }
