@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use credstream_client::connect_failure::{CertificateProblem, ConnectFailure, classify};
 use credstream_proto::connect::{BrokerAddress, CallCredentials, ClientIdentity};
 use credstream_proto::v1::admin_service_client::AdminServiceClient;
@@ -35,20 +35,15 @@ impl BrokerOptions {
     /// The checked address: token read, URL parsed, plaintext rule applied,
     /// CA file read.
     pub fn address(&self) -> Result<BrokerAddress> {
-        let token = match (&self.token, &self.token_file) {
-            (Some(token), _) => token.trim().to_owned(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read the token file {}", path.display()))?
-                .trim()
-                .to_owned(),
-            (None, None) => bail!("give the publisher token with --token-file or --token"),
-        };
-        if token.is_empty() {
-            bail!("the token is empty; give the publisher token with --token-file or --token");
-        }
+        let token = credstream_proto::rules::token::read(
+            self.token.as_deref(),
+            self.token_file.as_deref(),
+            "publisher",
+            "--token-file or --token",
+        )?;
         let address = BrokerAddress {
             url: self.url.clone(),
-            token,
+            token: token.as_str().to_owned(),
             cluster_id: self.cluster.clone(),
             ca_cert: self.ca_cert.clone(),
             client_identity: self.client_identity.clone(),
