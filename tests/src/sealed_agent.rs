@@ -70,23 +70,7 @@ impl AgentProcess {
         let env = self.ready_env().await;
         let uri = &env["AWS_CONTAINER_CREDENTIALS_FULL_URI"];
         let token = &env["AWS_CONTAINER_AUTHORIZATION_TOKEN"];
-        let rest = uri.trim_start_matches("http://");
-        let (host, path) = rest.split_once('/').expect("uri has a path");
-        let mut stream = tokio::net::TcpStream::connect(host).await.expect("agent");
-        let request = format!(
-            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.expect("write");
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.expect("read");
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, serde_json::from_str(body).unwrap_or_default())
+        aws_credentials_at(uri, token).await
     }
 
     /// Waits for the agent's refusal of the item at broker `version` and
@@ -160,4 +144,26 @@ pub async fn worker_seal_key(
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
         .expect("chmod the key file");
     (path, key)
+}
+
+/// `GET` of an agent's AWS container credential URI with its authorization
+/// token, as an SDK sends it: status and JSON body.
+pub async fn aws_credentials_at(uri: &str, token: &str) -> (u16, serde_json::Value) {
+    let rest = uri.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').expect("uri has a path");
+    let mut stream = tokio::net::TcpStream::connect(host).await.expect("agent");
+    let request = format!(
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.expect("read");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, serde_json::from_str(body).unwrap_or_default())
 }

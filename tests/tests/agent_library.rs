@@ -14,8 +14,8 @@ use credstream_proto::v1::CredentialKind;
 use credstream_tests::broker::WAIT;
 use credstream_tests::minter::CountingMinter;
 use credstream_tests::processes::BrokerProcess;
+use credstream_tests::sealed_agent::aws_credentials_at;
 use credstream_tests::wait::eventually;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn publisher(broker: &BrokerProcess) -> PublishSession {
@@ -44,30 +44,6 @@ fn read_env_file(path: &Path) -> Option<BTreeMap<String, String>> {
     Some(vars)
 }
 
-/// `GET` of the AWS container credential URI with its token, as the SDKs
-/// send it; the status and the JSON body.
-async fn aws_credentials(uri: &str, token: &str) -> (u16, serde_json::Value) {
-    let rest = uri.trim_start_matches("http://");
-    let (host, path) = rest.split_once('/').expect("the uri has a path");
-    let mut stream = TcpStream::connect(host)
-        .await
-        .expect("connect to the agent");
-    let request = format!(
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, serde_json::from_str(body).unwrap_or_default())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_serves_what_the_publisher_published_until_its_shutdown_future_resolves() {
     let broker = BrokerProcess::start_dev().await;
@@ -93,7 +69,7 @@ async fn run_serves_what_the_publisher_published_until_its_shutdown_future_resol
     .await;
     let uri = &vars["AWS_CONTAINER_CREDENTIALS_FULL_URI"];
     let token_file = Path::new(&vars["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]).to_owned();
-    let (status, body) = aws_credentials(uri, &vars["AWS_CONTAINER_AUTHORIZATION_TOKEN"]).await;
+    let (status, body) = aws_credentials_at(uri, &vars["AWS_CONTAINER_AUTHORIZATION_TOKEN"]).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["AccessKeyId"], "ASIAmint1", "{body}");
     assert!(token_file.is_file(), "{}", token_file.display());
