@@ -11,6 +11,8 @@
 //! - [`codec`] — the stubs' codec: undecodable messages are
 //!   `INVALID_ARGUMENT`, not `INTERNAL`.
 //! - [`convert`] — small helpers between the generated types and `SystemTime`.
+//! - [`kind`] — [`kind::PerKind`], one value per credential kind, so that
+//!   code looks a kind up instead of matching on it.
 //! - [`rules`] — what the publisher, the broker and the agent must apply
 //!   alike: env limits and names, backoff, which codes are retried.
 //! - `seal` (feature `seal`) — sealed delivery: the one implementation of the
@@ -20,6 +22,7 @@
 pub mod codec;
 pub mod connect;
 pub mod convert;
+pub mod kind;
 pub mod rules;
 #[cfg(feature = "seal")]
 pub mod seal;
