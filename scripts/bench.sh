@@ -9,6 +9,10 @@
 #   scripts/bench.sh --seal               # sealing off against on (issue 16):
 #                                         # credstream alone at N=10,000, about
 #                                         # 7 minutes (--seal-modes off,on: 4)
+#   scripts/bench.sh --storm-only --storm 2000
+#                                         # only the reconnect storms (plaintext,
+#                                         # then TLS) at N=2,000: no fan-out, no
+#                                         # other system; report-storm.json
 #   scripts/bench.sh --agents 100,1000    # any credstream-bench flag
 #
 # With --seal the run is only the sealing comparison (no other system, no
@@ -39,15 +43,19 @@ cd "$ROOT"
 section() { printf '\n==> %s\n' "$*" >&2; }
 
 SEAL=0
+STORM_ONLY=0
 for arg in "$@"; do
   if [[ "$arg" == "--seal" ]]; then SEAL=1; fi
+  if [[ "$arg" == "--storm-only" ]]; then STORM_ONLY=1; fi
 done
+# The sealing comparison and the storms alone run credstream alone: no
+# peers to install.
+ALONE=$((SEAL || STORM_ONLY))
 
 missing=()
-# The sealing comparison runs credstream alone: no peers to install.
-((SEAL)) || command -v etcd >/dev/null || missing+=(etcd-server)
-((SEAL)) || command -v nats-server >/dev/null || missing+=(nats-server)
-((SEAL)) || command -v redis-server >/dev/null || missing+=(redis-server)
+((ALONE)) || command -v etcd >/dev/null || missing+=(etcd-server)
+((ALONE)) || command -v nats-server >/dev/null || missing+=(nats-server)
+((ALONE)) || command -v redis-server >/dev/null || missing+=(redis-server)
 if ((${#missing[@]})); then
   section "apt-get install ${missing[*]}"
   SUDO=""
@@ -72,6 +80,7 @@ for arg in "$@"; do
   if [[ "$arg" == "--tls" ]]; then REPORT=target/bench/report-tls.json; fi
 done
 if ((SEAL)); then REPORT=target/bench/report-seal.json; fi
+if ((STORM_ONLY)); then REPORT=target/bench/report-storm.json; fi
 BENCH_PID=""
 cleanup() {
   if [[ -n "$BENCH_PID" ]] && kill -0 "$BENCH_PID" 2>/dev/null; then

@@ -87,6 +87,10 @@ struct Cli {
     /// (default: the largest --agents with --tls, none without; 0 for none).
     #[arg(long, env = "CREDSTREAM_BENCH_STORM")]
     storm: Option<usize>,
+    /// Only the reconnect storms (plaintext then TLS, at --storm or the
+    /// largest --agents): no fan-out, no other system, no agent endpoint.
+    #[arg(long, env = "CREDSTREAM_BENCH_STORM_ONLY")]
+    storm_only: bool,
     /// How long the storms' agents get to converge.
     #[arg(long, env = "CREDSTREAM_BENCH_STORM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     storm_timeout: Duration,
@@ -145,7 +149,11 @@ fn main() -> Result<()> {
         (false, None) => Some(sibling_binary("credstream-agent")).filter(|p| p.exists()),
     };
     let largest = cli.agents.iter().copied().max().unwrap_or_default();
-    let storm = cli.storm.unwrap_or(if cli.tls { largest } else { 0 });
+    let storm = cli.storm.unwrap_or(if cli.tls || cli.storm_only {
+        largest
+    } else {
+        0
+    });
     let config = BenchConfig {
         seal: cli.seal,
         seal_modes: cli.seal_modes,
@@ -153,6 +161,7 @@ fn main() -> Result<()> {
         open_iterations: cli.open_iterations,
         tls: cli.tls,
         storm,
+        storm_only: cli.storm_only,
         storm_timeout: cli.storm_timeout,
         agents: cli.agents,
         publishes: cli.publishes,

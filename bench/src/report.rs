@@ -112,6 +112,9 @@ pub struct StormResult {
     pub streams_opened: u64,
     /// Stream attempts that failed after the restart (each is retried).
     pub failed_attempts: u64,
+    /// Those failures by cause, and what the attempt log says about
+    /// connecting to the new broker.
+    pub failures: StormFailures,
     /// `streams_opened` / (last opened − new broker listening).
     pub handshakes_per_second: f64,
     /// The new broker's CPU (user + system) from its start to convergence.
@@ -129,6 +132,37 @@ pub struct StormResult {
     pub rss_after_bytes: u64,
     /// Why the storm failed, if it did.
     pub error: Option<String>,
+}
+
+/// A reconnect storm's failed attempts by cause (see
+/// [`crate::storm::Cause`]), the time successful attempts took to open
+/// (connect, TLS, HTTP/2, call, snapshot) and when the agents first tried
+/// the new broker; all after the restart, times in seconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StormFailures {
+    /// TCP connect refused.
+    pub refused: u64,
+    /// TCP connect timed out (10 s).
+    pub connect_timeout: u64,
+    /// The broker closed the connection during the TLS (plaintext: HTTP/2)
+    /// handshake.
+    pub handshake_closed: u64,
+    /// The TLS handshake failed with a TLS error.
+    pub handshake_error: u64,
+    /// Connected, then the call failed before its snapshot.
+    pub stream: u64,
+    /// Median time of a successful attempt, from its start to its snapshot.
+    pub open_p50_seconds: Option<f64>,
+    /// Its 99th percentile.
+    pub open_p99_seconds: Option<f64>,
+    /// Its maximum.
+    pub open_max_seconds: Option<f64>,
+    /// When half the agents had made their first attempt after the new
+    /// broker listened (from the restart).
+    pub first_try_median_seconds: Option<f64>,
+    /// When the last agent had: the agents' backoff alone keeps the storm
+    /// from converging sooner.
+    pub first_try_last_seconds: Option<f64>,
 }
 
 /// One fan-out of the sealing comparison ([`crate::sealing`]).
@@ -763,11 +797,14 @@ impl Report {
                 continue;
             }
             let mib = |b: u64| b as f64 / 1048576.0;
+            let seconds = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2} s"));
             let _ = writeln!(
                 out,
                 "reconnect storm, {:<9} {} agents: old broker gone {:.2} s, new listening {:.2} s, publisher back {:.2} s, \
                  half converged {}, all converged {} ({} never); {} streams opened ({} failed attempts), {:.0} handshakes/s; \
-                 new broker CPU {:.2} s (kernel {:.2} s), load process {:.2} s; broker RSS steady {:.1} MiB, peak {:.1} MiB, after {:.1} MiB",
+                 new broker CPU {:.2} s (kernel {:.2} s), load process {:.2} s; broker RSS steady {:.1} MiB, peak {:.1} MiB, after {:.1} MiB\n  \
+                 failed: {} refused, {} connect timeout, {} closed in handshake, {} TLS error, {} stream; \
+                 successful opens took p50 {}, p99 {}, max {}; first try at the new broker: half by {}, all by {}",
                 format!("{},", s.transport),
                 s.agents,
                 s.old_broker_exit_seconds,
@@ -786,6 +823,16 @@ impl Report {
                 mib(s.steady_rss_bytes),
                 mib(s.peak_rss_bytes),
                 mib(s.rss_after_bytes),
+                s.failures.refused,
+                s.failures.connect_timeout,
+                s.failures.handshake_closed,
+                s.failures.handshake_error,
+                s.failures.stream,
+                seconds(s.failures.open_p50_seconds),
+                seconds(s.failures.open_p99_seconds),
+                seconds(s.failures.open_max_seconds),
+                seconds(s.failures.first_try_median_seconds),
+                seconds(s.failures.first_try_last_seconds),
             );
         }
         if let Some(h) = &self.hints {

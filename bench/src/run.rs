@@ -110,6 +110,8 @@ pub struct BenchConfig {
     pub tls: bool,
     /// Agents in the reconnect storms (plaintext, then TLS); 0 for none.
     pub storm: usize,
+    /// Run the reconnect storms alone (no fan-out, no agent endpoint).
+    pub storm_only: bool,
     /// How long the storm's agents get to converge.
     pub storm_timeout: Duration,
     /// Run the sealing comparison (issue 16) instead of the fan-out against
@@ -243,7 +245,12 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         return Ok(report);
     }
 
-    for (step, &n) in config.agents.iter().enumerate() {
+    let fanout_steps = if config.storm_only {
+        &[][..]
+    } else {
+        &config.agents[..]
+    };
+    for (step, &n) in fanout_steps.iter().enumerate() {
         for &peer in &config.peers {
             eprintln!("[bench] {} with {n} agents", peer.label());
             let hint_storm = peer == PeerKind::Credstream && n == largest;
@@ -321,7 +328,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         }
     }
 
-    if config.peers.contains(&PeerKind::Credstream) {
+    if config.peers.contains(&PeerKind::Credstream) && !config.storm_only {
         match &config.agent_bin {
             Some(agent_bin) => {
                 eprintln!("[bench] agent endpoint");

@@ -11,10 +11,16 @@
 //! it waits a random time up to a ceiling that starts at 250 ms and doubles
 //! per failure up to 30 s (full jitter), reset only by a stream that stayed
 //! up 10 s; it never gives up. The agents share this one load process.
+//!
+//! Every attempt is logged (start, end, outcome), so that the report can
+//! say why attempts failed ([`Cause`], told apart by the types in the
+//! error, not its text), how long successful connections took to open,
+//! and when each agent first tried the new broker: the last of those is
+//! what the agents' own backoff allows, whatever the broker does.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -24,7 +30,7 @@ use tokio::task::JoinHandle;
 use crate::peers::grpc::{AgentDialer, GrpcPeer, run_stream};
 use crate::procstat::ProcStats;
 use crate::recorder::Recorder;
-use crate::report::StormResult;
+use crate::report::{StormFailures, StormResult};
 use crate::servers::ServerProcess;
 
 /// `credstream_agent::subscription`'s reconnect backoff, copied: the
@@ -32,6 +38,72 @@ use crate::servers::ServerProcess;
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Why a stream attempt failed, as the agent saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// TCP connect refused: nothing listening (the old broker gone, the
+    /// new one not yet up).
+    Refused,
+    /// TCP connect did not complete within the client's 10 s connect
+    /// timeout (SYNs dropped: a full listen queue). The timeout covers the
+    /// TCP connect only; tonic sets none on the TLS handshake.
+    ConnectTimeout,
+    /// Connected, then the broker closed or reset the connection before
+    /// the TLS handshake (in plaintext: HTTP/2's) completed: its handshake
+    /// deadline, an eviction at the connection cap, or a broker going away.
+    HandshakeClosed,
+    /// The TLS handshake failed with a TLS error (an alert, a certificate).
+    HandshakeError,
+    /// The connection was up, then the Subscribe call failed or ended
+    /// before its snapshot (UNAVAILABLE from a draining broker, a reset, no
+    /// snapshot in time).
+    Stream,
+}
+
+/// The cause of `error`, an [`AgentDialer::open`] failure: a
+/// `tonic::transport::Error` is a failure to connect (TCP, TLS, HTTP/2),
+/// told apart by the `io::Error` kinds and `rustls::Error` in its source
+/// chain; anything else happened once connected.
+pub fn cause(error: &anyhow::Error) -> Cause {
+    let Some(transport) = error.downcast_ref::<tonic::transport::Error>() else {
+        return Cause::Stream;
+    };
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(transport);
+    let mut io_kind = None;
+    while let Some(error) = source {
+        if error.is::<tokio_rustls::rustls::Error>() {
+            return Cause::HandshakeError;
+        }
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            // tokio-rustls reports a TLS error as an io::Error whose inner
+            // error is the rustls::Error.
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>())
+            {
+                return Cause::HandshakeError;
+            }
+            io_kind.get_or_insert(io.kind());
+        }
+        source = error.source();
+    }
+    match io_kind {
+        Some(std::io::ErrorKind::ConnectionRefused) => Cause::Refused,
+        Some(std::io::ErrorKind::TimedOut) => Cause::ConnectTimeout,
+        _ => Cause::HandshakeClosed,
+    }
+}
+
+/// One stream attempt: ns since [`Counters::base`] at its start and end,
+/// and how it ended (`None`: it delivered its snapshot).
+#[derive(Clone, Copy, Debug)]
+struct Attempt {
+    agent: usize,
+    start_ns: u64,
+    end_ns: u64,
+    failed: Option<Cause>,
+}
 
 /// What the agents did, across the run.
 #[derive(Debug)]
@@ -43,14 +115,82 @@ struct Counters {
     opened: AtomicU64,
     /// When the last one did, in ns since `base`.
     last_open_ns: AtomicU64,
+    /// Every attempt, in the order they ended.
+    attempts: Mutex<Vec<Attempt>>,
 }
 
 impl Counters {
-    fn opened_now(&self) {
-        self.opened.fetch_add(1, Ordering::AcqRel);
-        self.last_open_ns
-            .fetch_max(self.base.elapsed().as_nanos() as u64, Ordering::AcqRel);
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
     }
+
+    fn ended(&self, agent: usize, start_ns: u64, failed: Option<Cause>) {
+        let end_ns = self.now_ns();
+        match failed {
+            None => {
+                self.opened.fetch_add(1, Ordering::AcqRel);
+                self.last_open_ns.fetch_max(end_ns, Ordering::AcqRel);
+            }
+            Some(_) => {
+                self.failed.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Attempt {
+                agent,
+                start_ns,
+                end_ns,
+                failed,
+            });
+    }
+}
+
+/// The seconds at fraction `q` of sorted `ns` (`None` if empty).
+fn quantile_seconds(sorted_ns: &[u64], q: f64) -> Option<f64> {
+    let last = sorted_ns.len().checked_sub(1)?;
+    let at = ((last as f64) * q).round() as usize;
+    Some(sorted_ns[at.min(last)] as f64 / 1e9)
+}
+
+/// What the attempt log says about the storm: attempts that ended after
+/// `restart_ns` by cause, how long the successful ones took, and when each
+/// agent first tried once the new broker was listening (`listening_ns`).
+fn failures(
+    attempts: &[Attempt],
+    agents: usize,
+    restart_ns: u64,
+    listening_ns: u64,
+) -> StormFailures {
+    let mut out = StormFailures::default();
+    let mut open_ns = Vec::new();
+    let mut first_try: Vec<Option<u64>> = vec![None; agents];
+    for attempt in attempts.iter().filter(|a| a.end_ns >= restart_ns) {
+        match attempt.failed {
+            None => open_ns.push(attempt.end_ns - attempt.start_ns),
+            Some(Cause::Refused) => out.refused += 1,
+            Some(Cause::ConnectTimeout) => out.connect_timeout += 1,
+            Some(Cause::HandshakeClosed) => out.handshake_closed += 1,
+            Some(Cause::HandshakeError) => out.handshake_error += 1,
+            Some(Cause::Stream) => out.stream += 1,
+        }
+        if attempt.start_ns >= listening_ns
+            && let Some(first) = first_try.get_mut(attempt.agent)
+        {
+            let since = attempt.start_ns - restart_ns;
+            *first = Some(first.map_or(since, |f: u64| f.min(since)));
+        }
+    }
+    open_ns.sort_unstable();
+    out.open_p50_seconds = quantile_seconds(&open_ns, 0.5);
+    out.open_p99_seconds = quantile_seconds(&open_ns, 0.99);
+    out.open_max_seconds = open_ns.last().map(|ns| *ns as f64 / 1e9);
+    let mut first: Vec<u64> = first_try.into_iter().flatten().collect();
+    first.sort_unstable();
+    out.first_try_median_seconds = quantile_seconds(&first, 0.5);
+    out.first_try_last_seconds = first.last().map(|ns| *ns as f64 / 1e9);
+    out
 }
 
 /// One reconnecting agent: opens its stream (the first time under
@@ -72,21 +212,20 @@ async fn agent(
             None
         };
         first = false;
+        let start_ns = counters.now_ns();
         let opened = dialer.open(index).await;
         drop(permit);
         let mut snapshot_at = None;
         match opened {
             Ok(open) => {
-                counters.opened_now();
+                counters.ended(index, start_ns, None);
                 for round in &open.snapshot_rounds {
                     recorder.record(index, *round);
                 }
                 snapshot_at = Some(Instant::now());
                 run_stream(index, open, recorder.clone()).await;
             }
-            Err(_) => {
-                counters.failed.fetch_add(1, Ordering::AcqRel);
-            }
+            Err(error) => counters.ended(index, start_ns, Some(cause(&error))),
         }
         if snapshot_at.is_some_and(|at| at.elapsed() >= STABLE_AFTER) {
             failures = 0;
@@ -174,6 +313,7 @@ where
         failed: AtomicU64::new(0),
         opened: AtomicU64::new(0),
         last_open_ns: AtomicU64::new(0),
+        attempts: Mutex::new(Vec::new()),
     });
     let initial = Arc::new(Semaphore::new(setup.connect_concurrency.max(1)));
     let t0 = recorder.begin(1);
@@ -223,6 +363,12 @@ where
     let failed = counters.failed.load(Ordering::Acquire) - failed_before;
     let last_open = Duration::from_nanos(counters.last_open_ns.load(Ordering::Acquire));
     let restart_since_base = restart.duration_since(counters.base);
+    let failures = failures(
+        &counters.attempts.lock().unwrap_or_else(|e| e.into_inner()),
+        n,
+        restart_since_base.as_nanos() as u64,
+        (restart_since_base + listening).as_nanos() as u64,
+    );
     let accepting_for = last_open
         .saturating_sub(restart_since_base)
         .saturating_sub(listening);
@@ -251,6 +397,7 @@ where
         not_converged: result.lost,
         streams_opened: opened,
         failed_attempts: failed,
+        failures,
         handshakes_per_second: if accepting_for.is_zero() {
             0.0
         } else {
@@ -264,4 +411,114 @@ where
         rss_after_bytes: after.rss_bytes,
         error: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use credstream_proto::connect::BrokerAddress;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::tls::TlsMaterial;
+
+    fn dialer(url: String, ca: Option<PathBuf>) -> AgentDialer {
+        AgentDialer::new(&BrokerAddress {
+            url,
+            token: "t".into(),
+            cluster_id: "c".into(),
+            ca_cert: ca,
+            client_identity: None,
+            insecure: false,
+        })
+        .unwrap()
+    }
+
+    fn ca() -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("credstream-storm-test-{}", std::process::id()));
+        TlsMaterial::generate(&dir).unwrap().ca
+    }
+
+    /// A listener that reads what the client sends first, then `answer`s
+    /// (or closes when `answer` is empty).
+    async fn server(answer: &'static [u8]) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut hello = [0u8; 64];
+                let _ = socket.read(&mut hello).await;
+                let _ = socket.write_all(answer).await;
+                drop(socket);
+            }
+        });
+        format!("https://{addr}")
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let error = dialer(format!("http://{addr}"), None)
+            .open(0)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(cause(&error), Cause::Refused, "{error:#}");
+    }
+
+    #[tokio::test]
+    async fn a_close_during_the_tls_handshake_is_told_from_a_tls_error() {
+        let ca = ca();
+        let closed = server(b"").await;
+        let error = dialer(closed, Some(ca.clone()))
+            .open(0)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(cause(&error), Cause::HandshakeClosed, "{error:#}");
+
+        // Not a TLS record: rustls fails the handshake itself.
+        let garbage = server(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        let error = dialer(garbage, Some(ca)).open(0).await.err().unwrap();
+        assert_eq!(cause(&error), Cause::HandshakeError, "{error:#}");
+    }
+
+    #[test]
+    fn attempts_are_counted_by_cause_after_the_restart_only() {
+        let s = 1_000_000_000;
+        let attempt = |agent, start_ns, end_ns, failed| Attempt {
+            agent,
+            start_ns,
+            end_ns,
+            failed,
+        };
+        let log = [
+            // Before the restart (at 10 s): not counted.
+            attempt(0, 0, s, Some(Cause::Stream)),
+            attempt(0, 10 * s, 11 * s, Some(Cause::Refused)),
+            attempt(1, 10 * s, 12 * s, Some(Cause::Refused)),
+            // The new broker listens at 12 s.
+            attempt(0, 13 * s, 14 * s, Some(Cause::HandshakeClosed)),
+            attempt(0, 15 * s, 15 * s + s / 2, None),
+            attempt(1, 17 * s, 18 * s, None),
+        ];
+        let f = failures(&log, 2, 10 * s, 12 * s);
+        assert_eq!(
+            (
+                f.refused,
+                f.handshake_closed,
+                f.stream,
+                f.handshake_error,
+                f.connect_timeout
+            ),
+            (2, 1, 0, 0, 0)
+        );
+        assert_eq!(f.open_max_seconds, Some(1.0));
+        assert_eq!(f.open_p50_seconds, Some(1.0));
+        // Agent 0 first tried the new broker 3 s after the restart, agent 1 7 s.
+        assert_eq!(f.first_try_last_seconds, Some(7.0));
+    }
 }
