@@ -9,7 +9,7 @@
 //! sealing turned into the keyword arguments: `seal=False`,
 //! `seal_key_file=`).
 //!
-//! Sealing is the CLI's: [`crate::seal_key::for_publish`] finds the
+//! Sealing is the CLI's: [`seal_key::for_publish`] finds the
 //! cluster's key (creating it on first use, in the same place `credstream
 //! publish` and `credstream seal-key` use) and the session seals every
 //! credential and env change with it. [`cluster_seal_key`] is the same
@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use credstream_client::broker::{self, BrokerOptions};
+use credstream_client::identity::{self, AwsAudit, IdentityOptions};
+use credstream_client::seal_key;
 use credstream_client::session::{PublishSession, SessionError, SessionEvent};
 use credstream_proto::connect::{BrokerAddress, ClientIdentity};
 use credstream_proto::convert::system_time;
@@ -28,10 +31,6 @@ use credstream_proto::v1::{ClusterStatus, CredentialKind, EnvVar};
 use tokio::runtime::Runtime;
 use tokio::sync::broadcast::error::RecvError;
 use zeroize::Zeroizing;
-
-use crate::broker::{self, BrokerOptions};
-use crate::identity::{self, AwsAudit, IdentityOptions};
-use crate::seal_key;
 
 /// How long `close` waits for the broker to confirm a revocation (as the CLI).
 const REVOKE_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
@@ -86,9 +85,9 @@ impl PublisherError {
         }
     }
 
-    /// Classifies one of the CLI's messages (`cli/broker.rs` and the
-    /// identity checks) by the words it starts with: those functions are
-    /// the one place the fixes are written, and they return text.
+    /// Classifies one of the CLI's messages ([`broker::BrokerError`], with
+    /// its sources) by the words it starts with: the library is the one
+    /// place the fixes are written.
     fn from_cli(error: &anyhow::Error) -> Self {
         let message = format!("{error:#}");
         let kind = classify(&message);
@@ -338,9 +337,9 @@ pub fn cluster_seal_key(
     cluster: &str,
     file: Option<&Path>,
 ) -> Result<ClusterSealKey, PublisherError> {
-    let key_file = seal_key::key_path(cluster, file).map_err(|e| seal_key_error(&e))?;
+    let key_file = seal_key::key_path(cluster, file).map_err(|e| seal_key_error(&e.into()))?;
     let (key, _) = seal_key::for_publish(cluster, Some(&key_file), false)
-        .map_err(|e| seal_key_error(&e))?
+        .map_err(|e| seal_key_error(&e.into()))?
         .ok_or_else(|| PublisherError::new(ErrorKind::Other, "no seal key"))?;
     Ok(ClusterSealKey {
         line: key.encode(),
@@ -415,7 +414,7 @@ impl Publisher {
         };
         let address = broker_options
             .address()
-            .map_err(|e| PublisherError::from_cli(&e))?;
+            .map_err(|e| PublisherError::from_cli(&e.into()))?;
         let assignments: Vec<EnvVar> = options
             .env
             .iter()
@@ -475,7 +474,7 @@ impl Publisher {
                 options.seal_key_file.as_deref(),
                 options.no_seal,
             )
-            .map_err(|e| seal_key_error(&e))?
+            .map_err(|e| seal_key_error(&e.into()))?
             {
                 Some((key, line)) => {
                     let info = SealInfo {
@@ -486,7 +485,7 @@ impl Publisher {
                                 &address.cluster_id,
                                 options.seal_key_file.as_deref(),
                             )
-                            .map_err(|e| seal_key_error(&e))?,
+                            .map_err(|e| seal_key_error(&e.into()))?,
                         ),
                     };
                     builder = builder.seal(key);
@@ -668,10 +667,10 @@ impl Publisher {
     async fn cluster(&self) -> Result<Option<ClusterStatus>, PublisherError> {
         let mut admin = broker::connect_admin(&self.address)
             .await
-            .map_err(|e| PublisherError::from_cli(&e))?;
+            .map_err(|e| PublisherError::from_cli(&e.into()))?;
         broker::get_cluster(&mut admin, &self.address)
             .await
-            .map_err(|e| PublisherError::from_cli(&e))
+            .map_err(|e| PublisherError::from_cli(&e.into()))
     }
 
     /// Waits until the broker's private env version is above `above`.
@@ -952,10 +951,10 @@ fn closed() -> PublisherError {
 async fn preflight(address: &BrokerAddress) -> Result<Option<ClusterStatus>, PublisherError> {
     let mut admin = broker::connect_admin(address)
         .await
-        .map_err(|e| PublisherError::from_cli(&e))?;
+        .map_err(|e| PublisherError::from_cli(&e.into()))?;
     broker::get_cluster(&mut admin, address)
         .await
-        .map_err(|e| PublisherError::from_cli(&e))
+        .map_err(|e| PublisherError::from_cli(&e.into()))
 }
 
 /// Whether the broker holds the cluster sealed: `Some(true)` when every
@@ -998,14 +997,12 @@ fn initial_env_above(
 /// A session error with the fix spelled out, as `credstream publish` says it.
 fn session_error(address: &BrokerAddress, error: SessionError) -> PublisherError {
     match error {
-        SessionError::Unauthenticated(message) => PublisherError::from_cli(&broker::status_error(
-            address,
-            &tonic::Status::unauthenticated(message),
-        )),
-        SessionError::PermissionDenied(message) => PublisherError::from_cli(&broker::status_error(
-            address,
-            &tonic::Status::permission_denied(message),
-        )),
+        SessionError::Unauthenticated(message) => PublisherError::from_cli(
+            &broker::status_error(address, &tonic::Status::unauthenticated(message)).into(),
+        ),
+        SessionError::PermissionDenied(message) => PublisherError::from_cli(
+            &broker::status_error(address, &tonic::Status::permission_denied(message)).into(),
+        ),
         SessionError::TakenOver(message) => PublisherError::new(
             ErrorKind::TakenOver,
             format!(
@@ -1112,7 +1109,7 @@ mod tests {
             ),
         ];
         for (error, kind) in cases {
-            let mapped = PublisherError::from_cli(&error);
+            let mapped = PublisherError::from_cli(&error.into());
             assert_eq!(mapped.kind, kind, "{}", mapped.message);
             assert!(
                 mapped.message.contains("fix:"),
@@ -1133,7 +1130,7 @@ mod tests {
             client_identity: None,
             insecure: false,
         };
-        let error = PublisherError::from_cli(&plaintext.address().unwrap_err());
+        let error = PublisherError::from_cli(&plaintext.address().unwrap_err().into());
         assert_eq!(error.kind, ErrorKind::Tls, "{}", error.message);
         let missing = BrokerOptions {
             url: "http://127.0.0.1:50051".into(),
@@ -1141,7 +1138,7 @@ mod tests {
             token_file: Some("/nonexistent/credstream-token".into()),
             ..plaintext
         };
-        let error = PublisherError::from_cli(&missing.address().unwrap_err());
+        let error = PublisherError::from_cli(&missing.address().unwrap_err().into());
         assert_eq!(error.kind, ErrorKind::Config, "{}", error.message);
         assert!(error.message.contains("/nonexistent/credstream-token"));
     }

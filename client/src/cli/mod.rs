@@ -1,10 +1,12 @@
 //! The `credstream` subcommands.
 //!
-//! - [`broker`]: the broker address from flags, connecting, and error
-//!   messages that name the fix (token, reachability, TLS).
-//! - [`identity`]: the minters from flags, and `whoami`.
+//! - [`broker`]: the library's broker connection
+//!   ([`credstream_client::broker`]), its errors as the command's.
+//! - [`identity`]: `whoami`; the minters from flags are
+//!   [`credstream_client::identity`]'s.
 //! - [`publish`]: `credstream publish`, the long-running publisher.
-//! - [`seal_key`]: `credstream seal-key`, and the key `publish` seals with.
+//! - [`seal_key`]: `credstream seal-key`; the key `publish` seals with is
+//!   [`credstream_client::seal_key`]'s.
 //! - [`status`]: `credstream status`, `AdminService.GetCluster` for people.
 //! - [`output`]: event lines, the live agent count on a terminal, times.
 //! - [`access`]: "workers keep access until …" and the warning before it.
