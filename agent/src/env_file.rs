@@ -235,9 +235,10 @@ impl EnvFile {
 /// How long until the earliest held credential that is still live expires:
 /// the content changes then even though no message arrives.
 fn next_expiry(state: &AgentState, now: SystemTime) -> Option<Duration> {
-    [state.aws.as_ref(), state.gcp.as_ref()]
-        .into_iter()
-        .flatten()
+    state
+        .credentials
+        .iter()
+        .filter_map(|(_, held)| held.as_ref())
         .filter_map(|c| c.expiry())
         .filter_map(|expiry| expiry.duration_since(now).ok())
         .filter(|left| !left.is_zero())

@@ -239,7 +239,7 @@ mod tests {
 
     use credstream_proto::convert::timestamp;
     use credstream_proto::v1::credential_update::Credential;
-    use credstream_proto::v1::{AwsCredential, ClusterSnapshot};
+    use credstream_proto::v1::{AwsCredential, ClusterSnapshot, CredentialKind};
 
     use super::*;
     use crate::store::CredentialStore;
@@ -266,8 +266,7 @@ mod tests {
     fn secret_held(store: &CredentialStore) -> String {
         match store
             .current()
-            .aws
-            .as_ref()
+            .held(CredentialKind::Aws)
             .and_then(|u| u.credential.clone())
         {
             Some(Credential::Aws(aws)) => aws.secret_access_key.clone(),
@@ -309,7 +308,7 @@ mod tests {
         let store = CredentialStore::new();
         let sealed = seal::seal_credential(&key, &minted("s"), 10).unwrap();
         assert!(!store.apply(relayed(sealed, 1)));
-        assert!(store.current().aws.is_none());
+        assert!(store.current().held(CredentialKind::Aws).is_none());
         assert!(
             store
                 .gate()

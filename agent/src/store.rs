@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use credstream_proto::kind::PerKind;
 use credstream_proto::v1::{
     ClusterInfo, ClusterSnapshot, CredentialKind, CredentialUpdate, PrivateEnv, Revocation,
     subscribe_response,
@@ -26,10 +27,9 @@ use crate::served::{Served, ServedTally};
 pub struct AgentState {
     /// What the publisher declared, once known.
     pub info: Option<ClusterInfo>,
-    /// The latest AWS credential (possibly expired; see [`AgentState::live`]).
-    pub aws: Option<Arc<CredentialUpdate>>,
-    /// The latest GCP credential (possibly expired).
-    pub gcp: Option<Arc<CredentialUpdate>>,
+    /// The latest credential of each kind (possibly expired; see
+    /// [`AgentState::live`]).
+    pub credentials: PerKind<Option<Arc<CredentialUpdate>>>,
     /// The whole private environment, once received.
     pub env: Option<Arc<PrivateEnv>>,
     /// The highest cluster version applied (what the agent acknowledges).
@@ -43,8 +43,7 @@ pub struct AgentState {
 
 #[derive(Clone, Copy, Debug, Default)]
 struct SlotVersions {
-    aws: u64,
-    gcp: u64,
+    credentials: PerKind<u64>,
     env: u64,
     info: u64,
 }
@@ -73,29 +72,26 @@ impl AgentState {
     /// The version of each item local requests are served (0: none held).
     fn served_versions(&self) -> [(Served, u64); 3] {
         [
-            (Served::Aws, self.aws.as_ref().map_or(0, |c| c.version)),
-            (Served::Gcp, self.gcp.as_ref().map_or(0, |c| c.version)),
+            (Served::Aws, self.held_version(CredentialKind::Aws)),
+            (Served::Gcp, self.held_version(CredentialKind::Gcp)),
             (Served::Env, self.env.as_ref().map_or(0, |e| e.version)),
         ]
     }
 
+    /// The latest credential of `kind`, expired or not.
+    pub fn held(&self, kind: CredentialKind) -> Option<&Arc<CredentialUpdate>> {
+        self.credentials.get(kind)?.as_ref()
+    }
+
     /// The credential of `kind` if it is unexpired at `now`.
     pub fn live(&self, kind: CredentialKind, now: SystemTime) -> Option<&Arc<CredentialUpdate>> {
-        let held = match kind {
-            CredentialKind::Aws => self.aws.as_ref(),
-            CredentialKind::Gcp => self.gcp.as_ref(),
-            CredentialKind::Unspecified => None,
-        }?;
+        let held = self.held(kind)?;
         held.expiry().filter(|expiry| *expiry > now).map(|_| held)
     }
 
     /// The version held for a credential kind (0 if none or revoked).
     pub fn held_version(&self, kind: CredentialKind) -> u64 {
-        match kind {
-            CredentialKind::Aws => self.aws.as_ref().map_or(0, |c| c.version),
-            CredentialKind::Gcp => self.gcp.as_ref().map_or(0, |c| c.version),
-            CredentialKind::Unspecified => 0,
-        }
+        self.held(kind).map_or(0, |c| c.version)
     }
 
     /// Ready means: an unexpired credential of every declared kind, and the
@@ -110,12 +106,10 @@ impl AgentState {
         };
         for kind in info.kinds() {
             if self.live(kind, now).is_none() {
-                let held = match kind {
-                    CredentialKind::Aws => self.aws.is_some(),
-                    CredentialKind::Gcp => self.gcp.is_some(),
-                    CredentialKind::Unspecified => continue,
-                };
-                return Err(if held {
+                if kind == CredentialKind::Unspecified {
+                    continue;
+                }
+                return Err(if self.held(kind).is_some() {
                     NotReady::Expired(kind.label())
                 } else {
                     NotReady::Missing(kind.label())
@@ -259,10 +253,12 @@ fn apply_info(state: &mut AgentState, info: ClusterInfo) -> bool {
 
 fn apply_credential(state: &mut AgentState, update: CredentialUpdate) -> bool {
     let version = update.version;
-    let (slot, held_version) = match update.kind() {
-        CredentialKind::Aws => (&mut state.aws, &mut state.slot_versions.aws),
-        CredentialKind::Gcp => (&mut state.gcp, &mut state.slot_versions.gcp),
-        CredentialKind::Unspecified => return false,
+    let kind = update.kind();
+    let (Some(slot), Some(held_version)) = (
+        state.credentials.get_mut(kind),
+        state.slot_versions.credentials.get_mut(kind),
+    ) else {
+        return false;
     };
     if version <= *held_version {
         return false;
@@ -287,10 +283,11 @@ fn apply_revocation(state: &mut AgentState, revocation: Revocation) -> bool {
     let version = revocation.version;
     let mut changed = false;
     for kind in revocation.kinds() {
-        let (slot, held_version) = match kind {
-            CredentialKind::Aws => (&mut state.aws, &mut state.slot_versions.aws),
-            CredentialKind::Gcp => (&mut state.gcp, &mut state.slot_versions.gcp),
-            CredentialKind::Unspecified => continue,
+        let (Some(slot), Some(held_version)) = (
+            state.credentials.get_mut(kind),
+            state.slot_versions.credentials.get_mut(kind),
+        ) else {
+            continue;
         };
         if version > *held_version {
             *held_version = version;

@@ -164,11 +164,9 @@ pub fn hints_due(
     info.kinds()
         .filter(|kind| *kind != CredentialKind::Unspecified)
         .filter(|kind| {
-            let held = match kind {
-                CredentialKind::Aws => state.aws.as_ref(),
-                _ => state.gcp.as_ref(),
+            let Some(held) = state.held(*kind) else {
+                return true;
             };
-            let Some(held) = held else { return true };
             let (Some(expires), issued) =
                 (held.expiry(), held.issued_at.as_ref().and_then(system_time))
             else {

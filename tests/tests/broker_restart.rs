@@ -98,7 +98,7 @@ async fn agents_serve_through_a_broker_crash_and_converge_on_the_republished_sta
         .expect("agents ready")
         .unwrap()
         .clone();
-        before.push(state.aws.as_ref().unwrap().version);
+        before.push(state.credentials.aws.as_ref().unwrap().version);
     }
     assert_eq!(minter.count(), 1);
 
@@ -108,7 +108,7 @@ async fn agents_serve_through_a_broker_crash_and_converge_on_the_republished_sta
     for (store, version) in stores.iter().zip(&before) {
         let state = store.current();
         assert!(state.readiness(SystemTime::now()).is_ok());
-        assert_eq!(state.aws.as_ref().unwrap().version, *version);
+        assert_eq!(state.credentials.aws.as_ref().unwrap().version, *version);
     }
 
     // A new broker on the same address starts empty; the publisher
@@ -117,9 +117,12 @@ async fn agents_serve_through_a_broker_crash_and_converge_on_the_republished_sta
     for (store, version) in stores.iter().zip(&before) {
         let state = tokio::time::timeout(
             WAIT,
-            store
-                .subscribe()
-                .wait_for(|s| s.aws.as_ref().is_some_and(|c| c.version > *version)),
+            store.subscribe().wait_for(|s| {
+                s.credentials
+                    .aws
+                    .as_ref()
+                    .is_some_and(|c| c.version > *version)
+            }),
         )
         .await
         .expect("agent converged on the re-published credential")

@@ -174,10 +174,10 @@ async fn publish_forwards_session_credentials_minted_by_moto_sts_from_long_term_
     // The agent holds session credentials: not the long-term keys.
     let state = agent
         .until("an AWS credential and the private env", |s| {
-            s.aws.is_some() && s.env.is_some()
+            s.credentials.aws.is_some() && s.env.is_some()
         })
         .await;
-    let update = state.aws.clone().unwrap();
+    let update = state.credentials.aws.clone().unwrap();
     let Some(Credential::Aws(aws)) = &update.credential else {
         panic!("not an AWS credential");
     };
@@ -264,7 +264,9 @@ async fn publish_forwards_session_credentials_minted_by_moto_sts_from_long_term_
         publish.output()
     );
     agent
-        .until("the revocation", |s| s.aws.is_none() && s.env.is_none())
+        .until("the revocation", |s| {
+            s.credentials.aws.is_none() && s.env.is_none()
+        })
         .await;
     assert_no_secret("publish", &publish.output(), &secrets);
     agent.stop().await;

@@ -232,7 +232,7 @@ async fn held_aws(store: &CredentialStore) -> (String, u64) {
     let mut state = store.subscribe();
     let held = tokio::time::timeout(credstream_tests::broker::WAIT, async {
         loop {
-            if let Some(update) = state.borrow_and_update().aws.clone()
+            if let Some(update) = state.borrow_and_update().credentials.aws.clone()
                 && let Some(Credential::Aws(aws)) = &update.credential
             {
                 return (aws.access_key_id.clone(), update.version);
@@ -334,7 +334,12 @@ async fn a_credential_sts_refuses_is_never_published_and_agents_keep_the_last_go
     );
     // The agent still holds the good credential.
     let state = agent.subscribe().borrow().clone();
-    let Some(Credential::Aws(aws)) = state.aws.as_ref().and_then(|u| u.credential.clone()) else {
+    let Some(Credential::Aws(aws)) = state
+        .credentials
+        .aws
+        .as_ref()
+        .and_then(|u| u.credential.clone())
+    else {
         panic!("the agent lost its AWS credential");
     };
     assert_eq!(aws.access_key_id, good_key);

@@ -23,12 +23,17 @@ async fn aws_version_above(store: &CredentialStore, after: u64) -> u64 {
     let mut changes = store.subscribe();
     let state = tokio::time::timeout(
         WAIT,
-        changes.wait_for(|s| s.aws.as_ref().is_some_and(|c| c.version > after)),
+        changes.wait_for(|s| {
+            s.credentials
+                .aws
+                .as_ref()
+                .is_some_and(|c| c.version > after)
+        }),
     )
     .await
     .expect("agent converged in time")
     .expect("store alive");
-    state.aws.as_ref().unwrap().version
+    state.credentials.aws.as_ref().unwrap().version
 }
 
 fn spawn_agent(

@@ -67,9 +67,9 @@ async fn no_secret_reaches_logs_debug_or_admin_answers() {
     ));
     let state = tokio::time::timeout(
         WAIT,
-        store
-            .subscribe()
-            .wait_for(|s| s.aws.is_some() && s.gcp.is_some() && s.env.is_some()),
+        store.subscribe().wait_for(|s| {
+            s.credentials.aws.is_some() && s.credentials.gcp.is_some() && s.env.is_some()
+        }),
     )
     .await
     .unwrap()
@@ -124,7 +124,7 @@ async fn no_secret_reaches_logs_debug_or_admin_answers() {
 
     let debug = format!(
         "{state:?} {status:?} {list:?} {:?} {:?}",
-        state.aws, state.env
+        state.credentials.aws, state.env
     );
     let admin_text = format!("{status:?}");
     drop(session);

@@ -163,7 +163,7 @@ async fn clusters_stay_whole_and_move_with_their_shard(kind: ProxyKind, proxy_bi
                 env_of(&state),
                 [("CLUSTER_NAME".to_owned(), cluster.clone())]
             );
-            versions.push(state.aws.as_ref().expect("aws").version);
+            versions.push(state.credentials.aws.as_ref().expect("aws").version);
             let on = homes(&shards, cluster);
             assert_eq!(on.len(), 1, "{cluster} lives on shards {on:?}");
             home.push(on[0]);
@@ -217,7 +217,10 @@ async fn clusters_stay_whole_and_move_with_their_shard(kind: ProxyKind, proxy_bi
             "{cluster}'s agent keeps serving while its shard is gone"
         );
         let state = wait_for_state(&stores[i], &format!("{cluster} on the survivor"), |s| {
-            s.aws.as_ref().is_some_and(|c| c.version > versions[i])
+            s.credentials
+                .aws
+                .as_ref()
+                .is_some_and(|c| c.version > versions[i])
         })
         .await;
         assert!(state.readiness(SystemTime::now()).is_ok());
@@ -237,7 +240,13 @@ async fn clusters_stay_whole_and_move_with_their_shard(kind: ProxyKind, proxy_bi
         }
         assert_eq!(minters[i].count(), 1, "{cluster} was not re-minted");
         assert_eq!(
-            stores[i].current().aws.as_ref().expect("aws").version,
+            stores[i]
+                .current()
+                .credentials
+                .aws
+                .as_ref()
+                .expect("aws")
+                .version,
             versions[i],
             "{cluster}'s agent kept its credential"
         );

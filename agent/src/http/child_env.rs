@@ -84,16 +84,20 @@ impl LocalEndpoints {
                 .as_ref()
                 .is_some_and(|info| info.kinds().any(|k| k == kind))
         };
-        if declared(CredentialKind::Aws) || state.aws.is_some() {
+        if declared(CredentialKind::Aws) || state.held(CredentialKind::Aws).is_some() {
             vars.insert(AWS_FULL_URI.into(), self.aws_credentials_uri());
             if let Some(file) = &self.token_file {
                 vars.insert(AWS_TOKEN_FILE.into(), file.display().to_string());
             }
             vars.insert(AWS_TOKEN.into(), self.token.expose().to_owned());
-            let region = state.aws.as_ref().and_then(|c| match &c.credential {
-                Some(Credential::Aws(aws)) if !aws.region.is_empty() => Some(aws.region.clone()),
-                _ => None,
-            });
+            let region = state
+                .held(CredentialKind::Aws)
+                .and_then(|c| match &c.credential {
+                    Some(Credential::Aws(aws)) if !aws.region.is_empty() => {
+                        Some(aws.region.clone())
+                    }
+                    _ => None,
+                });
             let user_set_region = state
                 .env_vars()
                 .any(|(name, _)| name == "AWS_DEFAULT_REGION" || name == "AWS_REGION");
@@ -102,7 +106,9 @@ impl LocalEndpoints {
                 vars.insert("AWS_REGION".into(), region);
             }
         }
-        if self.gce_metadata && (declared(CredentialKind::Gcp) || state.gcp.is_some()) {
+        if self.gce_metadata
+            && (declared(CredentialKind::Gcp) || state.held(CredentialKind::Gcp).is_some())
+        {
             vars.insert(GCE_HOST.into(), self.gce_metadata_host());
             vars.insert(GCE_IP.into(), self.gce_metadata_host());
         }

@@ -82,16 +82,8 @@ pub enum HttpError {
 impl HttpError {
     /// The 503 for a kind with no live credential, explaining what is held.
     pub fn unavailable(state: &AgentState, kind: CredentialKind, now: SystemTime) -> Self {
-        let name = match kind {
-            CredentialKind::Aws => "AWS",
-            CredentialKind::Gcp => "GCP",
-            CredentialKind::Unspecified => "unspecified",
-        };
-        let held = match kind {
-            CredentialKind::Aws => state.aws.as_ref(),
-            CredentialKind::Gcp => state.gcp.as_ref(),
-            CredentialKind::Unspecified => None,
-        };
+        let name = kind.provider();
+        let held = state.held(kind);
         let declared = state
             .info
             .as_ref()

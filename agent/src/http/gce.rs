@@ -160,7 +160,10 @@ fn token(app: &AppState) -> Result<Response, HttpError> {
 /// no GCP credential was ever received.
 fn held_gcp(app: &AppState) -> Result<Metadata, HttpError> {
     let state = app.store.current();
-    match state.gcp.as_ref().and_then(|c| c.credential.as_ref()) {
+    match state
+        .held(CredentialKind::Gcp)
+        .and_then(|c| c.credential.as_ref())
+    {
         Some(Credential::Gcp(gcp)) => Ok(Metadata::from(gcp)),
         _ => Err(HttpError::unavailable(
             &state,

@@ -69,17 +69,13 @@ impl Drop for Printer {
 
 /// `AWS` / `GCP`.
 pub fn kind_name(kind: CredentialKind) -> &'static str {
-    match kind {
-        CredentialKind::Aws => "AWS",
-        CredentialKind::Gcp => "GCP",
-        CredentialKind::Unspecified => "unspecified",
-    }
+    kind.provider()
 }
 
 /// The kind of a raw enum value, as [`kind_name`] prints it.
 pub fn kind_name_raw(kind: i32) -> &'static str {
     CredentialKind::try_from(kind)
-        .map(kind_name)
+        .map(CredentialKind::provider)
         .unwrap_or("unknown")
 }
 
