@@ -19,6 +19,8 @@
 //! - [`child`] — a test body re-run in a child process with its own
 //!   environment.
 //! - [`shard_proxy`] — a real HAProxy or nginx sharding brokers by cluster.
+//! - [`publish`] — the address of a broker on this machine for the client
+//!   and agent libraries, and a started publish session.
 //! - [`pki`] — a throwaway CA for TLS and mutual-TLS tests.
 //! - [`gcp_key`] — a new RSA service account key, made in Rust.
 //! - [`wait`] — `eventually(what, check)`, the one poll-until-true wait.
@@ -36,6 +38,7 @@ pub mod minter;
 pub mod moto;
 pub mod pki;
 pub mod processes;
+pub mod publish;
 pub mod recording_proxy;
 pub mod sealed_agent;
 pub mod shard_proxy;

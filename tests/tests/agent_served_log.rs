@@ -5,12 +5,11 @@
 
 use std::time::Duration;
 
-use credstream_client::session::PublishSession;
-use credstream_proto::connect::BrokerAddress;
 use credstream_proto::v1::{CredentialKind, RefreshHint, subscribe_request};
 use credstream_tests::broker::open_agent;
 use credstream_tests::minter::CountingMinter;
 use credstream_tests::processes::{BrokerProcess, write_file};
+use credstream_tests::publish::start_publisher;
 use credstream_tests::sealed_agent::AgentProcess;
 use tonic::transport::Channel;
 
@@ -33,17 +32,7 @@ async fn the_agent_logs_how_many_requests_each_version_served() {
     let broker = BrokerProcess::start_dev().await;
     let dir = tempfile::tempdir().unwrap();
     let minter = CountingMinter::new(CredentialKind::Aws, Duration::from_secs(3600));
-    let session = PublishSession::builder(BrokerAddress {
-        url: broker.url.clone(),
-        token: broker.publisher_token.clone(),
-        cluster_id: "dev".into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
-    })
-    .minter(minter.clone())
-    .start()
-    .unwrap();
+    let session = start_publisher(&broker.url, &broker.publisher_token, "dev", minter.clone());
     let token_file = write_file(dir.path(), "agent.token", &broker.agent_token);
     let mut agent = AgentProcess::spawn(&broker.url, "dev", "w1", &token_file, None, dir.path());
     for _ in 0..3 {

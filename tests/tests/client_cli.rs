@@ -10,13 +10,13 @@ use std::net::TcpListener;
 use credstream_agent::store::{AgentState, CredentialStore};
 use credstream_agent::subscription::{self, SubscriptionConfig};
 use credstream_broker::auth::Role;
-use credstream_proto::connect::BrokerAddress;
 use credstream_proto::v1::credential_update::Credential;
 use credstream_tests::bins::binary;
 use credstream_tests::broker::{TestBroker, WAIT};
 use credstream_tests::moto::{Moto, laptop_env, seed};
 use credstream_tests::pki::Pki;
 use credstream_tests::processes::{BrokerProcess, Process, clean_command, write_file};
+use credstream_tests::publish::local_address;
 use credstream_tests::tools;
 use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
@@ -44,14 +44,7 @@ struct LibraryAgent {
 
 impl LibraryAgent {
     fn start(url: &str, token: &str, cluster: &str, agent_id: &str) -> Self {
-        let address = BrokerAddress {
-            url: url.into(),
-            token: token.into(),
-            cluster_id: cluster.into(),
-            ca_cert: None,
-            client_identity: None,
-            insecure: false,
-        };
+        let address = local_address(url, token, cluster);
         let store = CredentialStore::new();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(subscription::run(

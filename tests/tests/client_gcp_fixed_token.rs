@@ -12,14 +12,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use credstream_client::mint::gcp::GcpMinter;
 use credstream_client::mint::{MintError, Minter};
-use credstream_client::session::PublishSession;
-use credstream_proto::connect::{BrokerAddress, CallCredentials};
+use credstream_proto::connect::CallCredentials;
 use credstream_proto::convert::system_time;
 use credstream_proto::v1::admin_service_client::AdminServiceClient;
 use credstream_proto::v1::{CredentialKind, GetClusterRequest, credential_update::Credential};
 use credstream_tests::child::{in_child, run_child};
 use credstream_tests::fake_http::{FakeHttp, Responder, form};
 use credstream_tests::processes::BrokerProcess;
+use credstream_tests::publish::start_publisher;
 use tonic::transport::Channel;
 
 const TOKEN: &str = "ya29.a0-fixed+token/for=tests";
@@ -90,17 +90,12 @@ async fn a_fixed_token_is_forwarded_and_says_when_access_ends() {
         );
 
         // Published, the broker shows when the cluster's access ends.
-        let session = PublishSession::builder(BrokerAddress {
-            url: env("TEST_BROKER_URL"),
-            token: env("TEST_PUBLISHER_TOKEN"),
-            cluster_id: "dev".into(),
-            ca_cert: None,
-            client_identity: None,
-            insecure: false,
-        })
-        .minter(Arc::new(minter))
-        .start()
-        .unwrap();
+        let session = start_publisher(
+            &env("TEST_BROKER_URL"),
+            &env("TEST_PUBLISHER_TOKEN"),
+            "dev",
+            Arc::new(minter),
+        );
         let mut ends = session.watch_access_ends();
         let sent = tokio::time::timeout(
             credstream_tests::broker::WAIT,

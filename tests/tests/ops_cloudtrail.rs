@@ -16,7 +16,6 @@ use std::collections::HashMap;
 
 use credstream_agent::store::CredentialStore;
 use credstream_agent::subscription::{self, SubscriptionConfig};
-use credstream_proto::connect::BrokerAddress;
 use credstream_proto::v1::credential_update::Credential;
 use credstream_proto::v1::{CredentialKind, RefreshHint, subscribe_request};
 use credstream_tests::bins::binary;
@@ -24,6 +23,7 @@ use credstream_tests::broker::open_agent;
 use credstream_tests::fake_http::form;
 use credstream_tests::moto::{Moto, Seeded, laptop_env, seed};
 use credstream_tests::processes::{BrokerProcess, Process, clean_command};
+use credstream_tests::publish::local_address;
 use credstream_tests::recording_proxy::RecordingProxy;
 use credstream_tests::tools;
 use tonic::transport::Channel;
@@ -210,14 +210,7 @@ async fn assume_role_names_the_person_and_the_cluster_for_cloudtrail() {
 
 /// An agent (the agent library's subscription loop) in this process.
 fn library_agent(broker: &BrokerProcess, agent_id: &str) -> CredentialStore {
-    let address = BrokerAddress {
-        url: broker.url.clone(),
-        token: broker.agent_token.clone(),
-        cluster_id: "dev".into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
-    };
+    let address = local_address(&broker.url, &broker.agent_token, "dev");
     let store = CredentialStore::new();
     tokio::spawn(subscription::run(
         SubscriptionConfig::new(address, agent_id),
