@@ -20,8 +20,8 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// Starts `python -m moto.server` on a free low port and waits until it
-    /// answers `/moto-api/`. Authentication is off until
+    /// Starts moto's server (`MOTO_SERVER`) on a free low port and waits
+    /// until it answers `/moto-api/`. Authentication is off until
     /// [`Moto::require_auth`].
     pub async fn start(python: &Path) -> Moto {
         Self::start_with_env(python, &[]).await
@@ -35,8 +35,8 @@ impl Moto {
             let port = free_low_port();
             let mut command = clean_command(python);
             command.args([
-                "-m",
-                "moto.server",
+                "-c",
+                MOTO_SERVER,
                 "-H",
                 "127.0.0.1",
                 "-p",
@@ -94,6 +94,31 @@ impl Moto {
             .unwrap_or_default()
     }
 }
+
+/// `python -m moto.server`, except that the errors of moto's
+/// authentication layer (`InvalidClientTokenId`, `AccessDenied`,
+/// `SignatureDoesNotMatch`) come as AWS's query protocol sends them,
+/// `<ErrorResponse><Error>…`, instead of moto's `<ErrorResponse><Errors>
+/// <Error>…`, which the Rust SDK's parser does not read (it then reports no
+/// error code). Real STS and IAM use the former; botocore reads both. EC2's
+/// `AuthFailure` keeps moto's shape.
+const MOTO_SERVER: &str = r#"
+import moto.core.exceptions as exceptions
+from xmltodict import unparse
+from moto.server import main
+
+moto_init = exceptions._RESTError.__init__
+
+def query_protocol_error(self, error_type, message, *args, **kwargs):
+    moto_init(self, error_type, message, *args, **kwargs)
+    if self.content_type == exceptions.APP_XML and not isinstance(self, exceptions.AuthFailureError):
+        error = {"Type": "Sender"} if self.include_type_sender else {}
+        error.update({"Code": error_type, "Message": message})
+        self.description = unparse({"ErrorResponse": {"Error": error, "RequestId": "moto"}}, full_document=True)
+
+exceptions._RESTError.__init__ = query_protocol_error
+main()
+"#;
 
 /// What [`seed`] created.
 #[derive(Clone, Debug)]

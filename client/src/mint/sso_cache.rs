@@ -46,6 +46,13 @@ pub async fn session_end(profile: Option<&str>) -> Option<SystemTime> {
     entry_end(&text, &path)
 }
 
+/// True if `profile` (or the selected one), or a `source_profile` it is
+/// assumed from, signs in through SSO: then `aws sso login` is what renews
+/// its credentials.
+pub async fn uses_sso(profile: Option<&str>) -> bool {
+    cache_identifier(profile).await.is_some()
+}
+
 /// The session name or start URL the profile's SSO token is cached under.
 async fn cache_identifier(profile: Option<&str>) -> Option<String> {
     let set = aws_config::profile::load(
