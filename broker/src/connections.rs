@@ -14,6 +14,30 @@
 //!   send the HTTP/2 client preface within `handshake_timeout`, or it is
 //!   closed. Only then is it handed to tonic; the preface bytes read to
 //!   check it are replayed to hyper.
+//! - **TLS handshakes take turns.** At most `max_handshakes` TLS
+//!   handshakes are in progress; a connection whose ClientHello has arrived
+//!   (read by rustls' `Acceptor`, which costs no cryptography) waits for a
+//!   turn, first come first served, and keeps it until TLS is done. In a
+//!   reconnect storm thousands of handshakes otherwise all progress
+//!   together, each slower than the deadline allows, and the broker closes
+//!   them with their work done and their agents backing off (before this,
+//!   2,398 of a 10,000-agent storm's attempts, README "Over TLS"); in turns
+//!   they finish in order at the rate the cores allow.
+//!
+//!   The deadline is therefore split. Accept to ClientHello: within
+//!   `handshake_timeout`, so that a connection that never speaks is closed
+//!   as before and never takes a turn. Waiting for a turn: no deadline,
+//!   because the client has spoken and is waiting on the broker, not the
+//!   other way round; a deadline here would close, in a storm, exactly the
+//!   connections the broker was about to serve. The wait is bounded by the
+//!   connection cap (a waiting connection is still "handshaking", so the
+//!   cap evicts the oldest) and costs a socket, a task and the ClientHello
+//!   buffer. Admission to preface: `handshake_timeout` again, so that a
+//!   client that stalls mid-handshake gives its turn up at that deadline;
+//!   `max_handshakes` such clients could hold every turn for one deadline
+//!   at a time, which is what a larger limit makes expensive.
+//!   [`ConnectionLimits::default_max_handshakes`] says how the default was
+//!   chosen.
 //! - **Back-off on exhaustion.** `accept` failing with `EMFILE`, `ENFILE`,
 //!   `ENOBUFS` or `ENOMEM` evicts the oldest pending connection and sleeps
 //!   (10 ms doubling to 1 s) instead of spinning; a warning says so.
@@ -33,10 +57,12 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
+use tokio::time::Instant;
+use tokio_rustls::rustls::server::Acceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{LazyConfigAcceptor, TlsAcceptor};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
@@ -84,8 +110,13 @@ const EXHAUSTION_WARN_INTERVAL: Duration = Duration::from_secs(10);
 pub struct ConnectionLimits {
     /// Connections open at most (handshaking or established).
     pub max_connections: usize,
-    /// Time allowed for TLS and the HTTP/2 preface.
+    /// Time allowed for the ClientHello (TLS) or the HTTP/2 preface
+    /// (plaintext) to arrive, and again, once a TLS handshake is admitted,
+    /// for the rest of TLS and the preface.
     pub handshake_timeout: Duration,
+    /// TLS handshakes in progress at most; more wait, in the order their
+    /// ClientHello arrived (see the module documentation).
+    pub max_handshakes: usize,
     /// New calls per connection.
     pub call_rate: CallRate,
 }
@@ -93,6 +124,18 @@ pub struct ConnectionLimits {
 impl ConnectionLimits {
     /// The default handshake deadline.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Default TLS handshakes in progress per core (see
+    /// [`default_max_handshakes`](Self::default_max_handshakes)).
+    pub const HANDSHAKES_PER_CORE: usize = 64;
+
+    /// The default limit of TLS handshakes in progress:
+    /// [`HANDSHAKES_PER_CORE`](Self::HANDSHAKES_PER_CORE) per core the
+    /// process may run on.
+    pub fn default_max_handshakes() -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_mul(Self::HANDSHAKES_PER_CORE)
+    }
 
     /// The default cap for a soft file descriptor limit of `fd_limit`:
     /// all but [`RESERVED_FDS`] of it, and at least 16.
@@ -105,6 +148,7 @@ impl ConnectionLimits {
         Self {
             max_connections: Self::default_max_connections(fd_limit),
             handshake_timeout: Self::HANDSHAKE_TIMEOUT,
+            max_handshakes: Self::default_max_handshakes(),
             call_rate: CallRate::CONNECTION,
         }
     }
@@ -173,6 +217,30 @@ pub struct AdmissionCounts {
     pub evicted: AtomicU64,
     /// Connections closed for missing the handshake deadline.
     pub timed_out: AtomicU64,
+    /// TLS handshakes that had to wait for admission.
+    pub handshakes_queued: AtomicU64,
+    /// Now: TLS connections whose ClientHello arrived, waiting for
+    /// admission.
+    pub handshakes_waiting: AtomicUsize,
+    /// Now: TLS handshakes admitted and not yet finished (at most
+    /// `max_handshakes`).
+    pub handshakes_in_progress: AtomicUsize,
+}
+
+/// Counts one in a gauge while it lives.
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl<'a> Gauge<'a> {
+    fn up(gauge: &'a AtomicUsize) -> Self {
+        gauge.fetch_add(1, Ordering::AcqRel);
+        Self(gauge)
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug)]
@@ -183,6 +251,9 @@ struct Registry {
     /// Connections still handshaking, oldest first, with the sender that
     /// closes each.
     pending: Mutex<BTreeMap<u64, oneshot::Sender<()>>>,
+    /// Permits for TLS handshakes in progress (`max_handshakes`); tokio's
+    /// semaphore hands them out first come, first served.
+    handshakes: Semaphore,
     counts: Arc<AdmissionCounts>,
 }
 
@@ -351,6 +422,7 @@ pub fn incoming(
         open: AtomicUsize::new(0),
         next_id: AtomicU64::new(1),
         pending: Mutex::new(BTreeMap::new()),
+        handshakes: Semaphore::new(limits.max_handshakes.clamp(1, Semaphore::MAX_PERMITS)),
         counts: counts.clone(),
     });
     // Room for every connection a burst of handshakes may finish while
@@ -457,6 +529,105 @@ fn configure_socket(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
+/// Why a handshake did not produce a connection.
+enum Failed {
+    /// A deadline passed (see the module documentation for which).
+    Deadline,
+    Io(io::Error),
+}
+
+impl From<io::Error> for Failed {
+    fn from(error: io::Error) -> Self {
+        Self::Io(error)
+    }
+}
+
+async fn within<T>(
+    deadline: Instant,
+    work: impl Future<Output = io::Result<T>>,
+) -> Result<T, Failed> {
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(done) => Ok(done?),
+        Err(_) => Err(Failed::Deadline),
+    }
+}
+
+/// TLS: the ClientHello within `deadline` of the accept; then a turn among
+/// the `max_handshakes` (no deadline while waiting: the client has spoken
+/// and waits on the broker); then the rest of TLS and the HTTP/2 preface
+/// within `deadline` of the admission. The permit is returned as soon as
+/// TLS is done, before the preface.
+async fn tls_handshake(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    registry: &Registry,
+    deadline: Duration,
+) -> Result<Io, Failed> {
+    let hello = within(
+        Instant::now() + deadline,
+        LazyConfigAcceptor::new(Acceptor::default(), stream),
+    )
+    .await?;
+    let permit = {
+        let _waiting = Gauge::up(&registry.counts.handshakes_waiting);
+        match registry.handshakes.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => {
+                registry
+                    .counts
+                    .handshakes_queued
+                    .fetch_add(1, Ordering::Relaxed);
+                registry
+                    .handshakes
+                    .acquire()
+                    .await
+                    .map_err(|_| io::Error::other("the broker is stopping"))?
+            }
+        }
+    };
+    let admitted = Instant::now() + deadline;
+    let in_progress = Gauge::up(&registry.counts.handshakes_in_progress);
+    let mut tls = within(
+        admitted,
+        hello.into_stream_with(acceptor.config().clone(), |tls| {
+            tls.set_buffer_limit(Some(TLS_SEND_BUFFER_LIMIT));
+        }),
+    )
+    .await?;
+    drop(in_progress);
+    drop(permit);
+    let mut preface = [0u8; PREFACE.len()];
+    within(admitted, tls.read_exact(&mut preface)).await?;
+    check_preface(&preface)?;
+    Ok(Io::Tls(Box::new(tls)))
+}
+
+/// Plaintext: the HTTP/2 preface within `deadline` of the accept.
+async fn plain_handshake(mut stream: TcpStream, deadline: Duration) -> Result<Io, Failed> {
+    let mut preface = [0u8; PREFACE.len()];
+    within(Instant::now() + deadline, stream.read_exact(&mut preface)).await?;
+    if let Err(error) = check_preface(&preface) {
+        // Answer as an HTTP/2 server does, so that a TLS client reaching
+        // this plaintext port reads a non-TLS record and can say "use
+        // http://" instead of "connection reset".
+        use tokio::io::AsyncWriteExt;
+        let _ = stream.write_all(&GOAWAY_PROTOCOL_ERROR).await;
+        return Err(error.into());
+    }
+    Ok(Io::Plain(stream))
+}
+
+fn check_preface(preface: &[u8; PREFACE.len()]) -> io::Result<()> {
+    if preface == PREFACE {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not an HTTP/2 client preface (the broker speaks gRPC over HTTP/2 only)",
+        ))
+    }
+}
+
 async fn handshake(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
@@ -469,38 +640,13 @@ async fn handshake(
     let registry = slot.0.clone();
     let id = info.id;
     let work = async {
-        let mut io = match tls {
-            Some(acceptor) => Io::Tls(Box::new(
-                acceptor
-                    .accept_with(stream, |tls| {
-                        tls.set_buffer_limit(Some(TLS_SEND_BUFFER_LIMIT));
-                    })
-                    .await?,
-            )),
-            None => Io::Plain(stream),
-        };
-        let mut preface = [0u8; PREFACE.len()];
-        match &mut io {
-            Io::Plain(io) => io.read_exact(&mut preface).await?,
-            Io::Tls(io) => io.read_exact(&mut preface).await?,
-        };
-        if &preface != PREFACE {
-            // Answer as an HTTP/2 server does, so that a TLS client
-            // reaching this plaintext port reads a non-TLS record and can
-            // say "use http://" instead of "connection reset".
-            if let Io::Plain(io) = &mut io {
-                use tokio::io::AsyncWriteExt;
-                let _ = io.write_all(&GOAWAY_PROTOCOL_ERROR).await;
-            }
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "not an HTTP/2 client preface (the broker speaks gRPC over HTTP/2 only)",
-            ));
+        match &tls {
+            Some(acceptor) => tls_handshake(stream, acceptor, &registry, deadline).await,
+            None => plain_handshake(stream, deadline).await,
         }
-        Ok(io)
     };
     let outcome = tokio::select! {
-        done = tokio::time::timeout(deadline, work) => Some(done),
+        done = work => Some(done),
         _ = closed => None,
     };
     registry
@@ -509,7 +655,7 @@ async fn handshake(
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
     match outcome {
-        Some(Ok(Ok(io))) => {
+        Some(Ok(io)) => {
             let connection = Connection {
                 io,
                 replay: 0,
@@ -518,10 +664,10 @@ async fn handshake(
             };
             let _ = tx.send(Ok(connection)).await;
         }
-        Some(Ok(Err(error))) => {
+        Some(Err(Failed::Io(error))) => {
             tracing::debug!(connection = id, peer = ?info.peer, %error, "connection closed during its handshake");
         }
-        Some(Err(_)) => {
+        Some(Err(Failed::Deadline)) => {
             registry.counts.timed_out.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(connection = id, peer = ?info.peer, ?deadline,
                 "connection closed: no TLS handshake and HTTP/2 preface within the deadline");
@@ -535,6 +681,7 @@ async fn handshake(
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncWriteExt;
+    use tokio_rustls::rustls;
 
     use super::*;
 
@@ -548,6 +695,7 @@ mod tests {
         ConnectionLimits {
             max_connections: max,
             handshake_timeout: handshake,
+            max_handshakes: 64,
             call_rate: CallRate::CONNECTION,
         }
     }
@@ -628,6 +776,204 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut answer)).await;
         assert_eq!(answer, GOAWAY_PROTOCOL_ERROR, "a GOAWAY, then the close");
         assert_eq!(incoming.counts.timed_out.load(Ordering::Relaxed), 0);
+    }
+
+    /// A broker TLS configuration for 127.0.0.1 (its files in the
+    /// directory) and a client configuration that trusts it.
+    struct Pki {
+        _dir: tempfile::TempDir,
+        acceptor: TlsAcceptor,
+        client: Arc<rustls::ClientConfig>,
+    }
+
+    fn pki() -> Pki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::server::TlsFiles {
+            cert: dir.path().join("server.pem"),
+            key: dir.path().join("server.key"),
+            client_ca: None,
+        };
+        std::fs::write(&files.cert, cert.pem()).unwrap();
+        std::fs::write(&files.key, key.serialize_pem()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        Pki {
+            acceptor: crate::tls::acceptor(&files).unwrap(),
+            client: Arc::new(client),
+            _dir: dir,
+        }
+    }
+
+    /// A TLS client driven step by step: its ClientHello first, the rest
+    /// of the handshake (and the HTTP/2 preface) only when told.
+    struct StepClient {
+        tcp: TcpStream,
+        tls: rustls::ClientConnection,
+    }
+
+    impl StepClient {
+        async fn hello(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> Self {
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut client = Self {
+                tcp: TcpStream::connect(addr).await.unwrap(),
+                tls: rustls::ClientConnection::new(config.clone(), name).unwrap(),
+            };
+            client.send().await.unwrap();
+            client
+        }
+
+        async fn send(&mut self) -> io::Result<()> {
+            let mut out = Vec::new();
+            while self.tls.wants_write() {
+                self.tls.write_tls(&mut out)?;
+            }
+            self.tcp.write_all(&out).await
+        }
+
+        /// Completes the handshake and sends the preface (panics after
+        /// 20 s).
+        async fn finish(&mut self) -> io::Result<()> {
+            tokio::time::timeout(Duration::from_secs(20), self.finish_handshake())
+                .await
+                .expect("the handshake completes in time")
+        }
+
+        async fn finish_handshake(&mut self) -> io::Result<()> {
+            while self.tls.is_handshaking() {
+                let mut buf = [0u8; 16 * 1024];
+                let n = self.tcp.read(&mut buf).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    self.tls.read_tls(&mut rest)?;
+                    self.tls.process_new_packets().map_err(io::Error::other)?;
+                }
+                self.send().await?;
+            }
+            std::io::Write::write_all(&mut self.tls.writer(), PREFACE)?;
+            self.send().await
+        }
+    }
+
+    async fn tls_pair(limits: ConnectionLimits, pki: &Pki) -> (SocketAddr, Incoming) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (addr, incoming(listener, Some(pki.acceptor.clone()), limits))
+    }
+
+    /// Polls `done` until it holds (panics after 20 s).
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn next(incoming: &mut Incoming) -> Connection {
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio_stream::StreamExt::next(&mut incoming.connections),
+        )
+        .await
+        .expect("a connection in time")
+        .unwrap()
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_beyond_the_limit_waits_for_its_turn() {
+        let pki = pki();
+        let mut one_at_a_time = limits(4, Duration::from_secs(60));
+        one_at_a_time.max_handshakes = 1;
+        let (addr, mut incoming) = tls_pair(one_at_a_time, &pki).await;
+        let counts = incoming.counts.clone();
+        let mut first = StepClient::hello(addr, &pki.client).await;
+        until("the first handshake is admitted", || {
+            counts.handshakes_in_progress.load(Ordering::Acquire) == 1
+        })
+        .await;
+        let mut second = StepClient::hello(addr, &pki.client).await;
+        until("the second ClientHello waits", || {
+            counts.handshakes_waiting.load(Ordering::Acquire) == 1
+        })
+        .await;
+        // Not started: the broker has sent the second client nothing.
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            second.tcp.try_read(&mut byte).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert_eq!(counts.handshakes_in_progress.load(Ordering::Acquire), 1);
+
+        first.finish().await.unwrap();
+        assert_eq!(next(&mut incoming).await.info.id, 1);
+        second.finish().await.unwrap();
+        assert_eq!(next(&mut incoming).await.info.id, 2);
+        assert_eq!(counts.handshakes_queued.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.handshakes_waiting.load(Ordering::Acquire), 0);
+        assert_eq!(counts.handshakes_in_progress.load(Ordering::Acquire), 0);
+        assert_eq!(counts.timed_out.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_tls_handshake_gives_up_its_turn_at_the_deadline() {
+        let pki = pki();
+        let mut one_at_a_time = limits(4, Duration::from_secs(2));
+        one_at_a_time.max_handshakes = 1;
+        let (addr, mut incoming) = tls_pair(one_at_a_time, &pki).await;
+        let counts = incoming.counts.clone();
+        // Sends its ClientHello, is admitted, and never answers.
+        let mut stalled = StepClient::hello(addr, &pki.client).await;
+        until("the stalled handshake is admitted", || {
+            counts.handshakes_in_progress.load(Ordering::Acquire) == 1
+        })
+        .await;
+        let mut second = StepClient::hello(addr, &pki.client).await;
+        // Completes only once the stalled one's deadline gave the turn up.
+        second.finish().await.unwrap();
+        assert_eq!(next(&mut incoming).await.info.id, 2);
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(20), stalled.tcp.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(closed, Ok(Ok(_) | Err(_))),
+            "the stalled client is closed"
+        );
+        assert_eq!(counts.timed_out.load(Ordering::Relaxed), 1);
+        assert_eq!(counts.handshakes_in_progress.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_silent_tls_connection_is_closed_at_the_deadline() {
+        let pki = pki();
+        let (addr, incoming) = tls_pair(limits(4, Duration::from_millis(200)), &pki).await;
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_by_peer(&mut silent).await);
+        assert_eq!(incoming.counts.timed_out.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            incoming.counts.handshakes_waiting.load(Ordering::Acquire),
+            0
+        );
     }
 
     #[test]

@@ -99,6 +99,11 @@ struct ServeArgs {
     /// preface before it is closed.
     #[arg(long, env = "CREDSTREAM_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
+    /// TLS handshakes in progress at most; more wait, in the order their
+    /// ClientHello arrived, instead of all slowing down together past the
+    /// handshake timeout in a reconnect storm. Default: 64 per core.
+    #[arg(long, env = "CREDSTREAM_MAX_HANDSHAKES")]
+    max_handshakes: Option<usize>,
     /// New calls one connection may make each second, once its burst is
     /// spent (a call it refuses costs its token nothing).
     #[arg(long, env = "CREDSTREAM_CONNECTION_CALLS_PER_SECOND", default_value_t = CallRate::CONNECTION.per_second)]
@@ -223,6 +228,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .max_connections
             .unwrap_or_else(|| ConnectionLimits::default_max_connections(connections::fd_limit())),
         handshake_timeout: args.handshake_timeout,
+        max_handshakes: args
+            .max_handshakes
+            .unwrap_or_else(ConnectionLimits::default_max_handshakes),
         call_rate: CallRate {
             per_second: args.connection_calls_per_second,
             burst: args.connection_call_burst,
@@ -230,6 +238,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     if config.connections.max_connections == 0 {
         bail!("--max-connections must be at least 1");
+    }
+    if config.connections.max_handshakes == 0 {
+        bail!("--max-handshakes must be at least 1");
     }
     config.insecure = args.insecure;
     if args.refresh_deadline.is_zero() || args.publisher_heartbeat.is_zero() {
