@@ -45,17 +45,25 @@ impl Recorder {
         self.received.len()
     }
 
-    fn now_ns(&self) -> u64 {
-        // Never 0: 0 marks "not received".
+    /// Nanoseconds since the recorder was made, never 0 (0 marks "not
+    /// received"): the time base of [`Recorder::record_at`].
+    pub fn now_ns(&self) -> u64 {
         (self.base.elapsed().as_nanos() as u64).max(1)
     }
 
     /// Agent `agent` received round `round`.
     pub fn record(&self, agent: usize, round: u64) {
+        self.record_at(agent, round, self.now_ns());
+    }
+
+    /// Agent `agent` had round `round` at `at` ([`Recorder::now_ns`]'s
+    /// base), which may be earlier than now: an agent whose opening is
+    /// timed apart records its arrival plus its own opening time.
+    pub fn record_at(&self, agent: usize, round: u64, at: u64) {
         if round != self.round.load(Ordering::Acquire) {
             return;
         }
-        let now = self.now_ns();
+        let now = at.max(1);
         if let Some(slot) = self.received.get(agent)
             && slot
                 .compare_exchange(0, now, Ordering::AcqRel, Ordering::Relaxed)

@@ -12,7 +12,10 @@
 //!   (the real agent's verification path: open, clear-metadata checks, the
 //!   rollback rule) before it can read the round, which travels only inside
 //!   the ciphertext. A fan-out's latency therefore ends when the agent has
-//!   *opened* the update.
+//!   *opened* the update: its arrival plus its own opening time, each open
+//!   timed apart once the round is in, as on a worker of its own (see
+//!   [`crate::peers::grpc`]: N opens in a row in the one load process
+//!   would delay every later agent's reception, a cost no cluster has).
 //!
 //! Sealing is `credstream_proto::seal::seal_credential`, which `credstream
 //! publish` calls too. Each fan-out is a fresh broker process and N fresh

@@ -10,7 +10,18 @@
 //! through its own `credstream_agent::seal::Gate`, the real agent's
 //! verification path (open, check the clear metadata, the rollback rule),
 //! before it reads the round: a sealed update carries no access key id in
-//! clear, so an agent cannot record a round it did not open. With
+//! clear, so an agent cannot record a round it did not open.
+//!
+//! On a cluster each agent opens on its own worker, in parallel with every
+//! other; here N agents share one load process on the broker's two cores,
+//! where N opens in a row would delay the *reception* of every later
+//! agent's update and charge the broker's fan-out for work no broker does.
+//! So an agent with sealing on records its update's arrival time and hands
+//! it to [`DeferredOpens`]; once the round's updates are in, one task opens
+//! each through that agent's own gate, timing each open alone, and records
+//! the agent's latency as arrival + its own opening time: what the agent
+//! would see on a worker of its own. An update its gate refuses is counted
+//! in [`GrpcPeer::not_opened`] and never recorded. With
 //! [`Sealing::Relay`] agents do not open: they read the round from the
 //! sealed payload's clear sequence, which isolates what the sealed bytes
 //! cost the broker and the wire from what opening costs the agents.
@@ -56,6 +67,99 @@ pub struct GrpcPeer {
     hints_sent: Arc<AtomicUsize>,
     sealer: Option<Sealer>,
     not_opened: Arc<AtomicU64>,
+    /// With [`Sealing::On`]: the updates waiting to be opened.
+    deferred: Option<Arc<DeferredOpens>>,
+    deferred_task: Option<JoinHandle<()>>,
+}
+
+/// Sealed updates that arrived, waiting to be opened by their agent's gate
+/// (see the module doc).
+#[derive(Debug)]
+pub struct DeferredOpens {
+    pending: std::sync::Mutex<Vec<PendingOpen>>,
+    /// Rung when a round's N-th update arrives, and when the recorder is set.
+    full: tokio::sync::Notify,
+    recorder: std::sync::OnceLock<Arc<Recorder>>,
+    not_opened: Arc<AtomicU64>,
+}
+
+#[derive(Debug)]
+struct PendingOpen {
+    index: usize,
+    gate: Arc<Gate>,
+    update: CredentialUpdate,
+    arrived_ns: u64,
+}
+
+/// How long a partial round waits for more arrivals before its updates are
+/// opened anyway (agents that lost the round must not hold back the rest).
+const PARTIAL_ROUND_WAIT: Duration = Duration::from_secs(1);
+
+impl DeferredOpens {
+    fn new(not_opened: Arc<AtomicU64>) -> Self {
+        Self {
+            pending: std::sync::Mutex::new(Vec::new()),
+            full: tokio::sync::Notify::new(),
+            recorder: std::sync::OnceLock::new(),
+            not_opened,
+        }
+    }
+
+    fn push(&self, open: PendingOpen, recorder: &Arc<Recorder>) {
+        if self.recorder.get().is_none() {
+            let _ = self.recorder.set(recorder.clone());
+            self.full.notify_one();
+        }
+        let mut pending = self.pending.lock().expect("deferred opens");
+        pending.push(open);
+        if pending.len() >= recorder.agents() {
+            self.full.notify_one();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.pending.lock().expect("deferred opens").len()
+    }
+
+    /// Opens every round once its updates are in (or no more arrive for
+    /// [`PARTIAL_ROUND_WAIT`]), each through its agent's gate and timed
+    /// alone, and records arrival + opening time.
+    async fn run(self: Arc<Self>) {
+        loop {
+            let Some(recorder) = self.recorder.get().cloned() else {
+                self.full.notified().await;
+                continue;
+            };
+            let mut seen = 0;
+            loop {
+                let full = self.full.notified();
+                let len = self.len();
+                if len >= recorder.agents() || (len > 0 && len == seen) {
+                    break;
+                }
+                seen = len;
+                let _ = tokio::time::timeout(PARTIAL_ROUND_WAIT, full).await;
+            }
+            let batch = std::mem::take(&mut *self.pending.lock().expect("deferred opens"));
+            for open in batch {
+                let started = Instant::now();
+                let opened = open
+                    .gate
+                    .admit(subscribe_response::Message::Credential(open.update));
+                let took = started.elapsed().as_nanos() as u64;
+                match opened {
+                    Some(subscribe_response::Message::Credential(opened)) => {
+                        if let Some(round) = payload::round_of(&opened) {
+                            recorder.record_at(open.index, round, open.arrived_ns + took);
+                        }
+                    }
+                    _ => {
+                        self.not_opened.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What a peer's publisher and agents do about sealing.
@@ -114,6 +218,9 @@ impl Sealer {
 impl Drop for GrpcPeer {
     fn drop(&mut self) {
         self.publisher_task.abort();
+        if let Some(task) = &self.deferred_task {
+            task.abort();
+        }
     }
 }
 
@@ -213,6 +320,7 @@ impl GrpcPeer {
             Some((_, Sealing::Relay)) => dialer.sequence_base = Some(base),
             _ => {}
         }
+        let not_opened = Arc::new(AtomicU64::new(0));
         let mut peer = Self {
             dialer,
             publisher,
@@ -228,8 +336,15 @@ impl GrpcPeer {
                 seals: 0,
                 sealing: Duration::ZERO,
             }),
-            not_opened: Arc::new(AtomicU64::new(0)),
+            not_opened: not_opened.clone(),
+            deferred: None,
+            deferred_task: None,
         };
+        if peer.dialer.seal_key.is_some() {
+            let deferred = Arc::new(DeferredOpens::new(not_opened));
+            peer.deferred_task = Some(tokio::spawn(deferred.clone().run()));
+            peer.deferred = Some(deferred);
+        }
         let first = peer.prepare(payload::credential(first_round))?;
         peer.send_credential(first).await?;
         Ok(peer)
@@ -345,7 +460,7 @@ pub struct OpenStream {
     tx: mpsc::Sender<SubscribeRequest>,
     held: u64,
     /// The agent's gate, which has seen the snapshot (with a seal key).
-    gate: Option<Gate>,
+    gate: Option<Arc<Gate>>,
     /// The rounds of the credentials in the snapshot (opened, if sealed).
     pub snapshot_rounds: Vec<u64>,
 }
@@ -388,7 +503,10 @@ impl AgentDialer {
                     .map(|c| c.version)
                     .max()
                     .unwrap_or(0);
-                let gate = self.seal_key.clone().map(|key| Gate::new(Some(key)));
+                let gate = self
+                    .seal_key
+                    .clone()
+                    .map(|key| Arc::new(Gate::new(Some(key))));
                 let snapshot = match &gate {
                     None => snapshot,
                     Some(gate) => match gate.admit(subscribe_response::Message::Snapshot(snapshot))
@@ -425,6 +543,7 @@ pub async fn run_stream(index: usize, open: OpenStream, recorder: Arc<Recorder>)
         tx: open.tx,
         held: open.held,
         gate: open.gate,
+        deferred: None,
         sequence_base: None,
         not_opened: Arc::new(AtomicU64::new(0)),
         hint,
@@ -443,6 +562,7 @@ impl Peer for GrpcPeer {
             tx: open.tx,
             held: open.held,
             gate: open.gate,
+            deferred: self.deferred.clone(),
             sequence_base: self.dialer.sequence_base,
             not_opened: self.not_opened.clone(),
             hint: self.hint.subscribe(),
@@ -463,7 +583,9 @@ struct AgentLoop {
     inbound: Streaming<SubscribeResponse>,
     tx: mpsc::Sender<SubscribeRequest>,
     held: u64,
-    gate: Option<Gate>,
+    gate: Option<Arc<Gate>>,
+    /// Set: sealed updates are opened later, apart (see the module doc).
+    deferred: Option<Arc<DeferredOpens>>,
     sequence_base: Option<u64>,
     not_opened: Arc<AtomicU64>,
     hint: watch::Receiver<u64>,
@@ -493,6 +615,16 @@ async fn agent_loop(mut a: AgentLoop) {
             received = a.inbound.message() => {
                 let Ok(Some(response)) = received else { return };
                 if let Some(subscribe_response::Message::Credential(update)) = response.message {
+                    if let (Some(deferred), Some(gate)) = (&a.deferred, &a.gate) {
+                        a.held = update.version;
+                        ack_at.get_or_insert_with(ack_deadline);
+                        let arrived_ns = a.recorder.now_ns();
+                        deferred.push(
+                            PendingOpen { index: a.index, gate: gate.clone(), update, arrived_ns },
+                            &a.recorder,
+                        );
+                        continue;
+                    }
                     let update = match &a.gate {
                         None => update,
                         Some(gate) => match gate.admit(subscribe_response::Message::Credential(update)) {
