@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use credstream_proto::convert::timestamp;
+use credstream_proto::kind::PerKind;
 use credstream_proto::rules::backoff::Backoff;
 use credstream_proto::v1::{
     CredentialKind, PendingRefresh, RefreshCount, RefreshReason, RefreshRequest, StoppedRefresh,
@@ -76,16 +77,6 @@ impl Default for RefreshConfig {
             takeover_hold_down: Duration::from_secs(60),
             idle_cluster_grace: Duration::from_secs(600),
         }
-    }
-}
-
-const KINDS: [CredentialKind; 2] = [CredentialKind::Aws, CredentialKind::Gcp];
-
-fn slot(kind: CredentialKind) -> Option<usize> {
-    match kind {
-        CredentialKind::Aws => Some(0),
-        CredentialKind::Gcp => Some(1),
-        CredentialKind::Unspecified => None,
     }
 }
 
@@ -137,7 +128,7 @@ pub struct Plan {
 #[derive(Debug)]
 pub struct RefreshPlanner {
     config: RefreshConfig,
-    kinds: [KindPlan; 2],
+    kinds: PerKind<KindPlan>,
     publisher_connected: bool,
     /// False while the connected publisher has a heartbeat unanswered.
     publisher_responsive: bool,
@@ -186,7 +177,8 @@ impl RefreshPlanner {
         attempts: u32,
         now: Instant,
     ) -> Option<RefreshRequest> {
-        let i = slot(kind)?;
+        // Nothing is asked for an unspecified kind.
+        self.kinds.get(kind)?;
         let id = format!("r{:08x}-{}", self.id_prefix, self.next_id);
         self.next_id += 1;
         let deadline_wall = SystemTime::now() + self.config.deadline;
@@ -199,8 +191,9 @@ impl RefreshPlanner {
             sent: self.can_send(),
         };
         self.count(reason, "requested");
-        self.kinds[i].pending = Some(pending);
-        self.kinds[i].retry = None;
+        let plan = self.kinds.get_mut(kind).expect("checked above");
+        plan.pending = Some(pending);
+        plan.retry = None;
         self.can_send().then(|| RefreshRequest {
             id,
             kind: kind as i32,
@@ -218,7 +211,7 @@ impl RefreshPlanner {
         reason: RefreshReason,
         now: Instant,
     ) -> Option<RefreshRequest> {
-        let plan = &self.kinds[slot(kind)?];
+        let plan = self.kinds.get(kind)?;
         if plan.stopped.is_some() {
             self.count(reason, "suppressed");
             return None;
@@ -232,7 +225,9 @@ impl RefreshPlanner {
 
     /// True if a request for `kind` is outstanding or backing off.
     pub fn in_flight(&self, kind: CredentialKind) -> bool {
-        slot(kind).is_some_and(|i| self.kinds[i].pending.is_some() || self.kinds[i].retry.is_some())
+        self.kinds
+            .get(kind)
+            .is_some_and(|plan| plan.pending.is_some() || plan.retry.is_some())
     }
 
     /// Records a new credential: completes any outstanding request for its
@@ -245,14 +240,16 @@ impl RefreshPlanner {
         now: Instant,
         now_wall: SystemTime,
     ) {
-        let Some(i) = slot(kind) else { return };
+        if self.kinds.get(kind).is_none() {
+            return;
+        }
         let lifetime = expires_at.duration_since(issued_at).unwrap_or_default();
         let elapsed = now_wall.duration_since(issued_at).unwrap_or_default();
         let remaining = expires_at.duration_since(now_wall).unwrap_or_default();
         let jitter = 1.0 + self.config.jitter * (2.0 * rand::thread_rng().r#gen::<f64>() - 1.0);
         let due_after_issue = lifetime.mul_f64((self.config.refresh_at * jitter).clamp(0.0, 1.0));
         let due_in = due_after_issue.saturating_sub(elapsed);
-        let plan = &mut self.kinds[i];
+        let plan = self.kinds.get_mut(kind).expect("checked above");
         plan.expires = Some(now + remaining);
         plan.due = Some(now + due_in);
         plan.retry = None;
@@ -271,11 +268,12 @@ impl RefreshPlanner {
     /// to be dropped, so a backlog of answers never fans out more than one
     /// version. Unprompted credentials (empty `id`) are always accepted.
     pub fn accepts_answer(&mut self, kind: CredentialKind, id: &str, live: bool) -> bool {
-        let Some(i) = slot(kind) else { return true };
+        let Some(plan) = self.kinds.get(kind) else {
+            return true;
+        };
         if id.is_empty() {
             return true;
         }
-        let plan = &self.kinds[i];
         if plan.pending.as_ref().is_some_and(|p| p.id == id) {
             return true;
         }
@@ -304,32 +302,35 @@ impl RefreshPlanner {
         permanent: bool,
         now: Instant,
     ) -> bool {
-        let Some(i) = self
+        let Some(kind) = self
             .kinds
             .iter()
-            .position(|plan| plan.pending.as_ref().is_some_and(|p| p.id == id))
+            .find(|(_, plan)| plan.pending.as_ref().is_some_and(|p| p.id == id))
+            .map(|(kind, _)| kind)
         else {
             return false;
         };
-        let pending = self.kinds[i].pending.take().expect("found above");
+        let plan = self.kinds.get_mut(kind).expect("a known kind");
+        let pending = plan.pending.take().expect("found above");
         self.count(pending.reason, "failed");
         self.last_error = message.clone();
         if permanent {
             self.count(pending.reason, "stopped");
-            self.kinds[i].retry = None;
-            self.kinds[i].stopped = Some(Stopped {
+            let plan = self.kinds.get_mut(kind).expect("a known kind");
+            plan.retry = None;
+            plan.stopped = Some(Stopped {
                 message,
                 since: SystemTime::now(),
             });
             return true;
         }
-        self.schedule_retry(i, pending, now);
+        self.schedule_retry(kind, pending, now);
         true
     }
 
-    fn schedule_retry(&mut self, i: usize, pending: Pending, now: Instant) {
+    fn schedule_retry(&mut self, kind: CredentialKind, pending: Pending, now: Instant) {
         let at = now + self.backoff(pending.attempts);
-        let plan = &mut self.kinds[i];
+        let plan = self.kinds.get_mut(kind).expect("a known kind");
         if plan.expires.is_some_and(|expires| at >= expires) {
             // Retrying past expiry is pointless: the kind becomes missing and
             // the next hello or hint asks again.
@@ -355,12 +356,12 @@ impl RefreshPlanner {
         self.publisher_connected = true;
         self.publisher_responsive = true;
         let mut send = Vec::new();
-        for kind in KINDS {
-            let i = slot(kind).expect("known kind");
+        for kind in CredentialKind::KNOWN {
+            let plan = self.kinds.get_mut(kind).expect("a known kind");
             // A new connection is the publisher "saying otherwise": whatever
             // was permanently wrong may have been fixed.
-            self.kinds[i].stopped = None;
-            if let Some(pending) = &mut self.kinds[i].pending {
+            plan.stopped = None;
+            if let Some(pending) = &mut plan.pending {
                 // The new publisher never saw this request: send it again
                 // with a fresh deadline.
                 pending.sent = true;
@@ -378,11 +379,9 @@ impl RefreshPlanner {
                 continue;
             }
             if !live(kind) {
-                self.kinds[i].retry = None;
+                plan.retry = None;
                 send.extend(self.request(kind, RefreshReason::Missing, 1, now));
-            } else if self.kinds[i].due.is_some_and(|due| due <= now)
-                && self.kinds[i].retry.is_none()
-            {
+            } else if plan.due.is_some_and(|due| due <= now) && plan.retry.is_none() {
                 send.extend(self.request(kind, RefreshReason::Expiring, 1, now));
             }
         }
@@ -409,9 +408,8 @@ impl RefreshPlanner {
         }
         let deadline = now + self.config.deadline;
         let deadline_wall = SystemTime::now() + self.config.deadline;
-        for kind in KINDS {
-            let i = slot(kind).expect("known kind");
-            if let Some(pending) = &mut self.kinds[i].pending {
+        for (kind, plan) in self.kinds.iter_mut() {
+            if let Some(pending) = &mut plan.pending {
                 pending.deadline = deadline;
                 pending.deadline_wall = deadline_wall;
                 if !pending.sent {
@@ -437,7 +435,7 @@ impl RefreshPlanner {
     pub fn publisher_disconnected(&mut self) {
         self.publisher_connected = false;
         self.publisher_responsive = true;
-        for plan in &mut self.kinds {
+        for (_, plan) in self.kinds.iter_mut() {
             if let Some(pending) = &mut plan.pending {
                 pending.sent = false;
             }
@@ -446,23 +444,25 @@ impl RefreshPlanner {
 
     /// Forgets everything about `kind` (revocation).
     pub fn revoked(&mut self, kind: CredentialKind) {
-        let Some(i) = slot(kind) else { return };
-        if let Some(pending) = self.kinds[i].pending.take() {
+        let Some(plan) = self.kinds.get_mut(kind) else {
+            return;
+        };
+        let cancelled = std::mem::take(plan).pending;
+        if let Some(pending) = cancelled {
             self.count(pending.reason, "cancelled");
         }
-        self.kinds[i] = KindPlan::default();
     }
 
     /// Does what is due at `now` and says when to run again.
     pub fn tick(&mut self, now: Instant) -> (Plan, Option<Instant>) {
         let mut plan = Plan::default();
-        for kind in KINDS {
-            let i = slot(kind).expect("known kind");
-            if self.kinds[i].expires.is_some_and(|at| at <= now) {
+        for kind in CredentialKind::KNOWN {
+            let kind_plan = self.kinds.get_mut(kind).expect("a known kind");
+            if kind_plan.expires.is_some_and(|at| at <= now) {
                 plan.expired.push(kind);
-                let stale = std::mem::take(&mut self.kinds[i]);
+                let stale = std::mem::take(kind_plan);
                 // Expiry does not lift a stop: asking would fail the same way.
-                self.kinds[i].stopped = stale.stopped.clone();
+                kind_plan.stopped = stale.stopped.clone();
                 if let Some(pending) = stale.pending {
                     self.count(pending.reason, "abandoned");
                 }
@@ -471,30 +471,33 @@ impl RefreshPlanner {
                 }
                 continue;
             }
-            if let Some(pending) = &self.kinds[i].pending
+            let can_send = self.can_send();
+            let kind_plan = self.kinds.get_mut(kind).expect("a known kind");
+            if let Some(pending) = &kind_plan.pending
                 && pending.sent
-                && self.can_send()
+                && can_send
                 && pending.deadline <= now
             {
-                let pending = self.kinds[i].pending.take().expect("checked");
+                let pending = kind_plan.pending.take().expect("checked");
                 self.count(pending.reason, "timed_out");
-                self.schedule_retry(i, pending, now);
+                self.schedule_retry(kind, pending, now);
             }
-            if let Some(retry) = self.kinds[i].retry.clone()
+            let kind_plan = self.kinds.get(kind).expect("a known kind");
+            if let Some(retry) = kind_plan.retry.clone()
                 && retry.at <= now
             {
                 plan.send
                     .extend(self.request(kind, retry.reason, retry.attempts, now));
             }
-            let plan_i = &self.kinds[i];
-            if plan_i.due.is_some_and(|due| due <= now)
-                && plan_i.pending.is_none()
-                && plan_i.retry.is_none()
-                && plan_i.stopped.is_none()
+            let kind_plan = self.kinds.get_mut(kind).expect("a known kind");
+            if kind_plan.due.is_some_and(|due| due <= now)
+                && kind_plan.pending.is_none()
+                && kind_plan.retry.is_none()
+                && kind_plan.stopped.is_none()
             {
                 // Only once per credential: the next is scheduled when the
                 // new credential arrives.
-                self.kinds[i].due = None;
+                kind_plan.due = None;
                 plan.send
                     .extend(self.request(kind, RefreshReason::Expiring, 1, now));
             }
@@ -506,7 +509,7 @@ impl RefreshPlanner {
         let can_send = self.can_send();
         self.kinds
             .iter()
-            .flat_map(|plan| {
+            .flat_map(|(_, plan)| {
                 [
                     plan.expires,
                     plan.due.filter(|_| {
@@ -525,19 +528,18 @@ impl RefreshPlanner {
 
     /// When the held credential of `kind` is due for refresh, if scheduled.
     pub fn due(&self, kind: CredentialKind) -> Option<Instant> {
-        slot(kind).and_then(|i| self.kinds[i].due)
+        self.kinds.get(kind).and_then(|plan| plan.due)
     }
 
     /// Outstanding requests, for `GetCluster`.
     pub fn pending(&self) -> Vec<PendingRefresh> {
-        KINDS
+        self.kinds
             .iter()
-            .filter_map(|kind| {
-                let plan = &self.kinds[slot(*kind)?];
+            .filter_map(|(kind, plan)| {
                 if let Some(p) = &plan.pending {
                     return Some(PendingRefresh {
                         id: p.id.clone(),
-                        kind: *kind as i32,
+                        kind: kind as i32,
                         reason: p.reason as i32,
                         deadline: Some(timestamp(p.deadline_wall)),
                         attempts: p.attempts,
@@ -546,7 +548,7 @@ impl RefreshPlanner {
                 }
                 plan.retry.as_ref().map(|r| PendingRefresh {
                     id: String::new(),
-                    kind: *kind as i32,
+                    kind: kind as i32,
                     reason: r.reason as i32,
                     deadline: None,
                     attempts: r.attempts.saturating_sub(1),
@@ -583,12 +585,12 @@ impl RefreshPlanner {
 
     /// Kinds stopped by a permanent error, for `GetCluster`.
     pub fn stopped(&self) -> Vec<StoppedRefresh> {
-        KINDS
+        self.kinds
             .iter()
-            .filter_map(|kind| {
-                let stopped = self.kinds[slot(*kind)?].stopped.as_ref()?;
+            .filter_map(|(kind, plan)| {
+                let stopped = plan.stopped.as_ref()?;
                 Some(StoppedRefresh {
-                    kind: *kind as i32,
+                    kind: kind as i32,
                     message: stopped.message.clone(),
                     since: Some(timestamp(stopped.since)),
                 })
@@ -599,7 +601,9 @@ impl RefreshPlanner {
     /// True if nothing is outstanding, backing off or scheduled for `kind`
     /// because a permanent error stopped it.
     pub fn is_stopped(&self, kind: CredentialKind) -> bool {
-        slot(kind).is_some_and(|i| self.kinds[i].stopped.is_some())
+        self.kinds
+            .get(kind)
+            .is_some_and(|plan| plan.stopped.is_some())
     }
 }
 
