@@ -1,7 +1,10 @@
 //! `credstream-broker`: per-cluster credential state, fan-out and refresh.
 //!
-//! - [`hub`] — per-cluster latest state (a `watch` per cluster), the agent
-//!   tally and the publisher slot.
+//! - [`hub`] — the registry of clusters; per cluster its latest state (a
+//!   `watch` per cluster), the agent tally, the publisher slot and the
+//!   planner's task.
+//! - [`agent_wire`] — agent-bound messages as gRPC frames; a credential is
+//!   framed once per version and shared by every agent stream.
 //! - [`bell`] — wakes a cluster's agent streams when its state changes.
 //! - [`refresh`] — the refresh planner — when to ask the publisher for a new
 //!   credential, single flight, retries with backoff.
@@ -19,6 +22,7 @@
 //! - [`server`] — the tonic server: health, reflection, shutdown.
 #![warn(missing_docs)]
 
+pub mod agent_wire;
 pub mod audit;
 pub mod auth;
 pub mod bell;

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use credstream_proto::v1::publisher_service_server::PublisherService;
 use credstream_proto::v1::{
     CredentialKind, Heartbeat, PublishRequest, PublishResponse, PublisherHello, PublisherWelcome,
-    credential_update, publish_request, publish_response,
+    publish_request, publish_response,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit;
 use crate::auth::{self, Claims};
-use crate::hub::{Cluster, ClusterHub, PublisherEvent};
+use crate::hub::{Cluster, ClusterHub, PublisherEvent, principal_and_account};
 use crate::limits;
 
 /// The `PublisherService` implementation.
@@ -67,20 +67,24 @@ impl PublisherService for PublisherServer {
     }
 }
 
+/// The credential kind `raw` names, if it names one that carries a
+/// credential (not `Unspecified`, not a number this broker does not know).
+fn known_kind(raw: i32) -> Option<CredentialKind> {
+    CredentialKind::try_from(raw)
+        .ok()
+        .filter(|kind| CredentialKind::KNOWN.contains(kind))
+}
+
 fn declared_kinds(hello: &PublisherHello) -> Result<Vec<CredentialKind>, Status> {
     let mut kinds = Vec::new();
     for raw in &hello.kinds {
-        match CredentialKind::try_from(*raw) {
-            Ok(kind @ (CredentialKind::Aws | CredentialKind::Gcp)) => {
-                if !kinds.contains(&kind) {
-                    kinds.push(kind);
-                }
-            }
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "hello.kinds holds {raw}, which is not a credential kind (use CREDENTIAL_KIND_AWS or CREDENTIAL_KIND_GCP)"
-                )));
-            }
+        let Some(kind) = known_kind(*raw) else {
+            return Err(Status::invalid_argument(format!(
+                "hello.kinds holds {raw}, which is not a credential kind (use CREDENTIAL_KIND_AWS or CREDENTIAL_KIND_GCP)"
+            )));
+        };
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
         }
     }
     Ok(kinds)
@@ -276,15 +280,7 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
             let lifetime = limits::check_credential(&update, SystemTime::now())?;
             let kind = update.kind();
             let answered = update.refresh_request_id.clone();
-            let (principal, account) = match &update.credential {
-                Some(credential_update::Credential::Aws(aws)) => {
-                    (aws.principal_arn.clone(), aws.account_id.clone())
-                }
-                Some(credential_update::Credential::Gcp(gcp)) => {
-                    (gcp.principal_email.clone(), gcp.project_id.clone())
-                }
-                None => Default::default(),
-            };
+            let (principal, account) = principal_and_account(&update);
             match cluster.publish_credential(update, lifetime) {
                 Some(version) => {
                     tracing::info!(cluster = %cluster.id(), kind = kind.label(), version, refresh = ?answered, "credential published");
@@ -334,17 +330,15 @@ fn handle(cluster: &Cluster, request: PublishRequest) -> Result<(), Status> {
         Some(Message::Revoke(revoke)) => {
             let mut kinds = Vec::new();
             for raw in &revoke.kinds {
-                match CredentialKind::try_from(*raw) {
-                    Ok(kind @ (CredentialKind::Aws | CredentialKind::Gcp)) => kinds.push(kind),
-                    _ => {
-                        return Err(Status::invalid_argument(format!(
-                            "revoke.kinds holds {raw}, which is not a credential kind"
-                        )));
-                    }
-                }
+                let Some(kind) = known_kind(*raw) else {
+                    return Err(Status::invalid_argument(format!(
+                        "revoke.kinds holds {raw}, which is not a credential kind"
+                    )));
+                };
+                kinds.push(kind);
             }
             if revoke.all {
-                kinds = vec![CredentialKind::Aws, CredentialKind::Gcp];
+                kinds = CredentialKind::KNOWN.to_vec();
             } else if kinds.is_empty() {
                 return Err(Status::invalid_argument("revoke needs kinds or all = true"));
             }

@@ -1,43 +1,39 @@
 //! `AgentService.Subscribe`: the worker's stream. The response is a
-//! hand-written HTTP body ([`SubscribeBody`]) over the cluster's state (no
-//! task, no queue per agent): each time the cluster's bell rings it sends
-//! whatever is newer than what this agent was sent. A small task reads acks
-//! and hints; an agent that half-closes keeps receiving. Dropping the
-//! response (the agent went away) unregisters the agent.
+//! hand-written HTTP body ([`SubscribeBody`], in `body.rs`) over the
+//! cluster's state (no task, no queue per agent): each time the cluster's
+//! bell rings it sends whatever is newer than what this agent was sent. A
+//! small task reads acks and hints; an agent that half-closes keeps
+//! receiving. Dropping the response (the agent went away) unregisters the
+//! agent.
 //!
 //! The fan-out path does no per-agent encoding or copying: a credential is
-//! framed and encoded once per version by the hub, and every agent's body
-//! hands those shared bytes to hyper as they are. That is why the service
-//! is wired by hand here ([`AgentServiceServer`]) instead of with the
-//! generated server, whose response path encodes each message per stream
-//! into a buffer of its own; the wire format is the same.
+//! framed once per version when it is published ([`crate::agent_wire`]),
+//! and every agent's body hands those shared bytes to hyper as they are.
+//! That is why the service is wired by hand here ([`AgentServiceServer`])
+//! instead of with the generated server, whose response path encodes each
+//! message per stream into a buffer of its own; the wire format is the
+//! same.
 
-use std::collections::VecDeque;
+mod body;
+
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use credstream_proto::v1::{
-    CredentialKind, SubscribeRequest, SubscribeResponse, subscribe_request, subscribe_response,
-};
-use http::HeaderMap;
-use http_body::Frame;
+use credstream_proto::kind::PerKind;
+use credstream_proto::v1::{CredentialKind, SubscribeRequest, subscribe_request};
 use prost::Message as _;
-use prost::bytes::Bytes;
-use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic::codegen::{Body, BoxFuture, StdError, http};
 use tonic::server::NamedService;
 use tonic::{Request, Status, Streaming};
 
-use crate::bell::BellHandle;
-use crate::hub::{
-    AgentRegistration, CatchUp, ClusterHub, ClusterState, SentVersions, grpc_frame_into,
-};
+pub use body::SubscribeBody;
+use body::{AgentAudit, ReaderHalf};
+
+use crate::hub::{AgentRegistration, ClusterHub};
 use crate::limits;
 use crate::{audit, auth};
 
@@ -95,27 +91,25 @@ impl AgentServer {
         tracing::debug!(cluster = %hello.cluster_id, agent = %hello.agent_id, "agent subscribed");
         let (mut state, bell) = cluster.watch();
         let current = state.borrow_and_update().clone();
-        let (fail, failed) = oneshot::channel();
-        tokio::spawn(read_agent(
-            inbound,
-            registration.clone(),
-            self.hint_interval,
-            fail,
-        ));
-        let mut body = SubscribeBody::new(
+        let (mut body, reader) = SubscribeBody::new(
             &current,
             (state, bell),
-            registration,
-            failed,
+            registration.clone(),
             self.hub.shutdown_signal(),
         );
+        tokio::spawn(read_agent(
+            inbound,
+            registration,
+            self.hint_interval,
+            reader,
+        ));
         if let Some(caller) = caller {
             audit::record(audit::Event::AgentSubscribed {
                 cluster: &hello.cluster_id,
                 agent_id: &hello.agent_id,
                 caller: &caller,
             });
-            body.audit = Some(AgentAudit {
+            body.set_audit(AgentAudit {
                 cluster: hello.cluster_id,
                 agent_id: hello.agent_id,
                 caller,
@@ -125,177 +119,21 @@ impl AgentServer {
     }
 }
 
-/// Writes the `agent_gone` audit event when dropped with its stream.
-struct AgentAudit {
-    cluster: String,
-    agent_id: String,
-    caller: audit::Caller,
-}
-
-impl Drop for AgentAudit {
-    fn drop(&mut self) {
-        audit::record(audit::Event::AgentGone {
-            cluster: &self.cluster,
-            agent_id: &self.agent_id,
-            caller: &self.caller,
-        });
-    }
-}
-
-/// The response body of one Subscribe stream: the snapshot, then whatever
-/// is newer than what this agent was sent, each time the cluster's bell
-/// rings; then the trailers with the status that ended it.
-///
-/// It yields gRPC-framed [`Bytes`] straight to hyper: a credential's bytes
-/// are the ones the hub encoded once per version, so an agent stream costs
-/// no encoding, no copy and no allocation per update.
-pub struct SubscribeBody {
-    state: watch::Receiver<Arc<ClusterState>>,
-    bell: BellHandle,
-    shutdown: watch::Receiver<bool>,
-    sent: SentVersions,
-    queue: VecDeque<CatchUp>,
-    _registration: Arc<AgentRegistration>,
-    /// Records `agent_gone` when the stream ends.
-    audit: Option<AgentAudit>,
-    /// Why the reader ended the stream (undecodable or out-of-order
-    /// input); closed without a status when the agent half-closes.
-    failed: Option<oneshot::Receiver<Status>>,
-    /// The status to send as trailers next.
-    ending: Option<Status>,
-    done: bool,
-}
-
-impl SubscribeBody {
-    fn new(
-        current: &ClusterState,
-        (state, bell): (watch::Receiver<Arc<ClusterState>>, BellHandle),
-        registration: Arc<AgentRegistration>,
-        failed: oneshot::Receiver<Status>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
-        let snapshot = CatchUp::Message(subscribe_response::Message::Snapshot(
-            current.snapshot(Instant::now()),
-        ));
-        let ending = shutdown.borrow().then(super::shutting_down);
-        Self {
-            state,
-            bell,
-            shutdown,
-            sent: SentVersions::of(current),
-            queue: VecDeque::from([snapshot]),
-            _registration: registration,
-            audit: None,
-            failed: Some(failed),
-            ending,
-            done: false,
-        }
-    }
-}
-
-impl std::fmt::Debug for SubscribeBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SubscribeBody")
-            .field("sent", &self.sent)
-            .field("queued", &self.queue.len())
-            .field("done", &self.done)
-            .finish_non_exhaustive()
-    }
-}
-
-/// One `CatchUp` as the bytes of a gRPC message.
-fn framed(item: CatchUp) -> Bytes {
-    match item {
-        CatchUp::Encoded(bytes) => bytes,
-        CatchUp::Message(message) => {
-            let mut out = Vec::new();
-            grpc_frame_into(
-                &SubscribeResponse {
-                    message: Some(message),
-                },
-                &mut out,
-            );
-            Bytes::from(out)
-        }
-    }
-}
-
-/// `status` as gRPC trailers.
-fn trailers(status: &Status) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(2);
-    if status.add_header(&mut map).is_err() {
-        // Only a message that is not a valid header value gets here; the
-        // code alone still tells the agent what to do.
-        map.clear();
-        map.insert("grpc-status", (status.code() as i32).into());
-    }
-    map
-}
-
-impl http_body::Body for SubscribeBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let this = self.get_mut();
-        loop {
-            if let Some(item) = this.queue.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(framed(item)))));
-            }
-            if this.done {
-                return Poll::Ready(None);
-            }
-            if let Some(status) = this.ending.take() {
-                this.done = true;
-                return Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))));
-            }
-            // Register before looking, so that a ring in between wakes us.
-            this.bell.register(cx.waker());
-            if this.shutdown.has_changed().unwrap_or(true) && *this.shutdown.borrow_and_update() {
-                this.ending = Some(super::shutting_down());
-                continue;
-            }
-            if let Some(failed) = &mut this.failed {
-                match Pin::new(failed).poll(cx) {
-                    Poll::Ready(Ok(status)) => {
-                        this.ending = Some(status);
-                        continue;
-                    }
-                    // The reader ended normally (half-close): keep
-                    // streaming, but stop polling the finished channel.
-                    Poll::Ready(Err(_)) => this.failed = None,
-                    Poll::Pending => {}
-                }
-            }
-            match this.state.has_changed() {
-                Ok(true) => {
-                    let latest = this.state.borrow_and_update().clone();
-                    this.sent.catch_up(&latest, Instant::now(), &mut this.queue);
-                }
-                Ok(false) => return Poll::Pending,
-                // The cluster is gone (the hub dropped it): nothing more
-                // will come; end cleanly.
-                Err(_) => this.ending = Some(Status::ok("")),
-            }
-        }
-    }
-}
-
+/// Reads one agent's acks and hints until the agent half-closes, sends
+/// something that ends the stream (reported to the body through
+/// `outcome`), or the body is gone (`stop`).
 async fn read_agent(
     mut inbound: Streaming<SubscribeRequest>,
     registration: Arc<AgentRegistration>,
     hint_interval: Duration,
-    mut fail: oneshot::Sender<Status>,
+    ReaderHalf { outcome, mut stop }: ReaderHalf,
 ) {
-    let mut last_hint: [Option<Instant>; 2] = [None, None];
+    let mut last_hint = PerKind::<Option<Instant>>::default();
     loop {
         let message = tokio::select! {
             message = inbound.message() => message,
             // The response ended (shutdown, or the agent went away).
-            () = fail.closed() => return,
+            _ = &mut stop => return,
         };
         let request = match message {
             Ok(Some(request)) => request,
@@ -303,7 +141,7 @@ async fn read_agent(
             Err(status) => {
                 // Undecodable input ends the stream with its status; if the
                 // agent is simply gone, nobody reads it.
-                let _ = fail.send(status);
+                outcome.fail(status);
                 return;
             }
         };
@@ -313,17 +151,17 @@ async fn read_agent(
                 Ok(())
             }
             Some(subscribe_request::Message::RefreshHint(hint)) => {
-                match CredentialKind::try_from(hint.kind) {
-                    Ok(kind @ (CredentialKind::Aws | CredentialKind::Gcp)) => {
-                        let slot = &mut last_hint[(kind == CredentialKind::Gcp) as usize];
+                let kind = CredentialKind::try_from(hint.kind).unwrap_or_default();
+                match last_hint.get_mut(kind) {
+                    Some(last) => {
                         let now = Instant::now();
-                        if slot.is_none_or(|at| now >= at + hint_interval) {
-                            *slot = Some(now);
+                        if last.is_none_or(|at| now >= at + hint_interval) {
+                            *last = Some(now);
                             registration.cluster().hint(kind, hint.held_version);
                         }
                         Ok(())
                     }
-                    _ => Err(Status::invalid_argument(format!(
+                    None => Err(Status::invalid_argument(format!(
                         "refresh_hint.kind holds {}, which is not a credential kind",
                         hint.kind
                     ))),
@@ -337,7 +175,7 @@ async fn read_agent(
             )),
         };
         if let Err(status) = result {
-            let _ = fail.send(status);
+            outcome.fail(status);
             return;
         }
     }

@@ -1,0 +1,213 @@
+//! [`SubscribeBody`]: the HTTP response body of one Subscribe stream,
+//! written by hand over the cluster's state (no task, no queue per agent).
+//!
+//! It yields gRPC-framed [`Bytes`] straight to hyper: a credential's bytes
+//! are the ones the hub framed once per version ([`crate::agent_wire`]),
+//! so an agent stream costs no encoding, no copy and no allocation per
+//! update. The generated server would encode each message per stream into
+//! a buffer of its own; the wire format is the same.
+//!
+//! The body waits on one thing, its place on the cluster's
+//! [`Bell`](crate::bell::Bell), whatever the reason it may have to act: the
+//! hub rings the bell for a new state and for the broker's shutdown, and the
+//! stream's reader task rings this stream alone when the agent sent
+//! something that ends it. After each wake-up the body reads the reason
+//! from state: the shutdown flag, the reader's [`ReaderOutcome`], the
+//! cluster's latest state.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+
+use credstream_proto::v1::subscribe_response;
+use http::HeaderMap;
+use http_body::Frame;
+use prost::bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::codegen::http;
+
+use crate::agent_wire::AgentFrame;
+use crate::audit;
+use crate::bell::{BellHandle, StreamRinger};
+use crate::hub::{AgentRegistration, ClusterState, SentVersions};
+
+/// Why the stream's reader task ended it (undecodable or out-of-order
+/// input), shared between the reader and the body. Set at most once; the
+/// reader rings the body after setting it. Nothing is set when the agent
+/// merely half-closes: the stream goes on.
+#[derive(Debug)]
+pub(super) struct ReaderOutcome {
+    failed: OnceLock<Status>,
+    ringer: StreamRinger,
+}
+
+impl ReaderOutcome {
+    /// Ends the stream with `status` (the first one set wins).
+    pub(super) fn fail(&self, status: Status) {
+        let _ = self.failed.set(status);
+        self.ringer.ring();
+    }
+}
+
+/// Writes the `agent_gone` audit event when dropped with its stream.
+pub(super) struct AgentAudit {
+    pub(super) cluster: String,
+    pub(super) agent_id: String,
+    pub(super) caller: audit::Caller,
+}
+
+impl Drop for AgentAudit {
+    fn drop(&mut self) {
+        audit::record(audit::Event::AgentGone {
+            cluster: &self.cluster,
+            agent_id: &self.agent_id,
+            caller: &self.caller,
+        });
+    }
+}
+
+/// The response body of one Subscribe stream: the snapshot, then whatever
+/// is newer than what this agent was sent, each time the cluster's bell
+/// rings; then the trailers with the status that ended it. See the module
+/// docs.
+pub struct SubscribeBody {
+    state: watch::Receiver<Arc<ClusterState>>,
+    bell: BellHandle,
+    shutdown: watch::Receiver<bool>,
+    sent: SentVersions,
+    queue: VecDeque<AgentFrame>,
+    _registration: Arc<AgentRegistration>,
+    /// Records `agent_gone` when the stream ends.
+    audit: Option<AgentAudit>,
+    reader: Arc<ReaderOutcome>,
+    /// Dropped with the body, which tells the reader task to stop.
+    _reader_stop: oneshot::Sender<Infallible>,
+    /// The status to send as trailers next.
+    ending: Option<Status>,
+    done: bool,
+}
+
+/// What the reader task of a [`SubscribeBody`] gets: where to report a
+/// failure, and a receiver that resolves when the body is gone.
+pub(super) struct ReaderHalf {
+    pub(super) outcome: Arc<ReaderOutcome>,
+    pub(super) stop: oneshot::Receiver<Infallible>,
+}
+
+impl SubscribeBody {
+    /// A body that starts with the snapshot of `current`, and the reader
+    /// half for the stream's reader task.
+    pub(super) fn new(
+        current: &ClusterState,
+        (state, bell): (watch::Receiver<Arc<ClusterState>>, BellHandle),
+        registration: Arc<AgentRegistration>,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Self, ReaderHalf) {
+        let snapshot = AgentFrame::Message(subscribe_response::Message::Snapshot(
+            current.snapshot(Instant::now()),
+        ));
+        let ending = shutdown.borrow().then(crate::service::shutting_down);
+        let reader = Arc::new(ReaderOutcome {
+            failed: OnceLock::new(),
+            ringer: bell.ringer(),
+        });
+        let (reader_stop, stop) = oneshot::channel();
+        let body = Self {
+            state,
+            bell,
+            shutdown,
+            sent: SentVersions::of(current),
+            queue: VecDeque::from([snapshot]),
+            _registration: registration,
+            audit: None,
+            reader: reader.clone(),
+            _reader_stop: reader_stop,
+            ending,
+            done: false,
+        };
+        (
+            body,
+            ReaderHalf {
+                outcome: reader,
+                stop,
+            },
+        )
+    }
+
+    /// Records `agent_gone` through `audit` when the stream ends.
+    pub(super) fn set_audit(&mut self, audit: AgentAudit) {
+        self.audit = Some(audit);
+    }
+}
+
+impl std::fmt::Debug for SubscribeBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscribeBody")
+            .field("sent", &self.sent)
+            .field("queued", &self.queue.len())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `status` as gRPC trailers.
+fn trailers(status: &Status) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(2);
+    if status.add_header(&mut map).is_err() {
+        // Only a message that is not a valid header value gets here; the
+        // code alone still tells the agent what to do.
+        map.clear();
+        map.insert("grpc-status", (status.code() as i32).into());
+    }
+    map
+}
+
+impl http_body::Body for SubscribeBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(item) = this.queue.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(item.into_bytes()))));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(status) = this.ending.take() {
+                this.done = true;
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))));
+            }
+            // The one wake-up source. Register before looking, so that a
+            // ring in between wakes us.
+            this.bell.register(cx.waker());
+            if this.shutdown.has_changed().unwrap_or(true) && *this.shutdown.borrow_and_update() {
+                this.ending = Some(crate::service::shutting_down());
+                continue;
+            }
+            if let Some(status) = this.reader.failed.get() {
+                this.ending = Some(status.clone());
+                continue;
+            }
+            match this.state.has_changed() {
+                Ok(true) => {
+                    let latest = this.state.borrow_and_update().clone();
+                    this.sent.catch_up(&latest, Instant::now(), &mut this.queue);
+                }
+                Ok(false) => return Poll::Pending,
+                // Only if the cluster's state sender were gone, which the
+                // registration this body holds rules out (it keeps the
+                // cluster); ending cleanly beats waiting for nothing.
+                Err(_) => this.ending = Some(Status::ok("")),
+            }
+        }
+    }
+}
