@@ -56,12 +56,13 @@ maturin build --release --locked --strip --zig --target "$TRIPLE" \
 
 WHEEL="$(ls "$OUT"/credstream-*.whl)"
 [[ "$(wc -l <<<"$WHEEL")" -eq 1 ]] || die "expected one wheel in $OUT, found: $WHEEL"
-# Check the contents: the module, the stubs and both commands.
+# Check the contents: the module, the native module's stub and both commands
+# (the Python modules carry their own annotations; py.typed marks them).
 "$VENV/bin/python" - "$WHEEL" <<'PY'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["credstream/__init__.py", "credstream/dask.py", "credstream/py.typed",
-        "credstream/__init__.pyi", "credstream/dask.pyi"]
+        "credstream/_credstream.pyi"]
 need += [n for n in names if n.endswith(".data/scripts/credstream")][:1] or ["<name>.data/scripts/credstream"]
 need += [n for n in names if n.endswith(".data/scripts/credstream-agent")][:1] or ["<name>.data/scripts/credstream-agent"]
 missing = [n for n in need if n not in names]

@@ -30,13 +30,15 @@ The wheel also puts the ``credstream`` and ``credstream-agent`` commands on
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as _dt
 import logging
 import os
 import threading
 import warnings
 import weakref
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 from . import _credstream
 from ._credstream import (
@@ -51,6 +53,9 @@ from ._credstream import (
     TakenOverError,
     TLSError,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __version__: str = _credstream.__version__
 
@@ -83,7 +88,7 @@ class CredstreamWarning(UserWarning):
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def _seconds(value: Union[None, int, float, str, _dt.timedelta], name: str) -> Optional[float]:
+def _seconds(value: float | str | _dt.timedelta | None, name: str) -> float | None:
     """Seconds from a number, a ``timedelta`` or ``"90s"``/``"15m"``/``"12h"``."""
     if value is None:
         return None
@@ -108,13 +113,14 @@ def _seconds(value: Union[None, int, float, str, _dt.timedelta], name: str) -> O
     )
 
 
-def _expand(path: Optional[PathLike]) -> Optional[str]:
+def _expand(path: PathLike | None) -> str | None:
     return None if path is None else os.path.expanduser(os.fspath(path))
 
 
-def _tag_pairs(tags: Optional[Mapping[str, str]]) -> List[Tuple[str, str]]:
+def _tag_pairs(tags: object) -> list[tuple[str, str]]:
     """``aws_tags`` as the CLI's ``--aws-tag KEY=VALUE`` pairs (the minter
-    checks the characters STS allows, and says which)."""
+    checks the characters STS allows, and says which). Takes anything: an
+    untyped caller's wrong type gets a :class:`ConfigurationError`."""
     if tags is None:
         return []
     if not isinstance(tags, Mapping):
@@ -130,7 +136,9 @@ def _tag_pairs(tags: Optional[Mapping[str, str]]) -> List[Tuple[str, str]]:
     return pairs
 
 
-def _env_pairs(env: Optional[Mapping[str, Any]], name: str = "env") -> List[Tuple[str, str]]:
+def _env_pairs(env: object, name: str = "env") -> list[tuple[str, str]]:
+    """``env`` as name, value pairs; anything but a mapping of strings to
+    strings (an untyped caller's) is a :class:`ConfigurationError`."""
     if env is None:
         return []
     if not isinstance(env, Mapping):
@@ -147,13 +155,13 @@ def _env_pairs(env: Optional[Mapping[str, Any]], name: str = "env") -> List[Tupl
     return pairs
 
 
-def _timestamp(seconds: Optional[float]) -> Optional[_dt.datetime]:
+def _timestamp(seconds: float | None) -> _dt.datetime | None:
     if seconds is None:
         return None
     return _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
 
 
-_live: "weakref.WeakSet[Publisher]" = weakref.WeakSet()
+_live: weakref.WeakSet[Publisher] = weakref.WeakSet()
 
 
 @atexit.register
@@ -161,10 +169,8 @@ def _close_all() -> None:
     # At interpreter exit: revoke where asked (revoke_on_close) and end the
     # streams cleanly instead of leaving the broker to notice a dead socket.
     for publisher in list(_live):
-        try:
+        with contextlib.suppress(CredstreamError):
             publisher.close()
-        except CredstreamError:
-            pass
 
 
 class Publisher:
@@ -258,27 +264,27 @@ class Publisher:
         self,
         broker: str,
         cluster: str,
-        token: Optional[str] = None,
+        token: str | None = None,
         *,
-        token_file: Optional[PathLike] = None,
+        token_file: PathLike | None = None,
         aws: bool = True,
         gcp: bool = True,
-        aws_profile: Optional[str] = None,
-        aws_role_arn: Optional[str] = None,
-        aws_session_policy: Optional[PathLike] = None,
-        aws_duration: Union[None, int, float, str, _dt.timedelta] = None,
-        gcp_scopes: Optional[Sequence[str]] = None,
-        env: Optional[Mapping[str, str]] = None,
-        env_files: Optional[Iterable[PathLike]] = None,
+        aws_profile: str | None = None,
+        aws_role_arn: str | None = None,
+        aws_session_policy: PathLike | None = None,
+        aws_duration: float | str | _dt.timedelta | None = None,
+        gcp_scopes: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        env_files: Iterable[PathLike] | None = None,
         revoke_on_close: bool = False,
-        ca_cert: Optional[PathLike] = None,
-        tls_client_cert: Optional[PathLike] = None,
-        tls_client_key: Optional[PathLike] = None,
+        ca_cert: PathLike | None = None,
+        tls_client_cert: PathLike | None = None,
+        tls_client_key: PathLike | None = None,
         insecure: bool = False,
         seal: bool = True,
-        seal_key_file: Optional[PathLike] = None,
-        aws_source_identity: Optional[str] = None,
-        aws_tags: Optional[Mapping[str, str]] = None,
+        seal_key_file: PathLike | None = None,
+        aws_source_identity: str | None = None,
+        aws_tags: Mapping[str, str] | None = None,
     ) -> None:
         if token is not None and token_file is not None:
             raise ConfigurationError("give the publisher token as token or token_file, not both")
@@ -327,12 +333,12 @@ class Publisher:
         return self._cluster
 
     @property
-    def kinds(self) -> List[str]:
+    def kinds(self) -> list[str]:
         """The credential kinds being published: ``"aws"``, ``"gcp"``."""
         return list(self._native.kinds())
 
     @property
-    def identities(self) -> List[str]:
+    def identities(self) -> list[str]:
         """Who each kind publishes as (or why it is skipped): the lines
         ``credstream publish`` prints first. No secrets."""
         return list(self._native.identity_lines())
@@ -343,13 +349,13 @@ class Publisher:
         return self._seal_key_id is not None
 
     @property
-    def seal_key_id(self) -> Optional[str]:
+    def seal_key_id(self) -> str | None:
         """The seal key's id (16 hex digits, as agents log it), or ``None``
         when not sealing. Not secret."""
         return self._seal_key_id
 
     @property
-    def seal_key_file(self) -> Optional[str]:
+    def seal_key_file(self) -> str | None:
         """The file the seal key is in (pass it to
         ``CredstreamPlugin(seal_key_file=...)`` when it is not the default),
         or ``None`` when not sealing."""
@@ -388,7 +394,7 @@ class Publisher:
         or the mint error when a credential could not be minted."""
         self._native.wait_delivered(float(timeout), int(min_agents))
 
-    def status(self) -> Dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         """What the broker holds for the cluster: its version, the live
         credentials (kind, principal, version, ``issued_at``/``expires_at``
         as UTC datetimes, ``sealed``), the private env (``version``, its
@@ -407,7 +413,7 @@ class Publisher:
             agent["connected_at"] = _timestamp(agent["connected_at"])
         return status
 
-    def close(self, revoke: Optional[bool] = None) -> bool:
+    def close(self, revoke: bool | None = None) -> bool:
         """Stops publishing. With ``revoke=True`` (or ``revoke_on_close``)
         it first revokes everything and waits up to 5 s for the broker to
         confirm, so agents stop serving the credentials and env at once;
@@ -418,7 +424,7 @@ class Publisher:
         _live.discard(self)
         return confirmed
 
-    def __enter__(self) -> "Publisher":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,4 +1,5 @@
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 __version__: str
 
@@ -13,40 +14,41 @@ class TakenOverError(CredstreamError): ...
 class PublisherClosedError(CredstreamError): ...
 class DeliveryTimeoutError(CredstreamError): ...
 
-def seal_key(cluster: str, seal_key_file: Optional[str] = ...) -> Tuple[str, str, str]: ...
+def seal_key(cluster: str, seal_key_file: str | None = ...) -> tuple[str, str, str]: ...
 
 class NativePublisher:
     def __init__(
         self,
         broker: str,
         cluster: str,
-        token: Optional[str],
-        token_file: Optional[str],
+        token: str | None,
+        token_file: str | None,
         aws: bool,
         gcp: bool,
-        aws_profile: Optional[str],
-        aws_role_arn: Optional[str],
-        aws_session_policy: Optional[str],
-        aws_duration: Optional[float],
+        aws_profile: str | None,
+        aws_role_arn: str | None,
+        aws_session_policy: str | None,
+        aws_duration: float | None,
         gcp_scopes: Sequence[str],
-        env: Sequence[Tuple[str, str]],
+        env: Sequence[tuple[str, str]],
         env_files: Sequence[str],
         revoke_on_close: bool,
-        ca_cert: Optional[str],
-        tls_client_cert: Optional[str],
-        tls_client_key: Optional[str],
+        ca_cert: str | None,
+        tls_client_cert: str | None,
+        tls_client_key: str | None,
         insecure: bool,
         seal: bool,
-        seal_key_file: Optional[str],
-        aws_source_identity: Optional[str],
-        aws_tags: Sequence[Tuple[str, str]],
+        seal_key_file: str | None,
+        aws_source_identity: str | None,
+        aws_tags: Sequence[tuple[str, str]],
     ) -> None: ...
-    def seal_info(self) -> Tuple[str, Optional[str], Optional[str]]: ...
-    def identity_lines(self) -> List[str]: ...
-    def kinds(self) -> List[str]: ...
-    def send_private_envs(self, vars: Sequence[Tuple[str, str]]) -> None: ...
+    def seal_info(self) -> tuple[str, str | None, str | None]: ...
+    def identity_lines(self) -> list[str]: ...
+    def kinds(self) -> list[str]: ...
+    # `vars`: the parameter's name in the native module (python/src/module.rs).
+    def send_private_envs(self, vars: Sequence[tuple[str, str]]) -> None: ...  # noqa: A002
     def unset_private_envs(self, names: Sequence[str]) -> None: ...
     def is_running(self) -> bool: ...
     def wait_delivered(self, timeout: float, min_agents: int) -> None: ...
-    def status(self) -> Dict[str, Any]: ...
-    def close(self, revoke: Optional[bool] = ...) -> bool: ...
+    def status(self) -> dict[str, Any]: ...
+    def close(self, revoke: bool | None = ...) -> bool: ...

@@ -36,8 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Any
 
 
 class AgentError(RuntimeError):
@@ -53,10 +54,8 @@ def _runtime_root() -> str:
 
 def _private_dir(path: str) -> str:
     """Creates ``path`` mode 0700, or checks that it is ours and private."""
-    try:
+    with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
     info = os.lstat(path)
     if not os.path.isdir(path) or os.path.islink(path) or info.st_uid != os.getuid():
         raise AgentError(f"{path} exists and is not a directory owned by this user")
@@ -65,8 +64,9 @@ def _private_dir(path: str) -> str:
     return path
 
 
-def host_dir(broker: str, cluster: str, agent_token: str, options: str,
-             seal_key: Optional[str] = None) -> str:
+def host_dir(
+    broker: str, cluster: str, agent_token: str, options: str, seal_key: str | None = None
+) -> str:
     """The agent directory for this user, broker, cluster, token, agent
     options and seal key (a different token, option or key, or none, means a
     different agent). The name is a digest: it reveals neither secret."""
@@ -88,7 +88,7 @@ def _locked(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _live_users(directory: str) -> List[str]:
+def _live_users(directory: str) -> list[str]:
     users = os.path.join(directory, "users")
     alive = []
     for name in os.listdir(users) if os.path.isdir(users) else []:
@@ -123,10 +123,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_info(directory: str) -> Optional[Dict[str, object]]:
+def _read_info(directory: str) -> dict[str, object] | None:
     try:
         with open(os.path.join(directory, "agent.json")) as f:
-            info = json.load(f)
+            info: dict[str, Any] = json.load(f)
     except (FileNotFoundError, ValueError):
         return None
     if _alive(int(info["agent_pid"])) and _alive(int(info["supervisor_pid"])):
@@ -204,10 +204,10 @@ def attach(
     broker: str,
     cluster: str,
     agent_token: str,
-    agent_args: List[str],
+    agent_args: list[str],
     agent_id: str,
     start_timeout: float,
-    seal_key: Optional[str] = None,
+    seal_key: str | None = None,
 ) -> HostAgent:
     """Attaches this process to the host's agent, starting it if none runs.
     With ``seal_key`` (the key file's line), the agent accepts only what the
@@ -221,8 +221,17 @@ def attach(
         try:
             info = _read_info(directory)
             if info is None:
-                info = _start(directory, agent_binary, broker, cluster, agent_token,
-                              agent_args, agent_id, start_timeout, seal_key)
+                info = _start(
+                    directory,
+                    agent_binary,
+                    broker,
+                    cluster,
+                    agent_token,
+                    agent_args,
+                    agent_id,
+                    start_timeout,
+                    seal_key,
+                )
         except BaseException:
             os.close(user_fd)
             with contextlib.suppress(FileNotFoundError):
@@ -239,16 +248,26 @@ def attach(
     )
 
 
-def _start(directory: str, agent_binary: str, broker: str, cluster: str, agent_token: str,
-           agent_args: List[str], agent_id: str, start_timeout: float,
-           seal_key: Optional[str]) -> Dict[str, object]:
-    config = json.dumps({
-        "agent_binary": agent_binary,
-        "broker": broker,
-        "cluster": cluster,
-        "agent_id": agent_id,
-        "agent_args": agent_args,
-    })
+def _start(
+    directory: str,
+    agent_binary: str,
+    broker: str,
+    cluster: str,
+    agent_token: str,
+    agent_args: list[str],
+    agent_id: str,
+    start_timeout: float,
+    seal_key: str | None,
+) -> dict[str, object]:
+    config = json.dumps(
+        {
+            "agent_binary": agent_binary,
+            "broker": broker,
+            "cluster": cluster,
+            "agent_id": agent_id,
+            "agent_args": agent_args,
+        }
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDSTREAM_")}
     supervisor = subprocess.Popen(
         [sys.executable, "-m", "credstream._host", directory, config],
@@ -290,6 +309,82 @@ def _tail(path: str, lines: int = 15) -> str:
 _LISTENING = re.compile(r"^listening on (\S+)$")
 
 
+def _launch(
+    directory: str, config: dict[str, Any], env_file: str, out_path: str
+) -> subprocess.Popen[bytes]:
+    """Reads the agent token and seal key from stdin and starts the agent
+    with them (on its stdin and on a pipe); they live only in this frame."""
+    secrets = json.loads(sys.stdin.buffer.read())
+    sys.stdin.close()
+    token = str(secrets["token"]).encode()
+    seal_key = secrets.get("seal_key")
+    del secrets
+    argv = [
+        config["agent_binary"],
+        "run",
+        "--broker",
+        config["broker"],
+        "--cluster",
+        config["cluster"],
+        "--agent-id",
+        config["agent_id"],
+        "--token-file",
+        "/dev/stdin",
+        "--env-file",
+        env_file,
+        *config["agent_args"],
+    ]
+    pass_fds: tuple[int, ...] = ()
+    if seal_key is not None:
+        # The key goes into a pipe before the agent starts (a key line is far
+        # below the pipe's buffer), and the write end is closed: the agent
+        # reads it, to its end, from the one descriptor it inherits. No file,
+        # and only the descriptor's number in its arguments.
+        key_read, key_write = os.pipe()
+        try:
+            os.write(key_write, str(seal_key).encode() + b"\n")
+        finally:
+            os.close(key_write)
+        del seal_key
+        argv += ["--seal-key-file", f"/dev/fd/{key_read}"]
+        pass_fds = (key_read,)
+    # Its stdout (the address and the pointer variables, no secret) goes to
+    # a file: a pipe nobody reads would block the agent, one closed early
+    # would end it.
+    log_path = os.path.join(directory, "agent.log")
+    with open(log_path, "ab", buffering=0) as log, open(out_path, "wb", buffering=0) as out:
+        os.chmod(log_path, 0o600)
+        os.chmod(out_path, 0o600)
+        try:
+            agent = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=log,
+                close_fds=True,
+                pass_fds=pass_fds,
+            )
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
+    assert agent.stdin is not None
+    agent.stdin.write(token)
+    agent.stdin.close()
+    del token
+    return agent
+
+
+def _listening_address(out_path: str) -> str | None:
+    """The address the agent printed on its stdout, if it did yet."""
+    address = None
+    with open(out_path, errors="replace") as f:
+        for line in f:
+            match = _LISTENING.match(line.strip())
+            if match:
+                address = match.group(1)
+    return address
+
+
 def _supervise(directory: str, config_json: str) -> int:
     """The supervisor's main: start the agent, publish agent.json, stop the
     agent when no worker holds on to it any more."""
@@ -305,76 +400,31 @@ def _supervise(directory: str, config_json: str) -> int:
     signal.signal(signal.SIGINT, stop)
 
     config = json.loads(config_json)
-    secrets = json.loads(sys.stdin.buffer.read())
-    sys.stdin.close()
-    token = str(secrets["token"]).encode()
-    seal_key = secrets.get("seal_key")
-    del secrets
     # Files of this supervisor's agent only: a successor started while this
     # one stops must not lose its env file when this agent removes its own.
     env_file = os.path.join(directory, f"env-{os.getpid()}")
-    log = open(os.path.join(directory, "agent.log"), "ab", buffering=0)
-    os.chmod(log.name, 0o600)
-    # Its stdout (the address and the pointer variables, no secret) goes to
-    # a file: a pipe nobody reads would block the agent, one closed early
-    # would end it.
     out_path = os.path.join(directory, f"agent-{os.getpid()}.out")
-    out = open(out_path, "wb", buffering=0)
-    os.chmod(out_path, 0o600)
-    argv = [config["agent_binary"], "run", "--broker", config["broker"],
-            "--cluster", config["cluster"], "--agent-id", config["agent_id"],
-            "--token-file", "/dev/stdin", "--env-file", env_file, *config["agent_args"]]
-    pass_fds: tuple = ()
-    if seal_key is not None:
-        # The key goes into a pipe before the agent starts (a key line is far
-        # below the pipe's buffer), and the write end is closed: the agent
-        # reads it, to its end, from the one descriptor it inherits. No file,
-        # and only the descriptor's number in its arguments.
-        key_read, key_write = os.pipe()
-        try:
-            os.write(key_write, str(seal_key).encode() + b"\n")
-        finally:
-            os.close(key_write)
-        del seal_key
-        argv += ["--seal-key-file", f"/dev/fd/{key_read}"]
-        pass_fds = (key_read,)
-    try:
-        agent = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=out,
-            stderr=log,
-            close_fds=True,
-            pass_fds=pass_fds,
-        )
-    finally:
-        for fd in pass_fds:
-            os.close(fd)
-    out.close()
-    log.close()
-    assert agent.stdin is not None
-    agent.stdin.write(token)
-    agent.stdin.close()
-    del token
+    agent = _launch(directory, config, env_file, out_path)
 
     address = None
     while address is None and not stopping and agent.poll() is None:
-        with open(out_path, errors="replace") as f:
-            for line in f:
-                match = _LISTENING.match(line.strip())
-                if match:
-                    address = match.group(1)
+        address = _listening_address(out_path)
         time.sleep(0.02)
     if address is None:
         if agent.poll() is None:
             agent.terminate()
         return agent.wait()
-    _write_atomic(os.path.join(directory, "agent.json"), json.dumps({
-        "agent_pid": agent.pid,
-        "supervisor_pid": os.getpid(),
-        "address": address,
-        "env_file": env_file,
-    }))
+    _write_atomic(
+        os.path.join(directory, "agent.json"),
+        json.dumps(
+            {
+                "agent_pid": agent.pid,
+                "supervisor_pid": os.getpid(),
+                "address": address,
+                "env_file": env_file,
+            }
+        ),
+    )
     try:
         while not stopping and agent.poll() is None:
             with _locked(os.path.join(directory, "lock")):

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -60,7 +61,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from collections.abc import Mapping
+from typing import Any, Union
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -71,7 +73,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 logger = logging.getLogger("credstream.dask")
 
-__all__ = ["CredstreamPlugin", "AgentNotReadyError", "send_private_envs", "agent_binary"]
+__all__ = ["AgentNotReadyError", "CredstreamPlugin", "agent_binary", "send_private_envs"]
 
 #: Variables of the agent's env file that carry a secret value: the local
 #: authorization token (the worker reads it from the token file instead)
@@ -105,10 +107,10 @@ def agent_binary() -> str:
     )
 
 
-def parse_env_file(text: str) -> Dict[str, str]:
+def parse_env_file(text: str) -> dict[str, str]:
     """Reads the agent's env file: ``NAME='value'`` lines, each ``'`` in a
     value written as ``'"'"'``; values may span lines."""
-    env: Dict[str, str] = {}
+    env: dict[str, str] = {}
     i, n = 0, len(text)
     while i < n:
         if text[i] == "\n":
@@ -123,7 +125,7 @@ def parse_env_file(text: str) -> Dict[str, str]:
             if quote not in "'\"":
                 raise ValueError(f"unquoted value for {name}")
             end = text.index(quote, i + 1)
-            value.append(text[i + 1:end])
+            value.append(text[i + 1 : end])
             i = end + 1
         env[name] = "".join(value)
     return env
@@ -140,12 +142,12 @@ class _Follower:
 
     def __init__(self, agent: _host.HostAgent) -> None:
         self.agent = agent
-        self.applied: Dict[str, str] = {}
-        self._seen: Optional[Tuple[int, int, int]] = None
-        self._desired: Dict[str, str] = {}
+        self.applied: dict[str, str] = {}
+        self._seen: tuple[int, int, int] | None = None
+        self._desired: dict[str, str] = {}
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self._token_file: Optional[str] = None
+        self._thread: threading.Thread | None = None
+        self._token_file: str | None = None
 
     def _probe(self, path: str, headers: Mapping[str, str]) -> bool:
         """HEAD on the agent: is a live credential there? (No body, so no
@@ -155,7 +157,8 @@ class _Follower:
         )
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
-                return response.status == 200
+                status: int = response.status
+                return status == 200
         except (urllib.error.URLError, OSError):
             return False
 
@@ -202,7 +205,7 @@ class _Follower:
                 desired.pop(name, None)
         self.apply(desired)
 
-    def apply(self, desired: Dict[str, str]) -> None:
+    def apply(self, desired: dict[str, str]) -> None:
         for name in list(self.applied):
             if name not in desired:
                 if os.environ.get(name) == self.applied[name]:
@@ -233,22 +236,21 @@ class _Follower:
         self.apply({})
 
 
-def _ready(address: str) -> Tuple[bool, str]:
+def _ready(address: str) -> tuple[bool, str]:
     try:
         with urllib.request.urlopen(f"http://{address}/readyz", timeout=2) as response:
             return response.status == 200, "ready"
     except urllib.error.HTTPError as error:
         body = error.read().decode(errors="replace")
-        with contextlib.suppress(Exception):
-            import json
-
+        # Not JSON, or not an object: the body as it is.
+        with contextlib.suppress(ValueError, AttributeError):
             body = json.loads(body).get("message", body)
         return False, str(body)
     except (urllib.error.URLError, OSError) as error:
         return False, f"the agent at {address} does not answer: {error}"
 
 
-def _last_refusal(log: str) -> Optional[str]:
+def _last_refusal(log: str) -> str | None:
     """The agent's last "refused an update" line (a reason, never content):
     a publisher that seals while the plugin does not, or the other way."""
     try:
@@ -305,18 +307,18 @@ class CredstreamPlugin(WorkerPlugin):
         *,
         ready_timeout: float = 60.0,
         gce_metadata: bool = True,
-        ca_cert: Optional[str] = None,
-        tls_client_cert: Optional[str] = None,
-        tls_client_key: Optional[str] = None,
+        ca_cert: str | None = None,
+        tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
         insecure: bool = False,
-        name: Optional[str] = None,
+        name: str | None = None,
         seal: bool = True,
-        seal_key_file: Optional[PathLike] = None,
+        seal_key_file: PathLike | None = None,
     ) -> None:
         if not agent_token or not isinstance(agent_token, str):
             raise ValueError("agent_token must be the cluster's agent token")
-        self._seal_key: Optional[str] = None
-        self.seal_key_id: Optional[str] = None
+        self._seal_key: str | None = None
+        self.seal_key_id: str | None = None
         if seal:
             path = None if seal_key_file is None else os.path.expanduser(os.fspath(seal_key_file))
             # The publisher's own lookup (Rust, `credstream publish`'s): the
@@ -337,8 +339,8 @@ class CredstreamPlugin(WorkerPlugin):
         self.insecure = insecure
         if name is not None:
             self.name = name
-        self._agent: Optional[_host.HostAgent] = None
-        self._follower: Optional[_Follower] = None
+        self._agent: _host.HostAgent | None = None
+        self._follower: _Follower | None = None
 
     @property
     def sealed(self) -> bool:
@@ -349,14 +351,14 @@ class CredstreamPlugin(WorkerPlugin):
         sealed = f"seal_key_id={self.seal_key_id!r}" if self.sealed else "seal=False"
         return f"CredstreamPlugin(broker={self.broker!r}, cluster={self.cluster!r}, {sealed})"
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_agent"] = None
         state["_follower"] = None
         return state
 
-    def _agent_args(self) -> List[str]:
-        args: List[str] = []
+    def _agent_args(self) -> list[str]:
+        args: list[str] = []
         if not self.gce_metadata:
             args.append("--no-gce-metadata")
         if self.ca_cert:
@@ -375,8 +377,9 @@ class CredstreamPlugin(WorkerPlugin):
         deadline = time.monotonic() + self.ready_timeout
         args = self._agent_args()
         seal_key = getattr(self, "_seal_key", None)
-        directory = _host.host_dir(self.broker, self.cluster, self.agent_token, "\0".join(args),
-                                   seal_key)
+        directory = _host.host_dir(
+            self.broker, self.cluster, self.agent_token, "\0".join(args), seal_key
+        )
         try:
             agent = _host.attach(
                 agent_binary=agent_binary(),
@@ -432,7 +435,7 @@ class CredstreamPlugin(WorkerPlugin):
         if agent is not None:
             agent.detach()
 
-    async def setup(self, worker: Any) -> None:  # noqa: D401
+    async def setup(self, worker: Any) -> None:
         """Called by distributed on every worker (and each one that joins)."""
         await asyncio.get_running_loop().run_in_executor(None, self.attach)
 
