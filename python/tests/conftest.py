@@ -30,8 +30,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import pytest
 
@@ -42,8 +43,9 @@ VENV_BIN = os.path.dirname(sys.executable)
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def wait_until(what: str, check: Callable[[], Optional[T]], timeout: float = 60.0,
-               interval: float = 0.1) -> T:
+def wait_until(
+    what: str, check: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.1
+) -> T:
     """Polls ``check`` until it returns something truthy, or fails saying
     what was awaited and the last value seen."""
     deadline = time.monotonic() + timeout
@@ -51,11 +53,13 @@ def wait_until(what: str, check: Callable[[], Optional[T]], timeout: float = 60.
     while True:
         try:
             last = check()
-        except Exception as error:  # the condition may fail while things start
+        # Any error: the condition may fail while things start; the last one
+        # is in the timeout's message.
+        except Exception as error:  # noqa: BLE001
             last = error
         else:
             if last:
-                return last  # type: ignore[return-value]
+                return last
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; last: {last!r}")
         time.sleep(interval)
@@ -83,8 +87,7 @@ def require_env(name: str) -> str:
 class Proc:
     """A child process whose output goes to a log file, killed at close."""
 
-    def __init__(self, name: str, argv: List[str], env: Dict[str, str], log_dir: str,
-                 **kwargs: object) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: str) -> None:
         self.name = name
         # One file per process, even for a second broker in one session.
         self.log_path = os.path.join(log_dir, f"{name}.log")
@@ -92,20 +95,28 @@ class Proc:
         while os.path.exists(self.log_path):
             number += 1
             self.log_path = os.path.join(log_dir, f"{name}-{number}.log")
-        self._log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(argv, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, **kwargs)  # type: ignore[arg-type]
+        # Open as long as the child runs (it writes to it); stop() closes it.
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.popen = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
     def output(self) -> str:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def wait_for_line(self, pattern: str, timeout: float = 60.0) -> re.Match:
-        regex = re.compile(pattern, re.M)
+    def wait_for_line(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
+        regex = re.compile(pattern, re.MULTILINE)
 
-        def found() -> Optional[re.Match]:
+        def found() -> re.Match[str] | None:
             if self.popen.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.popen.returncode}:\n{self.output()}")
+                raise AssertionError(
+                    f"{self.name} exited {self.popen.returncode}:\n{self.output()}"
+                )
             return regex.search(self.output())
 
         return wait_until(f"{self.name} to print {pattern!r}", found, timeout)
@@ -124,8 +135,13 @@ class Proc:
 
 SEED_ROLE_POLICY = {
     "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
-                   "Resource": ["arn:aws:s3:::seed-data", "arn:aws:s3:::seed-data/*"]}],
+    "Statement": [
+        {
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:ListBucket"],
+            "Resource": ["arn:aws:s3:::seed-data", "arn:aws:s3:::seed-data/*"],
+        }
+    ],
 }
 
 
@@ -140,12 +156,12 @@ class Moto:
     key: str = "reports/hello.txt"
     body: bytes = b"hello from moto s3"
 
-    def assumed_role_keys(self) -> List[str]:
+    def assumed_role_keys(self) -> list[str]:
         import urllib.request
 
         with urllib.request.urlopen(f"{self.url}/moto-api/data.json") as response:
             data = json.load(response)
-        keys: List[str] = []
+        keys: list[str] = []
 
         def walk(value: object) -> None:
             if isinstance(value, dict):
@@ -166,8 +182,12 @@ def start_moto(log_dir: str) -> Moto:
     python = require_env("CREDSTREAM_TEST_PYTHON")
     for _ in range(5):
         port = free_port()
-        proc = Proc("moto", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                    {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": log_dir}, log_dir)
+        proc = Proc(
+            "moto",
+            [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": log_dir},
+            log_dir,
+        )
         try:
             proc.wait_for_line(r"Running on", timeout=60)
         except AssertionError:
@@ -183,26 +203,58 @@ def seed_moto(moto: Moto, auth: bool = True) -> None:
     `auth` is False: under auth moto rejects the fixed keys its own
     GetSessionToken returns (docs/facts.md, 15), so a publisher that mints
     without a role needs auth off."""
-    import boto3
     import urllib.request
 
-    kw = dict(endpoint_url=moto.url, region_name="us-east-1",
-              aws_access_key_id="seed", aws_secret_access_key="seed")
+    import boto3
+
+    kw = dict(
+        endpoint_url=moto.url,
+        region_name="us-east-1",
+        aws_access_key_id="seed",
+        aws_secret_access_key="seed",
+    )
     iam = boto3.client("iam", **kw)
     s3 = boto3.client("s3", **kw)
     user = iam.create_user(UserName="laptop-user")["User"]
-    iam.put_user_policy(UserName="laptop-user", PolicyName="mint", PolicyDocument=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow",
-                       "Action": ["sts:AssumeRole", "sts:GetSessionToken", "sts:GetCallerIdentity"],
-                       "Resource": "*"}]}))
+    iam.put_user_policy(
+        UserName="laptop-user",
+        PolicyName="mint",
+        PolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Action": [
+                            "sts:AssumeRole",
+                            "sts:GetSessionToken",
+                            "sts:GetCallerIdentity",
+                        ],
+                        "Resource": "*",
+                    }
+                ],
+            }
+        ),
+    )
     key = iam.create_access_key(UserName="laptop-user")["AccessKey"]
-    role = iam.create_role(RoleName="cluster-reader", AssumeRolePolicyDocument=json.dumps({
-        "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Principal": {"AWS": user["Arn"]},
-                       "Action": "sts:AssumeRole"}]}))["Role"]
-    iam.put_role_policy(RoleName="cluster-reader", PolicyName="read",
-                        PolicyDocument=json.dumps(SEED_ROLE_POLICY))
+    role = iam.create_role(
+        RoleName="cluster-reader",
+        AssumeRolePolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"AWS": user["Arn"]},
+                        "Action": "sts:AssumeRole",
+                    }
+                ],
+            }
+        ),
+    )["Role"]
+    iam.put_role_policy(
+        RoleName="cluster-reader", PolicyName="read", PolicyDocument=json.dumps(SEED_ROLE_POLICY)
+    )
     s3.create_bucket(Bucket=moto.bucket)
     s3.put_object(Bucket=moto.bucket, Key=moto.key, Body=moto.body)
     moto.access_key_id = key["AccessKeyId"]
@@ -212,8 +264,12 @@ def seed_moto(moto: Moto, auth: bool = True) -> None:
         return
     # The body is the number of requests still allowed without auth; a form
     # content type (urllib's default) would hide it from moto.
-    request = urllib.request.Request(f"{moto.url}/moto-api/reset-auth", data=b"0", method="POST",
-                                     headers={"Content-Type": "text/plain"})
+    request = urllib.request.Request(
+        f"{moto.url}/moto-api/reset-auth",
+        data=b"0",
+        method="POST",
+        headers={"Content-Type": "text/plain"},
+    )
     with urllib.request.urlopen(request) as response:
         assert response.status == 200
 
@@ -222,17 +278,18 @@ class TokenEndpoint:
     """An OAuth2 token endpoint: every POST gets a new token, an hour long."""
 
     def __init__(self) -> None:
-        self.issued: List[str] = []
+        self.issued: list[str] = []
         endpoint = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 self.rfile.read(length)
                 token = f"ya29.dask-{len(endpoint.issued) + 1}"
                 endpoint.issued.append(token)
-                body = json.dumps({"access_token": token, "expires_in": 3600,
-                                   "token_type": "Bearer"}).encode()
+                body = json.dumps(
+                    {"access_token": token, "expires_in": 3600, "token_type": "Bearer"}
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -259,15 +316,24 @@ def service_account_key(directory: str, token_uri: str) -> str:
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     path = os.path.join(directory, "service-account.json")
     with open(path, "w") as f:
-        json.dump({"type": "service_account", "project_id": GCP_PROJECT,
-                   "private_key_id": "0123456789abcdef", "private_key": pem,
-                   "client_email": GCP_EMAIL, "client_id": "100000000000000000003",
-                   "auth_uri": "https://accounts.google.com/o/oauth2/auth",
-                   "token_uri": token_uri}, f)
+        json.dump(
+            {
+                "type": "service_account",
+                "project_id": GCP_PROJECT,
+                "private_key_id": "0123456789abcdef",
+                "private_key": pem,
+                "client_email": GCP_EMAIL,
+                "client_id": "100000000000000000003",
+                "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+                "token_uri": token_uri,
+            },
+            f,
+        )
     return path
 
 
@@ -282,16 +348,28 @@ class Broker:
 
 def start_broker(log_dir: str, *args: str) -> Broker:
     binary = require_env("CREDSTREAM_TEST_BROKER")
-    proc = Proc("broker", [binary, "--listen", "127.0.0.1:0", "--dev", *args],
-                {"PATH": "/usr/bin:/bin", "RUST_LOG": "info"}, log_dir)
+    proc = Proc(
+        "broker",
+        [binary, "--listen", "127.0.0.1:0", "--dev", *args],
+        {"PATH": "/usr/bin:/bin", "RUST_LOG": "info"},
+        log_dir,
+    )
     listening = proc.wait_for_line(r"^listening on (\S+)$").group(1)
-    tokens = {name: proc.wait_for_line(rf"^{name}=(\S+)$").group(1)
-              for name in ("CREDSTREAM_PUBLISHER_TOKEN", "CREDSTREAM_AGENT_TOKEN",
-                           "CREDSTREAM_ADMIN_TOKEN")}
-    return Broker(proc=proc, url=f"http://{listening}",
-                  publisher_token=tokens["CREDSTREAM_PUBLISHER_TOKEN"],
-                  agent_token=tokens["CREDSTREAM_AGENT_TOKEN"],
-                  admin_token=tokens["CREDSTREAM_ADMIN_TOKEN"])
+    tokens = {
+        name: proc.wait_for_line(rf"^{name}=(\S+)$").group(1)
+        for name in (
+            "CREDSTREAM_PUBLISHER_TOKEN",
+            "CREDSTREAM_AGENT_TOKEN",
+            "CREDSTREAM_ADMIN_TOKEN",
+        )
+    }
+    return Broker(
+        proc=proc,
+        url=f"http://{listening}",
+        publisher_token=tokens["CREDSTREAM_PUBLISHER_TOKEN"],
+        agent_token=tokens["CREDSTREAM_AGENT_TOKEN"],
+        admin_token=tokens["CREDSTREAM_ADMIN_TOKEN"],
+    )
 
 
 @dataclass
@@ -300,9 +378,9 @@ class DaskCluster:
     scheduler_file: str
     log_dir: str
     moto_url: str
-    workers: List[Proc] = field(default_factory=list)
+    workers: list[Proc] = field(default_factory=list)
 
-    def worker_env(self, host: str) -> Dict[str, str]:
+    def worker_env(self, host: str) -> dict[str, str]:
         """A worker with no credentials of its own; ``host`` names its
         private runtime dir, so workers with the same name share an agent
         as workers on one machine do."""
@@ -328,11 +406,24 @@ class DaskCluster:
         }
 
     def add_worker(self, host: str, name: str) -> Proc:
-        proc = Proc(f"worker-{name}",
-                    [os.path.join(VENV_BIN, "dask"), "worker", "--scheduler-file",
-                     self.scheduler_file, "--name", name, "--nthreads", "2",
-                     "--host", "127.0.0.1", "--no-dashboard"],
-                    self.worker_env(host), self.log_dir)
+        proc = Proc(
+            f"worker-{name}",
+            [
+                os.path.join(VENV_BIN, "dask"),
+                "worker",
+                "--scheduler-file",
+                self.scheduler_file,
+                "--name",
+                name,
+                "--nthreads",
+                "2",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+            ],
+            self.worker_env(host),
+            self.log_dir,
+        )
         self.workers.append(proc)
         return proc
 
@@ -344,18 +435,31 @@ class DaskCluster:
 
 def start_scheduler(log_dir: str, moto_url: str) -> DaskCluster:
     scheduler_file = os.path.join(log_dir, "scheduler.json")
-    proc = Proc("scheduler",
-                [os.path.join(VENV_BIN, "dask"), "scheduler", "--scheduler-file", scheduler_file,
-                 "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],
-                {"PATH": "/usr/bin:/bin", "HOME": log_dir, "PYTHONPATH": TESTS_DIR}, log_dir)
+    proc = Proc(
+        "scheduler",
+        [
+            os.path.join(VENV_BIN, "dask"),
+            "scheduler",
+            "--scheduler-file",
+            scheduler_file,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+        ],
+        {"PATH": "/usr/bin:/bin", "HOME": log_dir, "PYTHONPATH": TESTS_DIR},
+        log_dir,
+    )
     wait_until("the scheduler file", lambda: os.path.exists(scheduler_file), timeout=60)
     proc.wait_for_line(r"Scheduler at:")
-    return DaskCluster(scheduler=proc, scheduler_file=scheduler_file, log_dir=log_dir,
-                       moto_url=moto_url)
+    return DaskCluster(
+        scheduler=proc, scheduler_file=scheduler_file, log_dir=log_dir, moto_url=moto_url
+    )
 
 
 @pytest.fixture(scope="session")
-def log_dir() -> str:
+def log_dir() -> Iterator[str]:
     path = tempfile.mkdtemp(prefix="credstream-pytest-")
     print(f"\nlogs: {path}")
     yield path
@@ -384,10 +488,10 @@ def read_seal_key(path: str) -> str:
     return secret
 
 
-def agent_infos(runtime_dir: str) -> List[Dict[str, object]]:
+def agent_infos(runtime_dir: str) -> list[dict[str, Any]]:
     """The running agents' ``agent.json`` under a worker's runtime dir, each
     with the ``directory`` it is in."""
-    infos = []
+    infos: list[dict[str, Any]] = []
     for root, _, files in os.walk(runtime_dir):
         if "agent.json" in files:
             with open(os.path.join(root, "agent.json")) as f:
@@ -397,7 +501,7 @@ def agent_infos(runtime_dir: str) -> List[Dict[str, object]]:
     return infos
 
 
-def laptop_env(moto: Moto, home: str, key_file: Optional[str]) -> Dict[str, str]:
+def laptop_env(moto: Moto, home: str, key_file: str | None) -> dict[str, str]:
     """What the "laptop" (this test process) mints from: the seeded user's
     long-term keys, STS at moto, and the service-account key."""
     empty = os.path.join(home, "empty-aws-file")
