@@ -56,6 +56,24 @@ section "buf lint"
 section "buf format -d --exit-code"
 "$BUF" format -d --exit-code
 
+# The Python package and its tests, as python/pyproject.toml configures the
+# tools; scripts/requirements-test.txt pins them into .venv. A missing tool
+# fails here, it is never skipped.
+RUFF="$ROOT/.venv/bin/ruff"
+MYPY="$ROOT/.venv/bin/mypy"
+for tool in "$RUFF" "$MYPY"; do
+  [[ -x "$tool" ]] || { echo "error: $tool is missing (scripts/provision.sh installs it)" >&2; exit 1; }
+done
+
+section "ruff check python"
+"$RUFF" check python
+
+section "ruff format --check python"
+"$RUFF" format --check python
+
+section "mypy (strict; python/credstream and python/tests)"
+(cd "$ROOT/python" && "$MYPY")
+
 if [[ "${CI:-}" == "true" ]]; then
   section "buf breaking --against '.git#ref=HEAD~1'"
   if ! git rev-parse --verify --quiet 'HEAD~1^{commit}' >/dev/null; then
