@@ -8,6 +8,7 @@ use aws_config::{BehaviorVersion, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::credential_feature::AwsCredentialFeature;
 use aws_credential_types::provider::ProvideCredentials;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_sts::primitives::{DateTime, DateTimeFormat};
 use credstream_proto::convert::timestamp;
 use credstream_proto::v1::AccessEnd;
@@ -48,7 +49,9 @@ impl AwsMinter {
         let credentials = match provider.provide_credentials().await {
             Ok(credentials) => credentials,
             Err(err) => {
-                let sso = sso_cache::uses_sso(self.profile.as_deref()).await;
+                // Only a provider's failure asks which login the profile uses.
+                let sso = matches!(err, CredentialsError::ProviderError(_))
+                    && sso_cache::uses_sso(self.profile.as_deref()).await;
                 return Err(credentials_error(err, sso));
             }
         };

@@ -51,9 +51,8 @@
 //!
 //! TLS is rustls with ring (the crypto provider tonic already uses), so the
 //! SDK's default aws-lc build is not needed.
-
 //!
-//! The files, by job: [`builder`] checks the settings once; `plan` makes
+//! The files, by job: `builder` checks the settings once; `plan` makes
 //! the one decision of what a mint does with the local credentials;
 //! `local` asks the default chain and reads what it says about them (their
 //! source, when access ends); `sts` makes the STS calls; `forwarded` builds
