@@ -197,3 +197,64 @@ where
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use aws_sdk_sts::config::http::HttpResponse;
+    use aws_sdk_sts::error::ErrorMetadata;
+
+    fn refused_by_sts(code: &str, message: &str) -> SdkError<AssumeRoleError> {
+        let meta = ErrorMetadata::builder().code(code).message(message).build();
+        SdkError::service_error(
+            AssumeRoleError::generic(meta),
+            HttpResponse::new(400.try_into().unwrap(), "".into()),
+        )
+    }
+
+    #[test]
+    fn chain_failures_are_told_apart_by_type() {
+        let err = credentials_error(CredentialsError::not_loaded("nothing here"), false);
+        assert!(matches!(err, MintError::NoCredentials { .. }), "{err:?}");
+
+        let failed = || CredentialsError::provider_error("the provider failed");
+        let err = credentials_error(failed(), false).to_string();
+        assert!(err.ends_with(NO_CREDENTIALS_HINT), "{err}");
+        // The same failure from an SSO profile: log in again.
+        let err = credentials_error(failed(), true).to_string();
+        assert!(err.ends_with(SSO_LOGIN_HINT), "{err}");
+
+        // A profile's role refused because its source credentials expired.
+        let expired = refused_by_sts(
+            "ExpiredToken",
+            "The security token included in the request is expired",
+        );
+        let err = credentials_error(CredentialsError::provider_error(expired), false);
+        assert!(matches!(err, MintError::Refused { .. }), "{err:?}");
+        assert!(err.to_string().ends_with(SSO_LOGIN_HINT), "{err}");
+        let denied = refused_by_sts("AccessDenied", "not authorized to perform sts:AssumeRole");
+        let err = credentials_error(CredentialsError::provider_error(denied), false);
+        assert!(err.to_string().ends_with(NO_CREDENTIALS_HINT), "{err}");
+    }
+
+    #[test]
+    fn sts_refusals_name_the_fix_by_code() {
+        let err = sts_error("AssumeRole", refused_by_sts("AccessDenied", "no"));
+        assert!(matches!(err, MintError::Refused { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("AWS refused to mint: AssumeRole: access denied: ")
+                && err.to_string().ends_with(" (AccessDenied: no)"),
+            "{err}"
+        );
+        let err = sts_error(
+            "AssumeRole",
+            refused_by_sts("ValidationError", "bad duration"),
+        );
+        assert_eq!(
+            err.to_string(),
+            "AWS refused to mint: AssumeRole: ValidationError: bad duration"
+        );
+    }
+}
