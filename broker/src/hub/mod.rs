@@ -8,6 +8,8 @@
 //!   [`SentVersions`], how far one agent stream has got.
 //! - [`publisher`] — the publisher slot: takeovers and their hold-down.
 //! - [`agents`] — the agent tally behind the publisher's `UpdateAck`.
+//! - [`status`] — what a cluster shows of itself (`GetCluster`,
+//!   `ListClusters`, metrics), never a secret.
 //! - `driver` — the cluster's task: the refresh planner's timer and the
 //!   idle cluster's removal.
 //!
@@ -52,9 +54,11 @@ mod driver;
 pub mod publisher;
 pub mod registry;
 pub mod state;
+pub mod status;
 
 pub use agents::AgentRegistration;
-pub use cluster::{Cluster, ClusterMetrics, principal_and_account};
+pub use cluster::Cluster;
 pub use publisher::{PublisherEvent, PublisherRegistration};
 pub use registry::{ClusterHub, HubConfig};
 pub use state::{ClusterState, SentVersions, Slot};
+pub use status::{ClusterMetrics, principal_and_account};
