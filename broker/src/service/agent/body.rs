@@ -25,7 +25,7 @@ use credstream_proto::v1::subscribe_response;
 use http::HeaderMap;
 use http_body::Frame;
 use prost::bytes::Bytes;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::codegen::http;
@@ -35,21 +35,28 @@ use crate::audit;
 use crate::bell::{BellHandle, StreamRinger};
 use crate::hub::{AgentRegistration, ClusterState, SentVersions};
 
-/// Why the stream's reader task ended it (undecodable or out-of-order
-/// input), shared between the reader and the body. Set at most once; the
-/// reader rings the body after setting it. Nothing is set when the agent
-/// merely half-closes: the stream goes on.
+/// What a Subscribe body and its reader task tell each other, in one
+/// allocation per stream: why the reader ended the stream (undecodable or
+/// out-of-order input; set at most once, then the reader rings the body),
+/// and that the body is gone (the reader then stops). Nothing is set when
+/// the agent merely half-closes: the stream goes on.
 #[derive(Debug)]
-pub(super) struct ReaderOutcome {
+pub(super) struct ReaderLink {
     failed: OnceLock<Status>,
     ringer: StreamRinger,
+    body_gone: Notify,
 }
 
-impl ReaderOutcome {
+impl ReaderLink {
     /// Ends the stream with `status` (the first one set wins).
     pub(super) fn fail(&self, status: Status) {
         let _ = self.failed.set(status);
         self.ringer.ring();
+    }
+
+    /// Resolves once the body is gone (at once if it already is).
+    pub(super) async fn body_gone(&self) {
+        self.body_gone.notified().await;
     }
 }
 
@@ -83,39 +90,31 @@ pub struct SubscribeBody {
     _registration: Arc<AgentRegistration>,
     /// Records `agent_gone` when the stream ends.
     audit: Option<AgentAudit>,
-    reader: Arc<ReaderOutcome>,
-    /// Dropped with the body, which tells the reader task to stop.
-    _reader_stop: oneshot::Sender<Infallible>,
+    /// Shared with the stream's reader task.
+    reader: Arc<ReaderLink>,
     /// The status to send as trailers next.
     ending: Option<Status>,
     done: bool,
 }
 
-/// What the reader task of a [`SubscribeBody`] gets: where to report a
-/// failure, and a receiver that resolves when the body is gone.
-pub(super) struct ReaderHalf {
-    pub(super) outcome: Arc<ReaderOutcome>,
-    pub(super) stop: oneshot::Receiver<Infallible>,
-}
-
 impl SubscribeBody {
-    /// A body that starts with the snapshot of `current`, and the reader
-    /// half for the stream's reader task.
+    /// A body that starts with the snapshot of `current`, and its link to
+    /// the stream's reader task.
     pub(super) fn new(
         current: &ClusterState,
         (state, bell): (watch::Receiver<Arc<ClusterState>>, BellHandle),
         registration: Arc<AgentRegistration>,
         shutdown: watch::Receiver<bool>,
-    ) -> (Self, ReaderHalf) {
+    ) -> (Self, Arc<ReaderLink>) {
         let snapshot = AgentFrame::Message(subscribe_response::Message::Snapshot(
             current.snapshot(Instant::now()),
         ));
         let ending = shutdown.borrow().then(crate::service::shutting_down);
-        let reader = Arc::new(ReaderOutcome {
+        let reader = Arc::new(ReaderLink {
             failed: OnceLock::new(),
             ringer: bell.ringer(),
+            body_gone: Notify::new(),
         });
-        let (reader_stop, stop) = oneshot::channel();
         let body = Self {
             state,
             bell,
@@ -125,22 +124,23 @@ impl SubscribeBody {
             _registration: registration,
             audit: None,
             reader: reader.clone(),
-            _reader_stop: reader_stop,
             ending,
             done: false,
         };
-        (
-            body,
-            ReaderHalf {
-                outcome: reader,
-                stop,
-            },
-        )
+        (body, reader)
     }
 
     /// Records `agent_gone` through `audit` when the stream ends.
     pub(super) fn set_audit(&mut self, audit: AgentAudit) {
         self.audit = Some(audit);
+    }
+}
+
+impl Drop for SubscribeBody {
+    fn drop(&mut self) {
+        // Stores a permit if the reader is not waiting right now, so it
+        // stops the next time it looks.
+        self.reader.body_gone.notify_one();
     }
 }
 

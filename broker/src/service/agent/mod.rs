@@ -31,7 +31,7 @@ use tonic::server::NamedService;
 use tonic::{Request, Status, Streaming};
 
 pub use body::SubscribeBody;
-use body::{AgentAudit, ReaderHalf};
+use body::{AgentAudit, ReaderLink};
 
 use crate::hub::{AgentRegistration, ClusterHub};
 use crate::limits;
@@ -120,20 +120,20 @@ impl AgentServer {
 }
 
 /// Reads one agent's acks and hints until the agent half-closes, sends
-/// something that ends the stream (reported to the body through
-/// `outcome`), or the body is gone (`stop`).
+/// something that ends the stream (reported to the body through `link`),
+/// or the body is gone.
 async fn read_agent(
     mut inbound: Streaming<SubscribeRequest>,
     registration: Arc<AgentRegistration>,
     hint_interval: Duration,
-    ReaderHalf { outcome, mut stop }: ReaderHalf,
+    link: Arc<ReaderLink>,
 ) {
     let mut last_hint = PerKind::<Option<Instant>>::default();
     loop {
         let message = tokio::select! {
             message = inbound.message() => message,
             // The response ended (shutdown, or the agent went away).
-            _ = &mut stop => return,
+            () = link.body_gone() => return,
         };
         let request = match message {
             Ok(Some(request)) => request,
@@ -141,7 +141,7 @@ async fn read_agent(
             Err(status) => {
                 // Undecodable input ends the stream with its status; if the
                 // agent is simply gone, nobody reads it.
-                outcome.fail(status);
+                link.fail(status);
                 return;
             }
         };
@@ -175,7 +175,7 @@ async fn read_agent(
             )),
         };
         if let Err(status) = result {
-            outcome.fail(status);
+            link.fail(status);
             return;
         }
     }
