@@ -91,6 +91,11 @@ struct Cli {
     /// largest --agents): no fan-out, no other system, no agent endpoint.
     #[arg(long, env = "CREDSTREAM_BENCH_STORM_ONLY")]
     storm_only: bool,
+    /// The storms' agents' reconnect backoff ceiling. The default is
+    /// credstream-agent's; another value measures what a different agent
+    /// backoff would do to the storm.
+    #[arg(long, env = "CREDSTREAM_BENCH_STORM_BACKOFF_MAX", default_value = "30s", value_parser = humantime::parse_duration)]
+    storm_backoff_max: Duration,
     /// How long the storms' agents get to converge.
     #[arg(long, env = "CREDSTREAM_BENCH_STORM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     storm_timeout: Duration,
@@ -162,6 +167,7 @@ fn main() -> Result<()> {
         tls: cli.tls,
         storm,
         storm_only: cli.storm_only,
+        storm_backoff_max: cli.storm_backoff_max,
         storm_timeout: cli.storm_timeout,
         agents: cli.agents,
         publishes: cli.publishes,

@@ -112,6 +112,8 @@ pub struct BenchConfig {
     pub storm: usize,
     /// Run the reconnect storms alone (no fan-out, no agent endpoint).
     pub storm_only: bool,
+    /// The storm agents' backoff ceiling (the agent's is 30 s).
+    pub storm_backoff_max: Duration,
     /// How long the storm's agents get to converge.
     pub storm_timeout: Duration,
     /// Run the sealing comparison (issue 16) instead of the fan-out against
@@ -220,6 +222,10 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
         ),
         ("storm_agents", config.storm.to_string()),
         (
+            "storm_backoff_max_ms",
+            config.storm_backoff_max.as_millis().to_string(),
+        ),
+        (
             "peers",
             config
                 .peers
@@ -301,6 +307,7 @@ pub async fn run(config: &BenchConfig) -> Result<Report> {
                 start: || start_broker(config, &tokens, port, tls),
                 connect_concurrency: config.connect_concurrency,
                 timeout: config.storm_timeout,
+                backoff_max: config.storm_backoff_max,
             };
             let result = storm::run(setup, config.storm)
                 .await

@@ -36,7 +36,9 @@ use crate::servers::ServerProcess;
 /// `credstream_agent::subscription`'s reconnect backoff, copied: the
 /// bench does not link the agent.
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// The agent's ceiling, the storm's default (`--storm-backoff-max` to ask
+/// what another would do).
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Why a stream attempt failed, as the agent saw it.
@@ -202,6 +204,7 @@ async fn agent(
     recorder: Arc<Recorder>,
     counters: Arc<Counters>,
     initial: Arc<Semaphore>,
+    backoff_max: Duration,
 ) {
     let mut failures: u32 = 0;
     let mut first = true;
@@ -232,7 +235,7 @@ async fn agent(
         }
         let ceiling = BACKOFF_BASE
             .saturating_mul(1u32 << failures.min(16))
-            .min(BACKOFF_MAX);
+            .min(backoff_max);
         failures = failures.saturating_add(1);
         tokio::time::sleep(ceiling.mul_f64(rand::random::<f64>())).await;
     }
@@ -259,6 +262,8 @@ pub struct StormSetup<'a, F> {
     pub connect_concurrency: usize,
     /// How long the agents get to converge, first and after the restart.
     pub timeout: Duration,
+    /// The agents' backoff ceiling ([`BACKOFF_MAX`], as the agent's).
+    pub backoff_max: Duration,
 }
 
 struct Tasks(Vec<JoinHandle<()>>);
@@ -326,6 +331,7 @@ where
                     recorder.clone(),
                     counters.clone(),
                     initial.clone(),
+                    setup.backoff_max,
                 ))
             })
             .collect(),
