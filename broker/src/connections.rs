@@ -24,7 +24,7 @@
 //!   them with their work done and their agents backing off (2,398 to
 //!   6,678 attempts in three 10,000-agent storms, which took 20.8 to
 //!   34.4 s; README "Over TLS"). In turns they finish in order at the rate
-//!   the cores allow: none closed, 16.7 to 18.3 s in four storms on the
+//!   the cores allow: none closed, 16.7 to 19.5 s in six storms on the
 //!   same loaded machine.
 //!
 //!   The deadline is therefore split. Accept to ClientHello: within

@@ -1,7 +1,8 @@
 //! The broker's TLS: a rustls server configuration (ring, TLS 1.2 and 1.3,
 //! ALPN `h2`, optionally requiring client certificates) from PEM files.
-//! The handshake itself runs in [`connections`](crate::connections), under
-//! the handshake deadline, before tonic sees the connection.
+//! The handshake itself runs in [`crate::connections`], under the handshake
+//! deadline and at most `max_handshakes` at a time (the others wait after
+//! their ClientHello), before tonic sees the connection.
 //!
 //! Tuned for many long-lived, mostly idle agent connections, each of which
 //! gets every credential version through its own AEAD (issue 18):
