@@ -12,20 +12,21 @@
 //! hub rings the bell for a new state and for the broker's shutdown, and the
 //! stream's reader task rings this stream alone when the agent sent
 //! something that ends it. After each wake-up the body reads the reason
-//! from state: the shutdown flag, the reader's [`ReaderOutcome`], the
-//! cluster's latest state.
+//! from state: the shutdown flag, what the reader left in its
+//! [`ReaderLink`] (looked at, never waited on), the cluster's latest state.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use credstream_proto::v1::subscribe_response;
 use http::HeaderMap;
 use http_body::Frame;
 use prost::bytes::Bytes;
-use tokio::sync::{Notify, watch};
+use tokio::sync::oneshot::error::TryRecvError;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::codegen::http;
@@ -35,28 +36,28 @@ use crate::audit;
 use crate::bell::{BellHandle, StreamRinger};
 use crate::hub::{AgentRegistration, ClusterState, SentVersions};
 
-/// What a Subscribe body and its reader task tell each other, in one
-/// allocation per stream: why the reader ended the stream (undecodable or
-/// out-of-order input; set at most once, then the reader rings the body),
-/// and that the body is gone (the reader then stops). Nothing is set when
-/// the agent merely half-closes: the stream goes on.
+/// The reader task's end of its Subscribe body: it reports why the agent's
+/// input ends the stream (undecodable or out-of-order) and rings the body,
+/// which finds the status after waking; and it learns when the body is gone.
+/// When the agent merely half-closes, the reader drops this without a
+/// status: the stream goes on.
 #[derive(Debug)]
 pub(super) struct ReaderLink {
-    failed: OnceLock<Status>,
+    failed: oneshot::Sender<Status>,
     ringer: StreamRinger,
-    body_gone: Notify,
 }
 
 impl ReaderLink {
-    /// Ends the stream with `status` (the first one set wins).
-    pub(super) fn fail(&self, status: Status) {
-        let _ = self.failed.set(status);
+    /// Ends the stream with `status`.
+    pub(super) fn fail(self, status: Status) {
+        // If the body is gone, nobody reads it.
+        let _ = self.failed.send(status);
         self.ringer.ring();
     }
 
-    /// Resolves once the body is gone (at once if it already is).
-    pub(super) async fn body_gone(&self) {
-        self.body_gone.notified().await;
+    /// Resolves once the body is gone.
+    pub(super) async fn body_gone(&mut self) {
+        self.failed.closed().await;
     }
 }
 
@@ -90,8 +91,9 @@ pub struct SubscribeBody {
     _registration: Arc<AgentRegistration>,
     /// Records `agent_gone` when the stream ends.
     audit: Option<AgentAudit>,
-    /// Shared with the stream's reader task.
-    reader: Arc<ReaderLink>,
+    /// Why the reader ended the stream, read after each wake-up (never
+    /// waited on); `None` once the reader ended without a status.
+    failed: Option<oneshot::Receiver<Status>>,
     /// The status to send as trailers next.
     ending: Option<Status>,
     done: bool,
@@ -105,16 +107,16 @@ impl SubscribeBody {
         (state, bell): (watch::Receiver<Arc<ClusterState>>, BellHandle),
         registration: Arc<AgentRegistration>,
         shutdown: watch::Receiver<bool>,
-    ) -> (Self, Arc<ReaderLink>) {
+    ) -> (Self, ReaderLink) {
         let snapshot = AgentFrame::Message(subscribe_response::Message::Snapshot(
             current.snapshot(Instant::now()),
         ));
         let ending = shutdown.borrow().then(crate::service::shutting_down);
-        let reader = Arc::new(ReaderLink {
-            failed: OnceLock::new(),
+        let (fail, failed) = oneshot::channel();
+        let reader = ReaderLink {
+            failed: fail,
             ringer: bell.ringer(),
-            body_gone: Notify::new(),
-        });
+        };
         let body = Self {
             state,
             bell,
@@ -123,7 +125,7 @@ impl SubscribeBody {
             queue: VecDeque::from([snapshot]),
             _registration: registration,
             audit: None,
-            reader: reader.clone(),
+            failed: Some(failed),
             ending,
             done: false,
         };
@@ -133,14 +135,6 @@ impl SubscribeBody {
     /// Records `agent_gone` through `audit` when the stream ends.
     pub(super) fn set_audit(&mut self, audit: AgentAudit) {
         self.audit = Some(audit);
-    }
-}
-
-impl Drop for SubscribeBody {
-    fn drop(&mut self) {
-        // Stores a permit if the reader is not waiting right now, so it
-        // stops the next time it looks.
-        self.reader.body_gone.notify_one();
     }
 }
 
@@ -193,9 +187,17 @@ impl http_body::Body for SubscribeBody {
                 this.ending = Some(crate::service::shutting_down());
                 continue;
             }
-            if let Some(status) = this.reader.failed.get() {
-                this.ending = Some(status.clone());
-                continue;
+            if let Some(failed) = &mut this.failed {
+                match failed.try_recv() {
+                    Ok(status) => {
+                        this.ending = Some(status);
+                        continue;
+                    }
+                    // The reader ended without a status (half-close): keep
+                    // streaming, and stop looking.
+                    Err(TryRecvError::Closed) => this.failed = None,
+                    Err(TryRecvError::Empty) => {}
+                }
             }
             match this.state.has_changed() {
                 Ok(true) => {

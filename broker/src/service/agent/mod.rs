@@ -126,7 +126,7 @@ async fn read_agent(
     mut inbound: Streaming<SubscribeRequest>,
     registration: Arc<AgentRegistration>,
     hint_interval: Duration,
-    link: Arc<ReaderLink>,
+    mut link: ReaderLink,
 ) {
     let mut last_hint = PerKind::<Option<Instant>>::default();
     loop {
