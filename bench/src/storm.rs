@@ -440,10 +440,12 @@ mod tests {
         .unwrap()
     }
 
-    fn ca() -> PathBuf {
+    /// A CA file in a directory of its own (removed by the caller).
+    fn ca() -> (PathBuf, PathBuf) {
         let dir =
             std::env::temp_dir().join(format!("credstream-storm-test-{}", std::process::id()));
-        TlsMaterial::generate(&dir).unwrap().ca
+        let ca = TlsMaterial::generate(&dir).unwrap().ca;
+        (dir, ca)
     }
 
     /// A listener that reads what the client sends first, then `answer`s
@@ -477,7 +479,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_close_during_the_tls_handshake_is_told_from_a_tls_error() {
-        let ca = ca();
+        let (dir, ca) = ca();
         let closed = server(b"").await;
         let error = dialer(closed, Some(ca.clone()))
             .open(0)
@@ -489,6 +491,7 @@ mod tests {
         // Not a TLS record: rustls fails the handshake itself.
         let garbage = server(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
         let error = dialer(garbage, Some(ca)).open(0).await.err().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(cause(&error), Cause::HandshakeError, "{error:#}");
     }
 
