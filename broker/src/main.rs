@@ -12,6 +12,7 @@ use credstream_broker::connections::{self, ConnectionLimits};
 use credstream_broker::rate_limit::CallRate;
 use credstream_broker::refresh::RefreshConfig;
 use credstream_broker::server::{self, BrokerConfig, TlsFiles};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// The credstream broker: holds each cluster's short-lived credentials in
 /// memory, fans them out to the cluster's agents, and asks the publisher to
@@ -274,6 +275,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         credstream_broker::audit::install(target)
             .with_context(|| format!("cannot open the audit log {target}"))?;
     }
+    // Before the "listening" line: a supervisor may send SIGTERM as soon as
+    // it reads it, and a signal with no handler yet would kill the process
+    // without its shutdown.
+    let mut signals = Signals::install()?;
     let mut broker = server::start(config).await?;
     println!("listening on {}", broker.local_addr);
     let metrics = match args.metrics_listen {
@@ -290,18 +295,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use std::io::Write;
     std::io::stdout().flush().ok();
 
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("SIGHUP handler")?;
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             result = broker.wait() => return result,
-            signal = &mut shutdown => {
-                tracing::info!(signal, "shutting down");
+            _ = signals.term.recv() => {
+                tracing::info!(signal = "SIGTERM", "shutting down");
                 break;
             }
-            _ = hangup.recv() => reload_keys(&token_key),
+            _ = signals.interrupt.recv() => {
+                tracing::info!(signal = "SIGINT", "shutting down");
+                break;
+            }
+            _ = signals.hangup.recv() => reload_keys(&token_key),
         }
     }
     broker.shutdown().await;
@@ -352,17 +357,25 @@ Inspect:
     Ok(())
 }
 
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return "SIGINT";
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
+/// The signals the broker answers: SIGTERM and SIGINT shut it down,
+/// SIGHUP reloads the token keys. Registered as soon as this is made (a
+/// `tokio::signal::ctrl_c()` future would register only when first
+/// polled).
+struct Signals {
+    term: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        let handler = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("cannot install the {name} handler"))
+        };
+        Ok(Self {
+            term: handler(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: handler(SignalKind::interrupt(), "SIGINT")?,
+            hangup: handler(SignalKind::hangup(), "SIGHUP")?,
+        })
     }
 }

@@ -220,7 +220,7 @@ impl Collector for HubCollector {
         )?;
         let live = |m: &ClusterMetrics| {
             let state = m.state.clone();
-            [CredentialKind::Aws, CredentialKind::Gcp]
+            CredentialKind::KNOWN
                 .into_iter()
                 .filter_map(move |kind| Some((kind, state.live(kind, now)?.clone())))
         };
