@@ -1,8 +1,8 @@
 //! Why a connection to the broker failed, read from the error's `source()`
 //! chain by type: `rustls::Error` (on its own, or inside the `std::io::Error`
-//! the TLS stream returns), `h2::Error`, and `std::io::Error` kinds. The CLI
-//! turns the answer into a message with the fix (`cli/broker.rs`); nothing
-//! here looks at error text.
+//! the TLS stream returns), `h2::Error`, and `std::io::Error` kinds.
+//! [`crate::broker`] turns the answer into a message with the fix, for the
+//! CLI and the Python package alike; nothing here looks at error text.
 //!
 //! What the chains look like (tonic 0.14, hyper 1, rustls 0.23):
 //!
