@@ -14,6 +14,13 @@ cd "$ROOT"
 
 section() { printf '\n==> %s\n' "$*"; }
 
+# CI machines can be short of disk: no incremental caches (CI builds once) and
+# no pip download cache (every venv is installed once).
+if [[ "${CI:-}" == "true" ]]; then
+  export CARGO_INCREMENTAL=0
+  export PIP_NO_CACHE_DIR=1
+fi
+
 section "provision (.venv, node_modules)"
 bash "$ROOT/scripts/provision.sh"
 
@@ -92,8 +99,25 @@ cargo build --workspace --bins
 section "cargo test --workspace"
 cargo test --workspace
 
+# CI only: the Python tests need the debug broker, not the test binaries, and
+# the wheel's release build needs room; drop what cargo test left behind.
+if [[ "${CI:-}" == "true" ]]; then
+  section "free disk: the debug test binaries (CI only)"
+  du -sh "$ROOT/target" || true
+  find "$ROOT/target/debug/deps" -maxdepth 1 -type f -perm -u+x ! -name "*.*" -delete
+  rm -rf "$ROOT/target/debug/incremental" "$ROOT/target/debug/examples"
+  du -sh "$ROOT/target" || true
+  df -h "$ROOT" || true
+fi
+
 section "Python wheel (scripts/wheel.sh)"
-WHEEL="$(bash "$ROOT/scripts/wheel.sh" | tee /dev/stderr | tail -1)"
+# The wheel's log goes to stderr as it comes; only its last line (the path)
+# is kept.
+WHEEL_LOG="$(mktemp)"
+bash "$ROOT/scripts/wheel.sh" >"$WHEEL_LOG"
+cat "$WHEEL_LOG"
+WHEEL="$(tail -1 "$WHEEL_LOG")"
+rm -f "$WHEEL_LOG"
 
 section "Python package and Dask tests (python/tests, the wheel in a fresh venv)"
 CREDSTREAM_TEST_BROKER="$ROOT/target/debug/credstream-broker" bash "$ROOT/python/tests/run.sh" "$WHEEL"

@@ -34,6 +34,10 @@ GLIBC="2.17"
 DATA="$ROOT/python/wheel-data/scripts"
 OUT="$ROOT/target/wheels"
 
+# Both binaries and the module are stripped, so the release profile's line
+# tables (kept for the bench's profiles) would only take disk.
+export CARGO_PROFILE_RELEASE_DEBUG=false
+
 printf 'wheel: building credstream and credstream-agent for %s (glibc %s)\n' "$TRIPLE" "$GLIBC"
 cargo zigbuild --release --locked --target "$TRIPLE.$GLIBC" \
   -p credstream-client --bin credstream -p credstream-agent --bin credstream-agent
