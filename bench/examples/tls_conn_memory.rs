@@ -9,13 +9,12 @@
 //! `cargo run --release -p credstream-bench --example tls_conn_memory`
 
 use std::io::{Read, Write};
-use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use credstream_bench::procstat::ProcStats;
 use credstream_bench::tls::TlsMaterial;
 use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
+use tokio_rustls::rustls::{ClientConnection, ServerConnection};
 
 const PAIRS: usize = 1000;
 
@@ -31,25 +30,8 @@ fn transfer(from: &mut dyn FnMut(&mut Vec<u8>) -> bool, to: &mut dyn FnMut(&[u8]
 fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("tls-conn-memory-{}", std::process::id()));
     let material = TlsMaterial::generate(&dir)?;
-    let acceptor = credstream_broker::tls::acceptor(&credstream_broker::server::TlsFiles {
-        cert: material.cert.clone(),
-        key: material.key.clone(),
-        client_ca: None,
-    })?;
-    let server_config = acceptor.config().clone();
-    let mut roots = RootCertStore::empty();
-    let ca = std::fs::read(&material.ca)?;
-    for cert in rustls_pemfile_certs(&ca)? {
-        roots.add(cert)?;
-    }
-    let mut client_config = ClientConfig::builder_with_provider(Arc::new(
-        tokio_rustls::rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    client_config.alpn_protocols = vec![b"h2".to_vec()];
-    let client_config = Arc::new(client_config);
+    let server_config = material.broker_server_config()?;
+    let client_config = material.client_config()?;
     let credential = vec![7u8; 1540];
 
     let before = ProcStats::read(std::process::id())?.rss_bytes;
@@ -113,13 +95,4 @@ fn main() -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
-}
-
-fn rustls_pemfile_certs(
-    pem: &[u8],
-) -> Result<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .context("CA PEM")
 }

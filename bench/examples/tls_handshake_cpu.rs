@@ -9,13 +9,12 @@
 //!
 //! `cargo run --release -p credstream-bench --example tls_handshake_cpu`
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use credstream_bench::tls::TlsMaterial;
 use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConnection};
+use tokio_rustls::rustls::{ClientConnection, ServerConnection};
 
 const PAIRS: usize = 2000;
 
@@ -35,26 +34,8 @@ fn timed<T>(total: &mut Duration, f: impl FnOnce() -> T) -> T {
 fn main() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("tls-handshake-cpu-{}", std::process::id()));
     let material = TlsMaterial::generate(&dir)?;
-    let acceptor = credstream_broker::tls::acceptor(&credstream_broker::server::TlsFiles {
-        cert: material.cert.clone(),
-        key: material.key.clone(),
-        client_ca: None,
-    })?;
-    let server_config = acceptor.config().clone();
-    let mut roots = RootCertStore::empty();
-    use tokio_rustls::rustls::pki_types::CertificateDer;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    for cert in CertificateDer::pem_slice_iter(&std::fs::read(&material.ca)?) {
-        roots.add(cert.context("CA PEM")?)?;
-    }
-    let mut client_config = ClientConfig::builder_with_provider(Arc::new(
-        tokio_rustls::rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    client_config.alpn_protocols = vec![b"h2".to_vec()];
-    let client_config = Arc::new(client_config);
+    let server_config = material.broker_server_config()?;
+    let client_config = material.client_config()?;
     let name = ServerName::try_from("127.0.0.1")?.to_owned();
 
     let (mut server_cpu, mut client_cpu) = (Duration::ZERO, Duration::ZERO);

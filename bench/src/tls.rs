@@ -3,8 +3,12 @@
 //! files that every server is given and every client verifies against.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use tokio_rustls::rustls::pki_types::CertificateDer;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// The PEM files of one run.
 #[derive(Clone, Debug)]
@@ -52,6 +56,36 @@ impl TlsMaterial {
     /// The CA certificate's PEM bytes.
     pub fn ca_pem(&self) -> Result<Vec<u8>> {
         std::fs::read(&self.ca).with_context(|| format!("cannot read {}", self.ca.display()))
+    }
+
+    /// The broker's own rustls server configuration
+    /// ([`credstream_broker::tls::acceptor`]) with this material's
+    /// certificate: what the in-memory TLS examples measure.
+    pub fn broker_server_config(&self) -> Result<Arc<ServerConfig>> {
+        let acceptor = credstream_broker::tls::acceptor(&credstream_broker::server::TlsFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            client_ca: None,
+        })?;
+        Ok(acceptor.config().clone())
+    }
+
+    /// A rustls client configuration that trusts this material's CA only
+    /// and offers `h2`, as tonic's agents do (ring, rustls' safe default
+    /// protocol versions).
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&self.ca_pem()?) {
+            roots.add(cert.context("CA PEM")?)?;
+        }
+        let mut config = ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
     }
 }
 

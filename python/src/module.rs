@@ -15,6 +15,8 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
+use credstream_client::identity::IdentityOptions;
+
 use crate::publisher::{
     ErrorKind, Publisher, PublisherError, PublisherOptions, Status, cluster_seal_key,
 };
@@ -175,13 +177,15 @@ impl NativePublisher {
             tls_client_cert,
             tls_client_key,
             insecure,
-            aws,
-            gcp,
-            aws_profile,
-            aws_role_arn,
-            aws_session_policy,
-            aws_duration,
-            gcp_scopes,
+            identity: IdentityOptions {
+                aws,
+                gcp,
+                aws_profile,
+                aws_role_arn,
+                aws_session_policy,
+                aws_duration,
+                gcp_scopes,
+            },
             env,
             env_files,
             revoke_on_close,

@@ -21,11 +21,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use credstream_client::broker::{self, BrokerOptions};
+use credstream_client::broker::{self, BrokerError, BrokerOptions};
 use credstream_client::identity::{self, AwsAudit, IdentityOptions};
 use credstream_client::seal_key;
 use credstream_client::session::{PublishSession, SessionError, SessionEvent};
-use credstream_proto::connect::{BrokerAddress, ClientIdentity};
+use credstream_proto::connect::{BrokerAddress, ClientIdentity, ConnectError};
 use credstream_proto::convert::system_time;
 use credstream_proto::v1::{ClusterStatus, CredentialKind, EnvVar};
 use tokio::runtime::Runtime;
@@ -85,34 +85,34 @@ impl PublisherError {
         }
     }
 
-    /// Classifies one of the CLI's messages ([`broker::BrokerError`], with
-    /// its sources) by the words it starts with: the library is the one
-    /// place the fixes are written.
-    fn from_cli(error: &anyhow::Error) -> Self {
-        let message = format!("{error:#}");
-        let kind = classify(&message);
-        Self { kind, message }
+    /// The CLI's error, with its words (`fix:` line included: the library
+    /// is the one place the fixes are written), classified by its variant.
+    fn from_cli(error: BrokerError) -> Self {
+        Self {
+            kind: ErrorKind::of(&error),
+            message: format!("{:#}", anyhow::Error::from(error)),
+        }
     }
 }
 
-fn classify(message: &str) -> ErrorKind {
-    let has = |needle: &str| message.contains(needle);
-    if message.starts_with("the broker rejected the token") {
-        ErrorKind::Authentication
-    } else if message.starts_with("the token may not") {
-        ErrorKind::Permission
-    } else if has("TLS") || has("plaintext") {
-        ErrorKind::Tls
-    } else if message.starts_with("cannot reach the broker") {
-        ErrorKind::Unreachable
-    } else if message.starts_with("nothing to publish") {
-        ErrorKind::NoCredentials
-    } else if message.starts_with("another publisher took over") {
-        ErrorKind::TakenOver
-    } else if message.starts_with("the broker answered") {
-        ErrorKind::Other
-    } else {
-        ErrorKind::Config
+impl ErrorKind {
+    /// The exception class for each way the broker cannot be used.
+    fn of(error: &BrokerError) -> Self {
+        match error {
+            BrokerError::TokenRejected { .. } => Self::Authentication,
+            BrokerError::WrongCluster { .. } => Self::Permission,
+            BrokerError::Unreachable { .. } => Self::Unreachable,
+            BrokerError::NotTls { .. }
+            | BrokerError::ClientCertificateRefused { .. }
+            | BrokerError::Tls { .. }
+            | BrokerError::NotHttp2 { .. }
+            // Refused plaintext, and a TLS configuration that does not load
+            // (the only transport setting that can fail before connecting).
+            | BrokerError::Address(ConnectError::PlaintextToRemote { .. })
+            | BrokerError::Address(ConnectError::Transport { .. }) => Self::Tls,
+            BrokerError::Token(_) | BrokerError::Address(_) => Self::Config,
+            BrokerError::Answered { .. } => Self::Other,
+        }
     }
 }
 
@@ -135,20 +135,9 @@ pub struct PublisherOptions {
     pub tls_client_key: Option<PathBuf>,
     /// `--insecure`.
     pub insecure: bool,
-    /// Not `--no-aws`.
-    pub aws: bool,
-    /// Not `--no-gcp`.
-    pub gcp: bool,
-    /// `--aws-profile`.
-    pub aws_profile: Option<String>,
-    /// `--aws-role-arn`.
-    pub aws_role_arn: Option<String>,
-    /// `--aws-session-policy`.
-    pub aws_session_policy: Option<PathBuf>,
-    /// `--aws-duration`.
-    pub aws_duration: Option<Duration>,
-    /// `--gcp-scopes`.
-    pub gcp_scopes: Vec<String>,
+    /// What to mint from: `aws`, `gcp` (not `--no-aws`, `--no-gcp`) and
+    /// the `--aws-*` and `--gcp-scopes` flags, as the CLI's.
+    pub identity: IdentityOptions,
     /// `--env KEY=VALUE`, in order.
     pub env: Vec<(String, String)>,
     /// `--env-file F`.
@@ -412,9 +401,7 @@ impl Publisher {
             },
             insecure: options.insecure,
         };
-        let address = broker_options
-            .address()
-            .map_err(|e| PublisherError::from_cli(&e.into()))?;
+        let address = broker_options.address().map_err(PublisherError::from_cli)?;
         let assignments: Vec<EnvVar> = options
             .env
             .iter()
@@ -425,21 +412,12 @@ impl Publisher {
             .collect();
         let env = credstream_client::env::collect(&options.env_files, &assignments)
             .map_err(|e| PublisherError::new(ErrorKind::Config, e.to_string()))?;
-        if !options.aws && !options.gcp && env.is_empty() {
+        if !options.identity.aws && !options.identity.gcp && env.is_empty() {
             return Err(PublisherError::new(
                 ErrorKind::NoCredentials,
                 "nothing to publish: aws=False and gcp=False were given, and no env or env_files",
             ));
         }
-        let identity = IdentityOptions {
-            aws: options.aws,
-            gcp: options.gcp,
-            aws_profile: options.aws_profile.clone(),
-            aws_role_arn: options.aws_role_arn.clone(),
-            aws_session_policy: options.aws_session_policy.clone(),
-            aws_duration: options.aws_duration,
-            gcp_scopes: options.gcp_scopes.clone(),
-        };
         let audit = AwsAudit {
             cluster: Some(address.cluster_id.clone()),
             source_identity: options.aws_source_identity.clone(),
@@ -447,7 +425,8 @@ impl Publisher {
         };
         let observed = Arc::new(Mutex::new(Observed::default()));
         let started = runtime.block_on(async {
-            let minters = identity
+            let minters = options
+                .identity
                 .minters_for(&audit)
                 .await
                 .map_err(|e| PublisherError::new(ErrorKind::Config, format!("{e:#}")))?;
@@ -667,10 +646,10 @@ impl Publisher {
     async fn cluster(&self) -> Result<Option<ClusterStatus>, PublisherError> {
         let mut admin = broker::connect_admin(&self.address)
             .await
-            .map_err(|e| PublisherError::from_cli(&e.into()))?;
+            .map_err(PublisherError::from_cli)?;
         broker::get_cluster(&mut admin, &self.address)
             .await
-            .map_err(|e| PublisherError::from_cli(&e.into()))
+            .map_err(PublisherError::from_cli)
     }
 
     /// Waits until the broker's private env version is above `above`.
@@ -951,10 +930,10 @@ fn closed() -> PublisherError {
 async fn preflight(address: &BrokerAddress) -> Result<Option<ClusterStatus>, PublisherError> {
     let mut admin = broker::connect_admin(address)
         .await
-        .map_err(|e| PublisherError::from_cli(&e.into()))?;
+        .map_err(PublisherError::from_cli)?;
     broker::get_cluster(&mut admin, address)
         .await
-        .map_err(|e| PublisherError::from_cli(&e.into()))
+        .map_err(PublisherError::from_cli)
 }
 
 /// Whether the broker holds the cluster sealed: `Some(true)` when every
@@ -997,12 +976,14 @@ fn initial_env_above(
 /// A session error with the fix spelled out, as `credstream publish` says it.
 fn session_error(address: &BrokerAddress, error: SessionError) -> PublisherError {
     match error {
-        SessionError::Unauthenticated(message) => PublisherError::from_cli(
-            &broker::status_error(address, &tonic::Status::unauthenticated(message)).into(),
-        ),
-        SessionError::PermissionDenied(message) => PublisherError::from_cli(
-            &broker::status_error(address, &tonic::Status::permission_denied(message)).into(),
-        ),
+        SessionError::Unauthenticated(message) => PublisherError::from_cli(broker::status_error(
+            address,
+            &tonic::Status::unauthenticated(message),
+        )),
+        SessionError::PermissionDenied(message) => PublisherError::from_cli(broker::status_error(
+            address,
+            &tonic::Status::permission_denied(message),
+        )),
         SessionError::TakenOver(message) => PublisherError::new(
             ErrorKind::TakenOver,
             format!(
@@ -1109,7 +1090,7 @@ mod tests {
             ),
         ];
         for (error, kind) in cases {
-            let mapped = PublisherError::from_cli(&error.into());
+            let mapped = PublisherError::from_cli(error);
             assert_eq!(mapped.kind, kind, "{}", mapped.message);
             assert!(
                 mapped.message.contains("fix:"),
@@ -1130,7 +1111,7 @@ mod tests {
             client_identity: None,
             insecure: false,
         };
-        let error = PublisherError::from_cli(&plaintext.address().unwrap_err().into());
+        let error = PublisherError::from_cli(plaintext.address().unwrap_err());
         assert_eq!(error.kind, ErrorKind::Tls, "{}", error.message);
         let missing = BrokerOptions {
             url: "http://127.0.0.1:50051".into(),
@@ -1138,7 +1119,7 @@ mod tests {
             token_file: Some("/nonexistent/credstream-token".into()),
             ..plaintext
         };
-        let error = PublisherError::from_cli(&missing.address().unwrap_err().into());
+        let error = PublisherError::from_cli(missing.address().unwrap_err());
         assert_eq!(error.kind, ErrorKind::Config, "{}", error.message);
         assert!(error.message.contains("/nonexistent/credstream-token"));
     }

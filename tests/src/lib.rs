@@ -34,6 +34,7 @@ pub mod child;
 pub mod fake_http;
 pub mod gcp_key;
 pub mod hostile_relay;
+pub mod http1;
 pub mod minter;
 pub mod moto;
 pub mod pki;

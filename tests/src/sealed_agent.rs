@@ -5,8 +5,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use crate::bins::binary;
 use crate::processes::{Process, clean_command};
 
@@ -151,19 +149,14 @@ pub async fn worker_seal_key(
 pub async fn aws_credentials_at(uri: &str, token: &str) -> (u16, serde_json::Value) {
     let rest = uri.trim_start_matches("http://");
     let (host, path) = rest.split_once('/').expect("uri has a path");
-    let mut stream = tokio::net::TcpStream::connect(host).await.expect("agent");
-    let request = format!(
-        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: {token}\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read");
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, serde_json::from_str(body).unwrap_or_default())
+    let (status, body) = crate::http1::request(
+        host,
+        "GET",
+        &format!("/{path}"),
+        &[("Authorization", token)],
+        "",
+    )
+    .await
+    .expect("GET from the agent");
+    (status, serde_json::from_str(&body).unwrap_or_default())
 }

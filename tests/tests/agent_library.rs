@@ -9,28 +9,21 @@ use std::time::Duration;
 use credstream_agent::subscription::SubscriptionError;
 use credstream_agent::{Agent, AgentConfig, AgentError};
 use credstream_client::session::PublishSession;
-use credstream_proto::connect::BrokerAddress;
 use credstream_proto::v1::CredentialKind;
 use credstream_tests::broker::WAIT;
 use credstream_tests::minter::CountingMinter;
 use credstream_tests::processes::BrokerProcess;
+use credstream_tests::publish::local_address;
 use credstream_tests::sealed_agent::aws_credentials_at;
 use credstream_tests::wait::eventually;
 use tokio::net::TcpStream;
 
 fn publisher(broker: &BrokerProcess) -> PublishSession {
     let minter = CountingMinter::new(CredentialKind::Aws, Duration::from_secs(3600));
-    PublishSession::builder(BrokerAddress {
-        url: broker.url.clone(),
-        token: broker.publisher_token.clone(),
-        cluster_id: "dev".into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
-    })
-    .minter(minter)
-    .start()
-    .expect("publisher starts")
+    PublishSession::builder(local_address(&broker.url, &broker.publisher_token, "dev"))
+        .minter(minter)
+        .start()
+        .expect("publisher starts")
 }
 
 /// The env file's `NAME='value'` lines (the test's values have no quote).

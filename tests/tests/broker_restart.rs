@@ -10,11 +10,11 @@ use credstream_agent::store::CredentialStore;
 use credstream_agent::subscription::{self, SubscriptionConfig};
 use credstream_broker::auth::{Role, TokenKey};
 use credstream_client::session::PublishSession;
-use credstream_proto::connect::BrokerAddress;
 use credstream_proto::v1::CredentialKind;
 use credstream_tests::bins::binary;
 use credstream_tests::broker::WAIT;
 use credstream_tests::minter::CountingMinter;
+use credstream_tests::publish::local_address;
 
 struct BrokerProcess(Child);
 
@@ -62,15 +62,13 @@ async fn agents_serve_through_a_broker_crash_and_converge_on_the_republished_sta
     std::fs::write(&key_file, rand::random::<[u8; 32]>()).unwrap();
     let key = TokenKey::from_file(&key_file).unwrap();
     let port = free_port();
-    let address = |role: Role| BrokerAddress {
-        url: format!("http://127.0.0.1:{port}"),
-        token: key
-            .issue(role, Some("crash"), Duration::from_secs(3600))
-            .unwrap(),
-        cluster_id: "crash".into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
+    let address = |role: Role| {
+        local_address(
+            &format!("http://127.0.0.1:{port}"),
+            &key.issue(role, Some("crash"), Duration::from_secs(3600))
+                .unwrap(),
+            "crash",
+        )
     };
     let broker = start_broker(port, &key_file);
 

@@ -15,6 +15,7 @@ use credstream_tests::broker::{
     TestBroker, WAIT, aws_update, open_agent, open_publisher, publisher_hello,
 };
 use credstream_tests::pki::Pki;
+use credstream_tests::publish::local_address;
 use tonic::Code;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -216,14 +217,7 @@ async fn an_admin_call_routed_for_another_cluster_gets_invalid_argument() {
     // An admin token may ask about any cluster, but a call whose routing
     // header names another cluster would reach that cluster's shard.
     let admin_routed_to = |cluster: &str| {
-        let address = BrokerAddress {
-            url: broker.url(),
-            token: broker.token(Role::Admin, None),
-            cluster_id: cluster.into(),
-            ca_cert: None,
-            client_identity: None,
-            insecure: false,
-        };
+        let address = local_address(&broker.url(), &broker.token(Role::Admin, None), cluster);
         AdminServiceClient::with_interceptor(broker.channel(), address.interceptor().unwrap())
     };
     let err = admin_routed_to("elsewhere")

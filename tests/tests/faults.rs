@@ -18,13 +18,12 @@ use std::time::Duration;
 
 use credstream_broker::auth::{Role, TokenKey};
 use credstream_client::session::PublishSession;
-use credstream_proto::connect::BrokerAddress;
 use credstream_proto::v1::CredentialKind;
 use credstream_tests::bins::binary;
+use credstream_tests::http1;
 use credstream_tests::minter::CountingMinter;
 use credstream_tests::processes::{PROCESS_WAIT, Process, clean_command};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use credstream_tests::publish::local_address;
 
 const AGENTS: usize = 50;
 const FETCH_LOOPS: usize = 10;
@@ -59,22 +58,14 @@ struct Endpoint {
 /// `GET /aws/credentials` as the AWS SDKs' container provider does it:
 /// status and body.
 async fn fetch(endpoint: &Endpoint) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect(endpoint.addr).await?;
-    let request = format!(
-        "GET /aws/credentials HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nConnection: close\r\n\r\n",
-        endpoint.addr, endpoint.token
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await?;
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
+    http1::request(
+        &endpoint.addr.to_string(),
+        "GET",
+        "/aws/credentials",
+        &[("Authorization", &endpoint.token)],
+        "",
+    )
+    .await
 }
 
 /// The access key id an agent serves now, if it serves one.
@@ -118,16 +109,12 @@ async fn broker_sigkill_under_fifty_agents_and_fetch_loops_loses_no_fetch_and_mi
     let broker = start_broker(port, &key_file).await;
 
     let minter = CountingMinter::new(CredentialKind::Aws, Duration::from_secs(3600));
-    let session = PublishSession::builder(BrokerAddress {
-        url: url.clone(),
-        token: key
-            .issue(Role::Publisher, Some(CLUSTER), Duration::from_secs(3600))
+    let session = PublishSession::builder(local_address(
+        &url,
+        &key.issue(Role::Publisher, Some(CLUSTER), Duration::from_secs(3600))
             .unwrap(),
-        cluster_id: CLUSTER.into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
-    })
+        CLUSTER,
+    ))
     .minter(minter.clone())
     .start()
     .unwrap();

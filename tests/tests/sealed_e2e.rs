@@ -10,12 +10,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use credstream_client::session::PublishSession;
-use credstream_proto::connect::BrokerAddress;
 use credstream_proto::seal::SealKey;
 use credstream_proto::v1::CredentialKind;
 use credstream_tests::bins::binary;
 use credstream_tests::minter::CountingMinter;
 use credstream_tests::processes::{Process, clean_command, free_low_port, write_file};
+use credstream_tests::publish::local_address;
 use credstream_tests::sealed_agent::{AgentProcess, boto3_credentials};
 use credstream_tests::tools;
 
@@ -67,19 +67,13 @@ async fn a_sealed_cluster_survives_a_broker_restart_and_boto3_follows_the_new_cr
     let key = SealKey::generate("dev");
     let key_file = write_file(dir.path(), "dev.seal-key", &key.encode());
     let minter = CountingMinter::new(CredentialKind::Aws, Duration::from_secs(3600));
-    let session = PublishSession::builder(BrokerAddress {
-        url: url.clone(),
-        token: token(&token_key, "publisher"),
-        cluster_id: "dev".into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
-    })
-    .minter(minter.clone())
-    .private_env([("AUTH_TOKEN_FOR_CUSTOM_DATABASE", "sealed-env")])
-    .seal(key)
-    .start()
-    .unwrap();
+    let session =
+        PublishSession::builder(local_address(&url, &token(&token_key, "publisher"), "dev"))
+            .minter(minter.clone())
+            .private_env([("AUTH_TOKEN_FOR_CUSTOM_DATABASE", "sealed-env")])
+            .seal(key)
+            .start()
+            .unwrap();
     let token_file = write_file(dir.path(), "agent.token", &token(&token_key, "agent"));
     let mut agent =
         AgentProcess::spawn(&url, "dev", "w1", &token_file, Some(&key_file), dir.path());

@@ -7,11 +7,11 @@
 use std::time::Duration;
 
 use credstream_client::session::PublishSession;
-use credstream_proto::connect::BrokerAddress;
 use credstream_proto::seal::SealKey;
 use credstream_proto::v1::subscribe_response::Message;
 use credstream_tests::broker::{aws_update, open_agent};
 use credstream_tests::processes::{BrokerProcess, Process, clean_command, write_file};
+use credstream_tests::publish::local_address;
 use credstream_tests::tools;
 use tonic::transport::Channel;
 
@@ -118,18 +118,12 @@ async fn python_opens_what_the_rust_publisher_sealed_from_the_docs_alone() {
     let broker = BrokerProcess::start_dev().await;
     let key = SealKey::generate("dev");
     let key_file = write_file(dir.path(), "dev.seal-key", &key.encode());
-    let session = PublishSession::builder(BrokerAddress {
-        url: broker.url.clone(),
-        token: broker.publisher_token.clone(),
-        cluster_id: "dev".into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
-    })
-    .private_env([("AUTH_TOKEN_FOR_CUSTOM_DATABASE", "it's s3cret")])
-    .seal(key)
-    .start()
-    .unwrap();
+    let session =
+        PublishSession::builder(local_address(&broker.url, &broker.publisher_token, "dev"))
+            .private_env([("AUTH_TOKEN_FOR_CUSTOM_DATABASE", "it's s3cret")])
+            .seal(key)
+            .start()
+            .unwrap();
     session
         .publish_credential(aws_update("interop", Duration::from_secs(3600)))
         .await

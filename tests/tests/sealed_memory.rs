@@ -10,13 +10,13 @@ use std::io::{Read, Seek, SeekFrom};
 use std::time::{Duration, SystemTime};
 
 use credstream_client::session::PublishSession;
-use credstream_proto::connect::BrokerAddress;
 use credstream_proto::convert::timestamp;
 use credstream_proto::seal::SealKey;
 use credstream_proto::v1::credential_update::Credential;
 use credstream_proto::v1::{AwsCredential, CredentialUpdate, GcpCredential};
 use credstream_tests::broker::open_agent;
 use credstream_tests::processes::BrokerProcess;
+use credstream_tests::publish::local_address;
 use tonic::transport::Channel;
 
 /// Secrets unique to one run, so a hit cannot come from anywhere else.
@@ -51,14 +51,7 @@ impl Secrets {
 /// Publishes the secrets (sealed or not) and waits until an agent of the
 /// broker received all of them.
 async fn publish(broker: &BrokerProcess, secrets: &Secrets, seal: bool) -> PublishSession {
-    let address = BrokerAddress {
-        url: broker.url.clone(),
-        token: broker.publisher_token.clone(),
-        cluster_id: "dev".into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
-    };
+    let address = local_address(&broker.url, &broker.publisher_token, "dev");
     let mut builder = PublishSession::builder(address)
         .private_env([("AUTH_TOKEN_FOR_CUSTOM_DATABASE", secrets.env_value.as_str())]);
     if seal {

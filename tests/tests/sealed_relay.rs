@@ -22,6 +22,7 @@ use credstream_tests::broker::{aws_update, open_agent};
 use credstream_tests::hostile_relay::HostileRelay;
 use credstream_tests::minter::CountingMinter;
 use credstream_tests::processes::{BrokerProcess, write_file};
+use credstream_tests::publish::local_address;
 use credstream_tests::sealed_agent::{AgentProcess, boto3_credentials};
 use credstream_tests::tools;
 use tonic::transport::Channel;
@@ -45,14 +46,7 @@ fn token(key_file: &Path, role: &str, cluster: &str) -> String {
 }
 
 fn address(url: &str, token: String, cluster: &str) -> BrokerAddress {
-    BrokerAddress {
-        url: url.to_owned(),
-        token,
-        cluster_id: cluster.into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
-    }
+    local_address(url, &token, cluster)
 }
 
 /// The sealed AWS credentials the broker sent for `cluster`, in order of

@@ -22,6 +22,7 @@ use credstream_tests::bins::binary;
 use credstream_tests::broker::{TestBroker, WAIT};
 use credstream_tests::minter::CountingMinter;
 use credstream_tests::processes::{Process, clean_command};
+use credstream_tests::publish::local_address;
 use credstream_tests::shard_proxy::{ProxyKind, ShardProxy};
 use credstream_tests::tools;
 
@@ -31,16 +32,12 @@ const CLUSTERS: usize = 8;
 const MAX_CLUSTERS: usize = 64;
 
 fn address(proxy: &ShardProxy, key: &TokenKey, role: Role, cluster: &str) -> BrokerAddress {
-    BrokerAddress {
-        url: proxy.url(),
-        token: key
-            .issue(role, Some(cluster), Duration::from_secs(3600))
+    local_address(
+        &proxy.url(),
+        &key.issue(role, Some(cluster), Duration::from_secs(3600))
             .expect("token"),
-        cluster_id: cluster.into(),
-        ca_cert: None,
-        client_identity: None,
-        insecure: false,
-    }
+        cluster,
+    )
 }
 
 async fn wait_for_state(
