@@ -111,8 +111,8 @@ if [[ "${CI:-}" == "true" ]]; then
 fi
 
 section "Python wheel (scripts/wheel.sh)"
-# The wheel's log goes to stderr as it comes; only its last line (the path)
-# is kept.
+# cargo's and maturin's output reaches stderr as it comes; wheel.sh's own
+# lines (stdout) are shown once it is done, and its last line is the path.
 WHEEL_LOG="$(mktemp)"
 bash "$ROOT/scripts/wheel.sh" >"$WHEEL_LOG"
 cat "$WHEEL_LOG"
