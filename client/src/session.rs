@@ -206,7 +206,10 @@ impl SessionBuilder {
         let client = PublisherServiceClient::with_interceptor(channel, credentials)
             .max_decoding_message_size(1024 * 1024);
         let (commands, command_rx) = mpsc::channel(64);
-        let (events, _) = broadcast::channel(256);
+        // Subscribed before the runner starts, so that the first caller of
+        // `events` sees the session's first events (the runner can connect
+        // before the caller gets to subscribe).
+        let (events, first_events) = broadcast::channel(256);
         let (acks, _) = watch::channel(UpdateAck::default());
         let (stopped, _) = watch::channel(Vec::new());
         let (access_ends, _) = watch::channel(AccessEnds::new());
@@ -228,6 +231,7 @@ impl SessionBuilder {
         Ok(PublishSession {
             commands,
             events,
+            first_events: std::sync::Mutex::new(Some(first_events)),
             acks,
             task,
             revoke_on_exit,
@@ -241,6 +245,8 @@ impl SessionBuilder {
 pub struct PublishSession {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<SessionEvent>,
+    /// The receiver subscribed at start, until `events` hands it out.
+    first_events: std::sync::Mutex<Option<broadcast::Receiver<SessionEvent>>>,
     acks: watch::Sender<UpdateAck>,
     task: JoinHandle<Result<(), SessionError>>,
     revoke_on_exit: bool,
@@ -275,9 +281,17 @@ impl PublishSession {
         }
     }
 
-    /// Session events (connected, minted, delivered, …).
+    /// Session events (connected, minted, delivered, …). The first call
+    /// receives every event since [`SessionBuilder::start`], so none is
+    /// lost to the session connecting before its caller subscribed (it
+    /// keeps the last 256; an older one shows as `RecvError::Lagged`).
+    /// Each later call receives the events from then on.
     pub fn events(&self) -> broadcast::Receiver<SessionEvent> {
-        self.events.subscribe()
+        self.first_events
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .unwrap_or_else(|| self.events.subscribe())
     }
 
     /// The latest delivery progress the broker reported.

@@ -315,3 +315,39 @@ async fn private_env_is_merged_and_unset_on_every_agent() {
     .unwrap();
     session.shutdown().await.unwrap();
 }
+
+/// The session can connect before its caller subscribes to its events (the
+/// CLI's "connected" line was once lost that way): the first receiver
+/// still begins with `Connected`; a later one begins with what comes next.
+#[tokio::test]
+async fn the_first_events_receiver_sees_a_connection_made_before_it_subscribed() {
+    let broker = TestBroker::start().await;
+    let minter = CountingMinter::new(AWS, Duration::from_secs(3600));
+    let session = PublishSession::builder(broker.address(Role::Publisher, "late"))
+        .minter(minter.clone())
+        .start()
+        .unwrap();
+    // The broker acks a version only after the welcome, the refresh request
+    // and the publish: by then `Connected` has been sent.
+    let mut acks = session.acks();
+    tokio::time::timeout(WAIT, acks.wait_for(|ack| ack.version > 0))
+        .await
+        .expect("the broker acks the first version in time")
+        .expect("session alive");
+
+    let mut first = session.events();
+    let event = first.try_recv();
+    assert!(
+        matches!(event, Ok(SessionEvent::Connected { .. })),
+        "the first event is the connection: {event:?}"
+    );
+    let mut later = session.events();
+    assert!(
+        matches!(
+            later.try_recv(),
+            Err(tokio::sync::broadcast::error::TryRecvError::Empty)
+        ),
+        "a later receiver starts from now"
+    );
+    session.shutdown().await.unwrap();
+}
