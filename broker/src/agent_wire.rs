@@ -55,15 +55,25 @@ impl std::fmt::Debug for CredentialFrame {
 }
 
 /// One message of an agent's stream, as the hub hands it to the stream.
+///
+/// A stream's queue keeps its capacity for as long as the stream lives, so
+/// a frame is kept small: the other messages (snapshots, cluster info,
+/// revocations, environments) are rare and boxed, and a credential, the
+/// frequent one, costs no allocation. Unboxed, every idle stream kept a
+/// snapshot-sized slot (384 bytes).
 #[derive(Debug)]
-// A stream queues at most a few of these; boxing the message would cost an
-// allocation per message.
-#[allow(clippy::large_enum_variant)]
 pub enum AgentFrame {
     /// A credential, framed once when it was published.
     Credential(CredentialFrame),
     /// Any other message, framed by the stream that sends it.
-    Message(subscribe_response::Message),
+    Message(Box<subscribe_response::Message>),
+}
+
+impl AgentFrame {
+    /// A message other than a credential.
+    pub fn message(message: subscribe_response::Message) -> Self {
+        Self::Message(Box::new(message))
+    }
 }
 
 impl AgentFrame {
@@ -73,7 +83,7 @@ impl AgentFrame {
             AgentFrame::Credential(frame) => frame.0,
             AgentFrame::Message(message) => {
                 let response = SubscribeResponse {
-                    message: Some(message),
+                    message: Some(*message),
                 };
                 let len = response.encoded_len();
                 let mut out = Vec::with_capacity(5 + len);
@@ -142,7 +152,7 @@ mod tests {
             message: Some(message.clone()),
         });
         assert_eq!(
-            AgentFrame::Message(message).into_bytes().as_ref(),
+            AgentFrame::message(message).into_bytes().as_ref(),
             expected.as_slice()
         );
     }

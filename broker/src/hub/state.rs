@@ -128,7 +128,7 @@ impl SentVersions {
             && info.version > self.info
         {
             self.info = info.version;
-            emit(AgentFrame::Message(Message::ClusterInfo(info.clone())));
+            emit(AgentFrame::message(Message::ClusterInfo(info.clone())));
         }
         for ((kind, slot), (_, sent)) in state.credentials.iter().zip(self.credentials.iter_mut()) {
             if slot.version() <= *sent {
@@ -140,7 +140,7 @@ impl SentVersions {
                     expires, encoded, ..
                 } if *expires > now => emit(AgentFrame::Credential(encoded.clone())),
                 Slot::Revoked(version) => {
-                    emit(AgentFrame::Message(Message::Revocation(Revocation {
+                    emit(AgentFrame::message(Message::Revocation(Revocation {
                         kinds: vec![kind as i32],
                         private_env: false,
                         version: *version,
@@ -152,9 +152,9 @@ impl SentVersions {
         if state.env.version() > self.env {
             self.env = state.env.version();
             match &state.env {
-                Slot::Env(env) => emit(AgentFrame::Message(Message::PrivateEnv((**env).clone()))),
+                Slot::Env(env) => emit(AgentFrame::message(Message::PrivateEnv((**env).clone()))),
                 Slot::Revoked(version) => {
-                    emit(AgentFrame::Message(Message::Revocation(Revocation {
+                    emit(AgentFrame::message(Message::Revocation(Revocation {
                         kinds: vec![],
                         private_env: true,
                         version: *version,

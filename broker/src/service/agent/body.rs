@@ -108,7 +108,7 @@ impl SubscribeBody {
         registration: Arc<AgentRegistration>,
         shutdown: watch::Receiver<bool>,
     ) -> (Self, ReaderLink) {
-        let snapshot = AgentFrame::Message(subscribe_response::Message::Snapshot(
+        let snapshot = AgentFrame::message(subscribe_response::Message::Snapshot(
             current.snapshot(Instant::now()),
         ));
         let ending = shutdown.borrow().then(crate::service::shutting_down);

@@ -82,6 +82,14 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                // credstream patch: free the slab once it is empty. The
+                // buffer is the connection's, shared by its streams, and
+                // usually holds a frame or two in passing; keeping its
+                // largest size (four slots after the first growth) costs an
+                // idle connection about 1 KiB for each of its two buffers.
+                if buf.slab.is_empty() {
+                    buf.slab = Slab::new();
+                }
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());

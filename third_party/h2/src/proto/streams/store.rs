@@ -81,7 +81,10 @@ pub(super) trait Resolve {
 impl Store {
     pub fn new() -> Self {
         Store {
-            slab: slab::Slab::new(),
+            // credstream patch: room for one stream, not slab's first
+            // growth to four; most connections of a broker carry one
+            // long-lived stream, and a second still grows it as before.
+            slab: slab::Slab::with_capacity(1),
             ids: IndexMap::new(),
         }
     }

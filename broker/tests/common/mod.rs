@@ -1,0 +1,3 @@
+//! Helpers shared by the broker's integration tests.
+
+pub mod tls;
