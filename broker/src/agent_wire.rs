@@ -74,9 +74,7 @@ impl AgentFrame {
     pub fn message(message: subscribe_response::Message) -> Self {
         Self::Message(Box::new(message))
     }
-}
 
-impl AgentFrame {
     /// The bytes of one gRPC message, ready for the HTTP/2 stream.
     pub fn into_bytes(self) -> Bytes {
         match self {
