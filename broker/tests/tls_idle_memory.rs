@@ -23,9 +23,9 @@ use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::Poll;
 
-use common::tls::{Pki, handshake, pki, within_guard};
+use common::tls::{Pki, handshake, pki, round_trip};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::io::{AsyncRead, DuplexStream, ReadBuf};
 use tokio_rustls::{client, server};
 
 #[global_allocator]
@@ -56,18 +56,7 @@ async fn idle_connection(
 ) {
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     let (mut server, mut client) = handshake(pki, server_io, client_io).await;
-    within_guard("a message each way", async {
-        client.write_all(b"hello").await.unwrap();
-        client.flush().await.unwrap();
-        let mut got = [0u8; 5];
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"hello");
-        server.write_all(b"olleh").await.unwrap();
-        server.flush().await.unwrap();
-        client.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"olleh");
-    })
-    .await;
+    round_trip(&mut server, &mut client).await;
     assert!(
         read_would_block(&mut server).await,
         "nothing more was sent, so the server's read waits"

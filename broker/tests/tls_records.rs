@@ -22,10 +22,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use common::tls::{handshake, pki, within_guard};
+use common::tls::{handshake, pki, round_trip, within_guard};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_rustls::rustls;
-use tokio_rustls::{client, server};
 
 /// Room for everything a test writes before the other side reads, so that
 /// a writer never waits for a reader it is meant to run ahead of.
@@ -95,29 +94,6 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for MeteredReads<T> {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
-}
-
-/// Sends a message from the client and back from the server, so a test
-/// can tell that a connection still carries data both ways.
-async fn round_trip<S, C>(server: &mut server::TlsStream<S>, client: &mut client::TlsStream<C>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    C: AsyncRead + AsyncWrite + Unpin,
-{
-    let message = b"ping over a healthy connection";
-    within_guard("a round trip", async {
-        client.write_all(message).await.unwrap();
-        client.flush().await.unwrap();
-        let mut got = vec![0u8; message.len()];
-        server.read_exact(&mut got).await.unwrap();
-        assert_eq!(got, message, "the server receives what the client sent");
-        server.write_all(&got).await.unwrap();
-        server.flush().await.unwrap();
-        let mut echoed = vec![0u8; message.len()];
-        client.read_exact(&mut echoed).await.unwrap();
-        assert_eq!(echoed, message, "the client receives the echo");
-    })
-    .await;
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use credstream_broker::server::TlsFiles;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -89,4 +89,27 @@ where
         server.expect("the server completes the handshake"),
         client.expect("the client completes the handshake"),
     )
+}
+
+/// Sends a message from the client and back from the server, so a test
+/// can tell that a connection still carries data both ways.
+pub async fn round_trip<S, C>(server: &mut server::TlsStream<S>, client: &mut client::TlsStream<C>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let message = b"ping over a healthy connection";
+    within_guard("a round trip", async {
+        client.write_all(message).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = vec![0u8; message.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, message, "the server receives what the client sent");
+        server.write_all(&got).await.unwrap();
+        server.flush().await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        client.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, message, "the client receives the echo");
+    })
+    .await;
 }
