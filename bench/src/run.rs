@@ -573,11 +573,14 @@ pub(crate) async fn fanout<P: Peer>(
     let load_before = ProcStats::read(std::process::id())?;
     let mut samples = Vec::with_capacity(n * config.publishes);
     let mut lost = 0;
+    let mut fanout_seconds = 0.0;
     for _ in 0..config.publishes {
         round += 1;
+        let at_publish = ProcStats::read(pid)?;
         let t0 = recorder.begin(round);
         peer.publish(round).await?;
         let result = recorder.finish(t0, config.round_timeout).await;
+        fanout_seconds += ProcStats::read(pid)?.cpu_seconds - at_publish.cpu_seconds;
         samples.extend(result.latencies_ns);
         lost += result.lost;
         tokio::time::sleep(config.gap).await;
@@ -600,6 +603,7 @@ pub(crate) async fn fanout<P: Peer>(
             server_system_ms_per_update: per_update(
                 cpu_after.system_seconds - cpu_before.system_seconds,
             ),
+            server_fanout_cpu_ms_per_update: per_update(fanout_seconds),
             agents_cpu_ms_per_update: per_update(load_after.cpu_seconds - load_before.cpu_seconds),
             ..FanoutResult::default()
         },

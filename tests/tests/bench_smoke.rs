@@ -82,11 +82,19 @@ fn bench_at_ten_agents_reports_every_field() {
         "server_bytes_per_agent",
         "server_cpu_ms_per_update",
         "server_system_ms_per_update",
+        "server_fanout_cpu_ms_per_update",
         "agents_cpu_ms_per_update",
         "connect_seconds",
     ] {
         assert!(credstream[field].is_number(), "no {field}: {credstream:#}");
     }
+    // The fan-out windows lie inside the measured rounds, read from the
+    // same monotonic counter.
+    assert!(
+        credstream["server_fanout_cpu_ms_per_update"].as_f64()
+            <= credstream["server_cpu_ms_per_update"].as_f64(),
+        "fan-out CPU beyond the rounds' CPU: {credstream:#}"
+    );
     // Ten hints, one mint: that is a correctness property, not a timing.
     assert_eq!(report["hints"]["agents"], 10, "{report:#}");
     assert_eq!(report["hints"]["refresh_requests"], 1, "{report:#}");
