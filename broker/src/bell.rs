@@ -77,29 +77,6 @@ impl BellHandle {
     }
 }
 
-impl BellHandle {
-    /// Something that wakes this stream alone (not the cluster's other
-    /// streams), for news only this stream cares about, such as its reader
-    /// failing. The stream reads what happened from state after waking, as
-    /// after a ring.
-    pub fn ringer(&self) -> StreamRinger {
-        StreamRinger(self.waker.clone())
-    }
-}
-
-/// Wakes one stream registered on a [`Bell`] ([`BellHandle::ringer`]).
-#[derive(Clone, Debug)]
-pub struct StreamRinger(Arc<AtomicWaker>);
-
-impl StreamRinger {
-    /// Wakes the stream if it is waiting. If it is not, nothing is lost: a
-    /// stream registers its waker before it looks at the state, so it finds
-    /// the news when it next looks.
-    pub fn ring(&self) {
-        self.0.wake();
-    }
-}
-
 impl Drop for BellHandle {
     fn drop(&mut self) {
         self.bell.lock().remove(self.key);
@@ -145,19 +122,6 @@ mod tests {
         for counter in &counters {
             assert_eq!(counter.0.load(Ordering::SeqCst), 1);
         }
-    }
-
-    #[test]
-    fn a_ringer_wakes_its_own_stream_only() {
-        let bell = Arc::new(Bell::default());
-        let (mine, other) = (bell.register(), bell.register());
-        let (my_counter, my_waker) = counting();
-        let (other_counter, other_waker) = counting();
-        mine.register(&my_waker);
-        other.register(&other_waker);
-        mine.ringer().ring();
-        assert_eq!(my_counter.0.load(Ordering::SeqCst), 1);
-        assert_eq!(other_counter.0.load(Ordering::SeqCst), 0);
     }
 
     #[test]

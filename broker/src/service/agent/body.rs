@@ -7,13 +7,12 @@
 //! update. The generated server would encode each message per stream into
 //! a buffer of its own; the wire format is the same.
 //!
-//! The body waits on one thing, its place on the cluster's
-//! [`Bell`](crate::bell::Bell), whatever the reason it may have to act: the
-//! hub rings the bell for a new state and for the broker's shutdown, and the
-//! stream's reader task rings this stream alone when the agent sent
-//! something that ends it. After each wake-up the body reads the reason
-//! from state: the shutdown flag, what the reader left in its
-//! [`ReaderLink`] (looked at, never waited on), the cluster's latest state.
+//! The body waits on two things: its place on the cluster's
+//! [`Bell`](crate::bell::Bell), which the hub rings for a new state and for
+//! the broker's shutdown, and the agent's request stream, which h2 wakes
+//! when an ack or hint arrives. After each wake-up the body handles what
+//! the agent sent ([`AgentInput`]) and reads the rest from state: the
+//! shutdown flag, the cluster's latest state.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -25,41 +24,16 @@ use credstream_proto::v1::subscribe_response;
 use http::HeaderMap;
 use http_body::Frame;
 use prost::bytes::Bytes;
-use tokio::sync::oneshot::error::TryRecvError;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::codegen::http;
 
+use super::AgentInput;
 use crate::agent_wire::AgentFrame;
 use crate::audit;
-use crate::bell::{BellHandle, StreamRinger};
-use crate::hub::{AgentRegistration, ClusterState, SentVersions};
-
-/// The reader task's end of its Subscribe body: it reports why the agent's
-/// input ends the stream (undecodable or out-of-order) and rings the body,
-/// which finds the status after waking; and it learns when the body is gone.
-/// When the agent merely half-closes, the reader drops this without a
-/// status: the stream goes on.
-#[derive(Debug)]
-pub(super) struct ReaderLink {
-    failed: oneshot::Sender<Status>,
-    ringer: StreamRinger,
-}
-
-impl ReaderLink {
-    /// Ends the stream with `status`.
-    pub(super) fn fail(self, status: Status) {
-        // If the body is gone, nobody reads it.
-        let _ = self.failed.send(status);
-        self.ringer.ring();
-    }
-
-    /// Resolves once the body is gone.
-    pub(super) async fn body_gone(&mut self) {
-        self.failed.closed().await;
-    }
-}
+use crate::bell::BellHandle;
+use crate::hub::{ClusterState, SentVersions};
 
 /// Writes the `agent_gone` audit event when dropped with its stream.
 pub(super) struct AgentAudit {
@@ -88,48 +62,39 @@ pub struct SubscribeBody {
     shutdown: watch::Receiver<bool>,
     sent: SentVersions,
     queue: VecDeque<AgentFrame>,
-    _registration: Arc<AgentRegistration>,
+    /// The agent's acks and hints; holds its registration.
+    input: AgentInput,
     /// Records `agent_gone` when the stream ends.
     audit: Option<AgentAudit>,
-    /// Why the reader ended the stream, read after each wake-up (never
-    /// waited on); `None` once the reader ended without a status.
-    failed: Option<oneshot::Receiver<Status>>,
     /// The status to send as trailers next.
     ending: Option<Status>,
     done: bool,
 }
 
 impl SubscribeBody {
-    /// A body that starts with the snapshot of `current`, and its link to
-    /// the stream's reader task.
+    /// A body that starts with the snapshot of `current` and reads the
+    /// agent's `input`.
     pub(super) fn new(
         current: &ClusterState,
         (state, bell): (watch::Receiver<Arc<ClusterState>>, BellHandle),
-        registration: Arc<AgentRegistration>,
+        input: AgentInput,
         shutdown: watch::Receiver<bool>,
-    ) -> (Self, ReaderLink) {
+    ) -> Self {
         let snapshot = AgentFrame::message(subscribe_response::Message::Snapshot(
             current.snapshot(Instant::now()),
         ));
         let ending = shutdown.borrow().then(crate::service::shutting_down);
-        let (fail, failed) = oneshot::channel();
-        let reader = ReaderLink {
-            failed: fail,
-            ringer: bell.ringer(),
-        };
-        let body = Self {
+        Self {
             state,
             bell,
             shutdown,
             sent: SentVersions::of(current),
             queue: VecDeque::from([snapshot]),
-            _registration: registration,
+            input,
             audit: None,
-            failed: Some(failed),
             ending,
             done: false,
-        };
-        (body, reader)
+        }
     }
 
     /// Records `agent_gone` through `audit` when the stream ends.
@@ -180,24 +145,15 @@ impl http_body::Body for SubscribeBody {
                 this.done = true;
                 return Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))));
             }
-            // The one wake-up source. Register before looking, so that a
-            // ring in between wakes us.
+            // Register before looking, so that a ring in between wakes us.
             this.bell.register(cx.waker());
             if this.shutdown.has_changed().unwrap_or(true) && *this.shutdown.borrow_and_update() {
                 this.ending = Some(crate::service::shutting_down());
                 continue;
             }
-            if let Some(failed) = &mut this.failed {
-                match failed.try_recv() {
-                    Ok(status) => {
-                        this.ending = Some(status);
-                        continue;
-                    }
-                    // The reader ended without a status (half-close): keep
-                    // streaming, and stop looking.
-                    Err(TryRecvError::Closed) => this.failed = None,
-                    Err(TryRecvError::Empty) => {}
-                }
+            if let Some(status) = this.input.poll_read(cx) {
+                this.ending = Some(status);
+                continue;
             }
             match this.state.has_changed() {
                 Ok(true) => {

@@ -1,10 +1,11 @@
 //! `AgentService.Subscribe`: the worker's stream. The response is a
 //! hand-written HTTP body ([`SubscribeBody`], in `body.rs`) over the
 //! cluster's state (no task, no queue per agent): each time the cluster's
-//! bell rings it sends whatever is newer than what this agent was sent. A
-//! small task reads acks and hints; an agent that half-closes keeps
-//! receiving. Dropping the response (the agent went away) unregisters the
-//! agent.
+//! bell rings it sends whatever is newer than what this agent was sent.
+//! The same body reads the agent's acks and hints ([`AgentInput`]) each
+//! time it wakes, so a stream costs hyper's one task and no reader task of
+//! its own; an agent that half-closes keeps receiving. Dropping the
+//! response (the agent went away) unregisters the agent.
 //!
 //! The fan-out path does no per-agent encoding or copying: a credential is
 //! framed once per version when it is published ([`crate::agent_wire`]),
@@ -17,12 +18,14 @@
 mod body;
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use credstream_proto::kind::PerKind;
 use credstream_proto::v1::{CredentialKind, SubscribeRequest, subscribe_request};
+use futures::Stream as _;
 use prost::Message as _;
 use tokio::time::Instant;
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
@@ -30,8 +33,8 @@ use tonic::codegen::{Body, BoxFuture, StdError, http};
 use tonic::server::NamedService;
 use tonic::{Request, Status, Streaming};
 
+use body::AgentAudit;
 pub use body::SubscribeBody;
-use body::{AgentAudit, ReaderLink};
 
 use crate::hub::{AgentRegistration, ClusterHub};
 use crate::limits;
@@ -87,22 +90,13 @@ impl AgentServer {
             return Err(super::shutting_down());
         }
         let cluster = self.hub.cluster(&hello.cluster_id);
-        let registration = Arc::new(cluster.connect_agent(hello.agent_id.clone()));
+        let registration = cluster.connect_agent(hello.agent_id.clone());
         tracing::debug!(cluster = %hello.cluster_id, agent = %hello.agent_id, "agent subscribed");
         let (mut state, bell) = cluster.watch();
         let current = state.borrow_and_update().clone();
-        let (mut body, reader) = SubscribeBody::new(
-            &current,
-            (state, bell),
-            registration.clone(),
-            self.hub.shutdown_signal(),
-        );
-        tokio::spawn(read_agent(
-            inbound,
-            registration,
-            self.hint_interval,
-            reader,
-        ));
+        let input = AgentInput::new(inbound, registration, self.hint_interval);
+        let mut body =
+            SubscribeBody::new(&current, (state, bell), input, self.hub.shutdown_signal());
         if let Some(caller) = caller {
             audit::record(audit::Event::AgentSubscribed {
                 cluster: &hello.cluster_id,
@@ -119,53 +113,91 @@ impl AgentServer {
     }
 }
 
-/// Reads one agent's acks and hints until the agent half-closes, sends
-/// something that ends the stream (reported to the body through `link`),
-/// or the body is gone.
-async fn read_agent(
-    mut inbound: Streaming<SubscribeRequest>,
-    registration: Arc<AgentRegistration>,
+/// Most requests [`AgentInput::poll_read`] handles before it yields: an
+/// agent that floods acks shares its worker with the other streams.
+const MAX_REQUESTS_PER_POLL: usize = 32;
+
+/// What one agent sends on its Subscribe stream after the hello: acks and
+/// hints, until it half-closes. Its [`SubscribeBody`] reads them each time
+/// it wakes (the request stream wakes the body's task), so a stream needs
+/// no reader task of its own. Owns the agent's registration: the agent is
+/// unregistered when its body is dropped.
+///
+/// hyper polls a response body only while the stream may send, so an agent
+/// whose receive window is full (it is not reading) has its acks and hints
+/// read once it reads again; until then they wait in h2's receive window,
+/// which bounds them.
+pub(super) struct AgentInput {
+    /// `None` once the agent half-closed or sent something that ends the
+    /// stream.
+    inbound: Option<Streaming<SubscribeRequest>>,
+    registration: AgentRegistration,
     hint_interval: Duration,
-    mut link: ReaderLink,
-) {
-    let mut last_hint = PerKind::<Option<Instant>>::default();
-    loop {
-        let message = tokio::select! {
-            message = inbound.message() => message,
-            // The response ended (shutdown, or the agent went away).
-            () = link.body_gone() => return,
-        };
-        let request = match message {
-            Ok(Some(request)) => request,
-            Ok(None) => return, // half-closed: keep streaming
-            Err(status) => {
-                // Undecodable input ends the stream with its status; if the
-                // agent is simply gone, nobody reads it.
-                link.fail(status);
-                return;
+    last_hint: PerKind<Option<Instant>>,
+}
+
+impl AgentInput {
+    fn new(
+        inbound: Streaming<SubscribeRequest>,
+        registration: AgentRegistration,
+        hint_interval: Duration,
+    ) -> Self {
+        Self {
+            inbound: Some(inbound),
+            registration,
+            hint_interval,
+            last_hint: PerKind::default(),
+        }
+    }
+
+    /// Handles what the agent has sent so far and registers `cx` for more.
+    /// Returns the status that ends the stream if the agent sent something
+    /// undecodable or out of order; after that, and after a half-close,
+    /// nothing more is read.
+    pub(super) fn poll_read(&mut self, cx: &mut Context<'_>) -> Option<Status> {
+        for _ in 0..MAX_REQUESTS_PER_POLL {
+            let inbound = self.inbound.as_mut()?;
+            let result = match Pin::new(inbound).poll_next(cx) {
+                Poll::Pending => return None,
+                Poll::Ready(Some(Ok(request))) => self.handle(request),
+                // Undecodable input ends the stream with its status.
+                Poll::Ready(Some(Err(status))) => Err(status),
+                // Half-closed: keep streaming.
+                Poll::Ready(None) => {
+                    self.inbound = None;
+                    return None;
+                }
+            };
+            if let Err(status) = result {
+                self.inbound = None;
+                return Some(status);
             }
-        };
-        let result = match request.message {
+        }
+        // More may be waiting: come back after the other tasks had a turn.
+        cx.waker().wake_by_ref();
+        None
+    }
+
+    fn handle(&mut self, request: SubscribeRequest) -> Result<(), Status> {
+        match request.message {
             Some(subscribe_request::Message::Ack(ack)) => {
-                registration.ack(ack.version);
+                self.registration.ack(ack.version);
                 Ok(())
             }
             Some(subscribe_request::Message::RefreshHint(hint)) => {
                 let kind = CredentialKind::try_from(hint.kind).unwrap_or_default();
-                match last_hint.get_mut(kind) {
-                    Some(last) => {
-                        let now = Instant::now();
-                        if last.is_none_or(|at| now >= at + hint_interval) {
-                            *last = Some(now);
-                            registration.cluster().hint(kind, hint.held_version);
-                        }
-                        Ok(())
-                    }
-                    None => Err(Status::invalid_argument(format!(
+                let Some(last) = self.last_hint.get_mut(kind) else {
+                    return Err(Status::invalid_argument(format!(
                         "refresh_hint.kind holds {}, which is not a credential kind",
                         hint.kind
-                    ))),
+                    )));
+                };
+                let now = Instant::now();
+                if last.is_none_or(|at| now >= at + self.hint_interval) {
+                    *last = Some(now);
+                    self.registration.cluster().hint(kind, hint.held_version);
                 }
+                Ok(())
             }
             Some(subscribe_request::Message::Hello(_)) => Err(Status::failed_precondition(
                 "a second hello on the same Subscribe stream",
@@ -173,10 +205,6 @@ async fn read_agent(
             None => Err(Status::invalid_argument(
                 "empty SubscribeRequest: set exactly one message",
             )),
-        };
-        if let Err(status) = result {
-            link.fail(status);
-            return;
         }
     }
 }
