@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::watch;
 use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 /// How long a process may take to print an awaited line or to exit before
@@ -342,14 +343,19 @@ impl BrokerProcess {
         }
     }
 
-    /// `GetCluster` with the admin token.
-    pub async fn status(&self, cluster: &str) -> Result<ClusterStatus, Status> {
+    /// An admin client with the admin token.
+    pub fn admin(&self) -> AdminServiceClient<InterceptedService<Channel, CallCredentials>> {
         let channel = Channel::from_shared(self.url.clone())
             .expect("url")
             .connect_lazy();
         let credentials = CallCredentials::bearer(&self.admin_token).expect("ascii token");
-        let mut admin = AdminServiceClient::with_interceptor(channel, credentials);
-        let response = admin
+        AdminServiceClient::with_interceptor(channel, credentials)
+    }
+
+    /// `GetCluster` with the admin token.
+    pub async fn status(&self, cluster: &str) -> Result<ClusterStatus, Status> {
+        let response = self
+            .admin()
             .get_cluster(GetClusterRequest {
                 cluster_id: cluster.into(),
             })

@@ -1,12 +1,9 @@
 //! `credstream-broker --worker-threads`: the threads that serve
 //! connections, for hosts whose cores other work shares.
 
-use credstream_proto::connect::CallCredentials;
 use credstream_proto::v1::ListClustersRequest;
-use credstream_proto::v1::admin_service_client::AdminServiceClient;
 use credstream_tests::bins::binary;
 use credstream_tests::processes::{BrokerProcess, clean_command};
-use tonic::transport::Channel;
 
 #[tokio::test]
 async fn the_broker_serves_on_the_worker_threads_it_was_given() {
@@ -18,12 +15,8 @@ async fn the_broker_serves_on_the_worker_threads_it_was_given() {
         .await;
     assert!(line.contains("worker_threads=1"), "{line}");
 
-    let channel = Channel::from_shared(broker.url.clone())
-        .expect("url")
-        .connect_lazy();
-    let credentials = CallCredentials::bearer(&broker.admin_token).expect("ascii token");
-    let mut admin = AdminServiceClient::with_interceptor(channel, credentials);
-    admin
+    broker
+        .admin()
         .list_clusters(ListClustersRequest::default())
         .await
         .expect("a one-thread broker answers");

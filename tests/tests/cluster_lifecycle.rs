@@ -17,14 +17,8 @@ async fn the_broker_binary_drops_a_cluster_nobody_uses_after_its_grace() {
         .unwrap()
         .connect_lazy();
     let list = || async {
-        let credentials =
-            credstream_proto::connect::CallCredentials::bearer(&broker.admin_token).unwrap();
-        let mut admin =
-            credstream_proto::v1::admin_service_client::AdminServiceClient::with_interceptor(
-                channel.clone(),
-                credentials,
-            );
-        admin
+        broker
+            .admin()
             .list_clusters(ListClustersRequest {})
             .await
             .unwrap()
