@@ -35,4 +35,5 @@ pub mod rate_limit;
 pub mod refresh;
 pub mod server;
 pub mod service;
+pub mod serving;
 pub mod tls;

@@ -17,7 +17,8 @@ use credstream_proto::v1::publisher_service_server::PublisherServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Server;
+use tonic::service::Routes;
+use tower::ServiceBuilder;
 
 use crate::auth::{Authenticator, TokenKey};
 use crate::connections::{self, AdmissionCounts, ConnectionLimits};
@@ -29,6 +30,7 @@ use crate::refresh::RefreshConfig;
 use crate::service::admin::AdminServer;
 use crate::service::agent::{AgentServer, AgentServiceServer};
 use crate::service::publisher::PublisherServer;
+use crate::serving;
 
 /// TLS files.
 #[derive(Clone, Debug)]
@@ -97,7 +99,7 @@ pub struct RunningBroker {
     tls: bool,
     health: tonic_health::server::HealthReporter,
     stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    task: JoinHandle<()>,
     accept_loop: JoinHandle<()>,
     /// What the accept loop refused, evicted and timed out.
     pub admissions: Arc<AdmissionCounts>,
@@ -133,8 +135,7 @@ impl RunningBroker {
         }
         self.hub.shut_down();
         match tokio::time::timeout(self.drain_timeout, &mut self.task).await {
-            Ok(Ok(Ok(()))) => tracing::info!("broker stopped"),
-            Ok(Ok(Err(error))) => tracing::warn!(%error, "server ended with an error"),
+            Ok(Ok(())) => tracing::info!("broker stopped"),
             Ok(Err(error)) => tracing::warn!(%error, "server task failed"),
             Err(_) => {
                 tracing::warn!("connections did not drain in time; closing them");
@@ -145,10 +146,7 @@ impl RunningBroker {
 
     /// Waits until the server task ends (it ends only on shutdown or error).
     pub async fn wait(&mut self) -> anyhow::Result<()> {
-        (&mut self.task)
-            .await
-            .context("server task")?
-            .context("server")
+        (&mut self.task).await.context("server task")
     }
 }
 
@@ -195,22 +193,10 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
     let reflection_v1 = reflection().build_v1().context("reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
 
-    let builder = Server::builder()
-        .concurrency_limit_per_connection(64)
-        .max_concurrent_streams(Some(64))
-        .http2_max_header_list_size(16 * 1024);
     let tls = config.tls.is_some();
     let acceptor = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
 
-    let router = builder
-        // Layers added first run first: authentication, then the rate
-        // limit, which so counts verified tokens only.
-        .layer(GateLayer::new(Authenticator::new(config.token_key.clone())))
-        .layer(GateLayer::new(Arc::new(TokenRateLimiter::new(
-            config.call_rate,
-            config.connections.call_rate,
-        ))))
-        .add_service(health_service)
+    let routes = Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
@@ -224,15 +210,23 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
         .add_service(
             AdminServiceServer::new(AdminServer::new(hub.clone(), config.token_key.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        );
+        )
+        .prepare();
+    let service = ServiceBuilder::new()
+        // Layers added first run first: authentication, then the rate
+        // limit, which so counts verified tokens only.
+        .layer(GateLayer::new(Authenticator::new(config.token_key.clone())))
+        .layer(GateLayer::new(Arc::new(TokenRateLimiter::new(
+            config.call_rate,
+            config.connections.call_rate,
+        ))))
+        .service(routes);
 
     let (stop, stopped) = oneshot::channel::<()>();
     let incoming = connections::incoming(listener, acceptor, config.connections);
-    let task = tokio::spawn(
-        router.serve_with_incoming_shutdown(incoming.connections, async {
-            let _ = stopped.await;
-        }),
-    );
+    let task = tokio::spawn(serving::serve(service, incoming.connections, async {
+        let _ = stopped.await;
+    }));
     tracing::info!(
         %local_addr,
         tls,
