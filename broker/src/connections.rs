@@ -698,6 +698,8 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio_rustls::rustls;
 
+    use crate::test_pki::{Pki, pki};
+
     use super::*;
 
     async fn pair(limits: ConnectionLimits) -> (SocketAddr, Incoming) {
@@ -791,49 +793,6 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut answer)).await;
         assert_eq!(answer, GOAWAY_PROTOCOL_ERROR, "a GOAWAY, then the close");
         assert_eq!(incoming.counts.timed_out.load(Ordering::Relaxed), 0);
-    }
-
-    /// A broker TLS configuration for 127.0.0.1 (its files in the
-    /// directory) and a client configuration that trusts it.
-    struct Pki {
-        _dir: tempfile::TempDir,
-        acceptor: TlsAcceptor,
-        client: Arc<rustls::ClientConfig>,
-    }
-
-    fn pki() -> Pki {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = params.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let files = crate::server::TlsFiles {
-            cert: dir.path().join("server.pem"),
-            key: dir.path().join("server.key"),
-            client_ca: None,
-        };
-        std::fs::write(&files.cert, cert.pem()).unwrap();
-        std::fs::write(&files.key, key.serialize_pem()).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.der().clone()).unwrap();
-        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        client.alpn_protocols = vec![b"h2".to_vec()];
-        Pki {
-            acceptor: crate::tls::acceptor(&files).unwrap(),
-            client: Arc::new(client),
-            _dir: dir,
-        }
     }
 
     /// A TLS client driven step by step: its ClientHello first, the rest

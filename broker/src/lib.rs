@@ -37,3 +37,12 @@ pub mod server;
 pub mod service;
 pub mod serving;
 pub mod tls;
+
+// The integration tests' certificates, shared with the unit tests; the file
+// names the crate as its integration tests do.
+#[cfg(test)]
+extern crate self as credstream_broker;
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../tests/common/tls.rs"]
+mod test_pki;

@@ -1,6 +1,8 @@
 //! The broker's TLS configuration and a client that trusts it, for the
 //! tests of the vendored rustls patch (`tls_records.rs`,
-//! `tls_idle_memory.rs`; see `third_party/rustls/CREDSTREAM_PATCHES.md`).
+//! `tls_idle_memory.rs`; see `third_party/rustls/CREDSTREAM_PATCHES.md`)
+//! and for the admission tests in `src/connections.rs`, whose crate
+//! includes this file as `test_pki` (`src/lib.rs`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,7 +23,15 @@ pub const GUARD: Duration = Duration::from_secs(10);
 pub struct Pki {
     _dir: tempfile::TempDir,
     pub acceptor: TlsAcceptor,
-    pub connector: TlsConnector,
+    /// The client's configuration (tests that drive rustls by hand use it
+    /// as it is).
+    pub client: Arc<ClientConfig>,
+}
+
+impl Pki {
+    pub fn connector(&self) -> TlsConnector {
+        TlsConnector::from(self.client.clone())
+    }
 }
 
 pub fn pki() -> Pki {
@@ -53,7 +63,7 @@ pub fn pki() -> Pki {
     client.alpn_protocols = vec![b"h2".to_vec()];
     Pki {
         acceptor: credstream_broker::tls::acceptor(&files).unwrap(),
-        connector: TlsConnector::from(Arc::new(client)),
+        client: Arc::new(client),
         _dir: dir,
     }
 }
@@ -81,7 +91,7 @@ where
     let (server, client) = within_guard("the handshake", async {
         tokio::join!(
             pki.acceptor.accept(server_io),
-            pki.connector.connect(name, client_io)
+            pki.connector().connect(name, client_io)
         )
     })
     .await;
