@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
+import moto_seed
 import pytest
 
 T = TypeVar("T")
@@ -133,18 +134,6 @@ class Proc:
         return self.popen.returncode
 
 
-SEED_ROLE_POLICY = {
-    "Version": "2012-10-17",
-    "Statement": [
-        {
-            "Effect": "Allow",
-            "Action": ["s3:GetObject", "s3:ListBucket"],
-            "Resource": ["arn:aws:s3:::seed-data", "arn:aws:s3:::seed-data/*"],
-        }
-    ],
-}
-
-
 @dataclass
 class Moto:
     proc: Proc
@@ -152,9 +141,9 @@ class Moto:
     access_key_id: str = ""
     secret_access_key: str = ""
     role_arn: str = ""
-    bucket: str = "seed-data"
-    key: str = "reports/hello.txt"
-    body: bytes = b"hello from moto s3"
+    bucket: str = moto_seed.BUCKET
+    key: str = moto_seed.KEY
+    body: bytes = moto_seed.BODY
 
     def assumed_role_keys(self) -> list[str]:
         import urllib.request
@@ -198,68 +187,18 @@ def start_moto(log_dir: str) -> Moto:
 
 
 def seed_moto(moto: Moto, auth: bool = True) -> None:
-    """IAM user `laptop-user` (may call STS only), role `cluster-reader`
-    (may read seed-data), the bucket and the object; then auth on, unless
+    """The user, role, bucket and object of ``moto_seed.py`` (IAM user
+    `laptop-user`, which may call STS only; role `cluster-reader`, which may
+    read seed-data); then auth on, unless
     `auth` is False: under auth moto rejects the fixed keys its own
     GetSessionToken returns (docs/facts.md, 15), so a publisher that mints
     without a role needs auth off."""
     import urllib.request
 
-    import boto3
-
-    kw = dict(
-        endpoint_url=moto.url,
-        region_name="us-east-1",
-        aws_access_key_id="seed",
-        aws_secret_access_key="seed",
-    )
-    iam = boto3.client("iam", **kw)
-    s3 = boto3.client("s3", **kw)
-    user = iam.create_user(UserName="laptop-user")["User"]
-    iam.put_user_policy(
-        UserName="laptop-user",
-        PolicyName="mint",
-        PolicyDocument=json.dumps(
-            {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {
-                        "Effect": "Allow",
-                        "Action": [
-                            "sts:AssumeRole",
-                            "sts:GetSessionToken",
-                            "sts:GetCallerIdentity",
-                        ],
-                        "Resource": "*",
-                    }
-                ],
-            }
-        ),
-    )
-    key = iam.create_access_key(UserName="laptop-user")["AccessKey"]
-    role = iam.create_role(
-        RoleName="cluster-reader",
-        AssumeRolePolicyDocument=json.dumps(
-            {
-                "Version": "2012-10-17",
-                "Statement": [
-                    {
-                        "Effect": "Allow",
-                        "Principal": {"AWS": user["Arn"]},
-                        "Action": "sts:AssumeRole",
-                    }
-                ],
-            }
-        ),
-    )["Role"]
-    iam.put_role_policy(
-        RoleName="cluster-reader", PolicyName="read", PolicyDocument=json.dumps(SEED_ROLE_POLICY)
-    )
-    s3.create_bucket(Bucket=moto.bucket)
-    s3.put_object(Bucket=moto.bucket, Key=moto.key, Body=moto.body)
-    moto.access_key_id = key["AccessKeyId"]
-    moto.secret_access_key = key["SecretAccessKey"]
-    moto.role_arn = role["Arn"]
+    seeded = moto_seed.seed(moto.url)
+    moto.access_key_id = seeded["access_key_id"]
+    moto.secret_access_key = seeded["secret_access_key"]
+    moto.role_arn = seeded["role_arn"]
     if not auth:
         return
     # The body is the number of requests still allowed without auth; a form

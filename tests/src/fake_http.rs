@@ -17,6 +17,35 @@ pub struct Received {
     pub body: String,
 }
 
+impl Received {
+    /// One complete HTTP/1.1 request at the start of `bytes` (its body by
+    /// `Content-Length`) and how many bytes it took, or `None` if it has
+    /// not all arrived yet.
+    pub fn parse(bytes: &[u8]) -> Option<(Received, usize)> {
+        let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&bytes[..end]).to_string();
+        let length = head
+            .lines()
+            .find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                key.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        let total = end + 4 + length;
+        if bytes.len() < total {
+            return None;
+        }
+        let request_line = head.lines().next().unwrap_or("").to_owned();
+        let request_line = request_line
+            .rsplit_once(' ')
+            .map(|(rest, _)| rest.to_owned())
+            .unwrap_or(request_line);
+        let body = String::from_utf8_lossy(&bytes[end + 4..total]).to_string();
+        Some((Received { request_line, body }, total))
+    }
+}
+
 /// What a [`FakeHttp`] server answers: status, content type and body, given
 /// the request's number (1-based) and the request.
 pub type Responder = Arc<dyn Fn(usize, &Received) -> (u16, &'static str, String) + Send + Sync>;
@@ -75,35 +104,16 @@ async fn serve_one(
 ) -> std::io::Result<()> {
     let mut raw = Vec::new();
     let mut chunk = [0u8; 8192];
-    let (head, body) = loop {
+    let received = loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             return Ok(());
         }
         raw.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&raw).to_string();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let head = text[..end].to_owned();
-            let length = head
-                .lines()
-                .find_map(|line| {
-                    let (key, value) = line.split_once(':')?;
-                    key.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().ok())?
-                })
-                .unwrap_or(0);
-            if raw.len() >= end + 4 + length {
-                let body = String::from_utf8_lossy(&raw[end + 4..end + 4 + length]).to_string();
-                break (head, body);
-            }
+        if let Some((received, _)) = Received::parse(&raw) {
+            break received;
         }
     };
-    let request_line = head.lines().next().unwrap_or("").to_owned();
-    let request_line = request_line
-        .rsplit_once(' ')
-        .map(|(rest, _)| rest.to_owned())
-        .unwrap_or(request_line);
-    let received = Received { request_line, body };
     let number = {
         let mut log = log.lock().unwrap();
         log.push(received.clone());
@@ -143,4 +153,21 @@ fn percent_decode(text: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_split_by_content_length() {
+        let two = b"POST / HTTP/1.1\r\nContent-Length: 17\r\n\r\nAction=AssumeRolePOST / HTTP/1.1\r\ncontent-length: 3\r\n\r\na=b";
+        let (first, used) = Received::parse(two).unwrap();
+        assert_eq!(first.request_line, "POST /");
+        assert_eq!(first.body, "Action=AssumeRole");
+        let (second, rest) = Received::parse(&two[used..]).unwrap();
+        assert_eq!(second.body, "a=b");
+        assert_eq!(used + rest, two.len());
+        assert!(Received::parse(&two[..used - 1]).is_none());
+    }
 }

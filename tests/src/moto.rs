@@ -137,38 +137,13 @@ pub struct Seeded {
     pub body: String,
 }
 
-const SEED_SCRIPT: &str = r#"
-import json, sys
-import boto3
-url = sys.argv[1]
-kw = dict(endpoint_url=url, region_name="us-east-1",
-          aws_access_key_id="seed", aws_secret_access_key="seed")
-iam = boto3.client("iam", **kw)
-s3 = boto3.client("s3", **kw)
-user = iam.create_user(UserName="laptop-user")["User"]
-iam.put_user_policy(UserName="laptop-user", PolicyName="mint", PolicyDocument=json.dumps({
-    "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow",
-                   "Action": ["sts:AssumeRole", "sts:GetSessionToken", "sts:GetCallerIdentity"],
-                   "Resource": "*"}]}))
-key = iam.create_access_key(UserName="laptop-user")["AccessKey"]
-role = iam.create_role(RoleName="cluster-reader", AssumeRolePolicyDocument=json.dumps({
-    "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Principal": {"AWS": user["Arn"]},
-                   "Action": "sts:AssumeRole"}]}))["Role"]
-iam.put_role_policy(RoleName="cluster-reader", PolicyName="read", PolicyDocument=json.dumps({
-    "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject"],
-                   "Resource": "arn:aws:s3:::seed-data/*"}]}))
-s3.create_bucket(Bucket="seed-data")
-s3.put_object(Bucket="seed-data", Key="reports/hello.txt", Body=b"hello from moto s3")
-print(json.dumps({"access_key_id": key["AccessKeyId"], "secret_access_key": key["SecretAccessKey"],
-                  "user_arn": user["Arn"], "role_arn": role["Arn"]}))
-"#;
+/// The seeding script the Python package's tests import too.
+const SEED_SCRIPT: &str = include_str!("../../python/tests/moto_seed.py");
 
-/// Creates, with auth still off: IAM user `laptop-user` (long-term keys,
-/// allowed to call STS only), role `cluster-reader` (allowed to read
-/// `seed-data/*`), bucket `seed-data` and object `reports/hello.txt`.
+/// Creates, with auth still off (`python/tests/moto_seed.py`): IAM user
+/// `laptop-user` (long-term keys, allowed to call STS only), role
+/// `cluster-reader` (allowed to list and read bucket `seed-data`), bucket
+/// `seed-data` and object `reports/hello.txt`.
 pub async fn seed(python: &Path, moto: &Moto) -> Seeded {
     let mut command = clean_command(python);
     command.args(["-c", SEED_SCRIPT, &moto.url]);

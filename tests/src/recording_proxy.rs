@@ -92,7 +92,7 @@ async fn relay(
             }
             server_write.write_all(&chunk[..n]).await?;
             pending.extend_from_slice(&chunk[..n]);
-            while let Some((received, used)) = parse_request(&pending) {
+            while let Some((received, used)) = Received::parse(&pending) {
                 log.lock().unwrap().push(received);
                 pending.drain(..used);
             }
@@ -104,47 +104,4 @@ async fn relay(
     };
     let (a, b) = tokio::join!(requests, responses);
     a.and(b)
-}
-
-/// One complete request at the start of `bytes` and how many bytes it
-/// took, or `None` if it has not all arrived yet.
-fn parse_request(bytes: &[u8]) -> Option<(Received, usize)> {
-    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&bytes[..end]).to_string();
-    let length = head
-        .lines()
-        .find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            key.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    let total = end + 4 + length;
-    if bytes.len() < total {
-        return None;
-    }
-    let request_line = head.lines().next().unwrap_or("").to_owned();
-    let request_line = request_line
-        .rsplit_once(' ')
-        .map(|(rest, _)| rest.to_owned())
-        .unwrap_or(request_line);
-    let body = String::from_utf8_lossy(&bytes[end + 4..total]).to_string();
-    Some((Received { request_line, body }, total))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn requests_are_split_by_content_length() {
-        let two = b"POST / HTTP/1.1\r\nContent-Length: 17\r\n\r\nAction=AssumeRolePOST / HTTP/1.1\r\ncontent-length: 3\r\n\r\na=b";
-        let (first, used) = parse_request(two).unwrap();
-        assert_eq!(first.request_line, "POST /");
-        assert_eq!(first.body, "Action=AssumeRole");
-        let (second, rest) = parse_request(&two[used..]).unwrap();
-        assert_eq!(second.body, "a=b");
-        assert_eq!(used + rest, two.len());
-        assert!(parse_request(&two[..used - 1]).is_none());
-    }
 }
