@@ -1,5 +1,5 @@
 //! Admission of connections: the broker's own accept loop in front of
-//! tonic, so that connections which never speak cannot exhaust it.
+//! the HTTP/2 server ([`serving`](crate::serving)), so that connections which never speak cannot exhaust it.
 //!
 //! - **File descriptors.** [`raise_fd_limit`] lifts the soft
 //!   `RLIMIT_NOFILE` to the hard limit at start (systemd's default soft
@@ -13,7 +13,7 @@
 //! - **A handshake deadline.** A connection must finish TLS (when on) and
 //!   send the HTTP/2 client preface within `handshake_timeout` (over TLS,
 //!   twice over: see the next point), or it is closed. Only then is it
-//!   handed to tonic; the preface bytes read to check it are replayed to
+//!   handed to the HTTP/2 server; the preface bytes read to check it are replayed to
 //!   hyper.
 //! - **TLS handshakes take turns.** At most `max_handshakes` TLS
 //!   handshakes are in progress; a connection whose ClientHello has arrived
@@ -46,8 +46,8 @@
 //!   `ENOBUFS` or `ENOMEM` evicts the oldest pending connection and sleeps
 //!   (10 ms doubling to 1 s) instead of spinning; a warning says so.
 //!
-//! Each admitted [`Connection`] carries a [`ConnectionInfo`] that tonic puts
-//! in every request's extensions: an id and the connection's own bucket for
+//! Each admitted [`Connection`] carries a [`ConnectionInfo`] that the server
+//! puts in every request's extensions: an id and the connection's own bucket for
 //! the per-connection call limit (see [`rate_limit`](crate::rate_limit)).
 
 use std::collections::BTreeMap;
@@ -190,7 +190,7 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
     Ok((soft, fd_limit()))
 }
 
-/// What tonic puts in each request's extensions about its connection.
+/// What the server puts in each request's extensions about its connection.
 #[derive(Clone, Debug)]
 pub struct ConnectionInfo {
     /// Unique within this broker process.
@@ -321,7 +321,7 @@ enum Io {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-/// A connection that finished its handshake, as tonic serves it.
+/// A connection that finished its handshake, as the server serves it.
 pub struct Connection {
     io: Io,
     /// The preface bytes read to check it, replayed before the rest.
@@ -413,10 +413,10 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// The accept loop's output for tonic, and the loop itself.
+/// The accept loop's output for the server, and the loop itself.
 #[derive(Debug)]
 pub struct Incoming {
-    /// Admitted connections, for `serve_with_incoming_shutdown`.
+    /// Admitted connections, for [`serving::serve`](crate::serving::serve).
     pub connections: ReceiverStream<io::Result<Connection>>,
     /// The accept loop: abort it to stop accepting (the listener closes).
     pub accept_loop: JoinHandle<()>,
@@ -441,7 +441,7 @@ pub fn incoming(
         counts: counts.clone(),
     });
     // Room for every connection a burst of handshakes may finish while
-    // tonic is busy; a full channel only delays the handshake tasks.
+    // the server is busy; a full channel only delays the handshake tasks.
     let (tx, rx) = mpsc::channel(1024);
     if let Err(error) = socket2::SockRef::from(&listener).listen(LISTEN_BACKLOG) {
         tracing::debug!(%error, "cannot raise the listen backlog");

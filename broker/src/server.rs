@@ -1,6 +1,7 @@
-//! The tonic server: the tower layers, the services, health, reflection
-//! and shutdown, over the connections [`connections`](crate::connections)
-//! admits (with TLS from [`tls`](crate::tls)).
+//! The broker's gRPC server: the tonic services, health, reflection, the
+//! tower layers and shutdown, served by [`serving`](crate::serving) over the
+//! connections [`connections`](crate::connections) admits (with TLS from
+//! [`tls`](crate::tls)).
 //!
 //! [`start`] binds (port 0 works), spawns the server and returns a
 //! [`RunningBroker`]; `main.rs` and the tests both use it.
@@ -144,7 +145,8 @@ impl RunningBroker {
         }
     }
 
-    /// Waits until the server task ends (it ends only on shutdown or error).
+    /// Waits until the server task ends: on shutdown, or with an error if
+    /// the task panicked.
     pub async fn wait(&mut self) -> anyhow::Result<()> {
         (&mut self.task).await.context("server task")
     }

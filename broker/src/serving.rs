@@ -10,8 +10,8 @@
 //! polls its shutdown `watch`, whose waiter list is one lock for every
 //! connection of the broker.
 //!
-//! Here hyper gets a [`ConnectionExecutor`] that queues each stream's
-//! future in its connection, and [`ConnectionDriver`] polls the streams and
+//! Here hyper gets a `ConnectionExecutor` that queues each stream's
+//! future in its connection, and `ConnectionDriver` polls the streams and
 //! then the connection in one task, again while any of them was woken
 //! during the poll (at most [`TURNS_PER_POLL`] times, then it yields). The
 //! futures it polls are hyper's and tonic's own; only who polls them
@@ -21,7 +21,7 @@
 //! Per connection the service stack is tonic's (`serve_internal` in tonic
 //! 0.14): the connection's [`ConnectionInfo`](crate::connections::ConnectionInfo) in each request's
 //! extensions, [`RecoverErrorLayer`], at most [`CALLS_PER_CONNECTION`]
-//! calls in progress, the `grpc-timeout` header ([`GrpcTimeout`]), then
+//! calls in progress, the `grpc-timeout` header (`GrpcTimeout`), then
 //! the broker's gates and routes.
 
 use std::future::Future;
