@@ -18,6 +18,13 @@
 //! changes. Shutdown is an atomic flag per connection and a wake-up, not a
 //! shared waiter list.
 //!
+//! The HTTP/2 settings are those tonic 0.14 gave hyper, but for one: tonic
+//! turned off hyper's limit on streams reset because the client broke the
+//! protocol (1,024 per connection, then the connection is closed), the
+//! defence against floods of malformed streams, and here it stays on, as
+//! does the limit of 20 streams reset by the client before the server
+//! accepted them.
+//!
 //! Per connection the service stack is tonic's (`serve_internal` in tonic
 //! 0.14): the connection's [`ConnectionInfo`](crate::connections::ConnectionInfo) in each request's
 //! extensions, [`RecoverErrorLayer`], at most [`CALLS_PER_CONNECTION`]
@@ -136,8 +143,6 @@ fn spawn_connection<S, ResBody>(
         .keep_alive_interval(None)
         .keep_alive_timeout(Duration::from_secs(20))
         .adaptive_window(false)
-        .max_pending_accept_reset_streams(None)
-        .max_local_error_reset_streams(None)
         .max_frame_size(None)
         .max_header_list_size(MAX_HEADER_LIST_BYTES);
     let connection =

@@ -2,7 +2,8 @@
 //! that exhausted the broker, call limits bypassed by padding or shared by
 //! a whole cluster, tokens that outlived their issuer, log injection,
 //! undecodable messages answered `INTERNAL`, refusals that named the wrong
-//! cause, and a draining broker that kept taking streams.
+//! cause, a draining broker that kept taking streams, and (since the broker
+//! serves its connections itself) a flood of streams it must reset.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
@@ -652,4 +653,116 @@ async fn a_draining_broker_sends_no_snapshot_to_new_streams() {
         }
     }
     assert_eq!(snapshots_after_term, 0);
+}
+
+/// One HTTP/2 frame: its type, flags, stream id and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(9 + payload.len());
+    frame.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    frame.push(kind);
+    frame.push(flags);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The flood RUSTSEC-2024-0003 describes: a client opening stream after
+/// stream that the server must reset for breaking the protocol (here a
+/// `connection` header, which HTTP/2 forbids). hyper stops it after 1,024
+/// such resets on one connection (tonic's server turned that limit off;
+/// `broker/src/serving.rs` keeps it): the connection gets a GOAWAY with
+/// ENHANCE_YOUR_CALM, and the broker goes on serving everyone else.
+#[tokio::test]
+async fn a_flood_of_streams_the_broker_must_reset_is_cut_off_and_loses_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const HEADERS: u8 = 0x1;
+    const RST_STREAM: u8 = 0x3;
+    const SETTINGS: u8 = 0x4;
+    const GOAWAY: u8 = 0x7;
+    const END_STREAM_AND_HEADERS: u8 = 0x1 | 0x4;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    const STREAMS: u32 = 2_000;
+
+    let broker = TestBroker::start().await;
+    let mut before = broker.admin();
+    let clusters_before = before
+        .list_clusters(ListClustersRequest::default())
+        .await
+        .expect("the broker answers before the flood")
+        .into_inner();
+
+    let mut stream = TcpStream::connect(addr_of(&broker.url())).await.unwrap();
+    // :method POST, :scheme http, :path / from HPACK's static table, then
+    // `connection: close` as a literal.
+    let mut block = vec![0x83, 0x86, 0x84, 0x00, 10];
+    block.extend_from_slice(b"connection");
+    block.push(5);
+    block.extend_from_slice(b"close");
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    for n in 0..STREAMS {
+        flood.extend(h2_frame(HEADERS, END_STREAM_AND_HEADERS, 2 * n + 1, &block));
+    }
+    let (mut read, mut write) = stream.split();
+    // The broker may close the connection before it has read everything.
+    let sending = async {
+        let _ = write.write_all(&flood).await;
+    };
+    let receiving = async {
+        let mut received = Vec::new();
+        let mut resets = 0u32;
+        let mut goaway = None;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            // Until the broker closes the connection, or no GOAWAY came
+            // within WAIT (then the assertions below say what did).
+            match tokio::time::timeout(WAIT, read.read(&mut chunk)).await {
+                Ok(Ok(0) | Err(_)) | Err(_) => break,
+                Ok(Ok(n)) => received.extend_from_slice(&chunk[..n]),
+            }
+            while received.len() >= 9 {
+                let length =
+                    u32::from_be_bytes([0, received[0], received[1], received[2]]) as usize;
+                if received.len() < 9 + length {
+                    break;
+                }
+                let payload = &received[9..9 + length];
+                match received[3] {
+                    RST_STREAM => resets += 1,
+                    GOAWAY => {
+                        goaway = Some((
+                            u32::from_be_bytes(payload[4..8].try_into().unwrap()),
+                            String::from_utf8_lossy(&payload[8..]).into_owned(),
+                        ))
+                    }
+                    _ => {}
+                }
+                received.drain(..9 + length);
+            }
+        }
+        (resets, goaway)
+    };
+    let ((), (resets, goaway)) = tokio::join!(sending, receiving);
+    assert_eq!(
+        goaway.as_ref().map(|(code, _)| *code),
+        Some(ENHANCE_YOUR_CALM),
+        "a GOAWAY saying why ({resets} streams reset first)"
+    );
+    assert_eq!(goaway.unwrap().1, "too_many_internal_resets");
+    assert!(
+        resets <= 1_024,
+        "at most the limit's 1,024 resets before the GOAWAY, not one per stream sent ({STREAMS}): {resets}"
+    );
+
+    // Nothing lost: the same answer as before, and a publisher still gets
+    // its welcome.
+    let mut after = broker.admin();
+    let clusters_after = after
+        .list_clusters(ListClustersRequest::default())
+        .await
+        .expect("the broker answers after the flood")
+        .into_inner();
+    assert_eq!(clusters_after, clusters_before);
+    let mut publisher = broker.publisher("c1", &[CredentialKind::Aws], false).await;
+    publisher.welcome().await;
 }
