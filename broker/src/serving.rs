@@ -435,6 +435,160 @@ mod tests {
         assert_eq!(parse_grpc_timeout(&HeaderMap::new()), None);
     }
 
+    /// Stands in for hyper's connection: counts its polls, wakes itself
+    /// during the first `self_wakes` of them, can queue a stream through
+    /// the connection's executor, and records a graceful shutdown.
+    struct FakeConnection {
+        polls: usize,
+        self_wakes: usize,
+        graceful: bool,
+        spawn: Option<(ConnectionExecutor, Arc<AtomicBool>)>,
+    }
+
+    impl FakeConnection {
+        fn waking_itself(self_wakes: usize) -> Self {
+            Self {
+                polls: 0,
+                self_wakes,
+                graceful: false,
+                spawn: None,
+            }
+        }
+    }
+
+    impl Future for FakeConnection {
+        type Output = hyper::Result<()>;
+
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let this = self.get_mut();
+            this.polls += 1;
+            if let Some((executor, ran)) = this.spawn.take() {
+                hyper::rt::Executor::execute(&executor, async move { ran.store(true, SeqCst) });
+            }
+            if this.polls <= this.self_wakes {
+                cx.waker().wake_by_ref();
+            }
+            Poll::Pending
+        }
+    }
+
+    impl GracefulConnection for FakeConnection {
+        fn graceful_shutdown(self: Pin<&mut Self>) {
+            self.get_mut().graceful = true;
+        }
+    }
+
+    /// The runtime's waker for the driver's task: counts wake-ups.
+    #[derive(Default)]
+    struct CountingWake(std::sync::atomic::AtomicUsize);
+
+    impl Wake for CountingWake {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    impl CountingWake {
+        fn count(&self) -> usize {
+            self.0.load(SeqCst)
+        }
+    }
+
+    fn driver(
+        connection: FakeConnection,
+    ) -> (ConnectionDriver<FakeConnection>, ConnectionExecutor) {
+        let wake = Arc::new(CoalescingWake::default());
+        let executor = ConnectionExecutor {
+            spawned: Arc::default(),
+            wake: wake.clone(),
+        };
+        let driver = ConnectionDriver {
+            connection: Box::pin(connection),
+            streams: FuturesUnordered::new(),
+            spawned: executor.spawned.clone(),
+            waker: Waker::from(wake.clone()),
+            wake,
+            closing: false,
+        };
+        (driver, executor)
+    }
+
+    fn poll_once(driver: &mut ConnectionDriver<FakeConnection>, task: &Arc<CountingWake>) {
+        let waker = Waker::from(task.clone());
+        let pending = Pin::new(driver).poll(&mut Context::from_waker(&waker));
+        assert!(pending.is_pending());
+    }
+
+    #[test]
+    fn wake_ups_during_a_poll_are_more_turns_not_a_reschedule() {
+        let (mut driver, _) = driver(FakeConnection::waking_itself(5));
+        let task = Arc::new(CountingWake::default());
+        poll_once(&mut driver, &task);
+        assert_eq!(
+            driver.connection.polls, 6,
+            "five turns for five wake-ups, then one that found nothing"
+        );
+        assert_eq!(task.count(), 0, "the task was not woken: it was running");
+    }
+
+    #[test]
+    fn a_connection_that_keeps_waking_itself_yields_after_the_turn_limit() {
+        let (mut driver, _) = driver(FakeConnection::waking_itself(usize::MAX));
+        let task = Arc::new(CountingWake::default());
+        poll_once(&mut driver, &task);
+        assert_eq!(driver.connection.polls, TURNS_PER_POLL);
+        assert_eq!(
+            task.count(),
+            1,
+            "woken once, to be polled again after the others"
+        );
+        poll_once(&mut driver, &task);
+        assert_eq!(driver.connection.polls, 2 * TURNS_PER_POLL);
+    }
+
+    #[test]
+    fn a_wake_up_between_polls_wakes_the_task() {
+        let (mut driver, _) = driver(FakeConnection::waking_itself(0));
+        let task = Arc::new(CountingWake::default());
+        poll_once(&mut driver, &task);
+        assert_eq!(task.count(), 0);
+        driver.waker.wake_by_ref();
+        assert_eq!(task.count(), 1);
+    }
+
+    #[test]
+    fn a_stream_queued_during_the_connections_poll_runs_in_the_same_poll() {
+        let (mut driver, executor) = driver(FakeConnection::waking_itself(0));
+        let ran = Arc::new(AtomicBool::new(false));
+        driver.connection.spawn = Some((executor, ran.clone()));
+        let task = Arc::new(CountingWake::default());
+        poll_once(&mut driver, &task);
+        assert!(ran.load(SeqCst), "the stream was polled");
+        assert!(driver.streams.is_empty(), "and, finished, dropped");
+        assert_eq!(task.count(), 0);
+    }
+
+    #[test]
+    fn shutdown_wakes_each_connection_which_then_closes_gracefully() {
+        let shutdown = Arc::new(Shutdown::default());
+        let (mut driver, _) = driver(FakeConnection::waking_itself(0));
+        let registration = shutdown.register(driver.wake.clone());
+        let task = Arc::new(CountingWake::default());
+        poll_once(&mut driver, &task);
+        assert!(!driver.connection.graceful);
+        shutdown.begin();
+        assert_eq!(task.count(), 1, "begin() woke the connection's task");
+        poll_once(&mut driver, &task);
+        assert!(driver.connection.graceful, "GOAWAY on the next poll");
+        // A connection registered after shutdown began closes too.
+        let (mut late, _) = self::driver(FakeConnection::waking_itself(0));
+        let _late_registration = shutdown.register(late.wake.clone());
+        poll_once(&mut late, &task);
+        assert!(late.connection.graceful);
+        drop(registration);
+        assert_eq!(shutdown.connections.lock().unwrap().len(), 1);
+    }
+
     /// A response slower than the client's `grpc-timeout` becomes tonic's
     /// answer, CANCELLED "Timeout expired"; one within it passes through.
     #[tokio::test(start_paused = true)]
