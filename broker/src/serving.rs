@@ -606,45 +606,20 @@ mod tests {
             .layer(RecoverErrorLayer::new())
             .layer_fn(GrpcTimeout)
             .service(slow);
-        let call = |delay: &str, timeout: Option<&str>| {
-            let mut request = Request::new(());
-            request
-                .headers_mut()
-                .insert("x-delay-ms", delay.parse().unwrap());
-            if let Some(timeout) = timeout {
-                request
-                    .headers_mut()
-                    .insert("grpc-timeout", timeout.parse().unwrap());
-            }
-            request
-        };
         use tower::ServiceExt;
-        let late = service
-            .ready()
-            .await
-            .unwrap()
-            .call(call("200", Some("100m")))
-            .await
-            .unwrap();
-        let status = tonic::Status::from_header_map(late.headers()).expect("a gRPC status");
-        assert_eq!(status.code(), tonic::Code::Cancelled);
-        assert_eq!(status.message(), "Timeout expired");
+        let mut status_of = async |delay: &str, timeout: &str| {
+            let mut request = Request::new(());
+            let headers = request.headers_mut();
+            headers.insert("x-delay-ms", delay.parse().unwrap());
+            headers.insert("grpc-timeout", timeout.parse().unwrap());
+            let response = service.ready().await.unwrap().call(request);
+            tonic::Status::from_header_map(response.await.unwrap().headers())
+        };
+        let late = status_of("200", "100m").await.expect("a gRPC status");
+        assert_eq!(late.code(), tonic::Code::Cancelled);
+        assert_eq!(late.message(), "Timeout expired");
 
-        let in_time = service
-            .ready()
-            .await
-            .unwrap()
-            .call(call("50", Some("100m")))
-            .await
-            .unwrap();
-        assert!(tonic::Status::from_header_map(in_time.headers()).is_none());
-        let unlimited = service
-            .ready()
-            .await
-            .unwrap()
-            .call(call("5000", Some("bogus")))
-            .await
-            .unwrap();
-        assert!(tonic::Status::from_header_map(unlimited.headers()).is_none());
+        assert!(status_of("50", "100m").await.is_none());
+        assert!(status_of("5000", "bogus").await.is_none());
     }
 }

@@ -684,12 +684,15 @@ async fn a_flood_of_streams_the_broker_must_reset_is_cut_off_and_loses_nothing()
     const STREAMS: u32 = 2_000;
 
     let broker = TestBroker::start().await;
-    let mut before = broker.admin();
-    let clusters_before = before
-        .list_clusters(ListClustersRequest::default())
-        .await
-        .expect("the broker answers before the flood")
-        .into_inner();
+    let clusters = async |when: &str| {
+        broker
+            .admin()
+            .list_clusters(ListClustersRequest::default())
+            .await
+            .unwrap_or_else(|status| panic!("the broker answers {when} the flood: {status}"))
+            .into_inner()
+    };
+    let clusters_before = clusters("before").await;
 
     let mut stream = TcpStream::connect(addr_of(&broker.url())).await.unwrap();
     // :method POST, :scheme http, :path / from HPACK's static table, then
@@ -756,13 +759,7 @@ async fn a_flood_of_streams_the_broker_must_reset_is_cut_off_and_loses_nothing()
 
     // Nothing lost: the same answer as before, and a publisher still gets
     // its welcome.
-    let mut after = broker.admin();
-    let clusters_after = after
-        .list_clusters(ListClustersRequest::default())
-        .await
-        .expect("the broker answers after the flood")
-        .into_inner();
-    assert_eq!(clusters_after, clusters_before);
+    assert_eq!(clusters("after").await, clusters_before);
     let mut publisher = broker.publisher("c1", &[CredentialKind::Aws], false).await;
     publisher.welcome().await;
 }
