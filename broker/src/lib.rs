@@ -19,7 +19,10 @@
 //! - [`connections`] — the accept loop: descriptor limit, connection cap,
 //!   handshake deadline, back-off on exhaustion.
 //! - [`tls`] — the rustls server configuration.
-//! - [`server`] — the tonic server: health, reflection, shutdown.
+//! - [`serving`] — hyper's HTTP/2 server, each connection and its streams
+//!   polled in one task.
+//! - [`server`] — the gRPC server: services, layers, health, reflection,
+//!   shutdown.
 #![warn(missing_docs)]
 
 pub mod agent_wire;

@@ -129,11 +129,7 @@ fn spawn_connection<S, ResBody>(
         .layer_fn(GrpcTimeout)
         .service(service);
 
-    let wake = Arc::new(CoalescingWake::default());
-    let executor = ConnectionExecutor {
-        spawned: Arc::default(),
-        wake: wake.clone(),
-    };
+    let executor = ConnectionExecutor::default();
     let mut http2 = hyper::server::conn::http2::Builder::new(executor.clone());
     http2
         .timer(TokioTimer::new())
@@ -147,15 +143,8 @@ fn spawn_connection<S, ResBody>(
         .max_header_list_size(MAX_HEADER_LIST_BYTES);
     let connection =
         http2.serve_connection(TokioIo::new(connection), TowerToHyperService::new(service));
-    let registration = shutdown.register(wake.clone());
-    let driver = ConnectionDriver {
-        connection: Box::pin(connection),
-        streams: FuturesUnordered::new(),
-        spawned: executor.spawned,
-        waker: Waker::from(wake.clone()),
-        wake,
-        closing: false,
-    };
+    let driver = ConnectionDriver::new(connection, &executor);
+    let registration = shutdown.register(driver.wake.clone());
     tokio::spawn(async move {
         if let Err(error) = driver.await {
             tracing::debug!(%error, "connection ended with an error");
@@ -167,7 +156,7 @@ fn spawn_connection<S, ResBody>(
 
 /// hyper's executor for one connection's streams: it queues them for the
 /// connection's [`ConnectionDriver`] instead of spawning tasks.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct ConnectionExecutor {
     spawned: Arc<Mutex<Vec<StreamFuture>>>,
     wake: Arc<CoalescingWake>,
@@ -229,6 +218,21 @@ struct ConnectionDriver<C> {
     waker: Waker,
     wake: Arc<CoalescingWake>,
     closing: bool,
+}
+
+impl<C> ConnectionDriver<C> {
+    /// The driver of `connection`, which hyper built with `executor`: the
+    /// streams hyper hands that executor are polled here.
+    fn new(connection: C, executor: &ConnectionExecutor) -> Self {
+        Self {
+            connection: Box::pin(connection),
+            streams: FuturesUnordered::new(),
+            spawned: executor.spawned.clone(),
+            waker: Waker::from(executor.wake.clone()),
+            wake: executor.wake.clone(),
+            closing: false,
+        }
+    }
 }
 
 /// What every hyper HTTP/2 server connection can do that the driver needs.
@@ -497,20 +501,8 @@ mod tests {
     fn driver(
         connection: FakeConnection,
     ) -> (ConnectionDriver<FakeConnection>, ConnectionExecutor) {
-        let wake = Arc::new(CoalescingWake::default());
-        let executor = ConnectionExecutor {
-            spawned: Arc::default(),
-            wake: wake.clone(),
-        };
-        let driver = ConnectionDriver {
-            connection: Box::pin(connection),
-            streams: FuturesUnordered::new(),
-            spawned: executor.spawned.clone(),
-            waker: Waker::from(wake.clone()),
-            wake,
-            closing: false,
-        };
-        (driver, executor)
+        let executor = ConnectionExecutor::default();
+        (ConnectionDriver::new(connection, &executor), executor)
     }
 
     fn poll_once(driver: &mut ConnectionDriver<FakeConnection>, task: &Arc<CountingWake>) {

@@ -701,7 +701,7 @@ async fn a_flood_of_streams_the_broker_must_reset_is_cut_off_and_loses_nothing()
     block.extend_from_slice(b"connection");
     block.push(5);
     block.extend_from_slice(b"close");
-    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let mut flood = credstream_broker::connections::PREFACE.to_vec();
     flood.extend(h2_frame(SETTINGS, 0, 0, &[]));
     for n in 0..STREAMS {
         flood.extend(h2_frame(HEADERS, END_STREAM_AND_HEADERS, 2 * n + 1, &block));
