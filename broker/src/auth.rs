@@ -47,11 +47,12 @@ pub const MIN_KEY_LEN: usize = 32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Publishes to, and inspects, one cluster; may issue agent tokens for it.
+    /// Publishes to, and inspects, one cluster; the only role that may
+    /// issue agent tokens (for its cluster).
     Publisher,
     /// Subscribes to one cluster.
     Agent,
-    /// Inspects every cluster (or one, if scoped).
+    /// Inspects every cluster (or one, if scoped); never issues tokens.
     Admin,
 }
 
@@ -428,8 +429,26 @@ impl fmt::Debug for TokenId {
     }
 }
 
-/// Which role may call which service.
+/// The path of `AdminService.CreateAgentToken`, the one admin call that
+/// grants access instead of describing it.
+pub const CREATE_AGENT_TOKEN: &str = "/credstream.v1.AdminService/CreateAgentToken";
+
+/// The refusal of `CreateAgentToken` to any token but a publisher's. An
+/// admin token inspects; issuing an agent token hands out read access to
+/// a cluster's credentials, which only the cluster's publisher (who owns
+/// them) may grant (docs/design.md §3).
+pub fn issuing_needs_a_publisher(role: Role) -> Status {
+    Status::permission_denied(format!(
+        "issuing agent tokens (CreateAgentToken) needs a publisher token of the cluster; a {role} token may not issue them (admin tokens only inspect). Call it with the cluster's publisher token, or have the broker's operator run `credstream-broker token --role agent --cluster ID`"
+    ))
+}
+
+/// Which role may call which service (and, for `CreateAgentToken`,
+/// which method).
 fn role_allowed(path: &str, role: Role) -> Option<bool> {
+    if path == CREATE_AGENT_TOKEN {
+        return Some(role == Role::Publisher);
+    }
     let service = path.strip_prefix('/')?.split('/').next()?;
     Some(match service {
         "credstream.v1.PublisherService" => role == Role::Publisher,
@@ -466,6 +485,9 @@ fn authenticate<B>(
         })?;
     let token = token.trim();
     let claims = key.verify(token)?;
+    if path == CREATE_AGENT_TOKEN && claims.role != Role::Publisher {
+        return Err(issuing_needs_a_publisher(claims.role));
+    }
     if role_allowed(path, claims.role) != Some(true) {
         return Err(Status::permission_denied(format!(
             "a {} token may not call {path}",
@@ -607,6 +629,33 @@ mod tests {
         .collect();
         assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
         assert!(!format!("{:?}", ids[0]).contains(&token[4..20]));
+    }
+
+    #[test]
+    fn only_a_publisher_may_issue_agent_tokens() {
+        let key = TokenKey::generate();
+        let call = |role, cluster| {
+            let token = key.issue(role, cluster, Duration::from_secs(60)).unwrap();
+            let mut request = http::Request::builder()
+                .uri(CREATE_AGENT_TOKEN)
+                .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(())
+                .unwrap();
+            Authenticator::new(key.clone()).admit(&mut request)
+        };
+        assert!(call(Role::Publisher, Some("c")).is_ok());
+        for (role, cluster) in [
+            (Role::Admin, None),
+            (Role::Admin, Some("c")),
+            (Role::Agent, Some("c")),
+        ] {
+            let refused = call(role, cluster).unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+            assert!(
+                refused.message().contains("needs a publisher token"),
+                "{refused:?}"
+            );
+        }
     }
 
     #[test]

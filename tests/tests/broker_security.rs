@@ -191,6 +191,63 @@ async fn publishers_issue_agent_tokens_for_their_cluster_only() {
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
+/// Finding 7 (issue 34): an admin token inspects; it cannot mint an agent
+/// token (and with it read a cluster's credentials). Issuing is the
+/// publisher's, for its own cluster.
+#[tokio::test]
+async fn an_admin_token_cannot_issue_agent_tokens_and_a_publisher_still_can() {
+    let broker = TestBroker::start().await;
+    let mut publisher = broker
+        .publisher("guarded", &[CredentialKind::Aws], false)
+        .await;
+    publisher.welcome().await;
+    let request = || CreateAgentTokenRequest {
+        cluster_id: "guarded".into(),
+        ttl_seconds: 60,
+        ..Default::default()
+    };
+    for admin in [
+        broker.token(Role::Admin, None),
+        broker.token(Role::Admin, Some("guarded")),
+    ] {
+        let mut client = AdminServiceClient::with_interceptor(
+            broker.channel(),
+            CallCredentials::bearer(&admin).unwrap(),
+        );
+        let refused = client.create_agent_token(request()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+        assert!(
+            refused.message().contains("needs a publisher token"),
+            "the refusal names the capability: {refused:?}"
+        );
+        assert!(!refused.message().contains(&admin), "{refused:?}");
+        // The admin token still inspects.
+        let listed = client
+            .list_clusters(ListClustersRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.clusters.iter().any(|c| c.cluster_id == "guarded"));
+    }
+    // The cluster's publisher issues one, and it subscribes.
+    let mut issuer = AdminServiceClient::with_interceptor(
+        broker.channel(),
+        CallCredentials::bearer(&broker.token(Role::Publisher, Some("guarded"))).unwrap(),
+    );
+    let issued = issuer
+        .create_agent_token(request())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut agent = open_agent(broker.channel(), &issued.token, "guarded", "w-1")
+        .await
+        .unwrap();
+    assert!(matches!(
+        agent.expect().await,
+        subscribe_response::Message::Snapshot(_)
+    ));
+}
+
 #[tokio::test]
 async fn an_admin_call_routed_for_another_cluster_gets_invalid_argument() {
     let broker = TestBroker::start().await;
@@ -216,10 +273,15 @@ async fn an_admin_call_routed_for_another_cluster_gets_invalid_argument() {
     .expect("the credential is published");
     // An admin token may ask about any cluster, but a call whose routing
     // header names another cluster would reach that cluster's shard.
-    let admin_routed_to = |cluster: &str| {
-        let address = local_address(&broker.url(), &broker.token(Role::Admin, None), cluster);
+    let routed_to = |token: &str, cluster: &str| {
+        let address = local_address(&broker.url(), token, cluster);
         AdminServiceClient::with_interceptor(broker.channel(), address.interceptor().unwrap())
     };
+    let admin_routed_to = |cluster: &str| routed_to(&broker.token(Role::Admin, None), cluster);
+    // Only a publisher issues agent tokens; its token is for "real", so a
+    // header naming another cluster is refused before the body is read.
+    let publisher_routed_to =
+        |cluster: &str| routed_to(&broker.token(Role::Publisher, Some("real")), cluster);
     let err = admin_routed_to("elsewhere")
         .get_cluster(GetClusterRequest {
             cluster_id: "real".into(),
@@ -231,7 +293,7 @@ async fn an_admin_call_routed_for_another_cluster_gets_invalid_argument() {
         err.message(),
         r#"the x-credstream-cluster header ("elsewhere") does not match the request's cluster_id ("real")"#
     );
-    let err = admin_routed_to("elsewhere")
+    let err = publisher_routed_to("elsewhere")
         .create_agent_token(CreateAgentTokenRequest {
             cluster_id: "real".into(),
             ttl_seconds: 60,
@@ -239,7 +301,7 @@ async fn an_admin_call_routed_for_another_cluster_gets_invalid_argument() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.code(), Code::PermissionDenied);
     // Nothing changed, and the same calls routed for their own cluster work.
     let status = admin_routed_to("real")
         .get_cluster(GetClusterRequest {
@@ -252,7 +314,7 @@ async fn an_admin_call_routed_for_another_cluster_gets_invalid_argument() {
         .unwrap();
     assert_eq!(status.version, held);
     assert!(broker.status("elsewhere").await.is_err(), "no cluster made");
-    admin_routed_to("real")
+    publisher_routed_to("real")
         .create_agent_token(CreateAgentTokenRequest {
             cluster_id: "real".into(),
             ttl_seconds: 60,

@@ -1,5 +1,5 @@
-//! `AdminService`: inspection without secrets, and agent tokens for
-//! publishers.
+//! `AdminService`: inspection without secrets (admin and publisher
+//! tokens), and agent tokens issued to publishers only.
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -103,10 +103,10 @@ impl AdminService for AdminServer {
         limits::check_id("cluster_id", &body.cluster_id)?;
         super::check_routing(routing.as_deref(), &body.cluster_id, "request's cluster_id")?;
         claims.require_cluster(&body.cluster_id)?;
-        if !matches!(claims.role, Role::Admin | Role::Publisher) {
-            return Err(Status::permission_denied(
-                "only admin and publisher tokens may issue agent tokens",
-            ));
+        // The authentication gate already refused other roles; kept here
+        // so that the service holds the rule even if mounted without it.
+        if claims.role != Role::Publisher {
+            return Err(auth::issuing_needs_a_publisher(claims.role));
         }
         let agent_id = (!body.agent_id.is_empty()).then_some(body.agent_id.as_str());
         if let Some(agent) = agent_id {
