@@ -21,6 +21,7 @@
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use credstream_proto::rules::private_file::{self, PrivateFileError};
 use credstream_proto::seal::{self, Refusal, SealKey, SealSlot};
 use credstream_proto::v1::{CredentialUpdate, PrivateEnv, subscribe_response::Message};
 
@@ -198,14 +199,11 @@ fn no_key() -> String {
     "it is sealed and this agent has no seal key: start it with --seal-key-file F (CREDSTREAM_SEAL_KEY_FILE), F from `credstream seal-key --cluster ID`".into()
 }
 
-/// Reads the agent's seal key file, which must name `cluster_id`.
+/// Reads the agent's seal key file, which must name `cluster_id` and be
+/// accessible to its owner only (the rule the publisher applies to its own
+/// copy: [`credstream_proto::rules::private_file`]).
 pub fn read_key_file(path: &std::path::Path, cluster_id: &str) -> Result<SealKey, KeyFileError> {
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-        KeyFileError::Io {
-            path: path.to_owned(),
-            source,
-        }
-    })?);
+    let text = private_file::read(path, "seal key file")?;
     SealKey::parse_for(&text, cluster_id).map_err(|source| KeyFileError::Invalid {
         path: path.to_owned(),
         source,
@@ -215,14 +213,10 @@ pub fn read_key_file(path: &std::path::Path, cluster_id: &str) -> Result<SealKey
 /// A seal key file the agent cannot use.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
-    /// Unreadable.
-    #[error("cannot read the seal key file {path}: {source}")]
-    Io {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
+    /// Unreadable, or accessible to other users (the message names the file
+    /// and the fix: `chmod 600`).
+    #[error(transparent)]
+    File(#[from] PrivateFileError),
     /// Not a key for this cluster.
     #[error("the seal key file {path} is not usable: {source}")]
     Invalid {

@@ -279,3 +279,56 @@ async fn an_empty_token_file_is_refused_before_anything_starts() {
     )
     .await;
 }
+
+/// Finding 11 (issue 34): the agent applies the publisher's rule to its
+/// seal key file. A key file other users can read (or a link to one) is
+/// refused before anything listens, naming the file and `chmod 600`; the
+/// same file at 0600, reached through the link, is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seal_key_file_other_users_can_read_is_refused_before_anything_is_served() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("c1.seal-key");
+    let key_line = credstream_proto::seal::SealKey::generate("c1").encode();
+    std::fs::write(&key, format!("{}\n", key_line.as_str())).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let link = dir.path().join("seal-key-link");
+    std::os::unix::fs::symlink(&key, &link).unwrap();
+    let target = std::fs::canonicalize(&key).unwrap();
+
+    for given in [&key, &link] {
+        let mut command = agent("run");
+        command.arg("--seal-key-file").arg(given);
+        let output = tokio::time::timeout(LIMIT, command.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("seal key file {}", given.display()))
+                && stderr.contains(&format!("run `chmod 600 {}`", target.display()))
+                && stderr.contains("mode 644"),
+            "{stderr}"
+        );
+        assert!(
+            output.stdout.is_empty(),
+            "served before refusing the key: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        assert!(!stderr.contains(key_line.split(':').next_back().unwrap()));
+    }
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut command = agent("run");
+    command.arg("--seal-key-file").arg(&link);
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(LIMIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the banner");
+    assert!(first.starts_with("listening on "), "{first}");
+}

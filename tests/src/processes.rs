@@ -370,3 +370,12 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     std::fs::write(&path, text).expect("write a test file");
     path
 }
+
+/// [`write_file`] at mode 0600, as a seal key file must be for the agent
+/// to read it.
+pub fn write_private_file(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = write_file(dir, name, text);
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod a test file");
+    path
+}

@@ -14,7 +14,9 @@ use credstream_proto::seal::SealKey;
 use credstream_proto::v1::CredentialKind;
 use credstream_tests::bins::binary;
 use credstream_tests::minter::CountingMinter;
-use credstream_tests::processes::{Process, clean_command, free_low_port, write_file};
+use credstream_tests::processes::{
+    Process, clean_command, free_low_port, write_file, write_private_file,
+};
 use credstream_tests::publish::local_address;
 use credstream_tests::sealed_agent::{AgentProcess, boto3_credentials};
 use credstream_tests::tools;
@@ -65,7 +67,7 @@ async fn a_sealed_cluster_survives_a_broker_restart_and_boto3_follows_the_new_cr
     let mut first = broker(port, &token_key).await;
 
     let key = SealKey::generate("dev");
-    let key_file = write_file(dir.path(), "dev.seal-key", &key.encode());
+    let key_file = write_private_file(dir.path(), "dev.seal-key", &key.encode());
     let minter = CountingMinter::new(CredentialKind::Aws, Duration::from_secs(3600));
     let session =
         PublishSession::builder(local_address(&url, &token(&token_key, "publisher"), "dev"))

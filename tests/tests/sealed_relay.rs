@@ -21,7 +21,7 @@ use credstream_tests::bins::binary;
 use credstream_tests::broker::{aws_update, open_agent};
 use credstream_tests::hostile_relay::HostileRelay;
 use credstream_tests::minter::CountingMinter;
-use credstream_tests::processes::{BrokerProcess, write_file};
+use credstream_tests::processes::{BrokerProcess, write_file, write_private_file};
 use credstream_tests::publish::local_address;
 use credstream_tests::sealed_agent::{AgentProcess, boto3_credentials};
 use credstream_tests::tools;
@@ -134,7 +134,7 @@ async fn a_hostile_relay_cannot_make_an_agent_serve_what_the_publisher_did_not_s
     // session (sealing on) straight to the broker.
     let alpha_key = SealKey::generate("alpha");
     let beta_key = SealKey::generate("beta");
-    let beta_key_file = write_file(dir.path(), "beta.seal-key", &beta_key.encode());
+    let beta_key_file = write_private_file(dir.path(), "beta.seal-key", &beta_key.encode());
     let alpha = PublishSession::builder(address(
         &broker.url,
         token(&token_key, "publisher", "alpha"),

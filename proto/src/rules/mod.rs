@@ -5,6 +5,8 @@
 //! - [`backoff`] — exponential backoff with jitter;
 //! - [`retry`] — which gRPC codes end a stream for good and which are
 //!   retried;
+//! - [`private_file`] — a secret's file (a seal key) is read only if no
+//!   other user may access it;
 //! - [`token`] — a token from a flag or a file.
 //!
 //! Each side words its own errors (the broker as gRPC statuses, the client
@@ -12,5 +14,6 @@
 
 pub mod backoff;
 pub mod env;
+pub mod private_file;
 pub mod retry;
 pub mod token;
