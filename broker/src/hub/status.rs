@@ -93,12 +93,22 @@ impl Cluster {
 /// Who a credential is for, as `GetCluster` and the audit trail name it:
 /// the principal (an AWS ARN, a GCP service account email) and the account
 /// (an AWS account id, a GCP project id). Clear metadata, never the secret.
+///
+/// Both are publisher-chosen text shown to operators (`GetCluster`,
+/// `credstream status`, the audit trail), so they are kept printable and
+/// bounded ([`credstream_proto::rules::text`]); the credential the agents
+/// receive is not touched.
 pub fn principal_and_account(update: &CredentialUpdate) -> (String, String) {
-    match &update.credential {
-        Some(Credential::Aws(aws)) => (aws.principal_arn.clone(), aws.account_id.clone()),
-        Some(Credential::Gcp(gcp)) => (gcp.principal_email.clone(), gcp.project_id.clone()),
-        None => Default::default(),
-    }
+    let (principal, account) = match &update.credential {
+        Some(Credential::Aws(aws)) => (&aws.principal_arn, &aws.account_id),
+        Some(Credential::Gcp(gcp)) => (&gcp.principal_email, &gcp.project_id),
+        None => return Default::default(),
+    };
+    let shown = |text: &str| {
+        credstream_proto::rules::text::printable(text, crate::limits::MAX_DISPLAY_TEXT_BYTES)
+            .into_owned()
+    };
+    (shown(principal), shown(account))
 }
 
 /// One cluster's figures for the metrics endpoint ([`Cluster::metrics`]).

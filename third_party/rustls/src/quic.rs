@@ -23,12 +23,12 @@ mod connection {
 
     use pki_types::ServerName;
 
-    use super::{DirectionalKeys, KeyChange, Version};
+    use super::{DirectionalKeys, KeyChange, Space, Version};
     use crate::client::{ClientConfig, ClientConnectionData};
     use crate::common_state::{CommonState, DEFAULT_BUFFER_LIMIT, Protocol};
     use crate::conn::{ConnectionCore, SideData};
     use crate::enums::{AlertDescription, ContentType, ProtocolVersion};
-    use crate::error::Error;
+    use crate::error::{Error, PeerMisbehaved};
     use crate::msgs::base::Payload;
     use crate::msgs::deframer::buffers::{DeframerVecBuffer, Locator};
     use crate::msgs::handshake::{
@@ -67,10 +67,25 @@ mod connection {
             }
         }
 
+        /// Consume unencrypted TLS handshake data received in the given packet number `space`.
+        ///
+        /// See [`ConnectionCommon::read_hs_in_space()`] for more details.
+        pub fn read_hs_in_space(&mut self, plaintext: &[u8], space: Space) -> Result<(), Error> {
+            match self {
+                Self::Client(conn) => conn.read_hs_in_space(plaintext, space),
+                Self::Server(conn) => conn.read_hs_in_space(plaintext, space),
+            }
+        }
+
         /// Consume unencrypted TLS handshake data.
         ///
         /// Handshake data obtained from separate encryption levels should be supplied in separate calls.
+        #[deprecated(
+            since = "0.23.47",
+            note = "replaced by `read_hs_in_space()` which checks handshake message alignment"
+        )]
         pub fn read_hs(&mut self, plaintext: &[u8]) -> Result<(), Error> {
+            #[allow(deprecated)]
             match self {
                 Self::Client(conn) => conn.read_hs(plaintext),
                 Self::Server(conn) => conn.read_hs(plaintext),
@@ -183,17 +198,7 @@ mod connection {
             params: Vec<u8>,
             alpn_protocols: Vec<Vec<u8>>,
         ) -> Result<Self, Error> {
-            if !config.supports_version(ProtocolVersion::TLSv1_3, Protocol::Quic) {
-                return Err(Error::General(
-                    "TLS 1.3 support is required for QUIC".into(),
-                ));
-            }
-
-            if !config.supports_protocol(Protocol::Quic) {
-                return Err(Error::General(
-                    "at least one ciphersuite must support QUIC".into(),
-                ));
-            }
+            config.check_quic()?;
 
             let exts = ClientExtensionsInput {
                 transport_parameters: Some(match quic_version {
@@ -268,23 +273,7 @@ mod connection {
             quic_version: Version,
             params: Vec<u8>,
         ) -> Result<Self, Error> {
-            if !config.supports_version(ProtocolVersion::TLSv1_3, Protocol::Quic) {
-                return Err(Error::General(
-                    "TLS 1.3 support is required for QUIC".into(),
-                ));
-            }
-
-            if !config.supports_protocol(Protocol::Quic) {
-                return Err(Error::General(
-                    "at least one ciphersuite must support QUIC".into(),
-                ));
-            }
-
-            if config.max_early_data_size != 0 && config.max_early_data_size != 0xffff_ffff {
-                return Err(Error::General(
-                    "QUIC sessions must set a max early data of 0 or 2^32-1".into(),
-                ));
-            }
+            config.quic_initial_suite()?;
 
             let exts = ServerExtensionsInput {
                 transport_parameters: Some(match quic_version {
@@ -360,6 +349,7 @@ mod connection {
         core: ConnectionCore<Data>,
         deframer_buffer: DeframerVecBuffer,
         sendable_plaintext: ChunkVecBuffer,
+        space: Space,
     }
 
     impl<Data: SideData> ConnectionCommon<Data> {
@@ -398,9 +388,41 @@ mod connection {
             ))
         }
 
+        /// Consume unencrypted TLS handshake data received in the given packet number `space`.
+        ///
+        /// Handshake data obtained from separate encryption levels should be supplied in separate calls,
+        /// with `space` set to the packet number space the data was received in. A handshake message
+        /// must not span packet number spaces, so supplying data for a different `space` while a
+        /// previously supplied handshake message is incomplete is an error.
+        pub fn read_hs_in_space(&mut self, plaintext: &[u8], space: Space) -> Result<(), Error> {
+            if space != self.space {
+                // Changing the packet number space must not split a handshake message.
+                if !self.core.hs_deframer.is_aligned() {
+                    if let Err(err) = &self.core.state {
+                        return Err(err.clone());
+                    }
+
+                    let err = self.core.common_state.send_fatal_alert(
+                        AlertDescription::UnexpectedMessage,
+                        PeerMisbehaved::KeyEpochWithPendingFragment,
+                    );
+                    self.core.state = Err(err.clone());
+                    return Err(err);
+                }
+                self.space = space;
+            }
+
+            #[allow(deprecated)]
+            self.read_hs(plaintext)
+        }
+
         /// Consume unencrypted TLS handshake data.
         ///
         /// Handshake data obtained from separate encryption levels should be supplied in separate calls.
+        #[deprecated(
+            since = "0.23.47",
+            note = "replaced by `read_hs_in_space()` which checks handshake message alignment"
+        )]
         pub fn read_hs(&mut self, plaintext: &[u8]) -> Result<(), Error> {
             let range = self.deframer_buffer.extend(plaintext);
 
@@ -462,6 +484,7 @@ mod connection {
                 core,
                 deframer_buffer: DeframerVecBuffer::default(),
                 sendable_plaintext: ChunkVecBuffer::new(Some(DEFAULT_BUFFER_LIMIT)),
+                space: Space::default(),
             }
         }
     }
@@ -1038,6 +1061,18 @@ impl Version {
             Self::V2 => b"quicv2 ku",
         }
     }
+}
+
+/// QUIC packet number space.
+#[derive(Clone, Copy, Debug, Default, Eq, PartialEq)]
+pub enum Space {
+    /// Initial packets
+    #[default]
+    Initial,
+    /// Handshake packets
+    Handshake,
+    /// 0-RTT and 1-RTT packets
+    ApplicationData,
 }
 
 #[cfg(test)]

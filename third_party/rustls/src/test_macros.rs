@@ -9,6 +9,7 @@
 macro_rules! test_for_each_provider {
     ($($tt:tt)+) => {
         #[cfg(feature = "ring")]
+        #[allow(deprecated)]
         mod test_with_ring {
             use crate::crypto::ring as provider;
             #[allow(unused_imports)]
@@ -35,6 +36,7 @@ macro_rules! test_for_each_provider {
 macro_rules! bench_for_each_provider {
     ($($tt:tt)+) => {
         #[cfg(feature = "ring")]
+        #[allow(deprecated)]
         mod bench_with_ring {
             use crate::crypto::ring as provider;
             #[allow(unused_imports)]

@@ -29,7 +29,7 @@ use crate::time_provider::TimeProvider;
 use crate::unbuffered::{EncryptError, TransmitTlsData};
 #[cfg(doc)]
 use crate::{DistinguishedName, crypto};
-use crate::{KeyLog, WantsVersions, compress, sign, verify, versions};
+use crate::{KeyLog, WantsVersions, compress, quic, sign, verify, versions};
 
 /// A trait for the ability to store client session data, so that sessions
 /// can be resumed in future connections.
@@ -419,6 +419,25 @@ impl ClientConfig {
         danger::DangerousClientConfig { cfg: self }
     }
 
+    /// Check that this configuration can be used for QUIC connections.
+    ///
+    /// QUIC requires TLS 1.3 with at least one QUIC-compatible cipher suite. It also requires
+    /// a QUIC-compatible `TLS13_AES_128_GCM_SHA256` to protect initial packets
+    /// (<https://www.rfc-editor.org/info/rfc9001#name-initial-secrets>), which is returned
+    /// on success. These are the same checks made when creating a QUIC client connection.
+    pub fn check_quic(&self) -> Result<quic::Suite, Error> {
+        if !self
+            .versions
+            .contains(ProtocolVersion::TLSv1_3)
+        {
+            return Err(Error::General(
+                "TLS 1.3 support is required for QUIC".into(),
+            ));
+        }
+
+        self.provider.quic_initial()
+    }
+
     pub(super) fn needs_key_share(&self) -> bool {
         self.supports_version(ProtocolVersion::TLSv1_3, Protocol::Tcp)
     }
@@ -434,14 +453,6 @@ impl ClientConfig {
                 .iter()
                 .any(|cs| cs.version().version == v)
             && protocol.supports_version(v)
-    }
-
-    #[cfg(feature = "std")]
-    pub(crate) fn supports_protocol(&self, proto: Protocol) -> bool {
-        self.provider
-            .cipher_suites
-            .iter()
-            .any(|cs| cs.usable_for_protocol(proto))
     }
 
     pub(super) fn find_cipher_suite(
@@ -819,15 +830,15 @@ mod connection {
         }
 
         fn write_early_data(&mut self, data: &[u8]) -> io::Result<usize> {
-            self.inner
+            let sz = self
+                .inner
                 .core
                 .data
                 .early_data
-                .check_write(data.len())
-                .map(|sz| {
-                    self.inner
-                        .send_early_plaintext(&data[..sz])
-                })
+                .check_write(data.len())?;
+            self.inner
+                .send_early_plaintext(&data[..sz])
+                .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))
         }
     }
 

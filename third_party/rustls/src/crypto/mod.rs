@@ -7,6 +7,7 @@ use zeroize::Zeroize;
 
 #[cfg(all(doc, feature = "tls12"))]
 use crate::Tls12CipherSuite;
+use crate::enums::CipherSuite;
 use crate::msgs::ffdhe_groups::FfdheGroup;
 use crate::sign::SigningKey;
 use crate::sync::Arc;
@@ -16,10 +17,11 @@ pub use crate::webpki::{
 };
 #[cfg(doc)]
 use crate::{
-    ClientConfig, ConfigBuilder, ServerConfig, SupportedCipherSuite, Tls13CipherSuite, client,
-    crypto, server, sign,
+    ClientConfig, ConfigBuilder, ServerConfig, Tls13CipherSuite, client, crypto, server, sign,
 };
-use crate::{Error, NamedGroup, ProtocolVersion, SupportedProtocolVersion, suites};
+use crate::{
+    Error, NamedGroup, ProtocolVersion, SupportedCipherSuite, SupportedProtocolVersion, quic,
+};
 
 /// *ring* based CryptoProvider.
 #[cfg(feature = "ring")]
@@ -189,7 +191,7 @@ pub struct CryptoProvider {
     ///
     /// A valid `CryptoProvider` must ensure that all cipher suites are accompanied by at least
     /// one matching key exchange group in [`CryptoProvider::kx_groups`].
-    pub cipher_suites: Vec<suites::SupportedCipherSuite>,
+    pub cipher_suites: Vec<SupportedCipherSuite>,
 
     /// List of supported key exchange groups, in preference order -- the
     /// first element is the highest priority.
@@ -268,6 +270,7 @@ See the documentation of the CryptoProvider type for more information.
             not(feature = "aws_lc_rs"),
             not(feature = "custom-provider")
         ))]
+        #[allow(deprecated)]
         {
             return Some(ring::default_provider());
         }
@@ -304,6 +307,29 @@ See the documentation of the CryptoProvider type for more information.
             && signature_verification_algorithms.fips()
             && secure_random.fips()
             && key_provider.fips()
+    }
+
+    /// Find the QUIC-compatible cipher suite used to protect initial packets.
+    ///
+    /// QUIC requires at least one QUIC-compatible cipher suite, and a QUIC-compatible
+    /// `TLS13_AES_128_GCM_SHA256` to protect initial packets
+    /// (<https://www.rfc-editor.org/info/rfc9001#name-initial-secrets>).
+    pub(crate) fn quic_initial(&self) -> Result<quic::Suite, Error> {
+        for cs in &self.cipher_suites {
+            let SupportedCipherSuite::Tls13(cs) = cs else {
+                continue;
+            };
+
+            if cs.common.suite == CipherSuite::TLS13_AES_128_GCM_SHA256 {
+                if let Some(quic_suite) = cs.quic_suite() {
+                    return Ok(quic_suite);
+                }
+            }
+        }
+
+        Err(Error::General(
+            "a QUIC-compatible TLS13_AES_128_GCM_SHA256 is required for initial packets".into(),
+        ))
     }
 }
 

@@ -85,12 +85,10 @@ pub(crate) fn prf(out: &mut [u8], hmac_key: &dyn hmac::Key, label: &[u8], seed: 
     }
 }
 
-#[cfg(all(test, feature = "ring"))]
+#[cfg(all(test, feature = "aws_lc_rs"))]
 mod tests {
+    use crate::crypto::aws_lc_rs::hmac;
     use crate::crypto::hmac::Hmac;
-    // nb: crypto::aws_lc_rs provider doesn't provide (or need) hmac,
-    // so cannot be used for this test.
-    use crate::crypto::ring::hmac;
 
     // Below known answer tests come from https://mailarchive.ietf.org/arch/msg/tls/fzVCzk-z3FShgGJ6DOXqM1ydxms/
 
@@ -149,12 +147,12 @@ mod tests {
     }
 }
 
-#[cfg(all(bench, feature = "ring"))]
+#[cfg(all(bench, feature = "aws_lc_rs"))]
 mod benchmarks {
     #[bench]
     fn bench_sha256(b: &mut test::Bencher) {
+        use crate::crypto::aws_lc_rs::hmac;
         use crate::crypto::hmac::Hmac;
-        use crate::crypto::ring::hmac;
 
         let label = &b"extended master secret"[..];
         let seed = [0u8; 32];

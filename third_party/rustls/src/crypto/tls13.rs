@@ -262,14 +262,12 @@ impl AsRef<[u8]> for OkmBlock {
 #[derive(Debug)]
 pub struct OutputLengthError;
 
-#[cfg(all(test, feature = "ring"))]
+#[cfg(all(test, feature = "aws_lc_rs"))]
 mod tests {
     use std::prelude::v1::*;
 
     use super::{Hkdf, HkdfUsingHmac, expand};
-    // nb: crypto::aws_lc_rs provider doesn't provide (or need) hmac,
-    // so cannot be used for this test.
-    use crate::crypto::ring::hmac;
+    use crate::crypto::aws_lc_rs::hmac;
 
     struct ByteArray<const N: usize>([u8; N]);
 
@@ -280,7 +278,6 @@ mod tests {
     }
 
     /// Test cases from appendix A in the RFC, minus cases requiring SHA1.
-
     #[test]
     fn test_case_1() {
         let hkdf = HkdfUsingHmac(&hmac::HMAC_SHA256);

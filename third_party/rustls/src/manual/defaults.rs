@@ -21,22 +21,10 @@ However, if you know your application will run on a platform without that, you s
 _definitely_ change the default order to prefer chacha20-poly1305: both the performance and
 the implementation security will be improved.  We think this is an uncommon case.
 
-### Why is x25519 preferred for key exchange over nistp256?
-
-Both provide roughly the same classical security level, but x25519 has better performance and
-it's _much_ more likely that both peers will have good quality implementations.
-
 ### About the post-quantum-secure key exchange `X25519MLKEM768`
 
 [`X25519MLKEM768`] -- a hybrid[^1], post-quantum-secure[^2] key exchange
 algorithm -- is available when using the aws-lc-rs provider.
-
-The `prefer-post-quantum` crate feature makes `X25519MLKEM768` the
-highest-priority key exchange algorithm.  Otherwise, it is available but
-not highest-priority.
-
-[X25519MLKEM768] is pre-standardization, but is now widely deployed,
-for example, by [Chrome] and [Cloudflare].
 
 You may see unexpected connection failures (such as [tldr.fail])
 -- [please report these to us][interop-bug].

@@ -34,7 +34,7 @@ use crate::time_provider::DefaultTimeProvider;
 use crate::time_provider::TimeProvider;
 use crate::vecbuf::ChunkVecBuffer;
 use crate::{
-    DistinguishedName, KeyLog, NamedGroup, WantsVersions, compress, sign, verify, versions,
+    DistinguishedName, KeyLog, NamedGroup, WantsVersions, compress, quic, sign, verify, versions,
 };
 
 /// A trait for the ability to store server session data.
@@ -544,6 +544,37 @@ impl ServerConfig {
         }
     }
 
+    /// Check that this configuration can be used for QUIC connections.
+    #[deprecated(since = "0.23.48", note = "Use `quic_initial_suite()` instead")]
+    pub fn check_quic(&self) -> Result<(), Error> {
+        self.quic_initial_suite().map(|_| ())
+    }
+
+    /// Check that this configuration can be used for QUIC connections.
+    ///
+    /// QUIC requires TLS 1.3 with at least one QUIC-compatible cipher suite, and a
+    /// [`ServerConfig::max_early_data_size`] of either 0 or 2^32-1. It also requires a
+    /// QUIC-compatible `TLS13_AES_128_GCM_SHA256` to protect initial packets
+    /// (<https://www.rfc-editor.org/info/rfc9001#name-initial-secrets>). These are the
+    /// same checks made when creating a QUIC server connection.
+    pub fn quic_initial_suite(&self) -> Result<quic::Suite, Error> {
+        if !self.supports_version(ProtocolVersion::TLSv1_3, Protocol::Quic) {
+            return Err(Error::General(
+                "TLS 1.3 support is required for QUIC".into(),
+            ));
+        }
+
+        let suite = self.provider.quic_initial()?;
+
+        if self.max_early_data_size != 0 && self.max_early_data_size != 0xffff_ffff {
+            return Err(Error::General(
+                "QUIC sessions must set a max early data of 0 or 2^32-1".into(),
+            ));
+        }
+
+        Ok(suite)
+    }
+
     /// Return `true` if connections made with this `ServerConfig` will
     /// operate in FIPS mode.
     ///
@@ -578,14 +609,6 @@ impl ServerConfig {
                 .iter()
                 .any(|cs| cs.version().version == v)
             && protocol.supports_version(v)
-    }
-
-    #[cfg(feature = "std")]
-    pub(crate) fn supports_protocol(&self, proto: Protocol) -> bool {
-        self.provider
-            .cipher_suites
-            .iter()
-            .any(|cs| cs.usable_for_protocol(proto))
     }
 
     pub(super) fn current_time(&self) -> Result<UnixTime, Error> {

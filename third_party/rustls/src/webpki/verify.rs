@@ -279,14 +279,14 @@ mod tests {
         );
     }
 
-    #[cfg(feature = "ring")]
+    #[cfg(feature = "aws_lc_rs")]
     #[test]
     fn webpki_supported_algorithms_is_debug() {
         assert_eq!(
-            "WebPkiSupportedAlgorithms { all: [ .. ], mapping: [ECDSA_NISTP384_SHA384, ECDSA_NISTP256_SHA256, ED25519, RSA_PSS_SHA512, RSA_PSS_SHA384, RSA_PSS_SHA256, RSA_PKCS1_SHA512, RSA_PKCS1_SHA384, RSA_PKCS1_SHA256] }",
+            "WebPkiSupportedAlgorithms { all: [ .. ], mapping: [ECDSA_NISTP384_SHA384, ECDSA_NISTP256_SHA256, ECDSA_NISTP521_SHA512, ED25519, RSA_PSS_SHA512, RSA_PSS_SHA384, RSA_PSS_SHA256, RSA_PKCS1_SHA512, RSA_PKCS1_SHA384, RSA_PKCS1_SHA256, ML_DSA_44, ML_DSA_65, ML_DSA_87] }",
             format!(
                 "{:?}",
-                crate::crypto::ring::default_provider().signature_verification_algorithms
+                crate::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
             )
         );
     }

@@ -252,28 +252,19 @@ pub mod kx_group {
 /// This does not contain MLKEM768; by default MLKEM768 is only offered
 /// in hybrid with X25519.
 pub static DEFAULT_KX_GROUPS: &[&dyn SupportedKxGroup] = &[
-    #[cfg(feature = "prefer-post-quantum")]
     kx_group::X25519MLKEM768,
+    kx_group::SECP384R1,
     kx_group::X25519,
     kx_group::SECP256R1,
-    kx_group::SECP384R1,
-    #[cfg(not(feature = "prefer-post-quantum"))]
-    kx_group::X25519MLKEM768,
 ];
 
 /// A list of all the key exchange groups supported by this provider.
 pub static ALL_KX_GROUPS: &[&dyn SupportedKxGroup] = &[
-    #[cfg(feature = "prefer-post-quantum")]
     kx_group::X25519MLKEM768,
-    #[cfg(feature = "prefer-post-quantum")]
     kx_group::SECP256R1MLKEM768,
+    kx_group::SECP384R1,
     kx_group::X25519,
     kx_group::SECP256R1,
-    kx_group::SECP384R1,
-    #[cfg(not(feature = "prefer-post-quantum"))]
-    kx_group::X25519MLKEM768,
-    #[cfg(not(feature = "prefer-post-quantum"))]
-    kx_group::SECP256R1MLKEM768,
     kx_group::MLKEM768,
     kx_group::MLKEM1024,
 ];

@@ -29,6 +29,7 @@ pub(crate) mod tls13;
 /// A `CryptoProvider` backed by the [*ring*] crate.
 ///
 /// [*ring*]: https://github.com/briansmith/ring
+#[deprecated(since = "0.23.48", note = "no support for post-quantum algorithms")]
 pub fn default_provider() -> CryptoProvider {
     CryptoProvider {
         cipher_suites: DEFAULT_CIPHER_SUITES.to_vec(),
@@ -178,7 +179,7 @@ pub static DEFAULT_KX_GROUPS: &[&dyn SupportedKxGroup] = ALL_KX_GROUPS;
 
 /// A list of all the key exchange groups supported by this provider.
 pub static ALL_KX_GROUPS: &[&dyn SupportedKxGroup] =
-    &[kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1];
+    &[kx_group::SECP384R1, kx_group::X25519, kx_group::SECP256R1];
 
 #[cfg(feature = "std")]
 pub use ticketer::Ticketer;
