@@ -9,6 +9,8 @@
 //!   expiry rules; every other module reads it.
 //! - [`seal`] — sealed delivery: opening what the publisher sealed, and
 //!   refusing everything else, before the store applies it.
+//! - [`refusals`] — what the agent refused from the broker: counted, the
+//!   last reason kept, logged in bounded text at a bounded rate.
 //! - [`served`] — how many local requests each version served, logged as
 //!   each version retires (the agent's half of the audit trail).
 //! - [`subscription`] — the `Subscribe` stream loop: hello, snapshot, updates,
@@ -30,6 +32,7 @@ pub mod env_file;
 pub mod exec;
 pub mod hardening;
 pub mod http;
+pub mod refusals;
 pub mod seal;
 pub mod served;
 pub mod store;

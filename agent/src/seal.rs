@@ -8,7 +8,8 @@
 //! Anything else — an unsealed item (a downgrade), another cluster's, a
 //! flipped byte, an altered expiry, an older sealed item re-sent under a
 //! newer broker version — is refused: the store keeps what it holds, the
-//! refusal is logged with its reason (never the content) and counted.
+//! refusal is logged with its reason (never the content) and counted
+//! ([`crate::refusals`]: bounded text, a bounded number of lines).
 //!
 //! Without a key, unsealed items pass as before, and a *sealed* item is
 //! refused (the agent cannot open it, and its clear part has no secret to
@@ -19,11 +20,12 @@
 //! threat model in `docs/sealing.md`).
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use credstream_proto::rules::private_file::{self, PrivateFileError};
 use credstream_proto::seal::{self, Refusal, SealKey, SealSlot};
 use credstream_proto::v1::{CredentialUpdate, PrivateEnv, subscribe_response::Message};
+
+use crate::refusals::Refusals;
 
 /// The last sealed item accepted for one slot.
 #[derive(Clone, Copy, Debug, Default)]
@@ -47,8 +49,7 @@ enum Verdict<T> {
 pub struct Gate {
     key: Option<SealKey>,
     held: Mutex<[Held; 3]>,
-    refused: AtomicU64,
-    last_refusal: Mutex<Option<String>>,
+    refusals: Refusals,
 }
 
 impl Default for Gate {
@@ -63,8 +64,7 @@ impl Gate {
         Self {
             key,
             held: Mutex::new([Held::default(); 3]),
-            refused: AtomicU64::new(0),
-            last_refusal: Mutex::new(None),
+            refusals: Refusals::default(),
         }
     }
 
@@ -75,15 +75,18 @@ impl Gate {
 
     /// How many items were refused so far.
     pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+        self.refusals.count()
     }
 
-    /// The reason of the last refusal (no secret content), if any.
+    /// The reason of the last refusal (no secret content; printable and
+    /// bounded), if any.
     pub fn last_refusal(&self) -> Option<String> {
-        self.last_refusal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.refusals.last()
+    }
+
+    /// The refusals: counted, and logged at a bounded rate.
+    pub fn refusals(&self) -> &Refusals {
+        &self.refusals
     }
 
     /// The message to apply in place of `message`: credentials and the env
@@ -106,15 +109,7 @@ impl Gate {
     }
 
     fn refuse(&self, what: &str, version: u64, reason: &str) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            item = what,
-            version,
-            reason,
-            "refused an update from the broker; keeping the last good one"
-        );
-        *self.last_refusal.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(format!("{what} version {version}: {reason}"));
+        self.refusals.record(what, version, reason);
     }
 
     fn settle<T>(&self, what: &str, version: u64, verdict: Verdict<T>) -> Option<T> {

@@ -28,6 +28,7 @@ use credstream_proto::connect::{BrokerAddress, ConnectError};
 use credstream_proto::convert::system_time;
 use credstream_proto::rules::backoff::Backoff as Exponential;
 use credstream_proto::rules::retry::{self, Final};
+use credstream_proto::rules::text::printable;
 use credstream_proto::v1::agent_service_client::AgentServiceClient;
 use credstream_proto::v1::{
     AgentAck, AgentHello, CredentialKind, RefreshHint, SubscribeRequest, subscribe_request,
@@ -36,6 +37,7 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::refusals::REASON_MAX;
 use crate::store::{AgentState, CredentialStore};
 
 /// Where and as whom to subscribe.
@@ -89,8 +91,11 @@ enum Ended {
     Shutdown,
 }
 
+/// What the agent makes of a status that ended a stream. The broker (or
+/// anything between) chose its message, so only a printable, bounded copy
+/// of it reaches a log line or an error ([`crate::refusals::REASON_MAX`]).
 fn classify(status: tonic::Status) -> Ended {
-    let message = status.message().to_owned();
+    let message = printable(status.message(), REASON_MAX).into_owned();
     match retry::final_reason(status.code()) {
         Some(Final::Unauthenticated) => Ended::Fatal(SubscriptionError::Unauthenticated(message)),
         Some(Final::PermissionDenied) => Ended::Fatal(SubscriptionError::PermissionDenied(message)),
@@ -284,6 +289,7 @@ async fn connection(
                 }
             }
             _ = hint_timer.tick() => {
+                store.gate().refusals().flush();
                 let state = store.current();
                 for (kind, held_version) in hints_due(&state, config.hint_after, SystemTime::now()) {
                     tracing::debug!(kind = kind.label(), held_version, "hinting for a refresh");
@@ -308,6 +314,26 @@ mod tests {
             tokio::time::advance(up).await;
             backoff.stream_ended()
         }
+    }
+
+    #[test]
+    fn a_broker_status_message_reaches_errors_printable_and_bounded() {
+        let status = tonic::Status::permission_denied(format!(
+            "no\nfix: run this\u{1b}[2J{}",
+            "x".repeat(1 << 20)
+        ));
+        let Ended::Fatal(error) = classify(status) else {
+            panic!("PERMISSION_DENIED is final");
+        };
+        let text = error.to_string();
+        assert!(text.len() < REASON_MAX + 100, "{} bytes", text.len());
+        assert!(!text.contains('\n') && !text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("no\\u{a}fix: run this\\u{1b}[2J"), "{text}");
+        let Ended::Retry(reason) = classify(tonic::Status::unavailable("\r".repeat(1 << 20)))
+        else {
+            panic!("UNAVAILABLE is retried");
+        };
+        assert!(reason.len() < REASON_MAX + 100, "{} bytes", reason.len());
     }
 
     #[tokio::test(start_paused = true)]
