@@ -5,8 +5,9 @@
 # provisioned. With CI=true it also runs `buf breaking` against HEAD~1.
 #
 # Tests that drive external tools find them through these variables (see
-# tests/src/tools.rs); without them those tests print `skipped: ...`, except
-# that this script sets CREDSTREAM_TEST_REQUIRE_TOOLS=1, under which they fail.
+# tests/src/tools.rs); without them plain `cargo test` reports those tests as
+# ignored (tests/build/tools.rs), except that this script sets
+# CREDSTREAM_TEST_REQUIRE_TOOLS=1, under which they run and a missing tool fails.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

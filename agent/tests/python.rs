@@ -74,6 +74,10 @@ print(json.dumps({
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn boto3_gets_the_credential_from_the_agent_alone() {
     let Some(python) = python("boto3_gets_the_credential_from_the_agent_alone") else {
         return;
@@ -111,6 +115,10 @@ async fn boto3_gets_the_credential_from_the_agent_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn long_running_boto3_picks_up_a_rotated_credential() {
     let Some(python) = python("long_running_boto3_picks_up_a_rotated_credential") else {
         return;
@@ -159,6 +167,10 @@ for _ in sys.stdin:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn google_auth_default_gets_the_token_from_the_emulation() {
     let Some(python) = python("google_auth_default_gets_the_token_from_the_emulation") else {
         return;

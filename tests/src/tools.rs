@@ -1,7 +1,11 @@
 //! External peers provided by `scripts/test.sh` through environment
 //! variables. `cargo test --workspace` alone runs without them: each test
-//! that needs one calls the accessor, and on `None` prints a line starting
-//! with `skipped:` and returns.
+//! that needs one is marked `#[cfg_attr(not(tool_X), ignore = "...")]`, and
+//! `tests/build/tools.rs` sets `tool_X` only when the variable names an
+//! existing path, so a plain `cargo test` reports the test as ignored with
+//! its reason. A test that runs anyway (the tool went away after the build,
+//! or `--include-ignored`) calls the accessor, which on `None` prints a line
+//! starting with `skipped:` and returns.
 //!
 //! Under [`REQUIRE_TOOLS`] (which `scripts/test.sh`, and so CI, sets) a
 //! missing tool fails the test instead: a suite that skipped its HAProxy or

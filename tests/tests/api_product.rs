@@ -199,6 +199,10 @@ async fn publish_aws(publisher: &mut RawPublisher, tag: &str, version: u64) -> u
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn python_stubs_publish_subscribe_answer_refresh_and_inspect() {
     let test = "python_stubs_publish_subscribe_answer_refresh_and_inspect";
     let Some(python) = tools::python(test) else {
@@ -309,6 +313,10 @@ async fn python_stubs_publish_subscribe_answer_refresh_and_inspect() {
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_node_modules),
+    ignore = "needs node and @grpc/grpc-js: set CREDSTREAM_TEST_NODE_MODULES (scripts/test.sh does)"
+)]
 async fn node_proto_loader_publish_subscribe_round_trip() {
     let test = "node_proto_loader_publish_subscribe_round_trip";
     let Some(node_modules) = tools::node_modules(test) else {
@@ -387,6 +395,10 @@ fn declared_types() -> Vec<String> {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_grpcurl),
+    ignore = "needs grpcurl: set CREDSTREAM_TEST_GRPCURL (scripts/test.sh does)"
+)]
 async fn grpcurl_lists_and_describes_every_service_and_message() {
     let test = "grpcurl_lists_and_describes_every_service_and_message";
     let Some(grpcurl_path) = tools::grpcurl(test) else {
@@ -485,6 +497,10 @@ async fn grpcurl_lists_and_describes_every_service_and_message() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_grpcurl),
+    ignore = "needs grpcurl: set CREDSTREAM_TEST_GRPCURL (scripts/test.sh does)"
+)]
 async fn grpcurl_checks_health_and_calls_admin_with_a_bearer_token() {
     let test = "grpcurl_checks_health_and_calls_admin_with_a_bearer_token";
     let Some(grpcurl_path) = tools::grpcurl(test) else {
@@ -559,6 +575,10 @@ async fn grpcurl_checks_health_and_calls_admin_with_a_bearer_token() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_grpcurl),
+    ignore = "needs grpcurl: set CREDSTREAM_TEST_GRPCURL (scripts/test.sh does)"
+)]
 async fn grpcurl_watches_a_subscription_after_half_closing() {
     let test = "grpcurl_watches_a_subscription_after_half_closing";
     let Some(grpcurl_path) = tools::grpcurl(test) else {
@@ -621,6 +641,10 @@ async fn grpcurl_watches_a_subscription_after_half_closing() {
 // ---------------------------------------------------------------------------
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_buf),
+    ignore = "needs buf: set CREDSTREAM_TEST_BUF (scripts/test.sh does)"
+)]
 async fn buf_lint_and_format_are_clean() {
     let test = "buf_lint_and_format_are_clean";
     let Some(buf) = tools::buf(test) else {
@@ -737,6 +761,10 @@ async fn start_dev_broker() -> DevBroker {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(all(tool_python, tool_grpcurl)),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON; needs grpcurl: set CREDSTREAM_TEST_GRPCURL (scripts/test.sh does)"
+)]
 async fn api_usage_doc_commands_run() {
     let test = "api_usage_doc_commands_run";
     let (Some(python), Some(grpcurl_path)) = (tools::python(test), tools::grpcurl(test)) else {

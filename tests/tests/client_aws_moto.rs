@@ -60,6 +60,10 @@ fn rfc3339(at: SystemTime) -> String {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn long_term_keys_are_exchanged_with_get_session_token() {
     let Some(python) = python("long_term_keys_are_exchanged_with_get_session_token") else {
         return;
@@ -91,6 +95,10 @@ async fn long_term_keys_are_exchanged_with_get_session_token() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn two_mints_are_two_sts_calls() {
     let Some(python) = python("two_mints_are_two_sts_calls") else {
         return;
@@ -117,6 +125,10 @@ async fn two_mints_are_two_sts_calls() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn role_arn_with_session_policy_calls_assume_role_with_that_policy() {
     let Some(python) = python("role_arn_with_session_policy_calls_assume_role_with_that_policy")
     else {
@@ -170,6 +182,10 @@ async fn role_arn_with_session_policy_calls_assume_role_with_that_policy() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn session_token_in_environment_is_forwarded_as_is() {
     const TEST: &str = "session_token_in_environment_is_forwarded_as_is";
     if in_child() {
@@ -225,6 +241,10 @@ async fn session_token_in_environment_is_forwarded_as_is() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn whoami_prints_the_caller_identity_and_its_source() {
     const TEST: &str = "whoami_prints_the_caller_identity_and_its_source";
     if in_child() {
@@ -291,6 +311,10 @@ async fn missing_credentials_say_how_to_log_in() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn rejected_keys_say_how_to_fix_them() {
     let Some(python) = python("rejected_keys_say_how_to_fix_them") else {
         return;
@@ -317,6 +341,10 @@ async fn rejected_keys_say_how_to_fix_them() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn access_denied_names_the_call_and_the_fix() {
     let Some(python) = python("access_denied_names_the_call_and_the_fix") else {
         return;

@@ -100,6 +100,10 @@ fn assert_no_secret(what: &str, text: &str, secrets: &[&str]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn publish_forwards_session_credentials_minted_by_moto_sts_from_long_term_keys() {
     let test = "publish_forwards_session_credentials_minted_by_moto_sts_from_long_term_keys";
     let Some(python) = tools::python(test) else {

@@ -181,6 +181,10 @@ fn collect_strings(value: &serde_json::Value, field: &str, out: &mut Vec<String>
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn read_object_on_a_worker_uses_credentials_minted_through_moto_sts() {
     let test = "read_object_on_a_worker_uses_credentials_minted_through_moto_sts";
     let Some(python) = tools::python(test) else {
@@ -309,6 +313,10 @@ fn delivered_to_all(line: &str, at_least: u64, agents: u32) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn a_long_running_boto3_process_keeps_reading_across_a_rotation() {
     let test = "a_long_running_boto3_process_keeps_reading_across_a_rotation";
     let Some(python) = tools::python(test) else {

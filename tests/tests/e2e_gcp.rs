@@ -86,6 +86,10 @@ fn worker_env(home: &Path) -> Vec<(String, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn google_auth_default_on_a_worker_gets_the_token_the_client_published() {
     let test = "google_auth_default_on_a_worker_gets_the_token_the_client_published";
     let Some(python) = tools::python(test) else {

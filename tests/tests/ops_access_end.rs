@@ -85,6 +85,10 @@ async fn metrics(url: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn session_credentials_in_the_environment_end_access_when_they_expire() {
     let test = "session_credentials_in_the_environment_end_access_when_they_expire";
     let Some(python) = tools::python(test) else {
@@ -181,6 +185,10 @@ async fn session_credentials_in_the_environment_end_access_when_they_expire() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn an_sso_login_ends_access_when_its_session_ends_and_is_warned_about() {
     let test = "an_sso_login_ends_access_when_its_session_ends_and_is_warned_about";
     let Some(python) = tools::python(test) else {

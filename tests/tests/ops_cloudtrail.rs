@@ -90,6 +90,10 @@ fn field<'a>(call: &'a HashMap<String, String>, name: &str) -> &'a str {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn assume_role_names_the_person_and_the_cluster_for_cloudtrail() {
     let test = "assume_role_names_the_person_and_the_cluster_for_cloudtrail";
     let Some(python) = tools::python(test) else {
@@ -238,6 +242,10 @@ async fn held_aws(store: &CredentialStore) -> (String, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn a_credential_sts_refuses_is_never_published_and_agents_keep_the_last_good_one() {
     let test = "a_credential_sts_refuses_is_never_published_and_agents_keep_the_last_good_one";
     let Some(python) = tools::python(test) else {

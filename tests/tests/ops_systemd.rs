@@ -78,6 +78,10 @@ fn values<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
 }
 
 #[test]
+#[cfg_attr(
+    not(tool_systemd_analyze),
+    ignore = "needs systemd-analyze: set CREDSTREAM_TEST_SYSTEMD_ANALYZE (scripts/test.sh does)"
+)]
 fn systemd_analyze_verify_accepts_every_unit_without_a_warning() {
     let test = "systemd_analyze_verify_accepts_every_unit_without_a_warning";
     let Some(analyze) = systemd_analyze(test) else {

@@ -54,6 +54,10 @@ async fn served(agent: &mut AgentProcess) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn a_sealed_cluster_survives_a_broker_restart_and_boto3_follows_the_new_credential() {
     let test = "a_sealed_cluster_survives_a_broker_restart_and_boto3_follows_the_new_credential";
     let Some(python) = tools::python(test) else {

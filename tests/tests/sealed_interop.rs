@@ -109,6 +109,10 @@ fn ts(t: &Option<prost_types::Timestamp>) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn python_opens_what_the_rust_publisher_sealed_from_the_docs_alone() {
     let test = "python_opens_what_the_rust_publisher_sealed_from_the_docs_alone";
     let Some(python) = tools::python(test) else {

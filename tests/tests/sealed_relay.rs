@@ -118,6 +118,10 @@ async fn wait_served(agent: &mut AgentProcess, key: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_python),
+    ignore = "needs the project's Python venv: set CREDSTREAM_TEST_PYTHON (scripts/test.sh does)"
+)]
 async fn a_hostile_relay_cannot_make_an_agent_serve_what_the_publisher_did_not_seal() {
     let test = "a_hostile_relay_cannot_make_an_agent_serve_what_the_publisher_did_not_seal";
     let Some(python) = tools::python(test) else {

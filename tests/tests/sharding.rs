@@ -80,6 +80,10 @@ fn homes(shards: &[&TestBroker], cluster: &str) -> Vec<usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_haproxy),
+    ignore = "needs haproxy: set CREDSTREAM_TEST_HAPROXY (scripts/test.sh does)"
+)]
 async fn haproxy_keeps_each_cluster_on_one_shard_and_moves_it_when_the_shard_goes() {
     if let Some(haproxy) = tools::haproxy("sharding through haproxy") {
         clusters_stay_whole_and_move_with_their_shard(ProxyKind::Haproxy, &haproxy).await;
@@ -87,6 +91,10 @@ async fn haproxy_keeps_each_cluster_on_one_shard_and_moves_it_when_the_shard_goe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(tool_nginx),
+    ignore = "needs nginx: set CREDSTREAM_TEST_NGINX (scripts/test.sh does)"
+)]
 async fn nginx_keeps_each_cluster_on_one_shard_and_moves_it_when_the_shard_goes() {
     if let Some(nginx) = tools::nginx("sharding through nginx") {
         clusters_stay_whole_and_move_with_their_shard(ProxyKind::Nginx, &nginx).await;
