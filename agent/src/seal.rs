@@ -20,7 +20,9 @@
 //! threat model in `docs/sealing.md`).
 
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
 
+use credstream_proto::rules;
 use credstream_proto::rules::private_file::{self, PrivateFileError};
 use credstream_proto::seal::{self, Refusal, SealKey, SealSlot};
 use credstream_proto::v1::{CredentialUpdate, PrivateEnv, subscribe_response::Message};
@@ -90,22 +92,74 @@ impl Gate {
     }
 
     /// The message to apply in place of `message`: credentials and the env
-    /// opened (or dropped when refused; a snapshot keeps what passes).
-    /// `None` when nothing of it is to be applied.
+    /// opened (or dropped when refused; a snapshot keeps what passes), and
+    /// any item whose version is far ahead of the agent's clock refused
+    /// ([`rules::version`]). `None` when nothing of it is to be applied.
     pub fn admit(&self, message: Message) -> Option<Message> {
+        self.admit_at(message, SystemTime::now())
+    }
+
+    /// [`Gate::admit`] with the agent's clock reading `now`.
+    pub fn admit_at(&self, message: Message, now: SystemTime) -> Option<Message> {
         match message {
             Message::Snapshot(mut snapshot) => {
+                snapshot.info = snapshot
+                    .info
+                    .filter(|info| self.in_time("cluster info", info.version, now));
                 snapshot.credentials = std::mem::take(&mut snapshot.credentials)
                     .into_iter()
+                    .filter(|update| self.in_time(kind_label(update), update.version, now))
                     .filter_map(|update| self.credential(update))
                     .collect();
-                snapshot.private_env = snapshot.private_env.and_then(|env| self.env(env));
+                snapshot.private_env = snapshot
+                    .private_env
+                    .filter(|env| self.in_time(SealSlot::Env.label(), env.version, now))
+                    .and_then(|env| self.env(env));
                 Some(Message::Snapshot(snapshot))
             }
-            Message::Credential(update) => self.credential(update).map(Message::Credential),
-            Message::PrivateEnv(env) => self.env(env).map(Message::PrivateEnv),
-            other => Some(other),
+            Message::Credential(update) => {
+                if !self.in_time(kind_label(&update), update.version, now) {
+                    return None;
+                }
+                self.credential(update).map(Message::Credential)
+            }
+            Message::PrivateEnv(env) => {
+                if !self.in_time(SealSlot::Env.label(), env.version, now) {
+                    return None;
+                }
+                self.env(env).map(Message::PrivateEnv)
+            }
+            Message::Revocation(revocation) => self
+                .in_time("revocation", revocation.version, now)
+                .then_some(Message::Revocation(revocation)),
+            Message::ClusterInfo(info) => self
+                .in_time("cluster info", info.version, now)
+                .then_some(Message::ClusterInfo(info)),
         }
+    }
+
+    /// False (and a refusal) if `version` is too far ahead of `now`: the
+    /// item would pin its slot, since only newer versions replace it.
+    fn in_time(&self, what: &str, version: u64, now: SystemTime) -> bool {
+        let Some(ahead) = rules::version::too_far_ahead(version, now) else {
+            return true;
+        };
+        let ahead = if ahead > Duration::from_secs(100 * 365 * 24 * 3600) {
+            "more than a century".to_owned()
+        } else {
+            humantime::format_duration(Duration::from_secs(ahead.as_secs())).to_string()
+        };
+        self.refuse(
+            what,
+            version,
+            &format!(
+                "its version is {ahead} ahead of this agent's clock (at most {} is accepted): \
+                 a broker clock far off, or a version meant to pin this agent; \
+                 check both clocks",
+                humantime::format_duration(rules::version::MAX_AHEAD)
+            ),
+        );
+        false
     }
 
     fn refuse(&self, what: &str, version: u64, reason: &str) {
@@ -149,10 +203,7 @@ impl Gate {
     }
 
     fn credential(&self, update: CredentialUpdate) -> Option<CredentialUpdate> {
-        let what = match SealSlot::of_kind(update.kind()) {
-            Some(slot) => slot.label(),
-            None => "credential",
-        };
+        let what = kind_label(&update);
         let version = update.version;
         let verdict = match &self.key {
             None if update.sealed.is_some() => Verdict::Refuse(no_key()),
@@ -188,6 +239,11 @@ impl Gate {
         };
         self.settle(SealSlot::Env.label(), version, verdict)
     }
+}
+
+/// How a credential is named in refusals.
+fn kind_label(update: &CredentialUpdate) -> &'static str {
+    SealSlot::of_kind(update.kind()).map_or("credential", SealSlot::label)
 }
 
 fn no_key() -> String {
@@ -289,6 +345,50 @@ mod tests {
         assert_eq!(secret_held(&store), "new");
         assert_eq!(store.gate().refused(), 1);
         assert!(store.gate().last_refusal().unwrap().contains("not newer"));
+    }
+
+    /// Finding 8 (issue 34): one version of 2^64−1 used to pin a slot until
+    /// restart, since only newer versions replace what is held.
+    #[test]
+    fn a_version_far_ahead_of_the_clock_is_refused_and_pins_nothing() {
+        use credstream_proto::rules::version::{self, MAX_AHEAD};
+        use credstream_proto::v1::Revocation;
+
+        let store = CredentialStore::new();
+        let now = version::at(SystemTime::now());
+        assert!(store.apply(relayed(minted("first"), now)));
+        for pin in [u64::MAX, now + 2 * MAX_AHEAD.as_micros() as u64] {
+            assert!(!store.apply(relayed(minted("pinned"), pin)));
+            assert!(!store.apply(Message::Revocation(Revocation {
+                kinds: vec![CredentialKind::Aws as i32],
+                private_env: true,
+                version: pin,
+            })));
+        }
+        assert_eq!(secret_held(&store), "first");
+        assert_eq!(store.gate().refused(), 4);
+        let reason = store.gate().last_refusal().unwrap();
+        assert!(
+            reason.starts_with("revocation version ")
+                && reason.contains("ahead of this agent's clock (at most 15m is accepted)"),
+            "{reason}"
+        );
+        // In a snapshot, the far item alone is dropped.
+        let snapshot = ClusterSnapshot {
+            credentials: vec![{
+                let mut far = minted("far");
+                far.version = u64::MAX;
+                far
+            }],
+            ..Default::default()
+        };
+        store.apply(Message::Snapshot(snapshot));
+        assert_eq!(secret_held(&store), "first");
+        assert_eq!(store.gate().refused(), 5);
+        // The next real version still goes through: nothing was pinned.
+        assert!(store.apply(relayed(minted("next"), now + 1)));
+        assert_eq!(secret_held(&store), "next");
+        assert_eq!(store.current().version, now + 1);
     }
 
     #[test]

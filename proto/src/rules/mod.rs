@@ -8,6 +8,7 @@
 //! - [`private_file`] — a secret's file (a seal key) is read only if no
 //!   other user may access it;
 //! - [`token`] — a token from a flag or a file;
+//! - [`version`] — how far ahead of its clock an agent accepts a version;
 //! - [`text`] — peer-chosen text made safe to print (escapes, a length cap).
 //!
 //! Each side words its own errors (the broker as gRPC statuses, the client
@@ -19,3 +20,4 @@ pub mod private_file;
 pub mod retry;
 pub mod text;
 pub mod token;
+pub mod version;
