@@ -9,40 +9,95 @@
 //!
 //! The trail is process-wide, like the log subscriber: [`install`] it once
 //! at start; until then (and in tests that run brokers in process)
-//! [`record`] does nothing. Every line is written and flushed before
-//! `record` returns, so a line is on disk before the answer it describes
-//! leaves the broker.
+//! [`record`] does nothing.
+//!
+//! **What a hostile peer can make it write.** Text a client chose (a
+//! refused call's path, names and ids) is written under one rule,
+//! `credstream_proto::rules::text::printable`, cut at
+//! [`MAX_CLIENT_TEXT_BYTES`]. Refused calls, which anyone can make without a
+//! token, are written one by one only up to a few per peer address a minute,
+//! then counted into one `call_refused_summary` record per peer
+//! ([`refusals`]).
+//!
+//! **It never holds the broker.** [`record`] serialises the line and queues
+//! it; a thread of its own writes it ([`writer`]). A line is so written
+//! shortly after the answer it describes, not before it; lines keep their
+//! order. When the output stalls the queue fills and further records are
+//! dropped and counted (`credstream_audit_records_dropped_total`, a
+//! warning, then a `records_dropped` record), never waited for. [`reopen`]
+//! (on `SIGHUP`) opens the file again for logrotate, and [`finish`] writes
+//! what is queued when the broker stops.
 
-use std::fs::OpenOptions;
-use std::io::{self, Write};
-use std::path::Path;
-use std::sync::{Mutex, OnceLock};
-use std::time::SystemTime;
+pub mod refusals;
+pub mod writer;
 
-use serde::Serialize;
+use std::net::IpAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use serde::{Serialize, Serializer};
 
 use crate::auth::TokenId;
 use crate::connections::ConnectionInfo;
+use refusals::{Peer, Verdict};
+use writer::{Target, Trail};
 
-static SINK: OnceLock<Mutex<Box<dyn Write + Send>>> = OnceLock::new();
+static TRAIL: OnceLock<&'static Trail> = OnceLock::new();
+
+/// The longest client-chosen text written to the trail, in bytes (longer
+/// text is cut, with `…` marking the cut).
+pub const MAX_CLIENT_TEXT_BYTES: usize = 256;
 
 /// Where the trail goes: `-` for stdout, else a file (appended to, created
-/// with mode 0600).
-pub fn install(target: &str) -> io::Result<()> {
-    let sink: Box<dyn Write + Send> = if target == "-" {
-        Box::new(io::stdout())
-    } else {
-        use std::os::unix::fs::OpenOptionsExt;
-        Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(Path::new(target))?,
-        )
+/// with mode 0600). Starts the writing thread.
+pub fn install(target: &str) -> std::io::Result<()> {
+    if TRAIL.get().is_some() {
+        return Err(std::io::Error::other(
+            "the audit trail is already installed",
+        ));
+    }
+    let target = match target {
+        "-" => Target::Stdout,
+        path => Target::File(path.into()),
     };
-    SINK.set(Mutex::new(sink))
-        .map_err(|_| io::Error::other("the audit trail is already installed"))
+    TRAIL
+        .set(Trail::start(target)?)
+        .map_err(|_| std::io::Error::other("the audit trail is already installed"))
+}
+
+/// Records dropped so far because the trail's output did not keep up or
+/// failed (0 without a trail).
+pub fn dropped() -> u64 {
+    TRAIL.get().map_or(0, |trail| trail.dropped())
+}
+
+/// Opens the trail's file again by its path, after what is queued (for
+/// logrotate; the broker does on `SIGHUP`). Nothing to do for stdout.
+pub fn reopen() {
+    if let Some(trail) = TRAIL.get() {
+        trail.reopen();
+    }
+}
+
+/// Writes the refusal summaries and what is queued, waiting at most
+/// `grace`; false if the output did not take it all in time.
+pub fn finish(grace: Duration) -> bool {
+    TRAIL.get().is_none_or(|trail| trail.finish(grace))
+}
+
+/// Client-chosen text as the trail writes it (see the module doc).
+fn client_text<S: Serializer>(text: &&str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&credstream_proto::rules::text::printable(
+        text,
+        MAX_CLIENT_TEXT_BYTES,
+    ))
+}
+
+fn client_text_opt<S: Serializer>(text: &Option<&str>, serializer: S) -> Result<S::Ok, S::Error> {
+    match text {
+        Some(text) => client_text(text, serializer),
+        None => serializer.serialize_none(),
+    }
 }
 
 /// Who made a call: its peer and its token's id, from the request's
@@ -77,8 +132,10 @@ pub enum Event<'a> {
     /// A publisher's hello was accepted.
     PublisherConnected {
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// Its display name.
+        #[serde(serialize_with = "client_text")]
         publisher_name: &'a str,
         /// Who.
         #[serde(flatten)]
@@ -87,8 +144,10 @@ pub enum Event<'a> {
     /// A publisher's stream ended because another took the cluster.
     PublisherTakenOver {
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// The displaced publisher's name.
+        #[serde(serialize_with = "client_text")]
         publisher_name: &'a str,
         /// Who was displaced.
         #[serde(flatten)]
@@ -97,8 +156,10 @@ pub enum Event<'a> {
     /// A publisher's stream ended.
     PublisherGone {
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// Its display name.
+        #[serde(serialize_with = "client_text")]
         publisher_name: &'a str,
         /// Who.
         #[serde(flatten)]
@@ -107,6 +168,7 @@ pub enum Event<'a> {
     /// A credential was accepted and fanned out.
     CredentialPublished {
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// `aws` or `gcp`.
         kind: &'a str,
@@ -124,6 +186,7 @@ pub enum Event<'a> {
     /// A private env change was accepted (names only in the count).
     PrivateEnvPublished {
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// The cluster version it became.
         version: u64,
@@ -136,6 +199,7 @@ pub enum Event<'a> {
     /// publisher stream, as the tally changes).
     Delivery {
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// The latest version.
         version: u64,
@@ -147,8 +211,10 @@ pub enum Event<'a> {
     /// An agent's hello was accepted.
     AgentSubscribed {
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// The agent.
+        #[serde(serialize_with = "client_text")]
         agent_id: &'a str,
         /// Who.
         #[serde(flatten)]
@@ -157,8 +223,10 @@ pub enum Event<'a> {
     /// An agent's stream ended.
     AgentGone {
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// The agent.
+        #[serde(serialize_with = "client_text")]
         agent_id: &'a str,
         /// Who.
         #[serde(flatten)]
@@ -167,6 +235,7 @@ pub enum Event<'a> {
     /// The publisher revoked credentials.
     Revoked {
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// The version the revocation became.
         version: u64,
@@ -180,9 +249,13 @@ pub enum Event<'a> {
         /// Always `agent`.
         role: &'a str,
         /// The cluster.
+        #[serde(serialize_with = "client_text")]
         cluster: &'a str,
         /// The agent it is bound to, if any.
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(
+            skip_serializing_if = "Option::is_none",
+            serialize_with = "client_text_opt"
+        )]
         agent_id: Option<&'a str>,
         /// Its lifetime.
         ttl_seconds: u64,
@@ -195,13 +268,33 @@ pub enum Event<'a> {
     /// A call was refused before it reached a service (authentication or
     /// a call limit).
     CallRefused {
-        /// The gRPC method.
+        /// The gRPC method, as the client sent it (cut, see the module
+        /// doc).
+        #[serde(serialize_with = "client_text")]
         path: &'a str,
         /// The status code.
         code: String,
         /// Who (a token id only if the token was valid).
         #[serde(flatten)]
         caller: &'a Caller,
+    },
+    /// Refused calls of one peer that were counted, not written one by one
+    /// (see [`refusals`]): one record per peer and window.
+    CallRefusedSummary {
+        /// The peer's IP address (`other` for peers beyond the tracked
+        /// number, `unknown` without one).
+        peer: String,
+        /// Refused calls not written as `call_refused` records.
+        count: u64,
+        /// When the window began.
+        since: String,
+    },
+    /// Records the trail could not write (its output stalled or failed).
+    RecordsDropped {
+        /// Dropped since the last such record.
+        count: u64,
+        /// Dropped since the broker started.
+        total: u64,
     },
 }
 
@@ -214,25 +307,53 @@ struct Line<'a> {
 
 /// True once [`install`]ed.
 pub fn enabled() -> bool {
-    SINK.get().is_some()
+    TRAIL.get().is_some()
 }
 
-/// Writes `event`, if the trail is installed. A write error is logged,
-/// never returned: auditing must not take the broker down, and the log
-/// says the trail has a gap.
-pub fn record(event: Event<'_>) {
-    let Some(sink) = SINK.get() else {
-        return;
-    };
+/// `event` as one line of the trail, ending in `\n`.
+fn line(event: &Event<'_>) -> Vec<u8> {
     let line = Line {
         ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-        event: &event,
+        event,
     };
     let mut text = serde_json::to_vec(&line).expect("audit events serialize");
     text.push(b'\n');
-    let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(error) = sink.write_all(&text).and_then(|()| sink.flush()) {
-        tracing::warn!(%error, "cannot write the audit trail; events are being lost");
+    text
+}
+
+/// Queues `event`, if the trail is installed. Never blocks and never
+/// fails: a record the trail cannot take is counted (see the module doc).
+pub fn record(event: Event<'_>) {
+    if let Some(trail) = TRAIL.get() {
+        trail.send(line(&event));
+    }
+}
+
+/// Records a call refused before it reached a service: written as
+/// `call_refused` while its peer is within its allowance, else counted for
+/// the peer's summary.
+pub fn call_refused(path: &str, code: tonic::Code, extensions: &http::Extensions) {
+    let Some(trail) = TRAIL.get() else {
+        return;
+    };
+    let peer = extensions
+        .get::<ConnectionInfo>()
+        .and_then(|info| info.peer)
+        .map_or(Peer::Unknown, |peer| Peer::Ip(canonical_ip(peer.ip())));
+    if trail.refused(peer) == Verdict::Write {
+        trail.send(line(&Event::CallRefused {
+            path,
+            code: format!("{code:?}"),
+            caller: &Caller::of(extensions),
+        }));
+    }
+}
+
+/// An IPv4 peer on a dual-stack socket is one peer, however it is spelt.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 
@@ -261,7 +382,37 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_string(&line).unwrap(),
-            r#"{"ts":"t","event":"agent_subscribed","cluster":"c","agent_id":"w\n1","peer":"127.0.0.1:1","token_id":"abc"}"#
+            r#"{"ts":"t","event":"agent_subscribed","cluster":"c","agent_id":"w\\u{a}1","peer":"127.0.0.1:1","token_id":"abc"}"#
         );
+    }
+
+    #[test]
+    fn client_chosen_text_is_printable_and_cut() {
+        let path = format!(
+            "/credstream.v1.AgentService/{}\u{1b}[2J",
+            "A".repeat(10_000)
+        );
+        let text = String::from_utf8(line(&Event::CallRefused {
+            path: &path,
+            code: "Unauthenticated".into(),
+            caller: &Caller::default(),
+        }))
+        .unwrap();
+        let record: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let written = record["path"].as_str().unwrap();
+        assert!(
+            written.len() <= MAX_CLIENT_TEXT_BYTES + "…".len(),
+            "{written}"
+        );
+        assert!(written.starts_with("/credstream.v1.AgentService/AAA"));
+        assert!(written.ends_with('…'), "{written}");
+        assert!(text.len() < 2 * MAX_CLIENT_TEXT_BYTES, "{text}");
+        let escaped = String::from_utf8(line(&Event::CallRefused {
+            path: "/x\u{1b}[2J",
+            code: "Unauthenticated".into(),
+            caller: &Caller::default(),
+        }))
+        .unwrap();
+        assert!(escaped.contains(r#""path":"/x\\u{1b}[2J""#), "{escaped}");
     }
 }

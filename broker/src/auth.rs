@@ -459,15 +459,19 @@ fn role_allowed(path: &str, role: Role) -> Option<bool> {
     })
 }
 
+/// True for a call authentication guards: one to a `credstream.` service
+/// (health and reflection stay open).
+pub fn guarded(path: &str) -> bool {
+    path.strip_prefix('/')
+        .is_some_and(|p| p.starts_with("credstream."))
+}
+
 fn authenticate<B>(
     key: &TokenKey,
     request: &http::Request<B>,
 ) -> Result<Option<(Claims, TokenId)>, Status> {
     let path = request.uri().path();
-    let Some(service_is_ours) = path.strip_prefix('/').map(|p| p.starts_with("credstream.")) else {
-        return Ok(None);
-    };
-    if !service_is_ours {
+    if !guarded(path) {
         return Ok(None);
     }
     let header = request

@@ -68,14 +68,13 @@ where
         match self.gate.admit(&mut request) {
             Ok(()) => futures::future::Either::Left(self.inner.call(request)),
             Err(status) => {
-                tracing::debug!(path = %request.uri().path(), code = ?status.code(), "call refused");
-                if crate::audit::enabled() {
-                    crate::audit::record(crate::audit::Event::CallRefused {
-                        path: request.uri().path(),
-                        code: format!("{:?}", status.code()),
-                        caller: &crate::audit::Caller::of(request.extensions()),
-                    });
-                }
+                let path = request.uri().path();
+                tracing::debug!(
+                    path = %credstream_proto::rules::text::printable(path, crate::audit::MAX_CLIENT_TEXT_BYTES),
+                    code = ?status.code(),
+                    "call refused"
+                );
+                crate::audit::call_refused(path, status.code(), request.extensions());
                 futures::future::Either::Right(std::future::ready(Ok(status.into_http())))
             }
         }

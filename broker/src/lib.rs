@@ -8,12 +8,13 @@
 //! - [`bell`] — wakes a cluster's agent streams when its state changes.
 //! - [`refresh`] — the refresh planner — when to ask the publisher for a new
 //!   credential, single flight, retries with backoff.
-//! - [`audit`] — the JSON-lines audit trail of `--audit-log`.
+//! - [`audit`] — the JSON-lines audit trail of `--audit-log`: bounded
+//!   refusal records, a queue and a writer thread of its own.
 //! - [`auth`] — signed bearer tokens and the gate that checks them.
 //! - [`gate`] — the tower layer that admits or refuses each new call.
 //! - [`limits`] — bounds and checks on every input.
-//! - [`rate_limit`] — per-connection and per-token limits on new calls (a
-//!   tower layer).
+//! - [`rate_limit`] — per-connection and per-token limits on new calls (two
+//!   gates, around authentication).
 //! - [`metrics`] — the Prometheus endpoint of `--metrics-listen`.
 //! - [`service`] — the thin gRPC services (publisher, agent, admin).
 //! - [`connections`] — the accept loop: descriptor limit, connection cap,

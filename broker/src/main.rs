@@ -119,7 +119,9 @@ struct ServeArgs {
     metrics_listen: Option<SocketAddr>,
     /// Write the audit trail (one JSON line per publisher, credential,
     /// delivery, agent, revocation, issued token and refused call; never a
-    /// secret) to this file (appended, mode 0600), or `-` for stdout.
+    /// secret) to this file (appended, mode 0600; reopened on SIGHUP, for
+    /// logrotate), or `-` for stdout. A trail that cannot keep up drops
+    /// records and counts them; it never holds the broker.
     #[arg(long, env = "CREDSTREAM_AUDIT_LOG")]
     audit_log: Option<String>,
     /// Log format.
@@ -317,7 +319,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tracing::info!(signal = "SIGINT", "shutting down");
                 break;
             }
-            _ = signals.hangup.recv() => reload_keys(&token_key),
+            _ = signals.hangup.recv() => {
+                reload_keys(&token_key);
+                credstream_broker::audit::reopen();
+            }
         }
     }
     broker.shutdown().await;
@@ -325,11 +330,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(metrics) = metrics {
         metrics.stopped(METRICS_GRACE).await;
     }
+    let written = tokio::task::spawn_blocking(|| credstream_broker::audit::finish(AUDIT_GRACE))
+        .await
+        .unwrap_or(false);
+    if !written {
+        tracing::warn!(
+            dropped = credstream_broker::audit::dropped(),
+            "the audit trail's output did not take its last records in time; they are lost"
+        );
+    }
     Ok(())
 }
 
 /// How long the metrics endpoint's last responses may take after shutdown.
 const METRICS_GRACE: Duration = Duration::from_secs(5);
+/// How long the audit trail's last records may take to be written.
+const AUDIT_GRACE: Duration = Duration::from_secs(5);
 
 /// SIGHUP: re-read the token key file, so keys rotate without a restart.
 fn reload_keys(key: &TokenKey) {
@@ -369,7 +385,7 @@ Inspect:
 }
 
 /// The signals the broker answers: SIGTERM and SIGINT shut it down,
-/// SIGHUP reloads the token keys. Registered as soon as this is made (a
+/// SIGHUP reloads the token keys and reopens the audit file. Registered as soon as this is made (a
 /// `tokio::signal::ctrl_c()` future would register only when first
 /// polled).
 struct Signals {

@@ -149,6 +149,13 @@ impl Collector for HubCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(self.hub.dropped()).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "credstream_audit_records_dropped",
+            "Audit records lost because the trail's output did not keep up or failed (--audit-log).",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(crate::audit::dropped()).encode(metric)?;
 
         gauges(
             &mut encoder,

@@ -1,13 +1,18 @@
 //! Limits on new calls (see `docs/design.md` §3): a token bucket per
-//! connection and one per verified token, as a tower layer behind
-//! [`Authenticator`](crate::auth::Authenticator), so that only verified
-//! tokens are counted and a flood of forged ones costs an HMAC each and no
-//! memory.
+//! connection and one per verified token, as two gates: [`ConnectionCalls`]
+//! in front of [`Authenticator`](crate::auth::Authenticator), so that every
+//! call to a `credstream.` service counts against its connection whether its
+//! token is good or not, and the per-token [`TokenRateLimiter`] behind it,
+//! so that only verified tokens get a bucket and a flood of forged ones
+//! costs no memory (and, once its connection's burst is spent, no HMAC).
 //!
 //! A bucket holds `burst` calls and gains `per_second` more every second.
 //! A call is taken from its connection's bucket first, then from its
 //! token's. A call the connection's bucket refuses takes nothing from the
-//! token's, so one misbehaving holder of a token shared by a whole cluster
+//! token's, and a call the token's bucket refuses is given back to its
+//! connection; a call refused for its token (authentication) is not, so a
+//! connection making refused calls in a loop is held to its own rate. One
+//! misbehaving holder of a token shared by a whole cluster
 //! (one connection opening streams in a tight loop) draws at most its
 //! connection's rate from the token's bucket and cannot lock its cluster
 //! mates out; a holder opening many connections meets the connection cap
@@ -154,6 +159,31 @@ impl TokenRateLimiter {
         })
     }
 
+    /// Takes one call from `connection`'s bucket, or says why not.
+    pub fn admit_connection(
+        &self,
+        connection: &ConnectionInfo,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let rate = self.connection_rate;
+        let mut bucket = connection.calls.lock().unwrap_or_else(|e| e.into_inner());
+        bucket.take(rate, now).map_err(|wait| {
+            Status::resource_exhausted(format!(
+                "too many new calls on this connection (at most {} at once and {} a second); retry in {wait:.1} s, with backoff",
+                rate.burst, rate.per_second
+            ))
+        })
+    }
+
+    /// Gives back a call [`admit_connection`](Self::admit_connection) took.
+    pub fn give_back(&self, connection: &ConnectionInfo) {
+        connection
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .give_back(self.connection_rate);
+    }
+
     /// Takes one call from the connection's bucket, then from the token's;
     /// a call either refuses takes nothing from the other.
     pub fn admit(
@@ -165,16 +195,9 @@ impl TokenRateLimiter {
         let Some(connection) = connection else {
             return self.admit_token(token, now);
         };
-        let rate = self.connection_rate;
-        let mut bucket = connection.calls.lock().unwrap_or_else(|e| e.into_inner());
-        bucket.take(rate, now).map_err(|wait| {
-            Status::resource_exhausted(format!(
-                "too many new calls on this connection (at most {} at once and {} a second); retry in {wait:.1} s, with backoff",
-                rate.burst, rate.per_second
-            ))
-        })?;
+        self.admit_connection(connection, now)?;
         self.admit_token(token, now)
-            .inspect_err(|_| bucket.give_back(rate))
+            .inspect_err(|_| self.give_back(connection))
     }
 
     #[cfg(test)]
@@ -184,22 +207,50 @@ impl TokenRateLimiter {
     }
 }
 
-/// Applied with [`GateLayer`](crate::gate::GateLayer) behind authentication:
-/// calls with a verified token are counted against it and their
-/// connection. Calls without one (health, reflection) are not; the
-/// authentication gate in front has refused any other call without a
-/// token.
+/// The per-connection gate, applied with
+/// [`GateLayer`](crate::gate::GateLayer) in front of authentication: every
+/// call authentication guards (a `credstream.` service) takes one call from
+/// its connection's bucket, verified or not. Health and reflection are not
+/// counted.
+#[derive(Clone, Debug)]
+pub struct ConnectionCalls(pub Arc<TokenRateLimiter>);
+
+/// Marks a request whose connection's call was taken, so that the token
+/// gate may give it back.
+#[derive(Clone, Copy, Debug)]
+struct ConnectionCallTaken;
+
+impl Gate for ConnectionCalls {
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
+        if !crate::auth::guarded(request.uri().path()) {
+            return Ok(());
+        }
+        let Some(connection) = request.extensions().get::<ConnectionInfo>() else {
+            return Ok(());
+        };
+        self.0.admit_connection(connection, Instant::now())?;
+        request.extensions_mut().insert(ConnectionCallTaken);
+        Ok(())
+    }
+}
+
+/// The per-token gate, applied behind authentication: calls with a
+/// verified token are counted against it; one it refuses is given back to
+/// its connection ([`ConnectionCalls`] took it). Calls without one (health,
+/// reflection) are not; the authentication gate in front has refused any
+/// other call without a token.
 impl Gate for Arc<TokenRateLimiter> {
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), Status> {
-        match request.extensions().get::<TokenId>() {
-            Some(token) => TokenRateLimiter::admit(
-                self,
-                *token,
-                request.extensions().get::<ConnectionInfo>(),
-                Instant::now(),
-            ),
-            None => Ok(()),
-        }
+        let Some(token) = request.extensions().get::<TokenId>() else {
+            return Ok(());
+        };
+        self.admit_token(*token, Instant::now()).inspect_err(|_| {
+            if request.extensions().get::<ConnectionCallTaken>().is_some()
+                && let Some(connection) = request.extensions().get::<ConnectionInfo>()
+            {
+                self.give_back(connection);
+            }
+        })
     }
 }
 
@@ -269,6 +320,33 @@ mod tests {
             .admit(id(7), Some(&ConnectionInfo::for_tests(99)), now)
             .unwrap_err();
         assert!(refused.message().contains("with this token"), "{refused:?}");
+    }
+
+    #[test]
+    fn every_guarded_call_counts_against_its_connection_token_or_not() {
+        let limiter = Arc::new(TokenRateLimiter::new(rate(1.0, 10.0), rate(0.001, 2.0)));
+        let connection = ConnectionInfo::for_tests(1);
+        let gate = ConnectionCalls(limiter.clone());
+        let call = |path: &str| {
+            let mut request = http::Request::builder().uri(path).body(()).unwrap();
+            request.extensions_mut().insert(connection.clone());
+            gate.admit(&mut request)
+        };
+        // No token at all (authentication, behind, would refuse them).
+        call("/credstream.v1.AgentService/Subscribe").unwrap();
+        call("/credstream.v1.AdminService/ListClusters").unwrap();
+        let refused = call("/credstream.v1.AgentService/Subscribe").unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("on this connection"),
+            "{refused:?}"
+        );
+        // Health and reflection stay uncounted.
+        call("/grpc.health.v1.Health/Check").unwrap();
+        // The spent connection keeps verified tokens out too.
+        assert!(
+            TokenRateLimiter::admit(&limiter, id(1), Some(&connection), Instant::now()).is_err()
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::connections::{self, AdmissionCounts, ConnectionLimits};
 use crate::gate::GateLayer;
 use crate::hub::{ClusterHub, HubConfig};
 use crate::limits::MAX_MESSAGE_BYTES;
-use crate::rate_limit::{CallRate, TokenRateLimiter};
+use crate::rate_limit::{CallRate, ConnectionCalls, TokenRateLimiter};
 use crate::refresh::RefreshConfig;
 use crate::service::admin::AdminServer;
 use crate::service::agent::{AgentServer, AgentServiceServer};
@@ -214,14 +214,17 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .prepare();
+    let limiter = Arc::new(TokenRateLimiter::new(
+        config.call_rate,
+        config.connections.call_rate,
+    ));
     let service = ServiceBuilder::new()
-        // Layers added first run first: authentication, then the rate
-        // limit, which so counts verified tokens only.
+        // Layers added first run first: the connection's call limit, which
+        // so counts refused calls too; authentication; then the token's,
+        // which so counts verified tokens only.
+        .layer(GateLayer::new(ConnectionCalls(limiter.clone())))
         .layer(GateLayer::new(Authenticator::new(config.token_key.clone())))
-        .layer(GateLayer::new(Arc::new(TokenRateLimiter::new(
-            config.call_rate,
-            config.connections.call_rate,
-        ))))
+        .layer(GateLayer::new(limiter))
         .service(routes);
 
     let (stop, stopped) = oneshot::channel::<()>();
