@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use credstream_broker::auth::{Role, TokenKey};
 use credstream_broker::connections::{self, ConnectionLimits};
+use credstream_broker::metrics::MetricsConfig;
 use credstream_broker::rate_limit::CallRate;
 use credstream_broker::refresh::RefreshConfig;
 use credstream_broker::server::{self, BrokerConfig, TlsFiles};
@@ -114,9 +115,15 @@ struct ServeArgs {
     connection_call_burst: f64,
     /// Serve Prometheus metrics (`GET /metrics`: clusters, agents,
     /// publishers, credential expiry, refresh outcomes; never a secret) on
-    /// this address.
+    /// this address: loopback only, unless --metrics-public. At most 16
+    /// connections, each closed if its request's headers take over 5 s.
     #[arg(long, env = "CREDSTREAM_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Allow --metrics-listen on an address that is not loopback. The
+    /// endpoint has no authentication: anyone who can connect learns every
+    /// cluster's name and when its credentials expire.
+    #[arg(long, env = "CREDSTREAM_METRICS_PUBLIC", requires = "metrics_listen")]
+    metrics_public: bool,
     /// Write the audit trail (one JSON line per publisher, credential,
     /// delivery, agent, revocation, issued token and refused call; never a
     /// secret) to this file (appended, mode 0600; reopened on SIGHUP, for
@@ -283,6 +290,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }),
         _ => None,
     };
+    let metrics_config = args.metrics_listen.map(|listen| MetricsConfig {
+        public: args.metrics_public,
+        ..MetricsConfig::new(listen)
+    });
+    if let Some(config) = &metrics_config {
+        config.check()?;
+    }
     tracing::info!(keys = ?token_key.key_ids(), "token keys loaded (the first signs)");
     if let Some(target) = &args.audit_log {
         credstream_broker::audit::install(target)
@@ -294,9 +308,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
     let mut broker = server::start(config).await?;
     println!("listening on {}", broker.local_addr);
-    let metrics = match args.metrics_listen {
-        Some(listen) => {
-            let metrics = credstream_broker::metrics::serve(listen, broker.hub.clone()).await?;
+    let metrics = match metrics_config {
+        Some(config) => {
+            let metrics =
+                credstream_broker::metrics::serve_with(config, broker.hub.clone()).await?;
             println!("metrics on http://{}/metrics", metrics.local_addr);
             Some(metrics)
         }

@@ -16,6 +16,15 @@
 //! ([`Cluster::metrics`](crate::hub::Cluster::metrics)), never a whole
 //! `ClusterStatus` with its agent list.
 //!
+//! **Who can reach it.** The endpoint has no authentication and names every
+//! cluster and when its credentials expire, so it listens on loopback only
+//! unless `--metrics-public` allows another address
+//! ([`MetricsConfig::check`]). Its own accept loop holds at most
+//! [`MAX_CONNECTIONS`] connections (beyond them a new one is closed at
+//! once), gives each [`HEADER_TIMEOUT`] to send a request's headers and
+//! [`MAX_CONNECTION_TIME`] in all: idle or slow clients can keep the
+//! endpoint busy, but never take the descriptors the gRPC port needs.
+//!
 //! The endpoint stops with the broker: [`serve`] follows the hub's shutdown
 //! signal, so once `RunningBroker::shutdown` has begun the listener is
 //! closed and open connections end; [`MetricsServer::stopped`] waits for it.
@@ -25,7 +34,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use axum::Router;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
@@ -313,14 +321,105 @@ impl MetricsServer {
     }
 }
 
-/// Serves `GET /metrics` on `listen` until the broker behind `hub` shuts
-/// down (its shutdown signal, set by `RunningBroker::shutdown`).
-pub async fn serve(listen: SocketAddr, hub: Arc<ClusterHub>) -> anyhow::Result<MetricsServer> {
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} for metrics"))?;
-    let local_addr = listener.local_addr()?;
-    let mut shutdown = hub.shutdown_signal();
+/// Connections the endpoint holds at most; more are closed at once. A
+/// Prometheus server needs one; they come out of the descriptors kept
+/// for what is not a gRPC connection
+/// ([`RESERVED_FDS`](crate::connections::RESERVED_FDS)), so no number of
+/// metrics connections can take a descriptor the gRPC port needs.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Time a connection has to send a request's headers (the first, and each
+/// next one on a kept-alive connection) before it is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a connection may stay open at all, whatever it does (a client that
+/// stops reading its answer would otherwise hold its place for ever).
+pub const MAX_CONNECTION_TIME: Duration = Duration::from_secs(60);
+/// Refused connections are warned about at most this often.
+const REFUSED_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Where and how the endpoint listens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// The address (`--metrics-listen`).
+    pub listen: SocketAddr,
+    /// Allow an address that is not loopback (`--metrics-public`).
+    pub public: bool,
+    /// Connections held at most.
+    pub max_connections: usize,
+    /// Time allowed for a request's headers.
+    pub header_timeout: Duration,
+}
+
+impl MetricsConfig {
+    /// The defaults on `listen`, loopback only.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            public: false,
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+        }
+    }
+
+    /// Refuses a non-loopback address unless it was allowed: the endpoint
+    /// answers anyone who can connect, without a token, with every
+    /// cluster's name and when its credentials expire.
+    pub fn check(&self) -> Result<(), MetricsError> {
+        if self.public || self.listen.ip().is_loopback() {
+            Ok(())
+        } else {
+            Err(MetricsError::NotLoopback(self.listen))
+        }
+    }
+}
+
+/// Why the metrics endpoint cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// `--metrics-listen` names an address that is not loopback, without
+    /// `--metrics-public`.
+    #[error(
+        "refusing to serve metrics on {0}: the endpoint answers anyone who can connect, without a token, with every cluster's name and when its credentials expire; listen on 127.0.0.1 (and scrape through a local agent or a tunnel), or pass --metrics-public to serve it on this address"
+    )]
+    NotLoopback(SocketAddr),
+    /// The address cannot be bound.
+    #[error("cannot listen on {addr} for metrics: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Serves `GET /metrics` on `listen` (loopback only) with the default
+/// limits; see [`serve_with`].
+pub async fn serve(
+    listen: SocketAddr,
+    hub: Arc<ClusterHub>,
+) -> Result<MetricsServer, MetricsError> {
+    serve_with(MetricsConfig::new(listen), hub).await
+}
+
+/// Serves `GET /metrics` as `config` says until the broker behind `hub`
+/// shuts down (its shutdown signal, set by `RunningBroker::shutdown`).
+///
+/// Its own accept loop holds at most `max_connections` connections and
+/// closes any beyond at once; each must send its request's headers within
+/// `header_timeout` and is closed after [`MAX_CONNECTION_TIME`] whatever
+/// it does. Idle or slow connections so cost the endpoint a bounded number
+/// of descriptors for a bounded time, and never the gRPC port.
+pub async fn serve_with(
+    config: MetricsConfig,
+    hub: Arc<ClusterHub>,
+) -> Result<MetricsServer, MetricsError> {
+    config.check()?;
+    let bind = |source| MetricsError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let listener = TcpListener::bind(config.listen).await.map_err(bind)?;
+    let local_addr = listener.local_addr().map_err(bind)?;
+    let shutdown = hub.shutdown_signal();
     let registry = Arc::new(registry(hub));
     let app = Router::new().route(
         "/metrics",
@@ -329,19 +428,85 @@ pub async fn serve(listen: SocketAddr, hub: Arc<ClusterHub>) -> anyhow::Result<M
             async move { ([(CONTENT_TYPE, CONTENT_TYPE_TEXT)], render(&registry)).into_response() }
         }),
     );
-    let task = tokio::spawn(async move {
-        let stop = async move {
-            // An error means the hub is gone: stop as well.
-            let _ = shutdown.wait_for(|down| *down).await;
-        };
-        match axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-        {
-            Ok(()) => tracing::info!("metrics endpoint stopped"),
-            Err(error) => tracing::warn!(%error, "metrics endpoint failed"),
-        }
-    });
-    tracing::info!(%local_addr, "metrics endpoint listening");
+    let task = tokio::spawn(accept_loop(listener, app, config, shutdown));
+    tracing::info!(%local_addr, max_connections = config.max_connections, "metrics endpoint listening");
     Ok(MetricsServer { local_addr, task })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    config: MetricsConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut refused = 0u64;
+    let mut last_warned: Option<std::time::Instant> = None;
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // An error means the hub is gone: stop as well.
+            _ = shutdown.wait_for(|down| *down) => break,
+        };
+        // Reap finished connections as we go, so the set stays small.
+        while connections.try_join_next().is_some() {}
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(10);
+                stream
+            }
+            Err(error) => {
+                // Out of descriptors or memory, or a connection that died
+                // before it was accepted: back off instead of spinning.
+                tracing::debug!(%error, "metrics accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            if last_warned.is_none_or(|at| at.elapsed() >= REFUSED_WARN_INTERVAL) {
+                last_warned = Some(std::time::Instant::now());
+                tracing::warn!(
+                    max_connections = config.max_connections,
+                    refused,
+                    "metrics connection cap reached: closing new metrics connections"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        let mut stop = stop.subscribe();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(config.header_timeout);
+            let connection =
+                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let serve = async {
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = &mut connection => {}
+                    // Sent once, when the endpoint stops (or dropped).
+                    _ = stop.changed() => {
+                        // Finish the answer being written, then close.
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(MAX_CONNECTION_TIME, serve).await;
+        });
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    while connections.join_next().await.is_some() {}
+    tracing::info!("metrics endpoint stopped");
 }
