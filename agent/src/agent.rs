@@ -2,8 +2,8 @@
 //!
 //! [`Agent::start`] builds what `credstream-agent run` and `exec` share, in
 //! this order, so that a bad setting fails before anything is served: the
-//! broker address (URL and plaintext rule), the seal key and the store's
-//! gate, the local authorization token and its 0600 token file, the router
+//! broker address (URL and plaintext rule), the seal key, the state file
+//! and the store's gate, the local authorization token and its 0600 token file, the router
 //! bound on loopback, the env file writer; then it spawns the listener, the
 //! [`subscription`] and the env file writer, every one
 //! selecting on one shutdown signal.
@@ -30,6 +30,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use credstream_proto::connect::{BrokerAddress, ClientIdentity, ConnectError};
 use credstream_proto::seal::SealKey;
@@ -43,6 +44,7 @@ use crate::http::{
     self, AuthToken, DRAIN_TIMEOUT, LocalEndpoints, LocalServer, ServeError, TokenFile,
 };
 use crate::seal::{Gate, KeyFileError};
+use crate::sequences::{StateFile, StateFileError};
 use crate::store::CredentialStore;
 use crate::subscription::{self, SubscriptionConfig, SubscriptionError};
 
@@ -70,6 +72,10 @@ pub struct AgentConfig {
     /// The cluster's seal key: with one, only sealed updates are accepted;
     /// without, sealed ones are refused.
     pub seal_key: Option<SealKeySource>,
+    /// Keep the highest sealed sequences accepted in this file (mode 0600),
+    /// so that a restarted agent refuses the older sealed items the running
+    /// one would have ([`crate::sequences`]). Needs `seal_key`.
+    pub state_file: Option<PathBuf>,
     /// Local connections kept open at once (default
     /// [`http::MAX_CONNECTIONS`]; see [`max_connections_for`]).
     pub max_connections: usize,
@@ -100,6 +106,7 @@ impl AgentConfig {
             env_file: None,
             gce_metadata: true,
             seal_key: None,
+            state_file: None,
             max_connections: http::MAX_CONNECTIONS,
             ca_cert: None,
             client_identity: None,
@@ -122,6 +129,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("env_file", &self.env_file)
             .field("gce_metadata", &self.gce_metadata)
             .field("seal_key", &self.seal_key)
+            .field("state_file", &self.state_file)
             .field("max_connections", &self.max_connections)
             .field("ca_cert", &self.ca_cert)
             .field("client_identity", &self.client_identity)
@@ -163,6 +171,15 @@ pub enum AgentError {
     /// file `credstream seal-key --cluster ID` wrote for this cluster.
     #[error(transparent)]
     SealKeyFile(#[from] KeyFileError),
+    /// The state file cannot be read, written or is not this agent's (the
+    /// message says what to do).
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    /// A state file without a seal key: it keeps sealed sequences only.
+    #[error(
+        "--state-file keeps the sequences of sealed updates: give --seal-key-file too, or drop --state-file"
+    )]
+    StateFileWithoutKey,
     /// A seal key given in memory is another cluster's.
     #[error(
         "the seal key is for cluster {found}, not {expected}: use the key `credstream seal-key --cluster {expected}` prints"
@@ -265,7 +282,20 @@ impl Agent {
         if let Some(key) = &seal_key {
             tracing::info!(key_id = %key.key_id_hex(), "sealed delivery: only sealed updates are accepted");
         }
-        let store = CredentialStore::with_gate(Gate::new(seal_key));
+        let gate = match (seal_key, &config.state_file) {
+            (key, None) => Gate::new(key),
+            (None, Some(_)) => return Err(AgentError::StateFileWithoutKey),
+            (Some(key), Some(path)) => {
+                let (file, accepted) = StateFile::open(path, &config.cluster)?;
+                tracing::info!(
+                    path = %path.display(),
+                    ?accepted,
+                    "sealed sequences accepted before are kept in the state file"
+                );
+                Gate::with_state(key, file, accepted)
+            }
+        };
+        let store = CredentialStore::with_gate(gate);
         let auth = AuthToken::generate();
         let token_file = TokenFile::create(&auth).map_err(AgentError::TokenFile)?;
         let router = http::router(store.clone(), auth.clone(), config.gce_metadata);
@@ -415,14 +445,51 @@ impl Agent {
     }
 
     /// Serves until `shutdown` resolves (`Ok`) or a task fails for good
-    /// (that error), then stops.
+    /// (that error), then stops. A subscription that ended for good (a
+    /// revoked token) does not stop the agent while it holds an unexpired
+    /// credential: it logs why, says so on `/readyz`, and serves what it
+    /// holds until the last of it expires, then returns the error (or
+    /// earlier, with it, if `shutdown` resolves). Exiting at once would
+    /// take credentials from running code that a restart cannot bring back.
     pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
         let result = tokio::select! {
-            () = shutdown => Ok(()),
+            () = &mut shutdown => Ok(()),
             error = self.failure() => Err(error),
+        };
+        let result = match result {
+            Err(error @ AgentError::Subscription(_)) => match self.outlive(&error) {
+                Some(left) => {
+                    tokio::select! {
+                        () = &mut shutdown => {}
+                        () = tokio::time::sleep(left) => {}
+                    }
+                    Err(error)
+                }
+                None => Err(error),
+            },
+            other => other,
         };
         self.stop().await;
         result
+    }
+
+    /// After the subscription ended for good with `error`: records it for
+    /// `/readyz`, logs it, and returns how long what is held stays live
+    /// (`None`: nothing is, so there is nothing to serve).
+    fn outlive(&self, error: &AgentError) -> Option<Duration> {
+        let why = chain(error);
+        self.store.subscription_ended(why.clone());
+        let now = SystemTime::now();
+        let Some(until) = self.store.current().last_expiry(now) else {
+            tracing::error!("{why}; nothing unexpired is held, stopping");
+            return None;
+        };
+        tracing::error!(
+            until = %humantime::format_rfc3339_seconds(until),
+            "{why}; serving the credentials held until they expire, then stopping"
+        );
+        Some(until.duration_since(now).unwrap_or_default())
     }
 
     /// Runs `command` once the agent is ready and returns its exit code (see
@@ -452,10 +519,15 @@ impl Agent {
                 loop {
                     tokio::select! {
                         code = &mut supervise => break code,
-                        error = self.failure() => tracing::error!(
-                            "{}; the command keeps running with the credentials held until they expire",
-                            chain(&error)
-                        ),
+                        error = self.failure() => {
+                            if matches!(error, AgentError::Subscription(_)) {
+                                self.store.subscription_ended(chain(&error));
+                            }
+                            tracing::error!(
+                                "{}; the command keeps running with the credentials held until they expire",
+                                chain(&error)
+                            );
+                        }
                     }
                 }
             }

@@ -11,6 +11,8 @@
 //!   refusing everything else, before the store applies it.
 //! - [`refusals`] — what the agent refused from the broker: counted, the
 //!   last reason kept, logged in bounded text at a bounded rate.
+//! - [`sequences`] — the state file: the highest sealed sequences accepted,
+//!   kept across restarts.
 //! - [`served`] — how many local requests each version served, logged as
 //!   each version retires (the agent's half of the audit trail).
 //! - [`subscription`] — the `Subscribe` stream loop: hello, snapshot, updates,
@@ -34,6 +36,7 @@ pub mod hardening;
 pub mod http;
 pub mod refusals;
 pub mod seal;
+pub mod sequences;
 pub mod served;
 pub mod store;
 pub mod subscription;

@@ -82,6 +82,12 @@ struct AgentArgs {
     /// it, sealed updates are refused.
     #[arg(long, env = "CREDSTREAM_SEAL_KEY_FILE")]
     seal_key_file: Option<PathBuf>,
+    /// Keep the sequences of the sealed updates accepted in this file
+    /// (mode 0600, created if missing, one per agent), so that after a
+    /// restart the agent still refuses older sealed updates it refused
+    /// before. Needs --seal-key-file.
+    #[arg(long, env = "CREDSTREAM_STATE_FILE")]
+    state_file: Option<PathBuf>,
     #[command(flatten)]
     transport: TransportArgs,
 }
@@ -217,6 +223,7 @@ fn config(args: AgentArgs, token: Zeroizing<String>, max_connections: usize) -> 
     config.env_file = args.env_file;
     config.gce_metadata = !args.no_gce_metadata;
     config.seal_key = args.seal_key_file.map(SealKeySource::File);
+    config.state_file = args.state_file;
     config.max_connections = max_connections;
     config.client_identity = args.transport.client_identity();
     config.ca_cert = args.transport.ca_cert;

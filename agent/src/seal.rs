@@ -28,12 +28,17 @@ use credstream_proto::seal::{self, Refusal, SealKey, SealSlot};
 use credstream_proto::v1::{CredentialUpdate, PrivateEnv, subscribe_response::Message};
 
 use crate::refusals::Refusals;
+use crate::sequences::{Sequences, StateFile};
 
 /// The last sealed item accepted for one slot.
 #[derive(Clone, Copy, Debug, Default)]
 struct Held {
     sequence: u64,
     version: u64,
+    /// Read from the state file: the item with this very sequence was
+    /// accepted before the restart and may be accepted once more (the
+    /// first snapshot re-sends it).
+    restored: bool,
 }
 
 /// What happened to one item.
@@ -52,6 +57,8 @@ pub struct Gate {
     key: Option<SealKey>,
     held: Mutex<[Held; 3]>,
     refusals: Refusals,
+    /// Where the held sequences are kept across restarts, if anywhere.
+    state: Option<StateFile>,
 }
 
 impl Default for Gate {
@@ -67,6 +74,24 @@ impl Gate {
             key,
             held: Mutex::new([Held::default(); 3]),
             refusals: Refusals::default(),
+            state: None,
+        }
+    }
+
+    /// A gate for `key` that starts from the sequences accepted before a
+    /// restart, read from `state`, and records every newly accepted one
+    /// there before the item is applied ([`crate::sequences`]).
+    pub fn with_state(key: SealKey, state: StateFile, accepted: Sequences) -> Self {
+        let held = accepted.map(|sequence| Held {
+            sequence,
+            version: 0,
+            restored: sequence != 0,
+        });
+        Self {
+            key: Some(key),
+            held: Mutex::new(held),
+            refusals: Refusals::default(),
+            state: Some(state),
         }
     }
 
@@ -180,8 +205,8 @@ impl Gate {
     /// The rollback rule: newer sequence (and broker version) than the last
     /// accepted item of the slot; the same pair again is a duplicate.
     fn fresh(&self, slot: SealSlot, sequence: u64, version: u64) -> Verdict<()> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let held = &mut held[slot as usize - 1];
+        let mut all = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let held = &mut all[slot as usize - 1];
         if sequence == held.sequence && version == held.version {
             return Verdict::Duplicate;
         }
@@ -189,7 +214,8 @@ impl Gate {
             // The store ignores versions it has seen; nothing to refuse.
             return Verdict::Duplicate;
         }
-        if sequence <= held.sequence {
+        let again = sequence == held.sequence && held.restored;
+        if sequence <= held.sequence && !again {
             return Verdict::Refuse(
                 Refusal::NotNewer {
                     sequence,
@@ -198,7 +224,21 @@ impl Gate {
                 .to_string(),
             );
         }
-        *held = Held { sequence, version };
+        *held = Held {
+            sequence,
+            version,
+            restored: false,
+        };
+        if let Some(state) = &self.state
+            && let Err(error) = state.save(&all.map(|held| held.sequence))
+        {
+            // Serving what the publisher sealed beats refusing it; the
+            // protection across a restart is what is lost, so say so.
+            tracing::warn!(
+                error = %chain(&error),
+                "cannot record the accepted sealed sequence; a restarted agent would not know it"
+            );
+        }
         Verdict::Accept(())
     }
 
@@ -239,6 +279,18 @@ impl Gate {
         };
         self.settle(SealSlot::Env.label(), version, verdict)
     }
+}
+
+/// `error` and its sources joined with ": ".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// How a credential is named in refusals.
@@ -389,6 +441,48 @@ mod tests {
         assert!(store.apply(relayed(minted("next"), now + 1)));
         assert_eq!(secret_held(&store), "next");
         assert_eq!(store.current().version, now + 1);
+    }
+
+    /// Finding 6 (issue 34): with a state file, a restarted agent refuses
+    /// the older sealed item the running one refused, and accepts the one
+    /// it held (the first snapshot re-sends it) and newer ones.
+    #[test]
+    fn with_a_state_file_a_restart_keeps_refusing_older_seals() {
+        use crate::sequences::StateFile;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w1.state");
+        let key = SealKey::generate("dev");
+        let old = seal::seal_credential(&key, &minted("old"), 10).unwrap();
+        let new = seal::seal_credential(&key, &minted("new"), 20).unwrap();
+        let newer = seal::seal_credential(&key, &minted("newer"), 30).unwrap();
+        let start = || {
+            let (file, accepted) = StateFile::open(&path, "dev").unwrap();
+            CredentialStore::with_gate(Gate::with_state(key.clone(), file, accepted))
+        };
+
+        let running = start();
+        assert!(running.apply(relayed(old.clone(), 1)));
+        assert!(running.apply(relayed(new.clone(), 2)));
+        assert!(!running.apply(relayed(old.clone(), 3)));
+        drop(running);
+
+        let restarted = start();
+        assert!(!restarted.apply(relayed(old.clone(), 4)), "rolled back");
+        assert_eq!(restarted.gate().refused(), 1);
+        assert!(restarted.current().held(CredentialKind::Aws).is_none());
+        assert!(
+            restarted.apply(relayed(new.clone(), 2)),
+            "the held one again"
+        );
+        assert_eq!(secret_held(&restarted), "new");
+        assert!(!restarted.apply(relayed(new, 5)), "but only once");
+        assert!(restarted.apply(relayed(newer, 6)));
+        assert_eq!(secret_held(&restarted), "newer");
+
+        // Without the file, a fresh agent has nothing to compare with.
+        let fresh = CredentialStore::with_gate(Gate::new(Some(key)));
+        assert!(fresh.apply(relayed(old, 4)));
     }
 
     #[test]

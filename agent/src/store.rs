@@ -36,6 +36,9 @@ pub struct AgentState {
     pub version: u64,
     /// True once a snapshot from some broker was applied.
     pub snapshot_received: bool,
+    /// Why the subscription ended for good, once it did: nothing held will
+    /// be refreshed (`/readyz` says so).
+    pub subscription_ended: Option<String>,
     /// Per-slot versions, including revocations, so that an older message
     /// never resurrects a revoked slot.
     slot_versions: SlotVersions,
@@ -66,6 +69,18 @@ pub enum NotReady {
     /// The publisher declared a private env that has not arrived.
     #[error("the private environment has not arrived yet")]
     NoPrivateEnv,
+    /// Not ready for one of the reasons above, and the subscription ended
+    /// for good, so nothing will arrive: fix what the reason says and
+    /// restart the agent.
+    #[error(
+        "{then}, and nothing will arrive: the subscription to the broker ended for good ({reason}); fix that and restart the agent"
+    )]
+    SubscriptionEnded {
+        /// Why the subscription ended.
+        reason: String,
+        /// What is missing.
+        then: Box<NotReady>,
+    },
 }
 
 impl AgentState {
@@ -94,9 +109,30 @@ impl AgentState {
         self.held(kind).map_or(0, |c| c.version)
     }
 
+    /// The latest expiry of the unexpired credentials held at `now`
+    /// (`None`: nothing live is held).
+    pub fn last_expiry(&self, now: SystemTime) -> Option<SystemTime> {
+        [CredentialKind::Aws, CredentialKind::Gcp]
+            .into_iter()
+            .filter_map(|kind| self.live(kind, now)?.expiry())
+            .max()
+    }
+
     /// Ready means: an unexpired credential of every declared kind, and the
-    /// private env if one was declared.
+    /// private env if one was declared. Once the subscription ended for
+    /// good, a reason not to be ready says so too.
     pub fn readiness(&self, now: SystemTime) -> Result<(), NotReady> {
+        self.readiness_held(now)
+            .map_err(|then| match &self.subscription_ended {
+                Some(reason) => NotReady::SubscriptionEnded {
+                    reason: reason.clone(),
+                    then: Box::new(then),
+                },
+                None => then,
+            })
+    }
+
+    fn readiness_held(&self, now: SystemTime) -> Result<(), NotReady> {
         let Some(info) = &self.info else {
             return Err(if !self.snapshot_received {
                 NotReady::NoSnapshot
@@ -182,6 +218,13 @@ impl CredentialStore {
     /// A receiver that sees every change.
     pub fn subscribe(&self) -> watch::Receiver<AgentState> {
         self.state.subscribe()
+    }
+
+    /// Records that the subscription ended for good, and why (shown by
+    /// `/readyz`).
+    pub fn subscription_ended(&self, reason: String) {
+        self.state
+            .send_modify(|state| state.subscription_ended = Some(reason));
     }
 
     /// Resolves once the first snapshot from any broker has been applied.

@@ -20,22 +20,43 @@
 //! meanwhile (until expiry). Statuses that no retry can
 //! fix (a bad token, a token for another cluster, a malformed hello) end
 //! [`run`] with a [`SubscriptionError`].
+//!
+//! A message this agent cannot take — larger than [`MAX_MESSAGE`] or not a
+//! valid `SubscribeResponse` — is the broker's fault, not the agent's: it
+//! is a refusal (logged and counted with the seal gate's, see
+//! [`crate::refusals`]) and the stream is reopened with backoff (the
+//! stream's framing is lost after such a message, so it cannot go on).
+//! Such errors are told from statuses the broker sent by where they come
+//! from: the agent's decoder ([`ResponseCodec`]) marks its own, and tonic's
+//! size check, which runs before any decoder, is recognised by its code
+//! and wording (a broker that sends the same status only makes the agent
+//! reconnect, which it can always do by dropping the stream).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use credstream_proto::codec::{ProtoCodec, ProtoDecoder};
+use credstream_proto::connect::CallCredentials;
 use credstream_proto::connect::{BrokerAddress, ConnectError};
 use credstream_proto::convert::system_time;
 use credstream_proto::rules::backoff::Backoff as Exponential;
 use credstream_proto::rules::retry::{self, Final};
 use credstream_proto::rules::text::printable;
-use credstream_proto::v1::agent_service_client::AgentServiceClient;
 use credstream_proto::v1::{
-    AgentAck, AgentHello, CredentialKind, RefreshHint, SubscribeRequest, subscribe_request,
+    AgentAck, AgentHello, CredentialKind, RefreshHint, SubscribeRequest, SubscribeResponse,
+    subscribe_request,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::GrpcMethod;
+use tonic::IntoStreamingRequest;
+use tonic::client::Grpc;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 use crate::refusals::REASON_MAX;
 use crate::store::{AgentState, CredentialStore};
@@ -87,8 +108,73 @@ pub enum SubscriptionError {
 
 enum Ended {
     Retry(String),
+    /// The broker sent a message this agent refuses (too large, not
+    /// decodable); reconnect.
+    Refused(String),
     Fatal(SubscriptionError),
     Shutdown,
+}
+
+/// The largest message the agent accepts from the broker. A snapshot of a
+/// cluster is a few KiB (the private env is capped far below this).
+pub const MAX_MESSAGE: usize = 1024 * 1024;
+
+/// The start of tonic's own status for a message over the size limit.
+const TOO_LARGE: &str = "Error, decoded message length too large";
+
+/// Marks a status made by the agent's own decoder (the broker's message
+/// did not decode), as opposed to one the broker sent.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker's message does not decode")]
+struct Undecodable;
+
+/// The generated client's codec ([`ProtoCodec`]), except that a response
+/// that does not decode carries [`Undecodable`] as its status's source.
+#[derive(Debug, Default)]
+struct ResponseCodec(ProtoCodec<SubscribeRequest, SubscribeResponse>);
+
+impl Codec for ResponseCodec {
+    type Encode = SubscribeRequest;
+    type Decode = SubscribeResponse;
+    type Encoder = <ProtoCodec<SubscribeRequest, SubscribeResponse> as Codec>::Encoder;
+    type Decoder = MarkingDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        self.0.encoder()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        MarkingDecoder(self.0.decoder())
+    }
+}
+
+/// [`ResponseCodec`]'s decoder.
+struct MarkingDecoder(ProtoDecoder<SubscribeResponse>);
+
+impl Decoder for MarkingDecoder {
+    type Item = SubscribeResponse;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        self.0.decode(buf).map_err(|mut status| {
+            status.set_source(Arc::new(Undecodable));
+            status
+        })
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        self.0.buffer_settings()
+    }
+}
+
+/// Why the agent refuses what the broker sent, if `status` is the agent's
+/// own size or decode error rather than the broker's status.
+fn refused_message(status: &tonic::Status) -> Option<String> {
+    let undecodable = std::error::Error::source(status)
+        .is_some_and(|source| source.downcast_ref::<Undecodable>().is_some());
+    let too_large =
+        status.code() == tonic::Code::OutOfRange && status.message().starts_with(TOO_LARGE);
+    (undecodable || too_large).then(|| status.message().to_owned())
 }
 
 /// What the agent makes of a status that ended a stream. The broker (or
@@ -194,8 +280,8 @@ pub async fn run(
 ) -> Result<(), SubscriptionError> {
     let channel = config.address.channel()?;
     let credentials = config.address.interceptor()?;
-    let mut client = AgentServiceClient::with_interceptor(channel, credentials)
-        .max_decoding_message_size(1024 * 1024);
+    let mut client = Grpc::new(InterceptedService::new(channel, credentials))
+        .max_decoding_message_size(MAX_MESSAGE);
     tokio::pin!(shutdown);
     let mut backoff = Backoff::default();
     loop {
@@ -206,6 +292,14 @@ pub async fn run(
         match ended {
             Ended::Shutdown => return Ok(()),
             Ended::Fatal(error) => return Err(error),
+            Ended::Refused(reason) => {
+                store.gate().refusals().record("message", 0, &reason);
+                let delay = backoff.stream_ended();
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = &mut shutdown => return Ok(()),
+                }
+            }
             Ended::Retry(reason) => {
                 let delay = backoff.stream_ended();
                 tracing::warn!(%reason, ?delay, "subscription lost; serving what is held and reconnecting");
@@ -218,12 +312,28 @@ pub async fn run(
     }
 }
 
-type Client = AgentServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        credstream_proto::connect::CallCredentials,
-    >,
->;
+type Client = Grpc<InterceptedService<Channel, CallCredentials>>;
+
+/// `AgentService.Subscribe`, as the generated client calls it but with
+/// [`ResponseCodec`].
+async fn subscribe(
+    client: &mut Client,
+    requests: ReceiverStream<SubscribeRequest>,
+) -> Result<tonic::codec::Streaming<SubscribeResponse>, tonic::Status> {
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("the broker is not reachable: {e}")))?;
+    let mut request = requests.into_streaming_request();
+    request
+        .extensions_mut()
+        .insert(GrpcMethod::new("credstream.v1.AgentService", "Subscribe"));
+    let path = PathAndQuery::from_static("/credstream.v1.AgentService/Subscribe");
+    let response = client
+        .streaming(request, path, ResponseCodec::default())
+        .await?;
+    Ok(response.into_inner())
+}
 
 fn message(message: subscribe_request::Message) -> SubscribeRequest {
     SubscribeRequest {
@@ -252,8 +362,8 @@ async fn connection(
     let _ = tx
         .send(message(subscribe_request::Message::Hello(hello)))
         .await;
-    let mut inbound = match client.subscribe(ReceiverStream::new(rx)).await {
-        Ok(response) => response.into_inner(),
+    let mut inbound = match subscribe(client, ReceiverStream::new(rx)).await {
+        Ok(inbound) => inbound,
         Err(status) => return classify(status),
     };
     let mut hint_timer = tokio::time::interval(config.hint_every);
@@ -266,7 +376,12 @@ async fn connection(
                 let response = match received {
                     Ok(Some(response)) => response,
                     Ok(None) => return Ended::Retry("the broker closed the stream".into()),
-                    Err(status) => return classify(status),
+                    Err(status) => {
+                        return match refused_message(&status) {
+                            Some(reason) => Ended::Refused(reason),
+                            None => classify(status),
+                        };
+                    }
                 };
                 let Some(update) = response.message else { continue };
                 let snapshot = matches!(update, credstream_proto::v1::subscribe_response::Message::Snapshot(_));
@@ -314,6 +429,31 @@ mod tests {
             tokio::time::advance(up).await;
             backoff.stream_ended()
         }
+    }
+
+    /// Finding 6 (issue 34): what the agent's own decoder rejects is a
+    /// refusal; the same status sent by the broker is the broker's.
+    #[test]
+    fn only_the_agents_own_size_and_decode_errors_are_refusals() {
+        let mut undecodable = tonic::Status::invalid_argument("the message is not a valid …");
+        assert_eq!(
+            refused_message(&undecodable),
+            None,
+            "as the broker sends it"
+        );
+        assert!(matches!(classify(undecodable.clone()), Ended::Fatal(_)));
+        undecodable.set_source(Arc::new(Undecodable));
+        assert!(refused_message(&undecodable).is_some());
+
+        let too_large = tonic::Status::out_of_range(format!(
+            "{TOO_LARGE}: found 2097170 bytes, the limit is: 1048576 bytes"
+        ));
+        assert_eq!(
+            refused_message(&too_large).as_deref(),
+            Some(too_large.message())
+        );
+        let other = tonic::Status::out_of_range("the broker says so");
+        assert_eq!(refused_message(&other), None);
     }
 
     #[test]

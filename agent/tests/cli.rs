@@ -332,3 +332,40 @@ async fn a_seal_key_file_other_users_can_read_is_refused_before_anything_is_serv
         .expect("the banner");
     assert!(first.starts_with("listening on "), "{first}");
 }
+
+/// Finding 6 (issue 34): `--state-file` keeps sealed sequences, so it needs
+/// a seal key; and it is created 0600 at start, before anything is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_needs_a_seal_key_and_is_created_private_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("w1.state");
+    let mut command = agent("run");
+    command.arg("--state-file").arg(&state);
+    fails_with(command, &["--state-file", "--seal-key-file"]).await;
+    assert!(!state.exists());
+
+    let key = dir.path().join("c1.seal-key");
+    let key_line = credstream_proto::seal::SealKey::generate("c1").encode();
+    std::fs::write(&key, format!("{}\n", key_line.as_str())).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut command = agent("run");
+    command
+        .arg("--seal-key-file")
+        .arg(&key)
+        .arg("--state-file")
+        .arg(&state);
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(LIMIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the banner");
+    assert!(first.starts_with("listening on "), "{first}");
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(text.contains(r#""cluster":"c1""#), "{text}");
+}
