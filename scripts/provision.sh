@@ -84,6 +84,7 @@ fi
 # CREDSTREAM_TEST_REQUIRE_TOOLS=1) and print `skipped:` under plain cargo test.
 # Debian puts both in /usr/sbin, which a non-root PATH may lack.
 sbin_tool() { command -v "$1" 2>/dev/null || { [[ -x "/usr/sbin/$1" ]] && echo "/usr/sbin/$1"; } || true; }
+LIBFAKETIME="/usr/lib/$(uname -m)-linux-gnu/faketime/libfaketime.so.1"
 proxy_version() {
   local bin
   bin="$(sbin_tool "$1")"
@@ -96,6 +97,10 @@ done
 # Not a proxy: systemd-analyze (Debian's systemd package) verifies the units
 # in deploy/systemd/ (tests/tests/ops_systemd.rs); installed the same way.
 [[ -n "$(sbin_tool systemd-analyze)" ]] || proxies+=(systemd)
+# Nor this: libfaketime (Debian's faketime package) moves one worker
+# process's clock forward, so the revocation-bound test sees boto3's refresh
+# windows without waiting for them (tests/tests/e2e_aws.rs).
+[[ -e "$LIBFAKETIME" ]] || proxies+=(faketime)
 if ((${#proxies[@]})); then
   SUDO=()
   if [[ $(id -u) -ne 0 ]] && sudo -n true 2>/dev/null; then

@@ -41,6 +41,8 @@ export CREDSTREAM_TEST_HAPROXY CREDSTREAM_TEST_NGINX
 # systemd-analyze verifies deploy/systemd/ (tests/tests/ops_systemd.rs).
 CREDSTREAM_TEST_SYSTEMD_ANALYZE="$(sbin_tool systemd-analyze)"
 export CREDSTREAM_TEST_SYSTEMD_ANALYZE
+# libfaketime moves a worker process's clock (the revocation-bound test).
+export CREDSTREAM_TEST_LIBFAKETIME="/usr/lib/$(uname -m)-linux-gnu/faketime/libfaketime.so.1"
 BUF="$CREDSTREAM_TEST_BUF"
 env | grep '^CREDSTREAM_TEST_' | sort
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use credstream_agent::http::{self, AuthToken, LocalServer};
+use credstream_agent::http::{self, AuthToken, LocalServer, advertised};
 use credstream_agent::store::CredentialStore;
 use credstream_proto::v1::CredentialKind;
 
@@ -55,9 +55,12 @@ async fn aws_endpoint_requires_the_agents_token_as_is() {
     assert_eq!(body["AccountId"], "123456789012");
     let expiration = body["Expiration"].as_str().unwrap();
     assert!(expiration.ends_with('Z'), "{expiration}");
+    // The credential lasts an hour; the endpoint advertises at most
+    // AWS_LIFETIME of it, so that a revocation reaches cached SDK clients.
     let parsed = humantime::parse_rfc3339(expiration).unwrap();
     let left = parsed.duration_since(SystemTime::now()).unwrap();
-    assert!(left <= Duration::from_secs(3600));
+    assert!(left <= advertised::AWS_LIFETIME, "{left:?}");
+    assert!(left > Duration::from_secs(15 * 60), "{left:?}");
 }
 
 #[tokio::test]
@@ -177,7 +180,11 @@ async fn gce_metadata_emulation_serves_what_google_auth_reads() {
         assert_eq!(body["access_token"], GCP_TOKEN);
         assert_eq!(body["token_type"], "Bearer");
         let expires_in = body["expires_in"].as_u64().unwrap();
-        assert!(expires_in > 0 && expires_in <= 3600, "{expires_in}");
+        // An hour's token, advertised for at most GCP_LIFETIME.
+        assert!(
+            expires_in > 300 && expires_in <= advertised::GCP_LIFETIME.as_secs(),
+            "{expires_in}"
+        );
     }
 
     let text = |path: &str| {

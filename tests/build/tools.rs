@@ -16,6 +16,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("haproxy", "CREDSTREAM_TEST_HAPROXY"),
     ("nginx", "CREDSTREAM_TEST_NGINX"),
     ("systemd_analyze", "CREDSTREAM_TEST_SYSTEMD_ANALYZE"),
+    ("libfaketime", "CREDSTREAM_TEST_LIBFAKETIME"),
 ];
 
 fn main() {

@@ -69,6 +69,12 @@ pub fn nginx(test: &str) -> Option<PathBuf> {
     from_env("CREDSTREAM_TEST_NGINX", "nginx", test)
 }
 
+/// libfaketime's preload library (Debian's `faketime` package), to move one
+/// process's clock.
+pub fn libfaketime(test: &str) -> Option<PathBuf> {
+    from_env("CREDSTREAM_TEST_LIBFAKETIME", "libfaketime", test)
+}
+
 /// The repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

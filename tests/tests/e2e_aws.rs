@@ -8,6 +8,7 @@
 //! `credstream-broker`, `credstream` and `credstream-agent` binaries, and
 //! boto3. Without the project's Python venv the tests print `skipped:`.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use credstream_proto::seal::{SealKey, open_credential};
@@ -53,8 +54,21 @@ if __name__ == "__main__":
     boto3.DEFAULT_SESSION.events.register("before-send.s3.GetObject", _signing_key_recorder(seen))
     print("AUTH_TOKEN_FOR_CUSTOM_DATABASE=" + repr(os.environ.get("AUTH_TOKEN_FOR_CUSTOM_DATABASE")), flush=True)
     if len(sys.argv) > 3 and sys.argv[3] == "--loop":
-        # Long-running: one read per line on stdin.
+        # Long-running: one read per line on stdin; a line "probe N" asks
+        # the agent's endpoint directly and prints its HTTP status.
         for line in sys.stdin:
+            if line.startswith("probe"):
+                import urllib.error, urllib.request
+                request = urllib.request.Request(
+                    os.environ["AWS_CONTAINER_CREDENTIALS_FULL_URI"],
+                    headers={"Authorization": os.environ["AWS_CONTAINER_AUTHORIZATION_TOKEN"]},
+                )
+                try:
+                    status = urllib.request.urlopen(request, timeout=5).status
+                except urllib.error.HTTPError as error:
+                    status = error.code
+                print(f"{line.strip()}: {status}", flush=True)
+                continue
             try:
                 body = read_object(bucket, key).decode()
                 print(f"read {line.strip()}: {body} signed by {seen[-1]}", flush=True)
@@ -115,6 +129,12 @@ impl World {
     /// `credstream publish` of the role's credentials (15 minutes, the STS
     /// minimum) and the private env, from the laptop.
     fn publish(&self) -> Process {
+        self.publish_with("15m", &[])
+    }
+
+    /// `credstream publish` of the role's credentials for `duration`, with
+    /// `extra` flags.
+    fn publish_with(&self, duration: &str, extra: &[&str]) -> Process {
         let env_arg = format!("AUTH_TOKEN_FOR_CUSTOM_DATABASE={DB_TOKEN}");
         let mut command = clean_command(binary("credstream"));
         command
@@ -122,13 +142,20 @@ impl World {
             .env("CREDSTREAM_TOKEN", &self.broker.publisher_token)
             .args(["publish", "--broker", &self.broker.url, "--cluster", "dev"])
             .args(["--no-gcp", "--aws-role-arn", &self.seeded.role_arn])
-            .args(["--aws-duration", "15m", "--env", &env_arg]);
+            .args(["--aws-duration", duration, "--env", &env_arg])
+            .args(extra);
         Process::spawn("credstream publish", command)
     }
 
     /// `credstream-agent exec ... -- python read_object.py BUCKET KEY [ARGS]`
     /// in the worker's environment.
     fn exec(&self, python: &Path, args: &[&str]) -> Process {
+        self.exec_under(&[], python, args)
+    }
+
+    /// [`World::exec`] with the script run under `wrapper` (a command and
+    /// its arguments that run the rest, such as `env VAR=VALUE`).
+    fn exec_under(&self, wrapper: &[&OsStr], python: &Path, args: &[&str]) -> Process {
         let token_file = write_file(self.dir.path(), "agent.token", &self.broker.agent_token);
         let mut command = worker_command(binary("credstream-agent"), &self.worker);
         command
@@ -139,6 +166,7 @@ impl World {
             .arg("--seal-key-file")
             .arg(&self.seal_key_file)
             .arg("--")
+            .args(wrapper)
             .arg(python)
             .arg(&self.script)
             .args([&self.seeded.bucket, &self.seeded.key])
@@ -382,4 +410,97 @@ async fn a_long_running_boto3_process_keeps_reading_across_a_rotation() {
     assert!(worker.exit().await.success(), "{}", worker.output());
     publish.signal("TERM");
     assert!(publish.exit().await.success(), "{}", publish.output());
+}
+
+/// Revocation reaches a boto3 client that cached the credential, within
+/// the bound the agent's advertised expiry sets (agent/src/http/advertised.rs):
+/// the worker's default session, untouched, keeps the hour-long credential
+/// it fetched; after `--revoke-on-exit`, the agent refuses it at once, and
+/// boto3 stops signing with it when its own refresh window says so. The
+/// worker process's clock is moved forward with libfaketime instead of
+/// waiting the minutes (the agent and moto keep real time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(tool_python, tool_libfaketime)),
+    ignore = "needs the project's Python venv and libfaketime: set CREDSTREAM_TEST_PYTHON and CREDSTREAM_TEST_LIBFAKETIME (scripts/test.sh does)"
+)]
+async fn a_cached_boto3_client_stops_using_a_revoked_credential_within_the_advertised_bound() {
+    let test = "a_cached_boto3_client_stops_using_a_revoked_credential_within_the_advertised_bound";
+    let (Some(python), Some(libfaketime)) = (tools::python(test), tools::libfaketime(test)) else {
+        return;
+    };
+    let world = world(&python).await;
+    let mut publish = world.publish_with("1h", &["--revoke-on-exit"]);
+    publish.line(|l| l.starts_with("minted AWS")).await;
+
+    // libfaketime re-reads the offset file on every clock read.
+    let clock = write_file(world.dir.path(), "worker-clock", "+0");
+    let preload = format!("LD_PRELOAD={}", libfaketime.display());
+    let clock_file = format!("FAKETIME_TIMESTAMP_FILE={}", clock.display());
+    let wrapper = [
+        OsStr::new("env"),
+        OsStr::new(&preload),
+        OsStr::new(&clock_file),
+        OsStr::new("FAKETIME_NO_CACHE=1"),
+    ];
+    let mut worker = world.exec_under(&wrapper, &python, &["--loop"]);
+    worker
+        .line(|l| l.starts_with("AUTH_TOKEN_FOR_CUSTOM_DATABASE="))
+        .await;
+    let first = read(&mut worker, "1").await;
+    let prefix = format!("read 1: {} signed by ", world.seeded.body);
+    assert!(first.starts_with(&prefix), "{first}");
+    let key = first.trim_start_matches(&prefix).to_owned();
+
+    publish.signal("INT");
+    publish
+        .line(|l| l.starts_with("revoked everything published to cluster dev"))
+        .await;
+    // The agent refuses the credential from now on.
+    for n in 1.. {
+        let label = format!("probe {n}");
+        worker.send_line(&label).await;
+        let answer = worker.line(|l| l.starts_with(&format!("{label}:"))).await;
+        if answer == format!("{label}: 503") {
+            break;
+        }
+        assert_eq!(
+            answer,
+            format!("{label}: 200"),
+            "the agent answered neither"
+        );
+        assert!(n < 600, "the agent still serves a revoked credential");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // 3 minutes on, 13 of the advertised 16 remain: inside boto3's advisory
+    // window, its fetch fails and it keeps the credential it holds. This is
+    // the bound at work, not a leak beyond it.
+    std::fs::write(&clock, "+180").unwrap();
+    let within = read(&mut worker, "2").await;
+    assert_eq!(
+        within,
+        format!("read 2: {} signed by {key}", world.seeded.body)
+    );
+
+    // 7 minutes on, 9 remain: inside boto3's mandatory window the failed
+    // fetch is raised, and the revoked key signs nothing more. Without the
+    // advertised bound, boto3 would hold the real expiry (an hour) and read.
+    std::fs::write(&clock, "+420").unwrap();
+    let after = read(&mut worker, "3").await;
+    assert!(after.starts_with("failed 3: "), "{after}");
+    assert!(
+        after.contains("503"),
+        "the agent's refusal reaches the user: {after}"
+    );
+}
+
+/// Asks the `--loop` script for a read labelled `label`; its answer line.
+async fn read(worker: &mut Process, label: &str) -> String {
+    worker.send_line(label).await;
+    let read = format!("read {label}:");
+    let failed = format!("failed {label}:");
+    worker
+        .line(|l| l.starts_with(&read) || l.starts_with(&failed))
+        .await
 }

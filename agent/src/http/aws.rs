@@ -6,6 +6,8 @@
 //! (a naive or numeric value crashes boto3), and `AccountId` when known.
 //! Only an unexpired credential is ever served; otherwise a 503 explains
 //! why, and botocore raises after its retries instead of using a dead key.
+//! `Expiration` is at most [`advertised::AWS_LIFETIME`] ahead, so that a
+//! revoked credential stops being used within a known bound.
 
 use std::time::SystemTime;
 
@@ -16,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use credstream_proto::v1::{CredentialKind, credential_update::Credential};
 use serde::Serialize;
 
-use super::{AppState, HttpError};
+use super::{AppState, HttpError, advertised};
 use crate::served::Served;
 
 /// The JSON body, borrowing from the held credential so no extra copy of
@@ -51,8 +53,14 @@ pub(super) async fn credentials(
         access_key_id: &aws.access_key_id,
         secret_access_key: &aws.secret_access_key,
         token: &aws.session_token,
-        // Whole seconds, rounded down: never later than the real expiry.
-        expiration: humantime::format_rfc3339_seconds(expiry).to_string(),
+        // At most `advertised::AWS_LIFETIME` ahead, so that a revocation
+        // reaches processes that cached it; whole seconds, rounded down.
+        expiration: humantime::format_rfc3339_seconds(advertised::expiry(
+            expiry,
+            now,
+            advertised::AWS_LIFETIME,
+        ))
+        .to_string(),
         account_id: (!aws.account_id.is_empty()).then_some(aws.account_id.as_str()),
     };
     app.store.served().record(Served::Aws, update.version);

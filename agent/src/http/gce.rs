@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use credstream_proto::v1::{CredentialKind, GcpCredential, credential_update::Credential};
 use serde_json::json;
 
-use super::{AppState, HttpError};
+use super::{AppState, HttpError, advertised};
 use crate::served::Served;
 
 /// The path prefix of the v1 metadata API.
@@ -120,9 +120,10 @@ pub(super) async fn metadata(
     }
 }
 
-/// The token with its real remaining lifetime in whole seconds. A token
-/// with less than a second left is treated as expired: `expires_in: 0`
-/// would make the library refresh on every call.
+/// The token with its remaining lifetime in whole seconds, at most
+/// [`advertised::GCP_LIFETIME`] so that a revoked token stops being used
+/// within a known bound. A token with less than a second left is treated as
+/// expired: `expires_in: 0` would make the library refresh on every call.
 fn token(app: &AppState) -> Result<Response, HttpError> {
     let now = SystemTime::now();
     let state = app.store.current();
@@ -133,7 +134,9 @@ fn token(app: &AppState) -> Result<Response, HttpError> {
     let (Some(Credential::Gcp(gcp)), Some(expiry)) = (&update.credential, update.expiry()) else {
         return Err(unavailable());
     };
-    let expires_in = expiry.duration_since(now).map_or(0, |left| left.as_secs());
+    let expires_in = advertised::expiry(expiry, now, advertised::GCP_LIFETIME)
+        .duration_since(now)
+        .map_or(0, |left| left.as_secs());
     if expires_in == 0 {
         return Err(unavailable());
     }

@@ -23,6 +23,7 @@
 //! [`MAX_CONNECTIONS`] concurrent connections, past which the least recently
 //! active idle connection is closed to make room; no handler reads a body.
 
+pub mod advertised;
 pub mod aws;
 mod child_env;
 mod env;
