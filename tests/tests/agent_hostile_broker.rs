@@ -23,7 +23,6 @@ use credstream_tests::broker::aws_update;
 use credstream_tests::processes::write_file;
 use credstream_tests::sealed_agent::AgentProcess;
 use futures::Stream;
-use tokio::sync::Notify;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -32,10 +31,11 @@ type Downstream = Pin<Box<dyn Stream<Item = Result<SubscribeResponse, Status>> +
 /// The hostile broker: the first Subscribe gets a snapshot with a live AWS
 /// credential, then an oversized private env, and stays open; every later
 /// one is refused with `UNAUTHENTICATED` (final for an agent).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct HostileBroker {
     calls: Arc<AtomicUsize>,
-    called: Arc<Notify>,
+    /// The lifetime of the credential in the snapshot.
+    ttl: Duration,
 }
 
 fn response(message: Message) -> Result<SubscribeResponse, Status> {
@@ -53,13 +53,12 @@ impl AgentService for HostileBroker {
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
-        self.called.notify_waiters();
         if call > 0 {
             return Err(Status::unauthenticated("the agent token was revoked"));
         }
         let mut from_agent = request.into_inner();
         let _hello = from_agent.message().await?;
-        let mut credential = aws_update("HELD", Duration::from_secs(3600));
+        let mut credential = aws_update("HELD", self.ttl);
         credential.version = 2;
         let snapshot = ClusterSnapshot {
             info: Some(ClusterInfo {
@@ -92,17 +91,30 @@ impl AgentService for HostileBroker {
     }
 }
 
+impl HostileBroker {
+    /// Serves on a loopback port until the task is aborted; returns its URL.
+    async fn start(&self) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let service = AgentServiceServer::new(self.clone());
+        let server = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        (url, server)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_message_and_a_final_error_leave_the_agent_serving_what_it_holds() {
-    let broker = HostileBroker::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let service = AgentServiceServer::new(broker.clone());
-    let server = tokio::spawn(
-        Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let broker = HostileBroker {
+        calls: Arc::default(),
+        ttl: Duration::from_secs(3600),
+    };
+    let (url, server) = broker.start().await;
 
     let dir = tempfile::tempdir().unwrap();
     let token = write_file(dir.path(), "agent.token", "any-token");
@@ -152,5 +164,37 @@ async fn an_oversized_message_and_a_final_error_leave_the_agent_serving_what_it_
         "{body}"
     );
     assert!(!agent.process.output().contains("SECRETKEY-HELD"));
+    server.abort();
+}
+
+/// Once the last credential it holds has expired, an agent whose
+/// subscription ended for good has nothing left to serve and exits with
+/// the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_final_error_the_agent_exits_once_what_it_holds_has_expired() {
+    let broker = HostileBroker {
+        calls: Arc::default(),
+        // Long enough to outlast the refusal and the reconnect on a busy
+        // machine; the test then waits for the exit, not for a time.
+        ttl: Duration::from_secs(10),
+    };
+    let (url, server) = broker.start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = write_file(dir.path(), "agent.token", "any-token");
+    let mut agent = AgentProcess::spawn(&url, "dev", "w1", &token, None, dir.path());
+    agent
+        .process
+        .stderr_line(|l| l.contains("serving the credentials held until they expire"))
+        .await;
+    let status = agent.process.exit().await;
+    assert!(!status.success(), "{}", agent.process.output());
+    assert!(
+        agent
+            .process
+            .stderr()
+            .contains("credstream-agent: the subscription to the broker failed: the broker rejected the agent token"),
+        "{}",
+        agent.process.output()
+    );
     server.abort();
 }
