@@ -10,6 +10,7 @@ const SECRET_BEARING: &[&str] = &[
     ".credstream.v1.GcpCredential",
     ".credstream.v1.EnvVar",
     ".credstream.v1.CreateAgentTokenResponse",
+    ".credstream.v1.TokenRenewal",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

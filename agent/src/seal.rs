@@ -160,6 +160,8 @@ impl Gate {
             Message::ClusterInfo(info) => self
                 .in_time("cluster info", info.version, now)
                 .then_some(Message::ClusterInfo(info)),
+            // Not state: the subscription keeps it for its reconnects.
+            Message::TokenRenewal(_) => None,
         }
     }
 

@@ -250,6 +250,8 @@ impl CredentialStore {
             Message::PrivateEnv(env) => apply_env(state, env),
             Message::Revocation(revocation) => apply_revocation(state, revocation),
             Message::ClusterInfo(info) => apply_info(state, info),
+            // Not state: the subscription keeps it (the gate drops it).
+            Message::TokenRenewal(_) => false,
         });
         if is_snapshot {
             self.snapshot_seen.send_replace(true);

@@ -358,6 +358,7 @@ async fn connection(
     let hello = AgentHello {
         cluster_id: config.address.cluster_id.clone(),
         agent_id: config.agent_id.clone(),
+        accepts_token_renewal: true,
     };
     let _ = tx
         .send(message(subscribe_request::Message::Hello(hello)))

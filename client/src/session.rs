@@ -203,7 +203,7 @@ impl SessionBuilder {
     pub fn start(self) -> Result<PublishSession, SessionError> {
         let channel = self.address.channel()?;
         let credentials = self.address.interceptor()?;
-        let client = PublisherServiceClient::with_interceptor(channel, credentials)
+        let client = PublisherServiceClient::with_interceptor(channel, credentials.clone())
             .max_decoding_message_size(1024 * 1024);
         let (commands, command_rx) = mpsc::channel(64);
         // Subscribed before the runner starts, so that the first caller of
@@ -217,6 +217,7 @@ impl SessionBuilder {
         let runner = Runner {
             cluster_id: self.address.cluster_id.clone(),
             client,
+            credentials,
             minters: self.minters,
             env: self.env,
             declare_env: self.declare_env,
@@ -447,6 +448,9 @@ type Client = PublisherServiceClient<
 struct Runner {
     cluster_id: String,
     client: Client,
+    /// The client's token, shared with its interceptor: a `TokenRenewal`
+    /// replaces it for every later call (reconnects included).
+    credentials: credstream_proto::connect::CallCredentials,
     minters: Vec<Arc<dyn Minter>>,
     env: BTreeMap<String, Zeroizing<String>>,
     declare_env: bool,
@@ -474,6 +478,21 @@ fn classify(status: tonic::Status) -> Ended {
         Some(Final::Rejected) => Ended::Fatal(SessionError::Rejected(message)),
         None => Ended::Retry(format!("{:?}: {message}", status.code())),
     }
+}
+
+/// How a stream that the broker welcomed ended. `UNAUTHENTICATED` there is
+/// the broker ending a live stream whose token expired or whose signing key
+/// was removed (docs/design.md §3): the session may hold a newer token (a
+/// renewal) than the one the stream was opened with, so it reconnects with
+/// backoff, and only a refusal of that new call is final.
+fn classify_welcomed(status: tonic::Status) -> Ended {
+    if status.code() == tonic::Code::Unauthenticated {
+        return Ended::Retry(format!(
+            "the broker ended the stream: {}; reconnecting with the newest token held",
+            status.message()
+        ));
+    }
+    classify(status)
 }
 
 /// Reconnects: 500 ms doubling to 30 s, full jitter.
@@ -587,6 +606,7 @@ impl Runner {
             private_env: self.declare_env || !self.env.is_empty(),
             publisher_name: self.publisher_name.clone(),
             answers_heartbeats: true,
+            accepts_token_renewal: true,
         };
         let _ = tx
             .send(request(publish_request::Message::Hello(hello)))
@@ -604,6 +624,7 @@ impl Runner {
             Err(status) => return classify(status),
         };
         let (minted_tx, mut minted) = mpsc::channel::<MintResult>(8);
+        let mut welcomed = false;
         // Per kind, the newest request the running mint will answer.
         let mut answering: BTreeMap<i32, RefreshRequest> = BTreeMap::new();
         loop {
@@ -612,10 +633,12 @@ impl Runner {
                     let response = match message {
                         Ok(Some(response)) => response,
                         Ok(None) => return Ended::Retry("the broker closed the stream".into()),
+                        Err(status) if welcomed => return classify_welcomed(status),
                         Err(status) => return classify(status),
                     };
                     match response.message {
                         Some(publish_response::Message::Welcome(welcome)) => {
+                            welcomed = true;
                             *attempt = 0;
                             self.stopped.send_if_modified(|kinds| {
                                 let changed = !kinds.is_empty();
@@ -650,6 +673,19 @@ impl Runner {
                         Some(publish_response::Message::UpdateAck(ack)) => {
                             self.acks.send_replace(ack);
                             let _ = self.events.send(SessionEvent::Delivered(ack));
+                        }
+                        Some(publish_response::Message::TokenRenewal(mut renewal)) => {
+                            let token = std::mem::take(&mut renewal.token);
+                            let token = Zeroizing::new(token);
+                            let valid_until = renewal.expires_at.as_ref().and_then(system_time);
+                            match self.credentials.renew(&token) {
+                                Ok(()) => {
+                                    tracing::info!(cluster = %self.cluster_id, "token renewed, valid until {}", until(valid_until));
+                                }
+                                Err(error) => {
+                                    tracing::warn!(cluster = %self.cluster_id, %error, "the broker's token renewal is unusable; keeping the token held");
+                                }
+                            }
                         }
                         None => {}
                     }
@@ -805,6 +841,14 @@ impl Runner {
             }
         }
     }
+}
+
+/// A renewal's expiry for a log line.
+fn until(valid_until: Option<SystemTime>) -> String {
+    valid_until.map_or_else(
+        || "an unstated time".into(),
+        |at| humantime::format_rfc3339_seconds(at).to_string(),
+    )
 }
 
 fn request(message: publish_request::Message) -> PublishRequest {

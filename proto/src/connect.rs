@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
@@ -249,22 +250,32 @@ impl BrokerAddress {
     /// The interceptor that adds `authorization` and `x-credstream-cluster`
     /// to every call.
     pub fn interceptor(&self) -> Result<CallCredentials, ConnectError> {
-        let authorization: AsciiMetadataValue = format!("Bearer {}", self.token)
-            .parse()
-            .map_err(|_| ConnectError::InvalidToken)?;
+        let authorization = bearer_header(&self.token)?;
         let cluster = MetadataValue::try_from(self.cluster_id.as_str()).ok();
         Ok(CallCredentials {
-            authorization,
+            authorization: Arc::new(RwLock::new(authorization)),
             cluster,
         })
     }
 }
 
 /// Adds the bearer token and the cluster header to each request.
+///
+/// Clones share the token: [`renew`](Self::renew) replaces it for every
+/// clone, so a client built once (with the credentials moved into its
+/// interceptor) presents a token the broker renewed on its next call.
 #[derive(Clone)]
 pub struct CallCredentials {
-    authorization: AsciiMetadataValue,
+    authorization: Arc<RwLock<AsciiMetadataValue>>,
     cluster: Option<AsciiMetadataValue>,
+}
+
+fn bearer_header(token: &str) -> Result<AsciiMetadataValue, ConnectError> {
+    let mut value: AsciiMetadataValue = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ConnectError::InvalidToken)?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 impl CallCredentials {
@@ -272,11 +283,21 @@ impl CallCredentials {
     /// calls.
     pub fn bearer(token: &str) -> Result<Self, ConnectError> {
         Ok(Self {
-            authorization: format!("Bearer {token}")
-                .parse()
-                .map_err(|_| ConnectError::InvalidToken)?,
+            authorization: Arc::new(RwLock::new(bearer_header(token)?)),
             cluster: None,
         })
+    }
+
+    /// Presents `token` instead of the one held, on every later call of
+    /// every clone (a `TokenRenewal` from the broker). On an error the
+    /// token held stays.
+    pub fn renew(&self, token: &str) -> Result<(), ConnectError> {
+        let value = bearer_header(token)?;
+        *self
+            .authorization
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = value;
+        Ok(())
     }
 }
 
@@ -289,7 +310,12 @@ impl std::fmt::Debug for CallCredentials {
 impl tonic::service::Interceptor for CallCredentials {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let metadata = request.metadata_mut();
-        metadata.insert("authorization", self.authorization.clone());
+        let authorization = self
+            .authorization
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        metadata.insert("authorization", authorization);
         if let Some(cluster) = &self.cluster {
             metadata.insert(CLUSTER_HEADER, cluster.clone());
         }
@@ -361,6 +387,22 @@ mod tests {
                 .contains("client certificate /nonexistent/client.pem"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_renewed_token_reaches_every_clone() {
+        use tonic::service::Interceptor;
+        let credentials = address("http://127.0.0.1:1", false).interceptor().unwrap();
+        let mut in_client = credentials.clone();
+        let sent = |interceptor: &mut CallCredentials| {
+            let request = interceptor.call(Request::new(())).unwrap();
+            request.metadata().get("authorization").unwrap().clone()
+        };
+        assert_eq!(sent(&mut in_client), "Bearer t");
+        credentials.renew("renewed").unwrap();
+        assert_eq!(sent(&mut in_client), "Bearer renewed");
+        assert!(credentials.renew("bad\ntoken").is_err());
+        assert_eq!(sent(&mut in_client), "Bearer renewed", "kept on error");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::fmt;
 
 use zeroize::Zeroize;
 
-use crate::v1::{AwsCredential, CreateAgentTokenResponse, EnvVar, GcpCredential};
+use crate::v1::{AwsCredential, CreateAgentTokenResponse, EnvVar, GcpCredential, TokenRenewal};
 
 struct Redacted(usize);
 
@@ -65,6 +65,15 @@ impl fmt::Debug for CreateAgentTokenResponse {
     }
 }
 
+impl fmt::Debug for TokenRenewal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenRenewal")
+            .field("token", &Redacted(self.token.len()))
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
 impl Drop for AwsCredential {
     fn drop(&mut self) {
         self.secret_access_key.zeroize();
@@ -90,9 +99,18 @@ impl Drop for CreateAgentTokenResponse {
     }
 }
 
+impl Drop for TokenRenewal {
+    fn drop(&mut self) {
+        self.token.zeroize();
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use crate::v1::{AwsCredential, CredentialUpdate, EnvVar, GcpCredential, credential_update};
+    use crate::v1::{
+        AwsCredential, CredentialUpdate, EnvVar, GcpCredential, SubscribeResponse, TokenRenewal,
+        credential_update, subscribe_response,
+    };
 
     #[test]
     fn debug_never_prints_secret_values() {
@@ -110,7 +128,13 @@ mod tests {
             name: "DB_PASSWORD".into(),
             value: "hunter2-very-secret".into(),
         };
-        let printed = format!("{update:?} {gcp:?} {env:?} {update:#?}");
+        let renewal = SubscribeResponse {
+            message: Some(subscribe_response::Message::TokenRenewal(TokenRenewal {
+                token: "cs1.very-secret-renewed-token".into(),
+                expires_at: None,
+            })),
+        };
+        let printed = format!("{update:?} {gcp:?} {env:?} {update:#?} {renewal:?}");
         assert!(printed.contains("ASIAEXAMPLE"));
         assert!(printed.contains("DB_PASSWORD"));
         assert!(!printed.contains("very-secret"), "{printed}");

@@ -289,6 +289,28 @@ pub async fn open_agent(
         Some(subscribe_request::Message::Hello(AgentHello {
             cluster_id: cluster.into(),
             agent_id: agent_id.into(),
+            accepts_token_renewal: false,
+        })),
+    )
+    .await
+}
+
+/// Opens a Subscribe stream as `agent_id` of `cluster` whose hello declares
+/// that it keeps token renewals (`accepts_token_renewal`), as
+/// credstream-agent does.
+pub async fn open_renewing_agent(
+    channel: Channel,
+    token: &str,
+    cluster: &str,
+    agent_id: &str,
+) -> Result<RawAgent, Status> {
+    open_agent_with(
+        channel,
+        token,
+        Some(subscribe_request::Message::Hello(AgentHello {
+            cluster_id: cluster.into(),
+            agent_id: agent_id.into(),
+            accepts_token_renewal: true,
         })),
     )
     .await

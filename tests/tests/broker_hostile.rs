@@ -638,6 +638,7 @@ async fn a_draining_broker_sends_no_snapshot_to_new_streams() {
             let hello = credstream_proto::v1::subscribe_request::Message::Hello(AgentHello {
                 cluster_id: "dev".into(),
                 agent_id: format!("w-{n}"),
+                ..Default::default()
             });
             if let Ok(Ok(mut again)) =
                 tokio::time::timeout(WAIT, open_agent_with(via, &broker.agent_token, Some(hello)))

@@ -39,6 +39,7 @@ fn version_of(message: &subscribe_response::Message) -> u64 {
         subscribe_response::Message::PrivateEnv(e) => e.version,
         subscribe_response::Message::Revocation(r) => r.version,
         subscribe_response::Message::ClusterInfo(i) => i.version,
+        subscribe_response::Message::TokenRenewal(_) => 0,
     }
 }
 
@@ -712,6 +713,7 @@ async fn a_compressed_subscribe_is_refused_and_the_connected_agents_stay() {
         message: Some(subscribe_request::Message::Hello(AgentHello {
             cluster_id: cluster.into(),
             agent_id: "gzip".into(),
+            ..Default::default()
         })),
     };
     let status = tokio::time::timeout(WAIT, client.subscribe(futures::stream::iter([hello])))

@@ -363,6 +363,7 @@ async fn tls_serves_the_protocol_and_the_client_library_verifies_the_server() {
             credstream_proto::v1::AgentHello {
                 cluster_id: "tls".into(),
                 agent_id: "a".into(),
+                ..Default::default()
             },
         )),
     })

@@ -323,6 +323,7 @@ async fn next_aws(agent: &mut RawAgent, key: &SealKey) -> (u64, String) {
             subscribe_response::Message::PrivateEnv(e) => e.version,
             subscribe_response::Message::Revocation(r) => r.version,
             subscribe_response::Message::ClusterInfo(i) => i.version,
+            subscribe_response::Message::TokenRenewal(_) => continue,
         };
         ack(agent, version).await;
         if let Some(found) = aws_in(&message, key) {

@@ -94,6 +94,7 @@ fn max_version(relay: &HostileRelay, cluster: &str) -> u64 {
             Message::PrivateEnv(e) => e.version,
             Message::Revocation(r) => r.version,
             Message::ClusterInfo(i) => i.version,
+            Message::TokenRenewal(_) => 0,
         })
         .max()
         .unwrap_or(0)

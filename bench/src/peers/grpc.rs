@@ -486,6 +486,8 @@ impl AgentDialer {
         tx.send(request(subscribe_request::Message::Hello(AgentHello {
             cluster_id: self.cluster.clone(),
             agent_id: format!("bench-agent-{index}"),
+            // A benchmark run is far shorter than its tokens.
+            accepts_token_renewal: false,
         })))
         .await?;
         let mut inbound = client
