@@ -14,12 +14,13 @@
 //! more than the time since its last seal).
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use credstream_proto::convert::timestamp;
+use credstream_proto::rules::private_file::{self, PrivateFileError};
 use credstream_proto::seal::{self, KeyError, SealKey, SealSlot};
 use credstream_proto::v1::{CredentialUpdate, PrivateEnv};
 
@@ -39,16 +40,11 @@ pub enum SealKeyError {
         /// Why.
         source: std::io::Error,
     },
-    /// Others may read the file.
-    #[error(
-        "seal key file {path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`"
-    )]
-    Exposed {
-        /// The file.
-        path: PathBuf,
-        /// Its mode bits.
-        mode: u32,
-    },
+    /// It cannot be read, or group or others may access it (the message
+    /// names the file and `chmod 600`): the one rule the agent applies to
+    /// its copy too ([`credstream_proto::rules::private_file`]).
+    #[error(transparent)]
+    Private(#[from] PrivateFileError),
     /// The file's content is not a key for this cluster.
     #[error("seal key file {path}: {source}")]
     Invalid {
@@ -84,15 +80,7 @@ pub fn default_key_path(cluster_id: &str) -> Result<PathBuf, SealKeyError> {
 /// Reads the key in `path`, which must be for `cluster_id` and readable by
 /// its owner only.
 pub fn load(path: &Path, cluster_id: &str) -> Result<SealKey, SealKeyError> {
-    let metadata = std::fs::metadata(path).map_err(io(path))?;
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(SealKeyError::Exposed {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io(path))?);
+    let text = private_file::read(path, "seal key file")?;
     SealKey::parse_for(&text, cluster_id).map_err(|source| SealKeyError::Invalid {
         path: path.to_owned(),
         source,
@@ -187,6 +175,8 @@ impl Sealer {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]
@@ -210,8 +200,22 @@ mod tests {
         let error = load(&path, "prod").unwrap_err().to_string();
         assert!(error.contains("for cluster dev, not prod"), "{error}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // The shared rule's message: the file, its mode and the fix.
         let error = load(&path, "dev").unwrap_err().to_string();
-        assert!(error.contains("chmod 600"), "{error}");
+        assert_eq!(
+            error,
+            format!(
+                "the seal key file {p} is accessible to other users (mode 644); run `chmod 600 {p}` and keep it readable by its owner only",
+                p = path.display()
+            )
+        );
+        // Read-only for its owner (as systemd's LoadCredential= leaves a
+        // copy) is private too.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(
+            load(&path, "dev").unwrap().key_id_hex(),
+            created.key_id_hex()
+        );
     }
 
     #[test]
