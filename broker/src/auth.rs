@@ -15,6 +15,19 @@
 //! re-reads the file in place (the broker does on SIGHUP), so a key can be
 //! added, promoted and removed without a restart.
 //!
+//! **Tokens on streams.** A token is checked when a call starts and, for
+//! the Publish and Subscribe streams, while the stream lasts
+//! ([`crate::stream_token`]): the stream ends when its token expires or a
+//! reload removes its key, and a peer that keeps renewals is handed fresh
+//! ones ([`TokenKey::renew`]). [`TokenKey::changes`] tells streams that the
+//! ring was reloaded.
+//!
+//! **Issued tokens are bound to their issuer's key.** A token from
+//! `CreateAgentToken` names (`ik`) the key that signed the token that asked
+//! for it; [`TokenKey::verify`] refuses it once that key is gone, so a token
+//! of a key being retired cannot be traded, during the rotation overlap, for
+//! a token of the new key that survives the old key's removal.
+//!
 //! [`Authenticator`] is a tower layer in front of every `credstream.v1` service,
 //! so no service can forget it: it answers `UNAUTHENTICATED` for a missing,
 //! malformed, forged or expired token and `PERMISSION_DENIED` for a valid
@@ -84,9 +97,19 @@ pub struct Claims {
     #[serde(rename = "a", default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
     /// The id of the key that signed the token (absent in tokens issued
-    /// before key rings).
+    /// before key rings; [`TokenKey::verify`] fills it in with the key that
+    /// verified it).
     #[serde(rename = "k", default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
+    /// When the token was issued, seconds since the Unix epoch (absent in
+    /// tokens issued before renewal): a renewal has the same lifetime.
+    #[serde(rename = "iat", default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<u64>,
+    /// For a token issued by `CreateAgentToken`: the id of the key that
+    /// signed the token that asked for it. The token is refused once that
+    /// key leaves the ring (see the module documentation).
+    #[serde(rename = "ik", default, skip_serializing_if = "Option::is_none")]
+    pub issuer_key: Option<String>,
 }
 
 impl Claims {
@@ -109,6 +132,19 @@ impl Claims {
     /// Time left before the token expires (zero if it has).
     pub fn remaining(&self) -> Duration {
         Duration::from_secs(self.expires.saturating_sub(now_secs()))
+    }
+
+    /// The token's expiry as a time.
+    pub fn expires_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.expires)
+    }
+
+    /// The token's lifetime: from its issue to its expiry, or, for a token
+    /// without an issue time, what was left of it at `now_secs` (at least
+    /// one second).
+    pub fn lifetime(&self) -> Duration {
+        let from = self.issued_at.unwrap_or_else(now_secs);
+        Duration::from_secs(self.expires.saturating_sub(from).max(1))
     }
 
     /// `PERMISSION_DENIED` unless the token covers `cluster`.
@@ -201,6 +237,9 @@ impl Key {
 pub struct TokenKey {
     ring: Arc<RwLock<Arc<Vec<Key>>>>,
     path: Option<Arc<Path>>,
+    /// Counts reloads: streams compare it with the count they last saw, and
+    /// [`changes`](Self::changes) wakes whoever waits for one.
+    reloads: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl fmt::Debug for TokenKey {
@@ -284,6 +323,7 @@ impl TokenKey {
         Self {
             ring: Arc::new(RwLock::new(Arc::new(keys))),
             path: path.map(Arc::from),
+            reloads: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 
@@ -308,7 +348,29 @@ impl TokenKey {
         };
         let keys = read_ring(path)?;
         *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        self.reloads.send_modify(|count| *count += 1);
         Ok(self.key_ids())
+    }
+
+    /// How many reloads have succeeded: a stream that saw another count
+    /// looks at the ring again.
+    pub fn reloads(&self) -> u64 {
+        *self.reloads.borrow()
+    }
+
+    /// Changes with every successful [`reload`](Self::reload).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
+    }
+
+    /// The id of the signing key.
+    pub fn signer_id(&self) -> String {
+        self.keys()[0].id.clone()
+    }
+
+    /// True if the ring holds the key with id `id`.
+    pub fn holds(&self, id: &str) -> bool {
+        self.keys().iter().any(|key| key.id == id)
     }
 
     /// The ids of the keys, signing key first.
@@ -346,19 +408,67 @@ impl TokenKey {
         {
             return Err(KeyError::BadAgentBinding);
         }
-        let keys = self.keys();
-        let signer = &keys[0];
+        let now = now_secs();
         let claims = Claims {
             role,
             cluster: cluster.map(str::to_owned),
-            expires: now_secs().saturating_add(ttl.as_secs()),
+            expires: now.saturating_add(ttl.as_secs()),
             agent_id: agent_id.map(str::to_owned),
-            key_id: Some(signer.id.clone()),
+            key_id: None,
+            issued_at: Some(now),
+            issuer_key: None,
         };
+        Ok(self.sign(claims).0)
+    }
+
+    /// Issues an agent token for `CreateAgentToken`, bound to
+    /// `issuer_key`, the key of the token that asked for it (see the
+    /// module documentation).
+    pub fn issue_bound_agent(
+        &self,
+        cluster: &str,
+        agent_id: Option<&str>,
+        ttl: Duration,
+        issuer_key: &str,
+    ) -> Result<(String, Claims), KeyError> {
+        if agent_id.is_some_and(|agent| crate::limits::check_id("agent_id", agent).is_err()) {
+            return Err(KeyError::BadAgentBinding);
+        }
+        let now = now_secs();
+        Ok(self.sign(Claims {
+            role: Role::Agent,
+            cluster: Some(cluster.to_owned()),
+            expires: now.saturating_add(ttl.as_secs()),
+            agent_id: agent_id.map(str::to_owned),
+            key_id: None,
+            issued_at: Some(now),
+            issuer_key: Some(issuer_key.to_owned()),
+        }))
+    }
+
+    /// A fresh token with the claims of `current` (role, cluster, agent
+    /// binding, issuer binding) and `lifetime` from now, signed with the
+    /// signing key: what a stream's peer is handed to replace its token.
+    pub fn renew(&self, current: &Claims, lifetime: Duration) -> (String, Claims) {
+        let now = now_secs();
+        let claims = Claims {
+            expires: now.saturating_add(lifetime.as_secs()),
+            issued_at: Some(now),
+            key_id: None,
+            ..current.clone()
+        };
+        self.sign(claims)
+    }
+
+    /// Signs `claims` with the signing key (setting `key_id` to it).
+    fn sign(&self, mut claims: Claims) -> (String, Claims) {
+        let keys = self.keys();
+        let signer = &keys[0];
+        claims.key_id = Some(signer.id.clone());
         let payload =
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).expect("claims serialize"));
         let tag = URL_SAFE_NO_PAD.encode(mac(signer, &payload).finalize().into_bytes());
-        Ok(format!("{TOKEN_PREFIX}.{payload}.{tag}"))
+        (format!("{TOKEN_PREFIX}.{payload}.{tag}"), claims)
     }
 
     /// Verifies a token; the error is the `UNAUTHENTICATED` status to send.
@@ -376,20 +486,26 @@ impl TokenKey {
         // The claims are parsed before the MAC is checked only to learn
         // which key to check it with; nothing else is read from them
         // until it holds.
-        let claims: Claims = URL_SAFE_NO_PAD
+        let mut claims: Claims = URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
             .and_then(|json| serde_json::from_slice(&json).ok())
             .ok_or_else(malformed)?;
         let keys = self.keys();
-        let signed = keys
+        let signer = keys
             .iter()
             .filter(|key| claims.key_id.as_deref().is_none_or(|id| id == key.id))
-            .any(|key| mac(key, payload).verify_slice(&tag).is_ok());
-        if !signed {
+            .find(|key| mac(key, payload).verify_slice(&tag).is_ok());
+        let Some(signer) = signer else {
             return Err(Status::unauthenticated(
                 "bearer token signature is invalid (issued by another broker key, or by a key since removed from the key file?)",
             ));
+        };
+        claims.key_id = Some(signer.id.clone());
+        if let Some(issuer) = &claims.issuer_key
+            && !keys.iter().any(|key| key.id == *issuer)
+        {
+            return Err(issuer_key_removed(issuer));
         }
         if claims.expires <= now_secs() {
             return Err(Status::unauthenticated(
@@ -398,6 +514,32 @@ impl TokenKey {
         }
         Ok(claims)
     }
+}
+
+/// The status that ends a stream whose token expired: the peer may hold a
+/// renewal the stream was not opened with, so it is told to reconnect.
+pub fn token_expired(claims: &Claims) -> Status {
+    Status::unauthenticated(format!(
+        "the {} token expired at {}; reconnect with a renewed token (credstream-agent and credstream keep the broker's renewals), or issue a new one with `credstream-broker token`",
+        claims.role,
+        humantime::format_rfc3339_seconds(claims.expires_at())
+    ))
+}
+
+/// The status that ends a stream, or refuses a call, whose token's signing
+/// key `id` left the key ring.
+pub fn signing_key_removed(id: &str) -> Status {
+    Status::unauthenticated(format!(
+        "the token's signing key {id} was removed from the broker's key ring; reconnect with a token of a key the broker still holds (a renewal, or a new token from `credstream-broker token`)"
+    ))
+}
+
+/// The status for a token from `CreateAgentToken` whose issuer's key `id`
+/// left the key ring.
+pub fn issuer_key_removed(id: &str) -> Status {
+    Status::unauthenticated(format!(
+        "this agent token was issued by a token whose signing key {id} was removed from the broker's key ring; ask the cluster's publisher for a new agent token"
+    ))
 }
 
 /// A verified token's identity: the first 16 bytes of the SHA-256 of its

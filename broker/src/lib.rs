@@ -11,6 +11,8 @@
 //! - [`audit`] — the JSON-lines audit trail of `--audit-log`: bounded
 //!   refusal records, a queue and a writer thread of its own.
 //! - [`auth`] — signed bearer tokens and the gate that checks them.
+//! - [`stream_token`] — a stream's token while the stream lasts: expiry,
+//!   key removal, renewal.
 //! - [`gate`] — the tower layer that admits or refuses each new call.
 //! - [`limits`] — bounds and checks on every input.
 //! - [`rate_limit`] — per-connection and per-token limits on new calls (two
@@ -40,6 +42,7 @@ pub mod refresh;
 pub mod server;
 pub mod service;
 pub mod serving;
+pub mod stream_token;
 pub mod tls;
 
 // The integration tests' certificates, shared with the unit tests; the file

@@ -158,6 +158,28 @@ const SERVICES: [&str; 3] = [
     "credstream.v1.AdminService",
 ];
 
+/// Rings every cluster's bell after each reload of the token keys, so that
+/// each agent stream looks at its token (a removed key ends it, a promoted
+/// one renews it) without a task of its own; publisher streams watch the
+/// keys themselves. Ends with the broker's shutdown.
+async fn wake_streams_on_key_reload(
+    mut reloads: tokio::sync::watch::Receiver<u64>,
+    hub: Arc<ClusterHub>,
+) {
+    let mut shutdown = hub.shutdown_signal();
+    loop {
+        tokio::select! {
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                hub.wake_agent_streams();
+            }
+            _ = shutdown.wait_for(|down| *down) => return,
+        }
+    }
+}
+
 /// Binds and starts the broker.
 pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
     if config.tls.is_none() && !config.insecure && !config.listen.ip().is_loopback() {
@@ -175,6 +197,10 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
     let hub = ClusterHub::new(HubConfig {
         refresh: config.refresh.clone(),
     });
+    tokio::spawn(wake_streams_on_key_reload(
+        config.token_key.changes(),
+        hub.clone(),
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     for service in SERVICES {
         health
@@ -202,12 +228,19 @@ pub async fn start(config: BrokerConfig) -> anyhow::Result<RunningBroker> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            PublisherServiceServer::new(PublisherServer::new(hub.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            PublisherServiceServer::new(PublisherServer::new(
+                hub.clone(),
+                config.token_key.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            AgentServiceServer::new(AgentServer::new(hub.clone(), config.hint_interval))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            AgentServiceServer::new(AgentServer::new(
+                hub.clone(),
+                config.hint_interval,
+                config.token_key.clone(),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             AdminServiceServer::new(AdminServer::new(hub.clone(), config.token_key.clone()))

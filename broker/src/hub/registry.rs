@@ -132,6 +132,14 @@ impl ClusterHub {
         self.shutdown.subscribe()
     }
 
+    /// Wakes every agent stream of every cluster (after a reload of the
+    /// token keys, so that each looks at its token again).
+    pub fn wake_agent_streams(&self) {
+        for cluster in self.all() {
+            cluster.ring();
+        }
+    }
+
     /// Starts shutting down: every stream ends with UNAVAILABLE. Agent
     /// streams learn it from their cluster's bell, rung here.
     pub fn shut_down(&self) {

@@ -113,12 +113,20 @@ impl AdminService for AdminServer {
             limits::check_id("agent_id", agent)?;
         }
         let ttl = issued_ttl(body.ttl_seconds, claims.remaining())?;
-        let token = self
+        // Bound to the key behind the calling token (its own binding, if it
+        // was issued in turn): once that key leaves the ring, so does this
+        // token (docs/design.md §3, "Token lifetime").
+        let issuer_key = claims
+            .issuer_key
+            .as_deref()
+            .or(claims.key_id.as_deref())
+            .ok_or_else(|| Status::internal("a verified token names its key"))?;
+        let (token, issued) = self
             .key
-            .issue_for_agent(Role::Agent, Some(&body.cluster_id), agent_id, ttl)
+            .issue_bound_agent(&body.cluster_id, agent_id, ttl, issuer_key)
             .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(cluster = %body.cluster_id, issuer = %claims.role, agent = ?agent_id, ttl = ?ttl, "issued an agent token");
-        let expires = self.key.verify(&token)?.expires;
+        tracing::info!(cluster = %body.cluster_id, issuer = %claims.role, agent = ?agent_id, ttl = ?ttl, %issuer_key, "issued an agent token");
+        let expires = issued.expires;
         audit::record(audit::Event::TokenIssued {
             role: "agent",
             cluster: &body.cluster_id,

@@ -8,6 +8,11 @@
 //! is due marks it unresponsive in the cluster (a SIGSTOPped or frozen
 //! process keeps its TCP connection, so keepalive never notices), and its
 //! ack marks it responsive again.
+//!
+//! The stream runs on its token ([`StreamToken`]): it ends when the token
+//! expires or a reload of the key ring removes its key, and a publisher that
+//! declared `accepts_token_renewal` is sent a `TokenRenewal` before that
+//! (and at once when a reload promotes another signing key).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -15,27 +20,30 @@ use std::time::SystemTime;
 use credstream_proto::v1::publisher_service_server::PublisherService;
 use credstream_proto::v1::{
     CredentialKind, Heartbeat, PublishRequest, PublishResponse, PublisherHello, PublisherWelcome,
-    publish_request, publish_response,
+    TokenRenewal, publish_request, publish_response,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit;
-use crate::auth::{self, Claims};
+use crate::auth::{self, Claims, TokenKey};
 use crate::hub::{Cluster, ClusterHub, PublisherEvent, principal_and_account};
 use crate::limits;
+use crate::stream_token::StreamToken;
 
 /// The `PublisherService` implementation.
 #[derive(Debug, Clone)]
 pub struct PublisherServer {
     hub: Arc<ClusterHub>,
+    key: TokenKey,
 }
 
 impl PublisherServer {
-    /// A service publishing into `hub`.
-    pub fn new(hub: Arc<ClusterHub>) -> Self {
-        Self { hub }
+    /// A service publishing into `hub`; streams run on tokens of `key`'s
+    /// ring (checked, and renewed, while they last).
+    pub fn new(hub: Arc<ClusterHub>, key: TokenKey) -> Self {
+        Self { hub, key }
     }
 }
 
@@ -55,9 +63,11 @@ impl PublisherService for PublisherServer {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let hub = self.hub.clone();
+        let key = self.key.clone();
         tokio::spawn(async move {
             let shutdown = hub.shutdown_signal();
-            if let Err(status) = session(hub, claims, routing, caller, inbound, &tx, shutdown).await
+            let token = (claims, key);
+            if let Err(status) = session(hub, token, routing, caller, inbound, &tx, shutdown).await
             {
                 tracing::debug!(code = ?status.code(), reason = ?status.message(), "publish stream ended");
                 let _ = tx.send(Err(status)).await;
@@ -98,9 +108,33 @@ async fn send(tx: &Outbound, message: publish_response::Message) -> Result<(), S
     .map_err(|_| Status::cancelled("the publisher went away"))
 }
 
+/// Waits for the stream's token to need something: a renewal to send
+/// (`Ok`) or the status that ends the stream (`Err`). Cancel-safe: the
+/// token changes only when this returns.
+async fn token_due(
+    token: &mut StreamToken,
+    key: &TokenKey,
+    reloads: &mut watch::Receiver<u64>,
+) -> Result<TokenRenewal, Status> {
+    loop {
+        if let Some(renewal) = token.step(key)? {
+            return Ok(renewal);
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(token.deadline()) => {}
+            changed = reloads.changed() => {
+                if changed.is_err() {
+                    // The keys can no longer change: wait for the deadline.
+                    tokio::time::sleep_until(token.deadline()).await;
+                }
+            }
+        }
+    }
+}
+
 async fn session(
     hub: Arc<ClusterHub>,
-    claims: Claims,
+    (claims, key): (Claims, TokenKey),
     routing: Option<String>,
     caller: audit::Caller,
     mut inbound: Streaming<PublishRequest>,
@@ -127,6 +161,8 @@ async fn session(
     super::check_routing(routing.as_deref(), &hello.cluster_id, "hello's cluster_id")?;
     limits::check_display_name("hello.publisher_name", &hello.publisher_name)?;
     let kinds = declared_kinds(&hello)?;
+    let mut reloads = key.changes();
+    let mut token = StreamToken::new(&key, claims, hello.accepts_token_renewal, None);
     let cluster = hub.cluster(&hello.cluster_id);
     let (missing, private_env_missing, agents_connected) = cluster.missing(&kinds);
     let (registration, mut events, requests) =
@@ -236,6 +272,16 @@ async fn session(
                     .await?;
                 }
             }
+            due = token_due(&mut token, &key, &mut reloads) => match due {
+                Ok(renewal) => {
+                    tracing::debug!(cluster = %cluster.id(), "publisher token renewed");
+                    send(tx, publish_response::Message::TokenRenewal(renewal)).await?;
+                }
+                Err(status) => {
+                    tracing::info!(cluster = %cluster.id(), reason = %status.message(), "publish stream ended: its token is no longer valid");
+                    return Err(status);
+                }
+            },
             () = super::shutdown_requested(&mut shutdown) => return Err(super::shutting_down()),
             () = tx.closed() => return Ok(()),
         }

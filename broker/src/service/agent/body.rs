@@ -7,12 +7,15 @@
 //! update. The generated server would encode each message per stream into
 //! a buffer of its own; the wire format is the same.
 //!
-//! The body waits on two things: its place on the cluster's
-//! [`Bell`](crate::bell::Bell), which the hub rings for a new state and for
-//! the broker's shutdown, and the agent's request stream, which h2 wakes
-//! when an ack or hint arrives. After each wake-up the body handles what
-//! the agent sent ([`AgentInput`]) and reads the rest from state: the
-//! shutdown flag, the cluster's latest state.
+//! The body waits on three things: its place on the cluster's
+//! [`Bell`](crate::bell::Bell), which the hub rings for a new state, for
+//! the broker's shutdown and for a reload of the token keys; the agent's
+//! request stream, which h2 wakes when an ack or hint arrives; and one timer
+//! for its token ([`StreamToken::deadline`]: the renewal point or the
+//! expiry). After each wake-up the body handles what the agent sent
+//! ([`AgentInput`]) and reads the rest from state: the shutdown flag, the
+//! stream's token ([`StreamToken::step`], which may end the stream or queue
+//! a `TokenRenewal`), the cluster's latest state.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -25,15 +28,17 @@ use http::HeaderMap;
 use http_body::Frame;
 use prost::bytes::Bytes;
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tonic::Status;
 use tonic::codegen::http;
 
 use super::AgentInput;
 use crate::agent_wire::AgentFrame;
 use crate::audit;
+use crate::auth::TokenKey;
 use crate::bell::BellHandle;
 use crate::hub::{ClusterState, SentVersions};
+use crate::stream_token::StreamToken;
 
 /// Writes the `agent_gone` audit event when dropped with its stream.
 pub(super) struct AgentAudit {
@@ -64,6 +69,11 @@ pub struct SubscribeBody {
     queue: VecDeque<AgentFrame>,
     /// The agent's acks and hints; holds its registration.
     input: AgentInput,
+    /// The stream's token and the ring it is checked against.
+    token: StreamToken,
+    key: TokenKey,
+    /// Fires at the token's deadline (boxed: a `Sleep` is `!Unpin`).
+    token_timer: Pin<Box<Sleep>>,
     /// Records `agent_gone` when the stream ends.
     audit: Option<AgentAudit>,
     /// The status to send as trailers next.
@@ -72,12 +82,13 @@ pub struct SubscribeBody {
 }
 
 impl SubscribeBody {
-    /// A body that starts with the snapshot of `current` and reads the
-    /// agent's `input`.
+    /// A body that starts with the snapshot of `current`, reads the
+    /// agent's `input`, and runs on `token`, checked against `key`.
     pub(super) fn new(
         current: &ClusterState,
         (state, bell): (watch::Receiver<Arc<ClusterState>>, BellHandle),
         input: AgentInput,
+        (token, key): (StreamToken, TokenKey),
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let snapshot = AgentFrame::message(subscribe_response::Message::Snapshot(
@@ -91,6 +102,9 @@ impl SubscribeBody {
             sent: SentVersions::of(current),
             queue: VecDeque::from([snapshot]),
             input,
+            token_timer: Box::pin(tokio::time::sleep_until(token.deadline())),
+            token,
+            key,
             audit: None,
             ending,
             done: false,
@@ -154,6 +168,29 @@ impl http_body::Body for SubscribeBody {
             if let Some(status) = this.input.poll_read(cx) {
                 this.ending = Some(status);
                 continue;
+            }
+            match this.token.step(&this.key) {
+                Err(status) => {
+                    tracing::info!(cluster = %this.input.cluster_id(), reason = %status.message(), "agent stream ended: its token is no longer valid");
+                    this.ending = Some(status);
+                    continue;
+                }
+                Ok(Some(renewal)) => {
+                    tracing::debug!(cluster = %this.input.cluster_id(), "agent token renewed");
+                    this.queue.push_back(AgentFrame::message(
+                        subscribe_response::Message::TokenRenewal(renewal),
+                    ));
+                    continue;
+                }
+                Ok(None) => {
+                    let deadline = this.token.deadline();
+                    if this.token_timer.deadline() != deadline {
+                        this.token_timer.as_mut().reset(deadline);
+                    }
+                    if this.token_timer.as_mut().poll(cx).is_ready() {
+                        continue;
+                    }
+                }
             }
             match this.state.has_changed() {
                 Ok(true) => {

@@ -36,8 +36,10 @@ use tonic::{Request, Status, Streaming};
 use body::AgentAudit;
 pub use body::SubscribeBody;
 
+use crate::auth::TokenKey;
 use crate::hub::{AgentRegistration, ClusterHub};
 use crate::limits;
+use crate::stream_token::StreamToken;
 use crate::{audit, auth};
 
 /// The `AgentService` implementation.
@@ -45,13 +47,19 @@ use crate::{audit, auth};
 pub struct AgentServer {
     hub: Arc<ClusterHub>,
     hint_interval: Duration,
+    key: TokenKey,
 }
 
 impl AgentServer {
     /// A service subscribing agents to `hub`; each agent may hint once per
-    /// kind per `hint_interval`.
-    pub fn new(hub: Arc<ClusterHub>, hint_interval: Duration) -> Self {
-        Self { hub, hint_interval }
+    /// kind per `hint_interval`. Streams run on tokens of `key`'s ring
+    /// (checked, and renewed, while they last).
+    pub fn new(hub: Arc<ClusterHub>, hint_interval: Duration, key: TokenKey) -> Self {
+        Self {
+            hub,
+            hint_interval,
+            key,
+        }
     }
 }
 
@@ -95,8 +103,19 @@ impl AgentServer {
         let (mut state, bell) = cluster.watch();
         let current = state.borrow_and_update().clone();
         let input = AgentInput::new(inbound, registration, self.hint_interval);
-        let mut body =
-            SubscribeBody::new(&current, (state, bell), input, self.hub.shutdown_signal());
+        let token = StreamToken::new(
+            &self.key,
+            claims,
+            hello.accepts_token_renewal,
+            Some(&hello.agent_id),
+        );
+        let mut body = SubscribeBody::new(
+            &current,
+            (state, bell),
+            input,
+            (token, self.key.clone()),
+            self.hub.shutdown_signal(),
+        );
         if let Some(caller) = caller {
             audit::record(audit::Event::AgentSubscribed {
                 cluster: &hello.cluster_id,
@@ -176,6 +195,11 @@ impl AgentInput {
         // More may be waiting: come back after the other tasks had a turn.
         cx.waker().wake_by_ref();
         None
+    }
+
+    /// The cluster of the agent, for log lines.
+    pub(super) fn cluster_id(&self) -> &str {
+        self.registration.cluster().id()
     }
 
     fn handle(&mut self, request: SubscribeRequest) -> Result<(), Status> {
