@@ -21,6 +21,16 @@
 //! fix (a bad token, a token for another cluster, a malformed hello) end
 //! [`run`] with a [`SubscriptionError`].
 //!
+//! **Token renewal.** The hello declares `accepts_token_renewal`: the broker
+//! then sends a `TokenRenewal` before the agent's token expires (and after a
+//! key rotation). The agent keeps the newest in memory only — in the
+//! interceptor every call shares ([`CallCredentials::renew`]), never in a
+//! file or a log line — and presents it on every reconnect, so a
+//! subscription outlives any one token. When the broker ends a stream that
+//! was serving with `UNAUTHENTICATED` (its token expired, its key was
+//! removed), the agent logs the reason and reconnects with backoff using the
+//! newest token it holds; only a refusal of that new call is final.
+//!
 //! A message this agent cannot take — larger than [`MAX_MESSAGE`] or not a
 //! valid `SubscribeResponse` — is the broker's fault, not the agent's: it
 //! is a refusal (logged and counted with the seal gate's, see
@@ -45,7 +55,7 @@ use credstream_proto::rules::retry::{self, Final};
 use credstream_proto::rules::text::printable;
 use credstream_proto::v1::{
     AgentAck, AgentHello, CredentialKind, RefreshHint, SubscribeRequest, SubscribeResponse,
-    subscribe_request,
+    TokenRenewal, subscribe_request, subscribe_response,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -280,13 +290,14 @@ pub async fn run(
 ) -> Result<(), SubscriptionError> {
     let channel = config.address.channel()?;
     let credentials = config.address.interceptor()?;
+    let renewals = credentials.clone();
     let mut client = Grpc::new(InterceptedService::new(channel, credentials))
         .max_decoding_message_size(MAX_MESSAGE);
     tokio::pin!(shutdown);
     let mut backoff = Backoff::default();
     loop {
         let ended = tokio::select! {
-            ended = connection(&config, &store, &mut client, &mut backoff) => ended,
+            ended = connection(&config, &store, &mut client, &renewals, &mut backoff) => ended,
             () = &mut shutdown => Ended::Shutdown,
         };
         match ended {
@@ -348,10 +359,45 @@ async fn sleep_until_due(due: Option<tokio::time::Instant>) {
     }
 }
 
+/// Keeps `renewal`'s token for every later call (the reconnects).
+fn keep_renewal(renewals: &CallCredentials, mut renewal: TokenRenewal) {
+    let token = zeroize::Zeroizing::new(std::mem::take(&mut renewal.token));
+    let until = renewal
+        .expires_at
+        .as_ref()
+        .and_then(system_time)
+        .map_or_else(
+            || "an unstated time".to_owned(),
+            |at| humantime::format_rfc3339_seconds(at).to_string(),
+        );
+    match renewals.renew(&token) {
+        Ok(()) => tracing::info!("token renewed, valid until {until}"),
+        Err(error) => {
+            tracing::warn!(%error, "the broker's token renewal is unusable; keeping the token held");
+        }
+    }
+}
+
+/// How a stream that was serving (its snapshot arrived) ended with
+/// `status`: `UNAUTHENTICATED` there is the broker ending a live stream
+/// whose token expired or whose key was removed, and the agent may hold a
+/// newer token (a renewal) than the one the stream opened with, so it
+/// reconnects; the broker's refusal of that call is final.
+fn classify_serving(status: tonic::Status) -> Ended {
+    if status.code() == tonic::Code::Unauthenticated {
+        let reason = printable(status.message(), REASON_MAX);
+        return Ended::Retry(format!(
+            "the broker ended the stream: {reason}; reconnecting with the newest token held"
+        ));
+    }
+    classify(status)
+}
+
 async fn connection(
     config: &SubscriptionConfig,
     store: &CredentialStore,
     client: &mut Client,
+    renewals: &CallCredentials,
     backoff: &mut Backoff,
 ) -> Ended {
     let (tx, rx) = mpsc::channel(8);
@@ -371,6 +417,7 @@ async fn connection(
     hint_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acked = 0;
     let mut ack_at: Option<tokio::time::Instant> = None;
+    let mut serving = false;
     loop {
         tokio::select! {
             received = inbound.message() => {
@@ -380,14 +427,23 @@ async fn connection(
                     Err(status) => {
                         return match refused_message(&status) {
                             Some(reason) => Ended::Refused(reason),
+                            None if serving => classify_serving(status),
                             None => classify(status),
                         };
                     }
                 };
                 let Some(update) = response.message else { continue };
-                let snapshot = matches!(update, credstream_proto::v1::subscribe_response::Message::Snapshot(_));
+                let update = match update {
+                    subscribe_response::Message::TokenRenewal(renewal) => {
+                        keep_renewal(renewals, renewal);
+                        continue;
+                    }
+                    update => update,
+                };
+                let snapshot = matches!(update, subscribe_response::Message::Snapshot(_));
                 store.apply(update);
                 if snapshot {
+                    serving = true;
                     backoff.snapshot_received();
                     tracing::info!(version = store.current().version, "snapshot received");
                 }
@@ -475,6 +531,30 @@ mod tests {
             panic!("UNAVAILABLE is retried");
         };
         assert!(reason.len() < REASON_MAX + 100, "{} bytes", reason.len());
+    }
+
+    /// Finding 1 (issue 34): the broker ending a serving stream because its
+    /// token expired is retried (with the renewal held); a refused call is
+    /// final.
+    #[test]
+    fn an_expired_stream_is_retried_and_a_refused_call_is_final() {
+        let expired = || {
+            tonic::Status::unauthenticated(
+                "the agent token expired at 2026-01-01T00:00:00Z; reconnect with a renewed token",
+            )
+        };
+        let Ended::Retry(reason) = classify_serving(expired()) else {
+            panic!("a serving stream's expiry is retried");
+        };
+        assert!(reason.contains("expired at"), "{reason}");
+        assert!(matches!(
+            classify(expired()),
+            Ended::Fatal(SubscriptionError::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            classify_serving(tonic::Status::permission_denied("another cluster")),
+            Ended::Fatal(SubscriptionError::PermissionDenied(_))
+        ));
     }
 
     #[tokio::test(start_paused = true)]
