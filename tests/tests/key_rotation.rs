@@ -1,7 +1,7 @@
 //! Rotating the broker's token key without downtime: the key file becomes
 //! a key ring, SIGHUP reloads it, tokens of a key keep working until that
 //! key is removed and then get `UNAUTHENTICATED`, and streams already open
-//! are untouched.
+//! that keep the broker's renewals are moved to the new key and carry on.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +10,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use credstream_proto::v1::{CredentialKind, publish_request, subscribe_response};
 use credstream_tests::bins::binary;
-use credstream_tests::broker::{aws_update, open_agent, open_publisher, publisher_hello};
+use credstream_tests::broker::{
+    aws_update, open_agent, open_publisher, open_renewing_agent, publisher_hello,
+};
 use credstream_tests::processes::BrokerProcess;
 use credstream_tests::wait;
 use tonic::Code;
@@ -67,7 +69,9 @@ async fn keys_rotate_on_sighup_with_agents_connected() {
         BrokerProcess::start_dev_with(&["--token-key-file", key_file.to_str().unwrap()]).await;
     let old_agent = broker.agent_token.clone();
 
-    let mut connected = open_agent(channel(&broker.url), &old_agent, "dev", "w-1")
+    // It keeps the broker's renewals, so the rotation below moves it to
+    // the new key (token_lifetime.rs covers a stream that does not).
+    let mut connected = open_renewing_agent(channel(&broker.url), &old_agent, "dev", "w-1")
         .await
         .expect("subscribed with the old key's token");
     assert!(matches!(
