@@ -247,6 +247,8 @@ pub struct Agent {
     server: JoinHandle<()>,
     /// `None` when there is no env file, or once the writer ended.
     env_file: Option<JoinHandle<Result<(), EnvFileError>>>,
+    /// The env file writer's count of writes, for [`Agent::ready`].
+    env_file_writes: Option<watch::Receiver<u64>>,
     /// Removes the token file when the agent goes.
     _token_file: TokenFile,
 }
@@ -328,6 +330,7 @@ impl Agent {
             store.clone(),
             until(&shutdown),
         ));
+        let env_file_writes = env_file.as_ref().map(EnvFile::writes);
         let env_file = env_file.map(|file| tokio::spawn(file.run(until(&shutdown))));
         Ok(Self {
             store,
@@ -337,8 +340,44 @@ impl Agent {
             subscription: Some(subscription),
             server,
             env_file,
+            env_file_writes,
             _token_file: token_file,
         })
+    }
+
+    /// Resolves once the agent is first ready to serve a process: the env
+    /// file is written, when one is kept (a process started on that signal
+    /// may read it: systemd's `EnvironmentFile=` does), else the store is
+    /// ready (`/readyz`'s condition). Pending forever if the env file
+    /// writer ends first: [`Agent::failure`] reports why. Owns what it
+    /// needs, so it can run beside [`Agent::run_until`] (`run` sends
+    /// systemd's `READY=1` on it, see [`crate::notify`]).
+    pub fn ready(&self) -> impl Future<Output = ()> + Send + 'static {
+        let writes = self.env_file_writes.clone();
+        let mut changes = self.store.subscribe();
+        async move {
+            match writes {
+                Some(mut writes) => {
+                    if writes.wait_for(|count| *count > 0).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                // Readiness is gained only through a message from the
+                // broker, so waking on store changes is enough.
+                None => loop {
+                    if changes
+                        .borrow_and_update()
+                        .readiness(SystemTime::now())
+                        .is_ok()
+                    {
+                        return;
+                    }
+                    if changes.changed().await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                },
+            }
+        }
     }
 
     /// What the agent holds (shared with its tasks: a clone sees every

@@ -27,6 +27,9 @@
 //!   out of its arguments and environment, a raised descriptor limit.
 //! - [`exec`] — starting a user command once the agent is ready, forwarding
 //!   signals, restarting it when the private env changes.
+//! - [`notify`] — systemd's readiness protocol (`READY=1` to
+//!   `$NOTIFY_SOCKET`), so a unit ordered after the agent's starts once the
+//!   agent is ready.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -34,6 +37,7 @@ pub mod env_file;
 pub mod exec;
 pub mod hardening;
 pub mod http;
+pub mod notify;
 pub mod refusals;
 pub mod seal;
 pub mod sequences;

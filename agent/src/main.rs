@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use credstream_agent::exec::{self, ExecConfig};
-use credstream_agent::{Agent, AgentConfig, SealKeySource, agent, hardening};
+use credstream_agent::{Agent, AgentConfig, SealKeySource, agent, hardening, notify};
 use credstream_proto::connect::TransportArgs;
 use tracing_subscriber::EnvFilter;
 use zeroize::Zeroizing;
@@ -28,7 +28,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve credentials until stopped; prints the listen address and the
-    /// variables to export on stdout.
+    /// variables to export on stdout. Under systemd (`Type=notify`), tells
+    /// it READY=1 once ready, after the --env-file is first written.
     Run(AgentArgs),
     /// Serve credentials and run a command with them once ready; the
     /// command's exit status becomes the agent's.
@@ -148,6 +149,20 @@ fn main() -> ExitCode {
                     stdout
                         .write_all(agent.banner().as_bytes())
                         .and_then(|()| stdout.flush())?;
+                    // Under systemd's Type=notify, units ordered after this
+                    // one start once the env file they read is written.
+                    let ready = agent.ready();
+                    tokio::spawn(async move {
+                        ready.await;
+                        match notify::ready() {
+                            Ok(true) => tracing::info!("ready: told the service manager"),
+                            Ok(false) => {}
+                            Err(error) => tracing::warn!(
+                                %error,
+                                "cannot tell the service manager that the agent is ready"
+                            ),
+                        }
+                    });
                     let signalled = async move {
                         match signals.recv().await {
                             Some(signal) => tracing::info!(?signal, "shutting down"),
