@@ -7,6 +7,10 @@
 #   haproxy, nginx Debian's packages, when missing (the sharding tests)
 #   systemd        Debian's package, when systemd-analyze is missing (verifies
 #                  the units in deploy/systemd/)
+#   faketime       Debian's package, when libfaketime is missing (moves a
+#                  worker's clock in the revocation-bound test)
+#   cargo-audit    from crates.io into cargo's bin directory, at the version
+#                  scripts/advisories.sh names, when missing (the advisory audit)
 # Idempotent and quick when nothing changed: each install is skipped while its
 # marker (a hash of what was installed) matches. Runnable from any directory.
 # Called by scripts/test.sh; run it alone to get the tools for a dev shell.
@@ -117,6 +121,18 @@ if ((${#proxies[@]})); then
       note "installing ${proxies[*]} failed: the sharding tests will fail (scripts/test.sh requires every tool)"
     fi
   fi
+fi
+
+# --- cargo-audit (scripts/advisories.sh) ---------------------------------------
+# Built from crates.io (a few minutes, once per machine); offline against the
+# database copy in third_party/advisory-db/, so without its git-fetching
+# default feature.
+AUDIT_VERSION="$(sed -n 's/^CARGO_AUDIT_VERSION="\(.*\)"$/\1/p' "$ROOT/scripts/advisories.sh")"
+[[ -n "$AUDIT_VERSION" ]] || die "scripts/advisories.sh names no CARGO_AUDIT_VERSION"
+if [[ "$(cargo-audit --version 2>/dev/null || true)" != "cargo-audit $AUDIT_VERSION" ]]; then
+  note "installing cargo-audit $AUDIT_VERSION (cargo install)"
+  cargo install --quiet --locked --no-default-features --version "$AUDIT_VERSION" cargo-audit \
+    || die "cargo install cargo-audit $AUDIT_VERSION failed"
 fi
 
 note "ready: python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])'), $("$GRPCURL" -version 2>&1), buf $("$ROOT/node_modules/.bin/buf" --version), node $(node --version), $(proxy_version haproxy), $(proxy_version nginx), $(if [[ -n "$(sbin_tool systemd-analyze)" ]]; then "$(sbin_tool systemd-analyze)" --version | head -1; else echo "no systemd-analyze"; fi)"

@@ -22,12 +22,13 @@
 //!   is new, so a reconnect storm is full handshakes (measured in the
 //!   README).
 
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use tokio_rustls::rustls::{
     CipherSuite, RootCertStore, ServerConfig, SupportedCipherSuite, crypto,
@@ -39,12 +40,9 @@ fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
 }
 
-fn certificates(
-    path: &Path,
-    what: &str,
-) -> anyhow::Result<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>> {
+fn certificates(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem = read(path, what)?;
-    let certs = rustls_pemfile::certs(&mut BufReader::new(pem.as_slice()))
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("{what} {} is not valid PEM", path.display()))?;
     if certs.is_empty() {
@@ -106,9 +104,8 @@ pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
     };
     let chain = certificates(&files.cert, "TLS certificate")?;
     let key_pem = zeroize::Zeroizing::new(read(&files.key, "TLS key")?);
-    let key = rustls_pemfile::private_key(&mut BufReader::new(key_pem.as_slice()))
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
         .ok()
-        .flatten()
         .with_context(|| {
             format!(
                 "TLS key {} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
