@@ -69,6 +69,18 @@ pub enum Role {
     Admin,
 }
 
+impl Role {
+    /// The role with its indefinite article, for messages: "an agent",
+    /// "an admin", "a publisher".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            Role::Publisher => "a publisher",
+            Role::Agent => "an agent",
+            Role::Admin => "an admin",
+        }
+    }
+}
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -581,7 +593,8 @@ pub const CREATE_AGENT_TOKEN: &str = "/credstream.v1.AdminService/CreateAgentTok
 /// them) may grant (docs/design.md §3).
 pub fn issuing_needs_a_publisher(role: Role) -> Status {
     Status::permission_denied(format!(
-        "issuing agent tokens (CreateAgentToken) needs a publisher token of the cluster; a {role} token may not issue them (admin tokens only inspect). Call it with the cluster's publisher token, or have the broker's operator run `credstream-broker token --role agent --cluster ID`"
+        "issuing agent tokens (CreateAgentToken) needs a publisher token of the cluster; {} token may not issue them (admin tokens only inspect). Call it with the cluster's publisher token, or have the broker's operator run `credstream-broker token --role agent --cluster ID`",
+        role.with_article()
     ))
 }
 
@@ -636,8 +649,8 @@ fn authenticate<B>(
     }
     if role_allowed(path, claims.role) != Some(true) {
         return Err(Status::permission_denied(format!(
-            "a {} token may not call {path}",
-            claims.role
+            "{} token may not call {path}",
+            claims.role.with_article()
         )));
     }
     if let Some(cluster) = request
@@ -877,5 +890,37 @@ mod tests {
         })
         .unwrap();
         assert_eq!(format!("{key:?}"), "TokenKey(<redacted 40 bytes>)");
+    }
+
+    /// Issue 32: "an agent token", not "a agent token".
+    #[test]
+    fn refusals_name_the_role_with_its_article() {
+        let key = TokenKey::generate();
+        let refusal = |role| {
+            let token = key.issue(role, Some("c"), Duration::from_secs(60)).unwrap();
+            let request = http::Request::builder()
+                .uri("/credstream.v1.PublisherService/Publish")
+                .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+                .body(())
+                .unwrap();
+            authenticate(&key, &request)
+                .unwrap_err()
+                .message()
+                .to_owned()
+        };
+        assert!(
+            refusal(Role::Agent).starts_with("an agent token may not call"),
+            "{}",
+            refusal(Role::Agent)
+        );
+        assert!(refusal(Role::Admin).starts_with("an admin token may not call"));
+        let issuing = issuing_needs_a_publisher(Role::Admin);
+        assert!(
+            issuing
+                .message()
+                .contains("; an admin token may not issue them"),
+            "{}",
+            issuing.message()
+        );
     }
 }

@@ -452,16 +452,12 @@ impl GcpMinter {
         if !output.status.success() {
             // gcloud's stderr says why (not logged in, reauth needed); it
             // carries no token.
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            let reason = stderr
-                .trim()
-                .lines()
-                .last()
-                .unwrap_or("no output")
-                .to_owned();
             return Err(MintError::NoCredentials {
                 kind: KIND,
-                hint: format!("gcloud has no usable login ({reason}); {NO_CREDENTIALS_HINT}"),
+                hint: format!(
+                    "the gcloud CLI has no usable login (`gcloud config config-helper` says: {}); {NO_CREDENTIALS_HINT}, or run `gcloud auth login`",
+                    gcloud_error(&String::from_utf8_lossy(&output.stderr))
+                ),
             });
         }
         let json: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|err| {
@@ -594,6 +590,32 @@ fn gcp_error(source: &str, err: gcp_auth::Error, fix: &str) -> MintError {
     }
 }
 
+/// What gcloud's stderr says went wrong, on one line: its `ERROR:` line
+/// without the command prefix (`ERROR: (gcloud.config.config-helper) You do
+/// not currently have an active account selected.`), else every line
+/// joined; gcloud's advice lines ("Please run:", "to obtain new
+/// credentials.") are left out, the caller says what to run. Cut at 300
+/// bytes; it never carries a token.
+fn gcloud_error(stderr: &str) -> String {
+    let lines = || stderr.lines().map(str::trim).filter(|l| !l.is_empty());
+    let text = match lines().find_map(|l| l.strip_prefix("ERROR:")) {
+        Some(error) => {
+            let error = error.trim();
+            match error.strip_prefix('(').and_then(|e| e.split_once(')')) {
+                Some((command, rest)) if command.starts_with("gcloud") => rest.trim().to_owned(),
+                _ => error.to_owned(),
+            }
+        }
+        None => lines().collect::<Vec<_>>().join(" "),
+    };
+    let text = if text.is_empty() {
+        "nothing on stderr".to_owned()
+    } else {
+        text
+    };
+    credstream_proto::rules::text::printable(&text, 300).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,5 +690,50 @@ mod tests {
                 .contains("gcloud auth application-default login"),
             "{err}"
         );
+    }
+
+    /// Issue 32: gcloud's refusal is quoted by its error line, not by its
+    /// last line ("to obtain new credentials."), with the fix.
+    #[tokio::test]
+    async fn a_gcloud_without_login_says_what_gcloud_said_and_the_fix() {
+        if std::env::var_os("GOOGLE_APPLICATION_CREDENTIALS").is_some()
+            || adc_file().is_some_and(|p| p.is_file())
+            || gcp_fixed::from_env().is_some()
+        {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let gcloud = dir.path().join("gcloud");
+        std::fs::write(
+            &gcloud,
+            "#!/bin/sh\ncat >&2 <<'END'\nERROR: (gcloud.config.config-helper) You do not currently have an active account selected.\nPlease run:\n\n  $ gcloud auth login\n\nto obtain new credentials.\n\nEND\nexit 1\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&gcloud, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let minter = GcpMinter::builder()
+            .skip_metadata_server()
+            .gcloud(&gcloud)
+            .build()
+            .unwrap();
+        let err = minter.mint().await.unwrap_err();
+        assert!(matches!(err, MintError::NoCredentials { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("the gcloud CLI has no usable login (`gcloud config config-helper` says: You do not currently have an active account selected.)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gcloud auth application-default login"),
+            "{text}"
+        );
+        assert!(!text.contains("obtain new credentials"), "{text}");
+    }
+
+    #[test]
+    fn gcloud_errors_without_an_error_line_are_joined() {
+        assert_eq!(gcloud_error("reauth\n  needed \n"), "reauth needed");
+        assert_eq!(gcloud_error(""), "nothing on stderr");
+        assert_eq!(gcloud_error("ERROR: plain"), "plain");
     }
 }
