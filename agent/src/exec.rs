@@ -156,7 +156,9 @@ pub fn os_signals() -> io::Result<mpsc::Receiver<ForwardedSignal>> {
 
 /// Waits until the store is ready (see the module documentation), at most
 /// `timeout`. Readiness is gained only through a message from the broker,
-/// so waking on store changes is enough; expiry can only take it away.
+/// so waking on store changes is enough; expiry can only take it away. It
+/// wakes on refusals too, so that what it logs as the reason names them
+/// (once, not per refusal), and so does its error on timeout.
 pub async fn wait_ready(
     store: &CredentialStore,
     timeout: Duration,
@@ -164,24 +166,26 @@ pub async fn wait_ready(
 ) -> Result<Waited, ExecError> {
     let deadline = Instant::now() + timeout;
     let mut changes = store.subscribe();
-    let mut last_reason = None;
+    let mut refusals = store.gate().refusals().subscribe();
+    let mut last_reason: Option<NotReady> = None;
     loop {
+        refusals.borrow_and_update();
         let state = changes.borrow_and_update().clone();
-        let reason = match state.readiness(SystemTime::now()) {
+        let reason = match store.readiness(&state, SystemTime::now()) {
             Ok(()) => return Ok(Waited::Ready(state)),
             Err(reason) => reason,
         };
-        if last_reason.as_ref() != Some(&reason) {
+        if last_reason.as_ref().map(NotReady::kind) != Some(reason.kind()) {
             tracing::info!(%reason, "waiting before starting the command");
-            last_reason = Some(reason);
         }
+        last_reason = Some(reason);
         tokio::select! {
             Ok(()) = changes.changed() => {}
+            Ok(()) = refusals.changed() => {}
             Some(signal) = signals.recv() => return Ok(Waited::Signalled(signal)),
             () = tokio::time::sleep_until(deadline) => {
                 let reason = store
-                    .current()
-                    .readiness(SystemTime::now())
+                    .readiness(&store.current(), SystemTime::now())
                     .err()
                     .or(last_reason)
                     .unwrap_or(NotReady::NoSnapshot);
@@ -331,5 +335,81 @@ fn warn_about_shadowing_variables() {
                 "the command inherits {name}, which the SDKs read before the agent's endpoints"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use credstream_proto::v1::credential_update::Credential;
+    use credstream_proto::v1::{
+        AwsCredential, ClusterInfo, ClusterSnapshot, CredentialKind, CredentialUpdate,
+        SealedPayload, subscribe_response::Message,
+    };
+
+    use super::*;
+    use crate::refusals::tests::Captured;
+
+    /// A sealed AWS credential, which an agent without a seal key refuses.
+    fn sealed(version: u64) -> Message {
+        Message::Credential(CredentialUpdate {
+            credential: Some(Credential::Aws(AwsCredential::default())),
+            sealed: Some(SealedPayload::default()),
+            version,
+            ..Default::default()
+        })
+    }
+
+    /// Issue 32: an agent without `--seal-key-file` that refuses the
+    /// publisher's sealed updates says so, with the fix, while it waits and
+    /// when it gives up; not only "no aws credential received yet".
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_names_the_refused_updates_and_the_fix() {
+        let captured = Captured::default();
+        let _guard = captured.install();
+        let store = CredentialStore::new();
+        store.apply(Message::Snapshot(ClusterSnapshot {
+            info: Some(ClusterInfo {
+                kinds: vec![CredentialKind::Aws as i32],
+                private_env: false,
+                publisher_connected: true,
+                version: 1,
+            }),
+            ..Default::default()
+        }));
+        let (_signal, mut signals) = mpsc::channel(1);
+        let broker = store.clone();
+        tokio::spawn(async move {
+            for version in 2..=4 {
+                broker.apply(sealed(version));
+                tokio::task::yield_now().await;
+            }
+        });
+        let error = wait_ready(&store, Duration::from_secs(60), &mut signals)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(
+                "no aws credential received yet: refused 3 updates from the broker (last: aws version 4: it is sealed and this agent has no seal key: start it with --seal-key-file"
+            ),
+            "{error}"
+        );
+        let waits: Vec<String> = captured
+            .lines()
+            .into_iter()
+            .filter(|line| line.contains("waiting before starting the command"))
+            .collect();
+        assert_eq!(
+            waits.len(),
+            2,
+            "once before, once on the refusals: {waits:#?}"
+        );
+        assert!(!waits[0].contains("refused"), "{}", waits[0]);
+        assert!(
+            waits[1].contains("from the broker (last: aws version")
+                && waits[1].contains("--seal-key-file"),
+            "{}",
+            waits[1]
+        );
     }
 }

@@ -37,6 +37,8 @@ pub struct Refusals {
     total: AtomicU64,
     last: Mutex<Option<String>>,
     window: Mutex<Window>,
+    /// The count, for waits that report the refusals as they happen.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +77,12 @@ impl Refusals {
         self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// A receiver of the count, which changes with every refusal (after
+    /// [`Refusals::last`] does).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// Records one refusal of `what` at broker `version` (0 when the item
     /// had none) because of `reason`, which may hold text the broker chose,
     /// and logs it unless the window's quota is spent.
@@ -102,6 +110,7 @@ impl Refusals {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .replace(line);
+        self.changes.send_replace(self.count());
         if let Some((count, since)) = summary {
             log_summary(count, since, previous.as_deref());
         }

@@ -81,6 +81,30 @@ pub enum NotReady {
         /// What is missing.
         then: Box<NotReady>,
     },
+    /// Not ready for one of the reasons above, and the agent refused
+    /// updates from the broker (the cause, more often than not: a sealed
+    /// update and no `--seal-key-file`); `last` says why and what to do.
+    #[error("{then}: refused {count} {} from the broker (last: {last})", if *.count == 1 { "update" } else { "updates" })]
+    Refused {
+        /// How many updates were refused so far.
+        count: u64,
+        /// The last refusal: what, its version, why (printable, bounded).
+        last: String,
+        /// What is missing.
+        then: Box<NotReady>,
+    },
+}
+
+impl NotReady {
+    /// The reason without the refusals' count and last item: what a wait
+    /// logs again only when it changes (a broker that keeps sending what
+    /// the agent refuses must not make it log once per refusal).
+    pub fn kind(&self) -> (&NotReady, bool) {
+        match self {
+            NotReady::Refused { then, .. } => (then, true),
+            other => (other, false),
+        }
+    }
 }
 
 impl AgentState {
@@ -218,6 +242,22 @@ impl CredentialStore {
     /// A receiver that sees every change.
     pub fn subscribe(&self) -> watch::Receiver<AgentState> {
         self.state.subscribe()
+    }
+
+    /// Why `state` (of this store) is not ready at `now`, naming the
+    /// updates the agent refused, if any ([`NotReady::Refused`]): what
+    /// `/readyz`, `exec` and the HTTP errors report.
+    pub fn readiness(&self, state: &AgentState, now: SystemTime) -> Result<(), NotReady> {
+        state.readiness(now).map_err(
+            |then| match (self.gate.refused(), self.gate.last_refusal()) {
+                (count @ 1.., Some(last)) => NotReady::Refused {
+                    count,
+                    last,
+                    then: Box::new(then),
+                },
+                _ => then,
+            },
+        )
     }
 
     /// Records that the subscription ended for good, and why (shown by

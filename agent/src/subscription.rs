@@ -329,12 +329,13 @@ type Client = Grpc<InterceptedService<Channel, CallCredentials>>;
 /// [`ResponseCodec`].
 async fn subscribe(
     client: &mut Client,
+    url: &str,
     requests: ReceiverStream<SubscribeRequest>,
 ) -> Result<tonic::codec::Streaming<SubscribeResponse>, tonic::Status> {
     client
         .ready()
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("the broker is not reachable: {e}")))?;
+        .map_err(|e| unreachable(url, &e.to_string(), std::error::Error::source(&e)))?;
     let mut request = requests.into_streaming_request();
     request
         .extensions_mut()
@@ -342,8 +343,39 @@ async fn subscribe(
     let path = PathAndQuery::from_static("/credstream.v1.AgentService/Subscribe");
     let response = client
         .streaming(request, path, ResponseCodec::default())
-        .await?;
+        .await
+        .map_err(|status| match std::error::Error::source(&status) {
+            // A status with a source was made here, by the transport (the
+            // connection failed); one the broker sent has none.
+            Some(source) if refused_message(&status).is_none() => {
+                unreachable(url, status.message(), Some(source))
+            }
+            _ => status,
+        })?;
     Ok(response.into_inner())
+}
+
+/// `UNAVAILABLE` naming the broker and why it could not be reached: the
+/// connect error's whole chain (connection refused, the TLS or DNS cause),
+/// each cause once.
+fn unreachable(
+    url: &str,
+    message: &str,
+    mut source: Option<&(dyn std::error::Error + 'static)>,
+) -> tonic::Status {
+    let mut text = message.to_owned();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    tonic::Status::unavailable(format!(
+        "the broker at {url} is not reachable: {}",
+        printable(&text, REASON_MAX)
+    ))
 }
 
 fn message(message: subscribe_request::Message) -> SubscribeRequest {
@@ -409,7 +441,7 @@ async fn connection(
     let _ = tx
         .send(message(subscribe_request::Message::Hello(hello)))
         .await;
-    let mut inbound = match subscribe(client, ReceiverStream::new(rx)).await {
+    let mut inbound = match subscribe(client, &config.address.url, ReceiverStream::new(rx)).await {
         Ok(inbound) => inbound,
         Err(status) => return classify(status),
     };
@@ -591,5 +623,42 @@ mod tests {
         tokio::time::advance(Duration::from_secs(60)).await;
         backoff.stream_ended();
         assert_eq!(backoff.ceiling(), BACKOFF_BASE * 4);
+    }
+
+    /// Issue 32: an unreachable broker is reported with the connect error's
+    /// cause (here: connection refused), not only "transport error".
+    #[tokio::test]
+    async fn an_unreachable_broker_is_reported_with_the_cause() {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        }; // closed again: connecting is refused
+        let address = BrokerAddress {
+            url: format!("http://127.0.0.1:{port}"),
+            token: "token".into(),
+            cluster_id: "dev".into(),
+            ca_cert: None,
+            client_identity: None,
+            insecure: false,
+        };
+        let config = SubscriptionConfig::new(address.clone(), "w1");
+        let mut client = Grpc::new(InterceptedService::new(
+            address.channel().unwrap(),
+            address.interceptor().unwrap(),
+        ));
+        let renewals = address.interceptor().unwrap();
+        let ended = connection(
+            &config,
+            &CredentialStore::new(),
+            &mut client,
+            &renewals,
+            &mut Backoff::default(),
+        )
+        .await;
+        let Ended::Retry(reason) = ended else {
+            panic!("an unreachable broker is retried");
+        };
+        assert!(reason.contains("Connection refused"), "{reason}");
+        assert!(reason.contains(&format!("127.0.0.1:{port}")), "{reason}");
     }
 }

@@ -28,8 +28,9 @@ pub(super) async fn private_env(
             Some(info) if !info.private_env => {}
             Some(_) => return Err(HttpError::PrivateEnvUnavailable),
             None => {
-                let reason = state
-                    .readiness(SystemTime::now())
+                let reason = app
+                    .store
+                    .readiness(&state, SystemTime::now())
                     .err()
                     .unwrap_or(NotReady::NoPublisher);
                 return Err(HttpError::NotReady(reason));
