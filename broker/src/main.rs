@@ -370,6 +370,13 @@ fn reload_keys(key: &TokenKey) {
     }
 }
 
+/// The `--dev` banner: the three tokens as `NAME=value` lines, then the
+/// commands that supply cluster `dev` from this machine, in the order they
+/// are run, each on a line of its own indented by two spaces, to be pasted
+/// as printed (tests/tests/readme_try_it.rs runs them): the client and
+/// agent by the paths they have next to this binary (built first when they
+/// are missing), the cluster's seal key handed to the agent (publishing
+/// seals by default), and `status` with the token it needs.
 fn print_dev_banner(key: &TokenKey, url: &str) -> anyhow::Result<()> {
     let ttl = Duration::from_secs(12 * 3600);
     let publisher = key.issue(Role::Publisher, Some("dev"), ttl)?;
@@ -378,25 +385,102 @@ fn print_dev_banner(key: &TokenKey, url: &str) -> anyhow::Result<()> {
     println!("CREDSTREAM_PUBLISHER_TOKEN={publisher}");
     println!("CREDSTREAM_AGENT_TOKEN={agent}");
     println!("CREDSTREAM_ADMIN_TOKEN={admin}");
+    let bins = DevBinaries::next_to_this_one();
+    let (client, agent_bin) = (bins.path("credstream"), bins.path("credstream-agent"));
+    let build = match bins.build_command() {
+        Some(build) => format!(
+            "\nThis started the broker only; build the client and the agent first:\n  {build}\n"
+        ),
+        None => String::new(),
+    };
     println!(
         r#"
 Development broker for cluster "dev" (in-memory key: tokens die with this process; valid 12h).
+Paste these on this machine, in order.
+{build}
+1. Publish your local AWS/GCP identity (it keeps running: give it a terminal of its own).
+   It seals everything with the cluster's seal key, created on first use; the broker never sees it:
+  {client} publish --broker {url} --cluster dev --token {publisher}
 
-Publish your local AWS/GCP identity (on your machine):
-  credstream publish --broker {url} --cluster dev --token {publisher}
+2. In another terminal, "on a worker": hand the agent the seal key (a file only you can read;
+   copy it to real workers out of band, like the agent token), then run a command with the credentials
+   (put yours after `--`, e.g. `python your_script.py`; `credstream-agent run` with the same flags serves without one):
+  (umask 077 && {client} seal-key --cluster dev > dev.seal-key)
+  {agent_bin} exec --broker {url} --cluster dev --agent-id worker-1 --token {agent} --seal-key-file dev.seal-key -- sh -c 'echo "ready: credentials served at $AWS_CONTAINER_CREDENTIALS_FULL_URI"'
 
-Run an agent (on a worker; then `credstream-agent exec ... -- python your_script.py`):
-  credstream-agent run --broker {url} --cluster dev --agent-id worker-1 --token {agent}
+3. What the broker holds for the cluster (principals, expiry times, agents; never a secret):
+  {client} status --broker {url} --cluster dev --token {publisher}
 
-Inspect:
-  grpcurl -plaintext {addr} list
-  grpcurl -plaintext -H "authorization: Bearer {admin}" -d '{{"cluster_id": "dev"}}' {addr} credstream.v1.AdminService/GetCluster
+gRPC with grpcurl: see "Inspect with grpcurl" in README.md (the admin token is CREDSTREAM_ADMIN_TOKEN above).
 "#,
-        addr = url
-            .trim_start_matches("http://")
-            .trim_start_matches("https://"),
     );
     Ok(())
+}
+
+/// Where the `--dev` banner finds `credstream` and `credstream-agent`: next
+/// to this binary (`cargo build` puts them there; `cargo run --bin
+/// credstream-broker` builds the broker alone).
+struct DevBinaries {
+    dir: Option<PathBuf>,
+}
+
+impl DevBinaries {
+    fn next_to_this_one() -> Self {
+        let dir = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(PathBuf::from));
+        Self { dir }
+    }
+
+    /// The command for binary `name`, quoted for a shell: its path next to
+    /// this one, or its bare name when this one's folder is unknown.
+    fn path(&self, name: &str) -> String {
+        match &self.dir {
+            Some(dir) => shell_word(&dir.join(name).to_string_lossy()),
+            None => name.to_owned(),
+        }
+    }
+
+    /// `cargo build` of the missing binaries, when some are missing and this
+    /// binary was built from a workspace that is still there.
+    fn build_command(&self) -> Option<String> {
+        let dir = self.dir.as_ref()?;
+        if ["credstream", "credstream-agent"]
+            .iter()
+            .all(|name| dir.join(name).exists())
+        {
+            return None;
+        }
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()?
+            .join("Cargo.toml");
+        if !manifest.exists() {
+            return None;
+        }
+        let release = if dir.ends_with("release") {
+            " --release"
+        } else {
+            ""
+        };
+        Some(format!(
+            "cargo build{release} --manifest-path {} --bin credstream --bin credstream-agent",
+            shell_word(&manifest.to_string_lossy())
+        ))
+    }
+}
+
+/// `word` as one shell word: as it is when it holds only characters no
+/// shell treats specially, else in single quotes.
+fn shell_word(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c))
+    {
+        word.to_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }
 
 /// The signals the broker answers: SIGTERM and SIGINT shut it down,
