@@ -85,6 +85,9 @@ pub struct AgentConfig {
     pub client_identity: Option<ClientIdentity>,
     /// Allow the token in plaintext (`http://`) to a non-loopback broker.
     pub insecure: bool,
+    /// Pinned broker keys (a join string's): when set, the broker is
+    /// accepted by its key instead of a CA and host name.
+    pub pins: Vec<credstream_proto::join::SpkiPin>,
 }
 
 impl AgentConfig {
@@ -111,6 +114,7 @@ impl AgentConfig {
             ca_cert: None,
             client_identity: None,
             insecure: false,
+            pins: Vec::new(),
         }
     }
 }
@@ -134,6 +138,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("ca_cert", &self.ca_cert)
             .field("client_identity", &self.client_identity)
             .field("insecure", &self.insecure)
+            .field("pins", &self.pins)
             .finish()
     }
 }
@@ -264,9 +269,10 @@ impl Agent {
             ca_cert: config.ca_cert,
             client_identity: config.client_identity,
             insecure: config.insecure,
+            pins: config.pins,
         };
         // Fail on a bad URL or the plaintext rule now, before serving.
-        address.endpoint()?;
+        address.check()?;
 
         let seal_key = match config.seal_key {
             None => None,

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use credstream_agent::exec::{self, ExecConfig};
 use credstream_agent::{Agent, AgentConfig, SealKeySource, agent, hardening, notify};
 use credstream_proto::connect::TransportArgs;
+use credstream_proto::join::JoinString;
 use tracing_subscriber::EnvFilter;
 use zeroize::Zeroizing;
 
@@ -39,8 +40,18 @@ enum Command {
 #[derive(Args)]
 struct AgentArgs {
     /// The broker's URL (https://HOST:PORT, or http:// to loopback).
-    #[arg(long, env = "CREDSTREAM_BROKER")]
-    broker: String,
+    #[arg(long, env = "CREDSTREAM_BROKER", required_unless_present = "join_file")]
+    broker: Option<String>,
+    /// A file holding a join string from `credstream-broker init` (the
+    /// broker's address, an agent token and the broker's pinned key): the
+    /// broker is reached over TLS and accepted by its key alone, instead of
+    /// --broker, --token-file and a CA.
+    #[arg(
+        long,
+        env = "CREDSTREAM_JOIN_FILE",
+        conflicts_with_all = ["broker", "token", "token_file", "ca_cert"]
+    )]
+    join_file: Option<PathBuf>,
     /// The cluster to serve credentials of.
     #[arg(long, env = "CREDSTREAM_CLUSTER")]
     cluster: String,
@@ -55,7 +66,7 @@ struct AgentArgs {
         env = "CREDSTREAM_TOKEN",
         hide_env_values = true,
         conflicts_with_all = ["token_file", "token_fd"],
-        required_unless_present_any = ["token_file", "token_fd"]
+        required_unless_present_any = ["token_file", "token_fd", "join_file"]
     )]
     token: Option<String>,
     /// A file holding the agent token (read once at start).
@@ -144,7 +155,7 @@ fn main() -> ExitCode {
             let mut signals = exec::os_signals().context("cannot install signal handlers")?;
             match cli.command {
                 Command::Run(args) => {
-                    let agent = Agent::start(config(args, token, max_connections)).await?;
+                    let agent = Agent::start(config(args, token, max_connections)?).await?;
                     let mut stdout = std::io::stdout();
                     stdout
                         .write_all(agent.banner().as_bytes())
@@ -182,7 +193,7 @@ fn main() -> ExitCode {
                             program.collect(),
                         )
                     };
-                    let agent = Agent::start(config(args.agent, token, max_connections)).await?;
+                    let agent = Agent::start(config(args.agent, token, max_connections)?).await?;
                     Ok(agent.exec(&command, &mut signals).await?)
                 }
             }
@@ -209,12 +220,15 @@ fn agent_token(args: &AgentArgs) -> Result<Zeroizing<String>> {
         return hardening::read_token_fd(fd)
             .with_context(|| format!("cannot read the agent token from descriptor {fd}"));
     }
-    let token = credstream_proto::rules::token::read(
-        args.token.as_deref(),
-        args.token_file.as_deref(),
-        "agent",
-        "--token-file, --token-fd or --token",
-    )?;
+    let token = match join(args)? {
+        Some(join) => join.token,
+        None => credstream_proto::rules::token::read(
+            args.token.as_deref(),
+            args.token_file.as_deref(),
+            "agent",
+            "--join-file, --token-file, --token-fd or --token",
+        )?,
+    };
     let argv: Vec<OsString> = std::env::args_os().collect();
     if hardening::without_token_arguments(argv.get(2..).unwrap_or_default()).1 {
         tracing::warn!(
@@ -231,9 +245,35 @@ fn agent_token(args: &AgentArgs) -> Result<Zeroizing<String>> {
     Ok(token)
 }
 
+/// The join string of --join-file, if given. The re-executed agent reads
+/// it again for the address and the pins (its token then comes from the
+/// descriptor, and is the same).
+fn join(args: &AgentArgs) -> Result<Option<JoinString>> {
+    let Some(path) = &args.join_file else {
+        return Ok(None);
+    };
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the join file {}", path.display()))?,
+    );
+    let join = JoinString::parse(&text)
+        .with_context(|| format!("the join file {} is not usable", path.display()))?;
+    Ok(Some(join))
+}
+
 /// The library's config from the flags.
-fn config(args: AgentArgs, token: Zeroizing<String>, max_connections: usize) -> AgentConfig {
-    let mut config = AgentConfig::new(args.broker, args.cluster, args.agent_id, token);
+fn config(
+    args: AgentArgs,
+    token: Zeroizing<String>,
+    max_connections: usize,
+) -> Result<AgentConfig> {
+    let (broker, pins) = match (join(&args)?, args.broker) {
+        (Some(join), _) => (format!("https://{}", join.address), join.pins),
+        (None, Some(broker)) => (broker, Vec::new()),
+        (None, None) => anyhow::bail!("give the broker with --broker or --join-file"),
+    };
+    let mut config = AgentConfig::new(broker, args.cluster, args.agent_id, token);
+    config.pins = pins;
     config.listen = args.listen;
     config.env_file = args.env_file;
     config.gce_metadata = !args.no_gce_metadata;
@@ -243,5 +283,5 @@ fn config(args: AgentArgs, token: Zeroizing<String>, max_connections: usize) -> 
     config.client_identity = args.transport.client_identity();
     config.ca_cert = args.transport.ca_cert;
     config.insecure = args.transport.insecure;
-    config
+    Ok(config)
 }

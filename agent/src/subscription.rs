@@ -640,6 +640,7 @@ mod tests {
             ca_cert: None,
             client_identity: None,
             insecure: false,
+            pins: Vec::new(),
         };
         let config = SubscriptionConfig::new(address.clone(), "w1");
         let mut client = Grpc::new(InterceptedService::new(

@@ -436,6 +436,7 @@ mod tests {
             ca_cert: ca,
             client_identity: None,
             insecure: false,
+            pins: Vec::new(),
         })
         .unwrap()
     }

@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 
 use credstream_proto::connect::{BrokerAddress, CallCredentials, ClientIdentity, ConnectError};
+use credstream_proto::join::{JoinError, JoinString};
 use credstream_proto::rules::retry::{self, Final};
 use credstream_proto::rules::token::TokenSourceError;
 use credstream_proto::v1::admin_service_client::AdminServiceClient;
@@ -17,6 +18,7 @@ use credstream_proto::v1::{ClusterStatus, GetClusterRequest};
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use zeroize::Zeroizing;
 
 use crate::connect_failure::{CertificateProblem, ConnectFailure, classify};
 
@@ -37,6 +39,37 @@ pub struct BrokerOptions {
     pub client_identity: Option<ClientIdentity>,
     /// `--insecure`.
     pub insecure: bool,
+    /// `--join`, `--join-file` or `CREDSTREAM_JOIN`: a join string, which
+    /// gives the address (over TLS), the token and the broker's pinned
+    /// keys, instead of `url`, the token and a CA.
+    pub join: Option<JoinSource>,
+}
+
+/// Where the join string comes from. No `Debug`: it holds a token.
+#[derive(Clone)]
+pub enum JoinSource {
+    /// The string itself (`--join` or `CREDSTREAM_JOIN`).
+    Text(Zeroizing<String>),
+    /// A file holding it (`--join-file`).
+    File(PathBuf),
+}
+
+impl JoinSource {
+    /// The join string, read and parsed.
+    pub fn read(&self) -> Result<JoinString, BrokerError> {
+        let text = match self {
+            Self::Text(text) => text.clone(),
+            Self::File(path) => {
+                Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+                    BrokerError::JoinFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?)
+            }
+        };
+        Ok(JoinString::parse(&text)?)
+    }
 }
 
 /// Why the broker could not be reached or used. Every message says what
@@ -47,6 +80,17 @@ pub enum BrokerError {
     /// No usable token was given (missing, unreadable file, empty).
     #[error(transparent)]
     Token(#[from] TokenSourceError),
+    /// The join file cannot be read.
+    #[error("cannot read the join file {}: {source}", path.display())]
+    JoinFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The join string does not parse (the message never quotes it).
+    #[error(transparent)]
+    Join(#[from] JoinError),
     /// The address cannot be used: a bad URL, plaintext to another host, a
     /// CA or client certificate file that cannot be read.
     #[error(transparent)]
@@ -157,6 +201,9 @@ const CA_FIX: &str = "if the broker's certificate comes from a private CA, pass 
 /// The fix for a broker certificate issued for another name.
 const WRONG_NAME_FIX: &str = "use a host in --broker that the broker's certificate is issued for (the names it presents are above), \
      or reissue the certificate for this name";
+/// The fix for a pinned broker (a join string) that presented another key.
+const PIN_FIX: &str = "the broker's key is not one the join string pins: check that the join string is for this broker (a man in the middle, or a broker whose key changed, presents another key); get a new join string from `credstream-broker init` on the broker";
+
 /// The fix for a broker certificate out of its validity.
 const VALIDITY_FIX: &str = "the broker's certificate has expired or is not valid yet: renew it, or check this machine's clock";
 
@@ -164,6 +211,20 @@ impl BrokerOptions {
     /// The checked address: token read, URL parsed, plaintext rule applied,
     /// CA file read.
     pub fn address(&self) -> Result<BrokerAddress, BrokerError> {
+        if let Some(join) = &self.join {
+            let join = join.read()?;
+            let address = BrokerAddress {
+                url: format!("https://{}", join.address),
+                token: join.token.as_str().to_owned(),
+                cluster_id: self.cluster.clone(),
+                ca_cert: None,
+                client_identity: self.client_identity.clone(),
+                insecure: false,
+                pins: join.pins,
+            };
+            address.check()?;
+            return Ok(address);
+        }
         let token = credstream_proto::rules::token::read(
             self.token.as_deref(),
             self.token_file.as_deref(),
@@ -177,8 +238,9 @@ impl BrokerOptions {
             ca_cert: self.ca_cert.clone(),
             client_identity: self.client_identity.clone(),
             insecure: self.insecure,
+            pins: Vec::new(),
         };
-        address.endpoint()?;
+        address.check()?;
         Ok(address)
     }
 }
@@ -191,11 +253,13 @@ pub type AdminClient = AdminServiceClient<InterceptedService<Channel, CallCreden
 /// proxy sharding brokers by cluster sends them to the shard that holds it
 /// (README "Sharding").
 pub async fn connect_admin(address: &BrokerAddress) -> Result<AdminClient, BrokerError> {
-    let channel = address
-        .endpoint()?
-        .connect()
-        .await
-        .map_err(|error| transport_error(address, &error))?;
+    let channel = match address.connect().await {
+        Ok(channel) => channel,
+        Err(credstream_proto::connect::ConnectError::Transport { source, .. }) => {
+            return Err(transport_error(address, &source));
+        }
+        Err(error) => return Err(error.into()),
+    };
     let credentials = address.interceptor()?;
     Ok(AdminServiceClient::with_interceptor(channel, credentials))
 }
@@ -254,6 +318,16 @@ pub fn transport_error(
     let url = address.url.clone();
     let https = url.starts_with("https://");
     match classify(error) {
+        // A pinned broker (--join) is identified by its key, not a CA.
+        ConnectFailure::BrokerCertificate(_) | ConnectFailure::Tls
+            if https && !address.pins.is_empty() =>
+        {
+            BrokerError::Tls {
+                url,
+                chain,
+                fix: PIN_FIX,
+            }
+        }
         ConnectFailure::NotTls if https => BrokerError::NotTls { url, chain },
         // The broker did not accept this client.
         ConnectFailure::ClientCertificateRefused if https => {
@@ -321,6 +395,7 @@ mod tests {
             ca_cert: None,
             client_identity: None,
             insecure: false,
+            pins: Vec::new(),
         }
     }
 
@@ -369,6 +444,7 @@ mod tests {
             ca_cert: None,
             client_identity: None,
             insecure: false,
+            join: None,
         };
         let error = options.address().unwrap_err();
         assert!(matches!(error, BrokerError::Token(_)), "{error:?}");

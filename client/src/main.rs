@@ -56,8 +56,31 @@ enum Command {
 struct BrokerArgs {
     /// The broker's URL: https://HOST:PORT, or http://127.0.0.1:PORT for a
     /// broker on this machine.
-    #[arg(long, env = "CREDSTREAM_BROKER")]
-    broker: String,
+    #[arg(
+        long,
+        env = "CREDSTREAM_BROKER",
+        required_unless_present_any = ["join", "join_file"]
+    )]
+    broker: Option<String>,
+    /// A file holding a join string from `credstream-broker init`: the
+    /// broker's address, a publisher token and the broker's pinned key;
+    /// instead of --broker, --token and --ca-cert. The broker is reached
+    /// over TLS and accepted by its key alone.
+    #[arg(
+        long,
+        env = "CREDSTREAM_JOIN_FILE",
+        conflicts_with_all = ["broker", "token", "token_file", "ca_cert", "join"]
+    )]
+    join_file: Option<PathBuf>,
+    /// The join string itself (prefer --join-file or CREDSTREAM_JOIN:
+    /// arguments are visible in `ps`; it holds a token).
+    #[arg(
+        long,
+        env = "CREDSTREAM_JOIN",
+        hide_env_values = true,
+        conflicts_with_all = ["broker", "token", "token_file", "ca_cert"]
+    )]
+    join: Option<String>,
     /// The cluster id.
     #[arg(long, env = "CREDSTREAM_CLUSTER")]
     cluster: String,
@@ -70,7 +93,7 @@ struct BrokerArgs {
         env = "CREDSTREAM_TOKEN",
         hide_env_values = true,
         conflicts_with = "token_file",
-        required_unless_present = "token_file"
+        required_unless_present_any = ["token_file", "join", "join_file"]
     )]
     token: Option<String>,
     /// A file holding the publisher token.
@@ -210,8 +233,23 @@ fn main() -> ExitCode {
 
 impl From<BrokerArgs> for cli::broker::BrokerOptions {
     fn from(args: BrokerArgs) -> Self {
+        let join = match (args.join, args.join_file) {
+            (Some(text), _) => Some(credstream_client::broker::JoinSource::Text({
+                if std::env::args().any(|a| a == "--join" || a.starts_with("--join=")) {
+                    eprintln!(
+                        "credstream: --join on the command line is visible to every local user \
+                         in `ps` and stays in shell history (it holds a token); use --join-file \
+                         or CREDSTREAM_JOIN"
+                    );
+                }
+                zeroize::Zeroizing::new(text)
+            })),
+            (None, Some(path)) => Some(credstream_client::broker::JoinSource::File(path)),
+            (None, None) => None,
+        };
         Self {
-            url: args.broker,
+            url: args.broker.unwrap_or_default(),
+            join,
             cluster: args.cluster,
             token: args.token,
             token_file: args.token_file,

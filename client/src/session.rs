@@ -37,6 +37,7 @@
 //!     ca_cert: None,
 //!     client_identity: None,
 //!     insecure: false,
+//!     pins: Vec::new(),
 //! };
 //! let session = PublishSession::builder(address).minter(minter).start()?;
 //! session.send_private_envs([("AUTH_TOKEN_FOR_CUSTOM_DATABASE", "s3cret")]).await?;

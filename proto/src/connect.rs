@@ -3,15 +3,27 @@
 //!
 //! The rule from the design: a token is never sent in plaintext to a host
 //! that is not loopback unless the caller explicitly allows it (`--insecure`).
+//!
+//! A broker reached with a join string ([`crate::join`]) is pinned: the
+//! address carries the accepted key hashes, and the channel's TLS is a
+//! rustls client with [`PinnedServerVerifier`] instead of tonic's WebPKI
+//! configuration, over tonic's connector hook (the one TLS implementation
+//! the client and the agent share).
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Status};
+
+use crate::join::{PinnedServerVerifier, SpkiPin, ring_provider};
 
 /// The metadata key an L7 proxy routes on.
 pub const CLUSTER_HEADER: &str = "x-credstream-cluster";
@@ -68,6 +80,21 @@ pub enum ConnectError {
         "the token contains characters that are not allowed in a gRPC header; check the token file"
     )]
     InvalidToken,
+    /// Pins need TLS: the join string's address is reached over https.
+    #[error("a pinned broker key (--join) needs an https:// broker URL, not {url}")]
+    PinsWithoutTls {
+        /// The URL given.
+        url: String,
+    },
+    /// A pinned address has no plain tonic endpoint: use
+    /// [`BrokerAddress::channel`] or [`BrokerAddress::connect`].
+    #[error(
+        "internal: a pinned broker address is reached with channel() or connect(), not endpoint()"
+    )]
+    PinnedEndpoint,
+    /// The client certificate or key does not parse.
+    #[error("the client certificate or key is not usable: {0}")]
+    ClientIdentityInvalid(String),
     /// The transport could not be configured or could not connect.
     #[error("cannot connect to the broker at {url}: {source}")]
     Transport {
@@ -94,6 +121,9 @@ pub struct BrokerAddress {
     pub client_identity: Option<ClientIdentity>,
     /// Allow plaintext to a non-loopback host.
     pub insecure: bool,
+    /// Accept the broker's certificate iff its key hashes to one of these
+    /// (a join string's pins), instead of checking a CA and the host name.
+    pub pins: Vec<SpkiPin>,
 }
 
 /// The connection flags `credstream` and `credstream-agent` share.
@@ -149,6 +179,7 @@ impl std::fmt::Debug for BrokerAddress {
             .field("ca_cert", &self.ca_cert)
             .field("client_identity", &self.client_identity)
             .field("insecure", &self.insecure)
+            .field("pins", &self.pins)
             .finish()
     }
 }
@@ -166,10 +197,29 @@ pub fn is_loopback_host(host: &str) -> bool {
 }
 
 impl BrokerAddress {
+    /// Checks the address as [`channel`](Self::channel) would, without
+    /// making a channel: the URL, the plaintext rule, the files.
+    pub fn check(&self) -> Result<(), ConnectError> {
+        if self.pins.is_empty() {
+            self.endpoint().map(drop)
+        } else {
+            self.pinned().map(drop)
+        }
+    }
+
     /// Builds the endpoint, checking the plaintext rule and configuring TLS.
     /// The connection itself is made lazily on first use, so a broker that is
-    /// down does not fail this call.
+    /// down does not fail this call. A pinned address has none
+    /// ([`ConnectError::PinnedEndpoint`]): use [`channel`](Self::channel) or
+    /// [`connect`](Self::connect).
     pub fn endpoint(&self) -> Result<Endpoint, ConnectError> {
+        if !self.pins.is_empty() {
+            return Err(ConnectError::PinnedEndpoint);
+        }
+        self.plain_endpoint()
+    }
+
+    fn parse_url(&self) -> Result<(http::Uri, String, bool), ConnectError> {
         let uri: http::Uri =
             self.url
                 .parse()
@@ -194,6 +244,13 @@ impl BrokerAddress {
                 });
             }
         };
+        Ok((uri, host, tls))
+    }
+
+    /// A plain tonic endpoint (tonic's TLS, WebPKI against `ca_cert` or the
+    /// system roots).
+    fn plain_endpoint(&self) -> Result<Endpoint, ConnectError> {
+        let (uri, host, tls) = self.parse_url()?;
         if !tls && !self.insecure && !is_loopback_host(&host) {
             return Err(ConnectError::PlaintextToRemote { host });
         }
@@ -244,7 +301,98 @@ impl BrokerAddress {
 
     /// A lazily connecting channel to the broker.
     pub fn channel(&self) -> Result<Channel, ConnectError> {
-        Ok(self.endpoint()?.connect_lazy())
+        if self.pins.is_empty() {
+            return Ok(self.endpoint()?.connect_lazy());
+        }
+        let (endpoint, connector) = self.pinned()?;
+        Ok(endpoint.connect_with_connector_lazy(connector))
+    }
+
+    /// Connects now (TCP, TLS, HTTP/2).
+    pub async fn connect(&self) -> Result<Channel, ConnectError> {
+        let transport = |source| ConnectError::Transport {
+            url: self.url.clone(),
+            source,
+        };
+        if self.pins.is_empty() {
+            return self.endpoint()?.connect().await.map_err(transport);
+        }
+        let (endpoint, connector) = self.pinned()?;
+        endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(transport)
+    }
+
+    /// The endpoint and connector of a pinned address: tonic speaks HTTP/2
+    /// over what the connector returns, a rustls stream whose handshake
+    /// accepted only a pinned key. The endpoint's URI is `http://` because
+    /// the TLS is the connector's, not tonic's.
+    fn pinned(&self) -> Result<(Endpoint, PinnedConnector), ConnectError> {
+        let (uri, host, tls) = self.parse_url()?;
+        if !tls {
+            return Err(ConnectError::PinsWithoutTls {
+                url: self.url.clone(),
+            });
+        }
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let port = uri.port_u16().unwrap_or(443);
+        let bare_host = host.trim_matches(['[', ']']).to_owned();
+        let server_name =
+            ServerName::try_from(bare_host.clone()).map_err(|_| ConnectError::InvalidUrl {
+                url: self.url.clone(),
+                reason: "the host is not a valid name or IP address".into(),
+            })?;
+        let provider = Arc::new(ring_provider());
+        let verifier = Arc::new(PinnedServerVerifier::new(self.pins.clone(), &provider));
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConnectError::ClientIdentityInvalid(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match &self.client_identity {
+            None => builder.with_no_client_auth(),
+            Some(identity) => {
+                let read = |what, path: &PathBuf| {
+                    std::fs::read(path).map_err(|source| ConnectError::ClientIdentity {
+                        what,
+                        path: path.clone(),
+                        source,
+                    })
+                };
+                let invalid = |e: rustls::pki_types::pem::Error| {
+                    ConnectError::ClientIdentityInvalid(e.to_string())
+                };
+                let chain = CertificateDer::pem_slice_iter(&read("certificate", &identity.cert)?)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(invalid)?;
+                let key =
+                    PrivateKeyDer::from_pem_slice(&read("key", &identity.key)?).map_err(invalid)?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| ConnectError::ClientIdentityInvalid(e.to_string()))?
+            }
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+            .map_err(|source| ConnectError::Transport {
+                url: self.url.clone(),
+                source,
+            })?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        let connector = PinnedConnector {
+            host: bare_host,
+            port,
+            server_name,
+            tls: TlsConnector::from(Arc::new(config)),
+        };
+        Ok((endpoint, connector))
     }
 
     /// The interceptor that adds `authorization` and `x-credstream-cluster`
@@ -255,6 +403,42 @@ impl BrokerAddress {
         Ok(CallCredentials {
             authorization: Arc::new(RwLock::new(authorization)),
             cluster,
+        })
+    }
+}
+
+/// Opens TCP to the broker and runs the pinned TLS handshake; tonic's
+/// connector for a pinned address (the URI tonic passes is ignored: the
+/// address is fixed).
+#[derive(Clone)]
+pub struct PinnedConnector {
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+}
+
+impl tower::Service<http::Uri> for PinnedConnector {
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect((this.host.as_str(), this.port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = this.tls.connect(this.server_name, tcp).await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
         })
     }
 }
@@ -335,6 +519,7 @@ mod tests {
             ca_cert: None,
             client_identity: None,
             insecure,
+            pins: Vec::new(),
         }
     }
 

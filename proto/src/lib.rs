@@ -10,6 +10,8 @@
 //!   routing header), shared by the client and the agent.
 //! - [`codec`] — the stubs' codec: undecodable messages are
 //!   `INVALID_ARGUMENT`, not `INTERNAL`.
+//! - [`join`] — join strings (address, token, pinned broker keys) and the
+//!   rustls verifier that pins the broker's key.
 //! - [`convert`] — small helpers between the generated types and `SystemTime`.
 //! - [`kind`] — [`kind::PerKind`], one value per credential kind, so that
 //!   code looks a kind up instead of matching on it.
@@ -22,6 +24,7 @@
 pub mod codec;
 pub mod connect;
 pub mod convert;
+pub mod join;
 pub mod kind;
 pub mod rules;
 #[cfg(feature = "seal")]

@@ -110,7 +110,10 @@ impl ErrorKind {
             // (the only transport setting that can fail before connecting).
             | BrokerError::Address(ConnectError::PlaintextToRemote { .. })
             | BrokerError::Address(ConnectError::Transport { .. }) => Self::Tls,
-            BrokerError::Token(_) | BrokerError::Address(_) => Self::Config,
+            BrokerError::Token(_)
+            | BrokerError::Address(_)
+            | BrokerError::JoinFile { .. }
+            | BrokerError::Join(_) => Self::Config,
             BrokerError::Answered { .. } => Self::Other,
         }
     }
@@ -400,6 +403,7 @@ impl Publisher {
                 }
             },
             insecure: options.insecure,
+            join: None,
         };
         let address = broker_options.address().map_err(PublisherError::from_cli)?;
         let assignments: Vec<EnvVar> = options
@@ -1051,6 +1055,7 @@ mod tests {
             ca_cert: None,
             client_identity: None,
             insecure: false,
+            pins: Vec::new(),
         }
     }
 
@@ -1110,6 +1115,7 @@ mod tests {
             ca_cert: None,
             client_identity: None,
             insecure: false,
+            join: None,
         };
         let error = PublisherError::from_cli(plaintext.address().unwrap_err());
         assert_eq!(error.kind, ErrorKind::Tls, "{}", error.message);

@@ -72,6 +72,7 @@ impl TestBroker {
             ca_cert: None,
             client_identity: None,
             insecure: false,
+            pins: Vec::new(),
         }
     }
 

@@ -18,6 +18,7 @@ pub fn local_address(url: &str, token: &str, cluster: &str) -> BrokerAddress {
         ca_cert: None,
         client_identity: None,
         insecure: false,
+        pins: Vec::new(),
     }
 }
 

@@ -351,6 +351,7 @@ async fn tls_serves_the_protocol_and_the_client_library_verifies_the_server() {
         ca_cert: Some(pki.ca_path()),
         client_identity: None,
         insecure: false,
+        pins: Vec::new(),
     };
     let mut client =
         credstream_proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
@@ -415,6 +416,7 @@ async fn mutual_tls_requires_a_client_certificate_signed_by_the_client_ca() {
             ca_cert: Some(pki.ca_path()),
             client_identity,
             insecure: false,
+            pins: Vec::new(),
         };
         async move {
             AdminServiceClient::with_interceptor(

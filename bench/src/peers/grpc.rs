@@ -279,6 +279,7 @@ impl GrpcPeer {
             ca_cert: ca,
             client_identity: None,
             insecure: false,
+            pins: Vec::new(),
         };
         let channel = publisher_address.endpoint()?.connect().await?;
         let mut client =
