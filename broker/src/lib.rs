@@ -21,6 +21,7 @@
 //! - [`service`] — the thin gRPC services (publisher, agent, admin).
 //! - [`connections`] — the accept loop: descriptor limit, connection cap,
 //!   handshake deadline, back-off on exhaustion.
+//! - [`state_dir`] — a state directory: key ring, self-signed TLS pair, join strings.
 //! - [`tls`] — the rustls server configuration.
 //! - [`serving`] — hyper's HTTP/2 server, each connection and its streams
 //!   polled in one task.
@@ -42,6 +43,7 @@ pub mod refresh;
 pub mod server;
 pub mod service;
 pub mod serving;
+pub mod state_dir;
 pub mod stream_token;
 pub mod tls;
 

@@ -13,6 +13,8 @@ use credstream_broker::metrics::MetricsConfig;
 use credstream_broker::rate_limit::CallRate;
 use credstream_broker::refresh::RefreshConfig;
 use credstream_broker::server::{self, BrokerConfig, TlsFiles};
+use credstream_broker::state_dir::{self, StateDir};
+use credstream_proto::join::JoinString;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// The credstream broker: holds each cluster's short-lived credentials in
@@ -31,6 +33,31 @@ struct Cli {
 enum Command {
     /// Print a signed token (alone, on stdout).
     Token(TokenArgs),
+    /// Create a state directory (token key ring; a self-signed TLS pair
+    /// unless --tls-cert is given) and print one join string per role for
+    /// --cluster: secrets, hand each to its role only.
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// The state directory (created 0700; existing files are kept).
+    #[arg(long, env = "CREDSTREAM_STATE_DIR")]
+    state_dir: PathBuf,
+    /// HOST:PORT publishers and agents reach the broker at (goes into the
+    /// join strings and, for a self-signed certificate, its names).
+    #[arg(long, env = "CREDSTREAM_ADDRESS")]
+    address: String,
+    /// The cluster the join strings' tokens are for.
+    #[arg(long, env = "CREDSTREAM_CLUSTER", default_value = "default")]
+    cluster: String,
+    /// The join strings' token lifetime.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// A certificate of your own (e.g. CA-signed) instead of a self-signed
+    /// one; the join strings pin its key.
+    #[arg(long, env = "CREDSTREAM_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -47,9 +74,14 @@ struct ServeArgs {
     #[arg(
         long,
         env = "CREDSTREAM_TOKEN_KEY_FILE",
-        required_unless_present = "dev"
+        required_unless_present_any = ["dev", "state_dir"]
     )]
     token_key_file: Option<PathBuf>,
+    /// A state directory from `credstream-broker init` (created now if
+    /// missing): its token key ring and, unless --tls-cert is given, its
+    /// self-signed TLS pair.
+    #[arg(long, env = "CREDSTREAM_STATE_DIR", conflicts_with_all = ["token_key_file", "dev"])]
+    state_dir: Option<PathBuf>,
     /// PEM certificate chain for TLS.
     #[arg(long, env = "CREDSTREAM_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -185,8 +217,10 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Token(args)) = cli.command {
-        return print_token(args);
+    match cli.command {
+        Some(Command::Token(args)) => return print_token(args),
+        Some(Command::Init(args)) => return init(args),
+        None => {}
     }
     init_logging(cli.serve.log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -213,12 +247,81 @@ fn print_token(args: TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `init`: the state directory, then the join strings.
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let state = StateDir::new(&args.state_dir);
+    let host = state_dir::host_of(&args.address)?;
+    state.ensure(args.tls_cert.is_none(), &[host])?;
+    let cert = args.tls_cert.unwrap_or_else(|| state.tls_cert());
+    let key = TokenKey::from_file(&state.token_key())?;
+    print_join_strings(&key, &cert, &args.address, &args.cluster, args.ttl)
+}
+
+/// One join string per role for `cluster`, pinning the key of `cert`.
+fn print_join_strings(
+    key: &TokenKey,
+    cert: &std::path::Path,
+    address: &str,
+    cluster: &str,
+    ttl: Duration,
+) -> anyhow::Result<()> {
+    let pin = state_dir::pin_of(cert)?;
+    println!(
+        "Join strings for cluster {cluster:?} at {address} (secrets: each holds a token, valid {}; the broker's key is {pin}).",
+        humantime::format_duration(ttl)
+    );
+    for (role, name, use_) in [
+        (
+            Role::Publisher,
+            "PUBLISHER",
+            "credstream publish --join-file FILE --cluster",
+        ),
+        (
+            Role::Agent,
+            "AGENT",
+            "credstream-agent run --join-file FILE --cluster",
+        ),
+    ] {
+        let token = key.issue(role, Some(cluster), ttl)?;
+        let join = JoinString::new(address.to_owned(), &token, vec![pin])?;
+        println!("# {use_} {cluster} ...");
+        println!("CREDSTREAM_{name}_JOIN={}", join.encode().as_str());
+    }
+    Ok(())
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if !(0.1..=0.9).contains(&args.refresh_at) {
         bail!(
             "--refresh-at must be between 0.1 and 0.9 (got {})",
             args.refresh_at
         );
+    }
+    let mut args = args;
+    if let Some(dir) = &args.state_dir {
+        let state = StateDir::new(dir);
+        let hosts = if args.listen.ip().is_unspecified() {
+            Vec::new()
+        } else {
+            vec![args.listen.ip().to_string()]
+        };
+        let self_signed = args.tls_cert.is_none();
+        let created = state.ensure(self_signed, &hosts)?;
+        args.token_key_file = Some(state.token_key());
+        if self_signed {
+            args.tls_cert = Some(state.tls_cert());
+            args.tls_key = Some(state.tls_key());
+        }
+        if created.token_key || created.tls {
+            let key = TokenKey::from_file(&state.token_key())?;
+            print_join_strings(
+                &key,
+                args.tls_cert.as_deref().unwrap_or(&state.tls_cert()),
+                &args.listen.to_string(),
+                "default",
+                Duration::from_secs(24 * 3600),
+            )?;
+        }
     }
     let token_key = match (&args.token_key_file, args.dev) {
         (Some(path), _) => TokenKey::from_file(path)?,
