@@ -32,4 +32,24 @@ fn main() {
             println!("cargo::rustc-cfg=tool_{tool}");
         }
     }
+    // Not a variable: network namespaces (`ip netns`) need root and
+    // iproute2, so `tool_netns` is set when the build runs as root with
+    // `ip` on PATH (tests/tests/join.rs), and always under the variable.
+    println!("cargo::rustc-check-cfg=cfg(tool_netns)");
+    if required || (effective_uid() == Some(0) && on_path("ip")) {
+        println!("cargo::rustc-cfg=tool_netns");
+    }
+}
+
+/// This process's effective user id, from /proc (Linux).
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Whether `program` is in a directory of PATH.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
