@@ -43,7 +43,12 @@ use zeroize::Zeroizing;
 
 /// The variables that may carry the token or lead to it; removed from the
 /// environment of the re-executed agent.
-pub const TOKEN_VARIABLES: &[&str] = &["CREDSTREAM_TOKEN", "CREDSTREAM_TOKEN_FILE"];
+pub const TOKEN_VARIABLES: &[&str] = &[
+    "CREDSTREAM_TOKEN",
+    "CREDSTREAM_TOKEN_FILE",
+    "CREDSTREAM_JOIN",
+    "CREDSTREAM_JOIN_FILE",
+];
 
 /// The largest token read from a descriptor. Broker tokens are a few
 /// hundred bytes.
@@ -93,9 +98,9 @@ pub fn without_token_arguments(args: &[OsString]) -> (Vec<OsString>, bool) {
             iter.next();
         } else if bytes.starts_with(b"--token=") {
             token_given = true;
-        } else if bytes == b"--token-file" {
+        } else if bytes == b"--token-file" || bytes == b"--join-file" {
             iter.next();
-        } else if !bytes.starts_with(b"--token-file=") {
+        } else if !bytes.starts_with(b"--token-file=") && !bytes.starts_with(b"--join-file=") {
             kept.push(arg.clone());
         }
     }
@@ -108,13 +113,27 @@ pub fn without_token_arguments(args: &[OsString]) -> (Vec<OsString>, bool) {
 /// Returns only if that fails, with the reason; the caller can go on with
 /// the token it read.
 pub fn hand_over(token: &str, args: &[OsString]) -> io::Error {
-    match try_hand_over(token, args) {
+    match try_hand_over("--token-fd", token, args) {
         Ok(never) => match never {},
         Err(error) => error,
     }
 }
 
-fn try_hand_over(token: &str, args: &[OsString]) -> io::Result<std::convert::Infallible> {
+/// [`hand_over`] for a join string (from `--join-file` or
+/// `CREDSTREAM_JOIN`): the whole string, address and pins with the token,
+/// goes into the descriptor, named with `--join-fd N`.
+pub fn hand_over_join(join: &str, args: &[OsString]) -> io::Error {
+    match try_hand_over("--join-fd", join, args) {
+        Ok(never) => match never {},
+        Err(error) => error,
+    }
+}
+
+fn try_hand_over(
+    flag: &str,
+    token: &str,
+    args: &[OsString],
+) -> io::Result<std::convert::Infallible> {
     let (Some(program), Some(subcommand)) = (args.first(), args.get(1)) else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -134,7 +153,7 @@ fn try_hand_over(token: &str, args: &[OsString]) -> io::Result<std::convert::Inf
     command
         .arg0(program)
         .arg(subcommand)
-        .arg("--token-fd")
+        .arg(flag)
         .arg(file.as_raw_fd().to_string())
         .args(rest);
     for name in TOKEN_VARIABLES {
@@ -222,6 +241,9 @@ mod tests {
             "--token-file",
             "/path/one",
             "--token-file=/path/two",
+            "--join-file",
+            "/path/three",
+            "--join-file=/path/four",
             "--agent-id",
             "w1",
             "--",

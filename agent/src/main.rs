@@ -40,18 +40,31 @@ enum Command {
 #[derive(Args)]
 struct AgentArgs {
     /// The broker's URL (https://HOST:PORT, or http:// to loopback).
-    #[arg(long, env = "CREDSTREAM_BROKER", required_unless_present = "join_file")]
+    /// (Required unless a join string is given: --join-file, --join-fd or
+    /// CREDSTREAM_JOIN.)
+    #[arg(long, env = "CREDSTREAM_BROKER")]
     broker: Option<String>,
     /// A file holding a join string from `credstream-broker init` (the
     /// broker's address, an agent token and the broker's pinned key): the
     /// broker is reached over TLS and accepted by its key alone, instead of
     /// --broker, --token-file and a CA.
+    /// The join string may also be given whole in CREDSTREAM_JOIN (never as
+    /// an argument: it holds a token), or on a descriptor with --join-fd.
     #[arg(
         long,
         env = "CREDSTREAM_JOIN_FILE",
-        conflicts_with_all = ["broker", "token", "token_file", "ca_cert"]
+        conflicts_with_all = ["broker", "token", "token_file", "token_fd", "ca_cert", "join_fd"]
     )]
     join_file: Option<PathBuf>,
+    /// An open file descriptor to read a join string from (to its end;
+    /// then closed), e.g. `--join-fd 3 3<agent.join`. The agent itself
+    /// moves a join string from --join-file or CREDSTREAM_JOIN into one.
+    #[arg(
+        long,
+        env = "CREDSTREAM_JOIN_FD",
+        conflicts_with_all = ["broker", "token", "token_file", "token_fd", "ca_cert"]
+    )]
+    join_fd: Option<i32>,
     /// The cluster to serve credentials of.
     #[arg(long, env = "CREDSTREAM_CLUSTER")]
     cluster: String,
@@ -65,8 +78,7 @@ struct AgentArgs {
         long,
         env = "CREDSTREAM_TOKEN",
         hide_env_values = true,
-        conflicts_with_all = ["token_file", "token_fd"],
-        required_unless_present_any = ["token_file", "token_fd", "join_file"]
+        conflicts_with_all = ["token_file", "token_fd"]
     )]
     token: Option<String>,
     /// A file holding the agent token (read once at start).
@@ -211,25 +223,41 @@ fn main() -> ExitCode {
     }
 }
 
-/// The agent token, read the one way it was given. A token given as an
-/// argument, in `CREDSTREAM_TOKEN` or in a file is moved into a descriptor
-/// by re-executing the agent (which does not return); only if that fails
-/// does the agent go on with it as read (see `hardening`).
-fn agent_token(args: &AgentArgs) -> Result<Zeroizing<String>> {
+/// The agent token and, if one was given, the join string, each read the
+/// one way it was given. A token given as an argument, in
+/// `CREDSTREAM_TOKEN` or in a file, and a join string given in a file or
+/// in `CREDSTREAM_JOIN`, are moved into a descriptor by re-executing the
+/// agent (which does not return); only if that fails does the agent go on
+/// with them as read (see `hardening`).
+fn agent_token(args: &AgentArgs) -> Result<(Zeroizing<String>, Option<JoinString>)> {
     if let Some(fd) = args.token_fd {
-        return hardening::read_token_fd(fd)
-            .with_context(|| format!("cannot read the agent token from descriptor {fd}"));
+        let token = hardening::read_token_fd(fd)
+            .with_context(|| format!("cannot read the agent token from descriptor {fd}"))?;
+        return Ok((token, None));
     }
-    let token = match join(args)? {
-        Some(join) => join.token,
-        None => credstream_proto::rules::token::read(
-            args.token.as_deref(),
-            args.token_file.as_deref(),
-            "agent",
-            "--join-file, --token-file, --token-fd or --token",
-        )?,
-    };
+    if let Some(fd) = args.join_fd {
+        let text = hardening::read_token_fd(fd)
+            .with_context(|| format!("cannot read the join string from descriptor {fd}"))?;
+        let join = JoinString::parse(&text)
+            .with_context(|| format!("the join string on descriptor {fd} is not usable"))?;
+        return Ok((join.token.clone(), Some(join)));
+    }
     let argv: Vec<OsString> = std::env::args_os().collect();
+    if let Some(join) = join(args)? {
+        let error = hardening::hand_over_join(&join.encode(), &argv);
+        tracing::warn!(
+            %error,
+            "cannot re-execute the agent without the join string in its arguments and \
+             environment; going on with them there"
+        );
+        return Ok((join.token.clone(), Some(join)));
+    }
+    let token = credstream_proto::rules::token::read(
+        args.token.as_deref(),
+        args.token_file.as_deref(),
+        "agent",
+        "--join-file, --join-fd, CREDSTREAM_JOIN, --token-file, --token-fd or --token",
+    )?;
     if hardening::without_token_arguments(argv.get(2..).unwrap_or_default()).1 {
         tracing::warn!(
             "--token on the command line is visible to every local user until the agent \
@@ -242,35 +270,59 @@ fn agent_token(args: &AgentArgs) -> Result<Zeroizing<String>> {
         "cannot re-execute the agent without the token in its arguments and environment; \
          going on with them there"
     );
-    Ok(token)
+    Ok((token, None))
 }
 
-/// The join string of --join-file, if given. The re-executed agent reads
-/// it again for the address and the pins (its token then comes from the
-/// descriptor, and is the same).
+/// The join string of --join-file or `CREDSTREAM_JOIN`, if given (the
+/// variable conflicts with the flags a join string replaces).
 fn join(args: &AgentArgs) -> Result<Option<JoinString>> {
-    let Some(path) = &args.join_file else {
-        return Ok(None);
+    let from_env = std::env::var_os(JOIN_VARIABLE);
+    let (text, from) = match (&args.join_file, from_env) {
+        (Some(_), Some(_)) => anyhow::bail!("give either --join-file or {JOIN_VARIABLE}, not both"),
+        (Some(path), None) => (
+            Zeroizing::new(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the join file {}", path.display()))?,
+            ),
+            format!("the join file {}", path.display()),
+        ),
+        (None, Some(value)) => {
+            if args.broker.is_some()
+                || args.token.is_some()
+                || args.token_file.is_some()
+                || args.transport.ca_cert.is_some()
+            {
+                anyhow::bail!(
+                    "{JOIN_VARIABLE} gives the broker, the token and its key: do not also give \
+                     --broker, --token, --token-file or --ca-cert"
+                );
+            }
+            let text = value
+                .into_string()
+                .map_err(|_| anyhow::anyhow!("{JOIN_VARIABLE} is not text"))?;
+            (Zeroizing::new(text), JOIN_VARIABLE.to_owned())
+        }
+        (None, None) => return Ok(None),
     };
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the join file {}", path.display()))?,
-    );
-    let join = JoinString::parse(&text)
-        .with_context(|| format!("the join file {} is not usable", path.display()))?;
+    let join = JoinString::parse(&text).with_context(|| format!("{from} is not usable"))?;
     Ok(Some(join))
 }
+
+/// The variable that may hold a join string.
+const JOIN_VARIABLE: &str = "CREDSTREAM_JOIN";
 
 /// The library's config from the flags.
 fn config(
     args: AgentArgs,
-    token: Zeroizing<String>,
+    (token, join): (Zeroizing<String>, Option<JoinString>),
     max_connections: usize,
 ) -> Result<AgentConfig> {
-    let (broker, pins) = match (join(&args)?, args.broker) {
+    let (broker, pins) = match (join, args.broker) {
         (Some(join), _) => (format!("https://{}", join.address), join.pins),
         (None, Some(broker)) => (broker, Vec::new()),
-        (None, None) => anyhow::bail!("give the broker with --broker or --join-file"),
+        (None, None) => anyhow::bail!(
+            "give the broker with --broker, or a join string with --join-file, --join-fd or {JOIN_VARIABLE}"
+        ),
     };
     let mut config = AgentConfig::new(broker, args.cluster, args.agent_id, token);
     config.pins = pins;

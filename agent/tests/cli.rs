@@ -275,7 +275,7 @@ async fn an_empty_token_file_is_refused_before_anything_starts() {
         .kill_on_drop(true);
     fails_with(
         command,
-        &["the token is empty; give the agent token with --token-file, --token-fd or --token"],
+        &["the token is empty; give the agent token with --join-file, --join-fd, CREDSTREAM_JOIN, --token-file, --token-fd or --token"],
     )
     .await;
 }
@@ -368,4 +368,106 @@ async fn a_state_file_needs_a_seal_key_and_is_created_private_at_start() {
     assert_eq!(mode, 0o600);
     let text = std::fs::read_to_string(&state).unwrap();
     assert!(text.contains(r#""cluster":"c1""#), "{text}");
+}
+
+/// A join string for a closed loopback port with the token `join-token-…`.
+fn join_string() -> String {
+    use credstream_proto::join::{JoinString, SpkiPin};
+    JoinString::new(
+        "127.0.0.1:1".into(),
+        "join-token-4f1c9e",
+        vec![SpkiPin([7; 32])],
+    )
+    .unwrap()
+    .encode()
+    .as_str()
+    .to_owned()
+}
+
+/// `credstream-agent run` given no broker and no token.
+fn agent_for_join() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_credstream-agent"));
+    command
+        .args(["run", "--cluster", "c1", "--agent-id", "worker-1"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// The running agent's command line and environment hold no token and no
+/// join string; its command line names the descriptor it read (and
+/// closed) instead of `way`.
+fn assert_join_handed_over(pid: u32, way: &str) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("--join-fd"), "{way}: {cmdline}");
+    assert!(
+        !cmdline.contains("csj1.") && !cmdline.contains("--join-file"),
+        "{way}: {cmdline}"
+    );
+    // Readable only with CAP_SYS_PTRACE (root): the agent is non-dumpable.
+    if let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) {
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(!environ.contains("CREDSTREAM_JOIN"), "{way}: {environ}");
+    }
+    // The descriptor it read is closed: none of its descriptors leads to
+    // the string (a memory file or the join file).
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let target = std::fs::read_link(entry.unwrap().path()).unwrap_or_default();
+        let target = target.to_string_lossy();
+        assert!(
+            !target.contains("memfd:") && !target.ends_with("agent.join"),
+            "{way}: a descriptor still leads to the join string: {target}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_string_from_credstream_join_or_a_descriptor_is_read_then_handed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let join_file = dir.path().join("agent.join");
+    std::fs::write(&join_file, join_string()).unwrap();
+    // CREDSTREAM_JOIN: re-executed with the string on a descriptor.
+    let mut from_env = agent_for_join();
+    from_env.env("CREDSTREAM_JOIN", join_string());
+    // --join-fd given by the caller: read and closed, no re-execution.
+    let mut from_fd = Command::new("sh");
+    from_fd
+        .arg("-c")
+        .arg(format!(
+            "exec \"$0\" run --cluster c1 --agent-id worker-1 --join-fd 3 3<'{}'",
+            join_file.display()
+        ))
+        .arg(env!("CARGO_BIN_EXE_credstream-agent"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (way, mut command) in [("CREDSTREAM_JOIN", from_env), ("--join-fd", from_fd)] {
+        let mut child = command.spawn().unwrap();
+        let _ = banner(&mut child).await;
+        assert_join_handed_over(child.id().unwrap(), way);
+        child.start_kill().unwrap();
+        let output = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!stderr.contains("join-token-4f1c9e"), "{way}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_or_conflicting_join_string_is_refused_without_quoting_it() {
+    let mut bad = agent_for_join();
+    bad.env("CREDSTREAM_JOIN", "join-token-4f1c9e");
+    fails_with(bad, &["CREDSTREAM_JOIN is not usable", "csj1."]).await;
+    let mut both = agent_for_join();
+    both.env("CREDSTREAM_JOIN", join_string())
+        .args(["--broker", "http://127.0.0.1:1"]);
+    fails_with(both, &["CREDSTREAM_JOIN gives the broker", "--broker"]).await;
+    let mut closed = agent_for_join();
+    closed.args(["--join-fd", "97"]);
+    fails_with(closed, &["cannot read the join string from descriptor 97"]).await;
 }
