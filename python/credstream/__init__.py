@@ -38,7 +38,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from . import _credstream
 from ._credstream import (
@@ -285,6 +285,7 @@ class Publisher:
         seal_key_file: PathLike | None = None,
         aws_source_identity: str | None = None,
         aws_tags: Mapping[str, str] | None = None,
+        seal_key: Literal["file", "session"] = "file",
     ) -> None:
         if token is not None and token_file is not None:
             raise ConfigurationError("give the publisher token as token or token_file, not both")
@@ -293,8 +294,14 @@ class Publisher:
                 "give the publisher token with token_file=... or token=... "
                 "(`credstream-broker token --role publisher --cluster ...` issues one)"
             )
+        if seal_key not in ("file", "session"):
+            raise ConfigurationError(
+                f'seal_key must be "file" (the cluster\'s key file) or "session" (a key made '
+                f"for this publisher only), not {seal_key!r}"
+            )
         self._lock = threading.Lock()
         self._cluster = cluster
+        self._broker = broker
         self._native = _credstream.NativePublisher(
             broker,
             cluster,
@@ -318,6 +325,7 @@ class Publisher:
             _expand(seal_key_file),
             aws_source_identity,
             _tag_pairs(aws_tags),
+            session_seal_key=seal_key == "session",
         )
         for line in self._native.identity_lines():
             if ": not publishing " in line:
@@ -331,6 +339,11 @@ class Publisher:
     def cluster(self) -> str:
         """The cluster id."""
         return self._cluster
+
+    @property
+    def broker(self) -> str:
+        """The broker URL, as given."""
+        return self._broker
 
     @property
     def kinds(self) -> list[str]:
@@ -358,8 +371,16 @@ class Publisher:
     def seal_key_file(self) -> str | None:
         """The file the seal key is in (pass it to
         ``CredstreamPlugin(seal_key_file=...)`` when it is not the default),
-        or ``None`` when not sealing."""
+        or ``None`` when not sealing or sealing with a session key
+        (``seal_key="session"``), which is in no file."""
         return self._seal_key_file
+
+    def _session_seal_key(self) -> str | None:
+        """The session key's line (secret), for
+        :meth:`credstream.dask.CredstreamPlugin.from_publisher` only;
+        ``None`` unless ``seal_key="session"``."""
+        line = self._native.session_seal_key()
+        return None if line is None else str(line)
 
     @property
     def sealing(self) -> str:

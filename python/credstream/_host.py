@@ -20,6 +20,13 @@ agent on pipes too: the token on its stdin (``--token-file /dev/stdin``,
 which the agent moves into an anonymous memory file), the key on a pipe
 the agent inherits (``--seal-key-file /dev/fd/N``, read once at start).
 Neither is ever in an environment variable, an argument or a file.
+
+Both processes are non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``): the
+supervisor marks itself so before it reads its stdin (:func:`forbid_inspection`),
+the agent first thing in its ``main``. A task of the same user (a worker
+is the supervisor's parent, which Yama's ``ptrace_scope=1`` would let in)
+can then neither ``ptrace`` them nor read their ``/proc/PID/mem`` or
+``environ``; only a process with ``CAP_SYS_PTRACE`` (root) can.
 """
 
 from __future__ import annotations
@@ -43,6 +50,27 @@ from typing import Any
 
 class AgentError(RuntimeError):
     """The host's agent could not be started or did not become ready."""
+
+
+#: ``<linux/prctl.h>``.
+_PR_SET_DUMPABLE = 4
+
+
+def forbid_inspection() -> None:
+    """Marks this process non-dumpable (``prctl(PR_SET_DUMPABLE, 0)``, as
+    the agent's ``hardening::forbid_inspection``): processes of the same
+    user may no longer ``ptrace`` it or read its ``/proc/PID/mem`` and
+    ``environ``, and it leaves no core dump. Linux only; raises
+    :class:`OSError` if the kernel refuses."""
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.ENOSYS, "prctl(PR_SET_DUMPABLE) is Linux-only")
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    zero = ctypes.c_ulong(0)
+    if libc.prctl(_PR_SET_DUMPABLE, zero, zero, zero, zero) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"prctl(PR_SET_DUMPABLE, 0): {os.strerror(code)}")
 
 
 def _runtime_root() -> str:
@@ -446,5 +474,21 @@ def _supervise(directory: str, config_json: str) -> int:
     return 0
 
 
+def _main(directory: str, config_json: str) -> int:
+    # Before the secrets are read from stdin: nothing of this user may read
+    # this process's memory from now on. Without that, no agent.
+    try:
+        forbid_inspection()
+    except OSError as error:
+        with open(os.path.join(directory, "agent.log"), "a") as log:
+            log.write(
+                f"credstream supervisor: cannot mark itself non-dumpable ({error}); the agent "
+                "token and seal key would be readable by every process of this user, so no "
+                "agent is started\n"
+            )
+        return 1
+    return _supervise(directory, config_json)
+
+
 if __name__ == "__main__":
-    sys.exit(_supervise(sys.argv[1], sys.argv[2]))
+    sys.exit(_main(sys.argv[1], sys.argv[2]))

@@ -36,6 +36,21 @@ the publisher sealed and the broker relays credentials it cannot read. Pass
 ``os.environ``, an argument or a file. The key, like the agent token, passes
 through the Dask scheduler inside the plugin; it never reaches the broker.
 
+A key per session: with ``Publisher(..., seal_key="session")`` the publisher
+seals with a key made for it alone, in memory, and
+:meth:`CredstreamPlugin.from_publisher` carries that key (or the
+publisher's key file, or none, as it seals); the next session of the same
+cluster name has another key, which the old session's agents refuse.
+
+What stays where: on each worker the plugin object drops the agent token
+and the seal key once the agent holds them, so a task reading
+``get_worker().plugins[...]`` finds neither; the agent and its supervisor
+are non-dumpable, so a task of the same user cannot read their memory. The
+scheduler keeps the registered plugin, pickled, to set up workers that join
+later: any client of the cluster can read the token and the key there
+(``run_on_scheduler``). A short agent token and a session key limit what
+that copy is worth (README "Who on the cluster can read what").
+
 fsspec caches filesystem instances: an ``s3fs.S3FileSystem()`` (or gcsfs)
 created in a worker *before* the plugin ran keeps the session it found then
 (none), and ``fsspec.filesystem("s3")`` hands that same instance back. Create
@@ -62,12 +77,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import _credstream, _host
 from ._credstream import ConfigurationError
+
+if TYPE_CHECKING:
+    import credstream
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -276,7 +294,9 @@ class CredstreamPlugin(WorkerPlugin):
     :param cluster: the cluster id.
     :param agent_token: an agent token for the cluster (it travels inside
         the plugin to the workers: it proves a worker belongs to the
-        cluster, and lets it read the cluster's credentials).
+        cluster, and lets it read the cluster's credentials). A worker's
+        copy of the plugin drops it, and the seal key, once its agent holds
+        them; the scheduler's copy keeps both.
     :param ready_timeout: seconds to wait on each worker for the agent to
         hold every declared credential (and the private env); then setup
         fails with :class:`AgentNotReadyError` saying what was missing.
@@ -317,6 +337,9 @@ class CredstreamPlugin(WorkerPlugin):
     ) -> None:
         if not agent_token or not isinstance(agent_token, str):
             raise ValueError("agent_token must be the cluster's agent token")
+        # The two secrets: on a worker, dropped once its agent holds them
+        # (see `attach`).
+        self._agent_token: str | None = agent_token
         self._seal_key: str | None = None
         self.seal_key_id: str | None = None
         if seal:
@@ -330,7 +353,6 @@ class CredstreamPlugin(WorkerPlugin):
             )
         self.broker = broker
         self.cluster = cluster
-        self.agent_token = agent_token
         self.ready_timeout = float(ready_timeout)
         self.gce_metadata = gce_metadata
         self.ca_cert = ca_cert
@@ -345,7 +367,59 @@ class CredstreamPlugin(WorkerPlugin):
     @property
     def sealed(self) -> bool:
         """True if the plugin gives the agents a seal key."""
-        return self._seal_key is not None
+        return self.seal_key_id is not None
+
+    @classmethod
+    def from_publisher(
+        cls,
+        publisher: credstream.Publisher,
+        agent_token: str,
+        *,
+        broker: str | None = None,
+        ready_timeout: float = 60.0,
+        gce_metadata: bool = True,
+        ca_cert: str | None = None,
+        tls_client_cert: str | None = None,
+        tls_client_key: str | None = None,
+        insecure: bool = False,
+        name: str | None = None,
+    ) -> CredstreamPlugin:
+        """The plugin for the workers of ``publisher``'s cluster, sealed as
+        the publisher seals: with its session key
+        (``Publisher(seal_key="session")``: a key made for that publisher
+        alone, in memory, that this call takes from it), its key file, or
+        not at all (``seal=False``). Call it in the publisher's process::
+
+            pub = credstream.Publisher(broker=BROKER, cluster="analysis",
+                                       token=PUBLISHER_TOKEN, seal_key="session")
+            client.register_plugin(CredstreamPlugin.from_publisher(pub, AGENT_TOKEN))
+
+        :param broker: the broker URL as the workers reach it, when not the
+            publisher's.
+
+        The other parameters are the constructor's.
+        """
+        plugin = cls(
+            broker if broker is not None else publisher.broker,
+            publisher.cluster,
+            agent_token,
+            ready_timeout=ready_timeout,
+            gce_metadata=gce_metadata,
+            ca_cert=ca_cert,
+            tls_client_cert=tls_client_cert,
+            tls_client_key=tls_client_key,
+            insecure=insecure,
+            name=name,
+            seal=False,
+        )
+        if publisher.sealed:
+            line = publisher._session_seal_key()
+            key_id = publisher.seal_key_id
+            if line is None:
+                # The cluster's key file, read as the constructor reads it.
+                line, key_id, _ = _credstream.seal_key(publisher.cluster, publisher.seal_key_file)
+            plugin._seal_key, plugin.seal_key_id = line, key_id
+        return plugin
 
     def __repr__(self) -> str:  # neither the token nor the key is shown
         sealed = f"seal_key_id={self.seal_key_id!r}" if self.sealed else "seal=False"
@@ -373,19 +447,30 @@ class CredstreamPlugin(WorkerPlugin):
 
     def attach(self) -> None:
         """Starts (or joins) the host's agent, waits until it is ready and
-        points ``os.environ`` at it. Blocking; ``setup`` runs it in a thread."""
+        points ``os.environ`` at it. Blocking; ``setup`` runs it in a thread.
+
+        The agent token and the seal key leave this object here, whatever
+        happens: the agent holds them (or could not start), and tasks on the
+        worker reach this object as ``get_worker().plugins[name]``. Python
+        frees the strings but does not wipe them; the scheduler's pickled
+        copy keeps both (it sets up workers that join later)."""
         deadline = time.monotonic() + self.ready_timeout
         args = self._agent_args()
-        seal_key = getattr(self, "_seal_key", None)
-        directory = _host.host_dir(
-            self.broker, self.cluster, self.agent_token, "\0".join(args), seal_key
-        )
+        token, seal_key = self._agent_token, self._seal_key
+        self._agent_token = self._seal_key = None
+        if token is None:
+            raise AgentNotReadyError(
+                f"this CredstreamPlugin for cluster {self.cluster!r} already handed its agent "
+                "token and seal key to an agent, and kept neither\n  fix: register a new "
+                "CredstreamPlugin (client.register_plugin) to attach again"
+            )
+        directory = _host.host_dir(self.broker, self.cluster, token, "\0".join(args), seal_key)
         try:
             agent = _host.attach(
                 agent_binary=agent_binary(),
                 broker=self.broker,
                 cluster=self.cluster,
-                agent_token=self.agent_token,
+                agent_token=token,
                 agent_args=args,
                 agent_id=_agent_id(directory),
                 start_timeout=self.ready_timeout,
@@ -393,6 +478,8 @@ class CredstreamPlugin(WorkerPlugin):
             )
         except _host.AgentError as error:
             raise AgentNotReadyError(str(error)) from None
+        finally:
+            del token, seal_key
         try:
             reason = "not asked yet"
             while True:

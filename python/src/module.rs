@@ -131,7 +131,7 @@ impl NativePublisher {
         broker, cluster, token, token_file, aws, gcp, aws_profile, aws_role_arn,
         aws_session_policy, aws_duration, gcp_scopes, env, env_files, revoke_on_close,
         ca_cert, tls_client_cert, tls_client_key, insecure, seal, seal_key_file,
-        aws_source_identity, aws_tags
+        aws_source_identity, aws_tags, session_seal_key=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -158,6 +158,7 @@ impl NativePublisher {
         seal_key_file: Option<PathBuf>,
         aws_source_identity: Option<String>,
         aws_tags: Vec<(String, String)>,
+        session_seal_key: bool,
     ) -> PyResult<Self> {
         let aws_duration = match aws_duration {
             Some(seconds) if !(seconds.is_finite() && seconds > 0.0) => {
@@ -191,6 +192,7 @@ impl NativePublisher {
             revoke_on_close,
             no_seal: !seal,
             seal_key_file,
+            session_seal_key,
             aws_source_identity,
             aws_tags,
         };
@@ -218,6 +220,12 @@ impl NativePublisher {
                     .map(|path| path.to_string_lossy().into_owned()),
             ))
         })
+    }
+
+    /// The session's seal key line (secret), for the Dask plugin only;
+    /// `None` unless it was made with `session_seal_key`.
+    fn session_seal_key(&self, py: Python<'_>) -> PyResult<Option<String>> {
+        self.with(py, |p| Ok(p.session_seal_key().map(|line| line.to_string())))
     }
 
     /// The kinds being published.

@@ -27,6 +27,7 @@ use credstream_client::seal_key;
 use credstream_client::session::{PublishSession, SessionError, SessionEvent};
 use credstream_proto::connect::{BrokerAddress, ClientIdentity, ConnectError};
 use credstream_proto::convert::system_time;
+use credstream_proto::seal::SealKey;
 use credstream_proto::v1::{ClusterStatus, CredentialKind, EnvVar};
 use tokio::runtime::Runtime;
 use tokio::sync::broadcast::error::RecvError;
@@ -153,6 +154,14 @@ pub struct PublisherOptions {
     /// `--seal-key-file`: the cluster's seal key file (created if missing);
     /// default: the per-cluster file in the user's config directory.
     pub seal_key_file: Option<PathBuf>,
+    /// Python's `seal_key="session"`: seal with a key made for this
+    /// publisher alone ([`SealKey::generate`]), held in memory and never
+    /// written anywhere, instead of the cluster's key file. Agents get it
+    /// from [`Publisher::session_seal_key`] (the Dask plugin carries it);
+    /// the next session of the same cluster has another key, which the
+    /// agents of this one refuse. No CLI flag: `credstream publish` keeps
+    /// the file, which agents started with `--seal-key-file` read.
+    pub session_seal_key: bool,
     /// `--aws-source-identity`.
     pub aws_source_identity: Option<String>,
     /// `--aws-tag KEY=VALUE`, in order.
@@ -271,6 +280,9 @@ pub struct Publisher {
     identity_lines: Vec<String>,
     revoke_on_close: bool,
     seal: SealInfo,
+    /// With [`PublisherOptions::session_seal_key`]: the key (zeroized on
+    /// drop; its `Debug` shows the id only).
+    session_key: Option<SealKey>,
 }
 
 /// How a publisher seals: what `credstream publish` prints about it, the
@@ -372,6 +384,12 @@ impl Publisher {
                 "seal=False and seal_key_file go against each other: give one or neither",
             ));
         }
+        if options.session_seal_key && (options.no_seal || options.seal_key_file.is_some()) {
+            return Err(PublisherError::new(
+                ErrorKind::Config,
+                "seal_key=\"session\" goes against seal=False and seal_key_file: a session key is made in memory for this publisher; give one of them",
+            ));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("credstream-publisher")
@@ -452,7 +470,23 @@ impl Publisher {
                 .revoke_on_exit(options.revoke_on_close);
             // As `credstream publish`: after the broker and identity checks,
             // before anything is sent; a key that cannot be used stops here.
-            let seal = match seal_key::for_publish(
+            let mut session_key = None;
+            let seal = if options.session_seal_key {
+                let key = SealKey::generate(&address.cluster_id);
+                let info = SealInfo {
+                    line: format!(
+                        "sealing every credential and env change for cluster {} with a key made for this session (key {}, in memory only, never in a file); agents need it: CredstreamPlugin.from_publisher(pub, ...) carries it to the Dask workers",
+                        address.cluster_id,
+                        key.key_id_hex()
+                    ),
+                    key_id: Some(key.key_id_hex()),
+                    key_file: None,
+                };
+                session_key = Some(key.clone());
+                builder = builder.seal(key);
+                info
+            } else {
+                match seal_key::for_publish(
                 &address.cluster_id,
                 options.seal_key_file.as_deref(),
                 options.no_seal,
@@ -479,6 +513,7 @@ impl Publisher {
                     key_id: None,
                     key_file: None,
                 },
+                }
             };
             for minter in usable.minters {
                 builder = builder.minter(minter);
@@ -491,9 +526,9 @@ impl Publisher {
                 .start()
                 .map_err(|e| session_error(&address, e))?;
             tokio::spawn(watch_events(session.events(), observed.clone()));
-            Ok::<_, PublisherError>((session, kinds, usable.lines, held, seal))
+            Ok::<_, PublisherError>((session, kinds, usable.lines, held, seal, session_key))
         });
-        let (session, kinds, identity_lines, held, seal) = match started {
+        let (session, kinds, identity_lines, held, seal, session_key) = match started {
             Ok(started) => started,
             Err(error) => {
                 runtime.shutdown_background();
@@ -518,12 +553,20 @@ impl Publisher {
             identity_lines,
             revoke_on_close: options.revoke_on_close,
             seal,
+            session_key,
         })
     }
 
     /// Whether and how this publisher seals (no key material).
     pub fn seal_info(&self) -> &SealInfo {
         &self.seal
+    }
+
+    /// The session's seal key line (`credstream-seal-v1:<cluster>:<base64>`,
+    /// secret) for the Dask plugin to carry to the workers' agents; `None`
+    /// unless [`PublisherOptions::session_seal_key`].
+    pub fn session_seal_key(&self) -> Option<Zeroizing<String>> {
+        self.session_key.as_ref().map(SealKey::encode)
     }
 
     /// One line per kind asked for: who it publishes as, or why not.
@@ -1201,6 +1244,29 @@ mod tests {
         let error = Publisher::start(options).unwrap_err();
         assert_eq!(error.kind, ErrorKind::Config, "{}", error.message);
         assert!(error.message.contains("seal=False"), "{}", error.message);
+    }
+
+    #[test]
+    fn a_session_key_with_no_seal_or_a_key_file_is_refused_before_anything_starts() {
+        for (no_seal, seal_key_file) in [(true, None), (false, Some("/nonexistent/dev.key"))] {
+            let options = PublisherOptions {
+                broker: "http://127.0.0.1:1".into(),
+                cluster: "dev".into(),
+                token: Some("token".into()),
+                env: vec![("A".into(), "b".into())],
+                no_seal,
+                seal_key_file: seal_key_file.map(PathBuf::from),
+                session_seal_key: true,
+                ..PublisherOptions::default()
+            };
+            let error = Publisher::start(options).unwrap_err();
+            assert_eq!(error.kind, ErrorKind::Config, "{}", error.message);
+            assert!(
+                error.message.contains("seal_key=\"session\""),
+                "{}",
+                error.message
+            );
+        }
     }
 
     #[test]

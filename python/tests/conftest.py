@@ -344,10 +344,12 @@ class DaskCluster:
             "PYTHONPATH": TESTS_DIR,
         }
 
-    def add_worker(self, host: str, name: str) -> Proc:
+    def add_worker(self, host: str, name: str, prefix: tuple[str, ...] = ()) -> Proc:
+        """A worker; ``prefix`` runs it under another command (``setpriv``)."""
         proc = Proc(
             f"worker-{name}",
             [
+                *prefix,
                 os.path.join(VENV_BIN, "dask"),
                 "worker",
                 "--scheduler-file",

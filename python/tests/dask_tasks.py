@@ -148,3 +148,47 @@ def read_through_rotation(bucket: str, key: str, timeout: float) -> dict[str, ob
 def environ_values() -> list[str]:
     """Every value in the worker's ``os.environ``."""
     return list(os.environ.values())
+
+
+def plugin_state(name: str) -> dict[str, object]:
+    """What a task can read of the worker's copy of a plugin: its
+    attributes (``vars()``), its repr and its pickle."""
+    import pickle
+
+    from distributed import get_worker
+
+    plugin = get_worker().plugins[name]
+    return {
+        "vars": {key: repr(value) for key, value in vars(plugin).items()},
+        "repr": repr(plugin),
+        "pickle": pickle.dumps(plugin),
+    }
+
+
+def _open_proc(pid: int, name: str) -> str:
+    try:
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            if name == "environ":
+                f.read(1)
+        return "read"
+    except OSError as error:
+        return type(error).__name__
+
+
+def probe_memory(pids: dict[str, int]) -> dict[str, dict[str, str]]:
+    """From the task's own process (the worker: same user, same
+    capabilities as the processes it started), tries to open
+    ``/proc/PID/mem`` and read ``/proc/PID/environ`` of each pid, and of a
+    control: a dumpable process this task starts. ``"read"``, or the
+    error's class."""
+    import subprocess
+
+    control = subprocess.Popen(["sleep", "60"])
+    try:
+        found = {"control": {n: _open_proc(control.pid, n) for n in ("mem", "environ")}}
+    finally:
+        control.kill()
+        control.wait()
+    for label, pid in pids.items():
+        found[label] = {n: _open_proc(pid, n) for n in ("mem", "environ")}
+    return found

@@ -228,7 +228,8 @@ def test_the_seal_key_is_in_no_worker_environ_agent_argv_file_or_broker_log(
     # The agent has the key, from a descriptor: only its number is in argv.
     flag = argv.index("--seal-key-file")
     assert re.fullmatch(r"/dev/fd/\d+", argv[flag + 1]), argv
-    # The supervisor is a Python process: its environment is readable.
+    # The supervisor is a Python process: its environment (which root, as
+    # here, reads though the supervisor is non-dumpable) holds no key.
     with open(f"/proc/{info['supervisor_pid']}/environ", "rb") as f:
         assert secret.encode() not in f.read()
     # Nothing in the agent's directory (env file, logs, agent.json) has it.
