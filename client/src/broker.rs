@@ -96,17 +96,14 @@ pub enum BrokerError {
     #[error(transparent)]
     Address(#[from] ConnectError),
     /// `UNAUTHENTICATED`: the broker does not accept the token.
-    #[error(
-        "the broker rejected the token: {message}\n  \
-         fix: ask the broker's operator for a new publisher token \
-         (`credstream-broker token --token-key-file KEY --role publisher --cluster {cluster}`) \
-         and pass it with --token-file"
-    )]
+    #[error("the broker rejected the token: {message}\n  fix: {}", token_fix(*.joined, cluster))]
     TokenRejected {
         /// The cluster the token was used for.
         cluster: String,
         /// The broker's words.
         message: String,
+        /// The token came in a join string, so the fix is a new join string.
+        joined: bool,
     },
     /// `PERMISSION_DENIED`: the token is for another cluster or role.
     #[error(
@@ -280,6 +277,23 @@ pub async fn get_cluster(
     }
 }
 
+/// The fix for a rejected publisher token, in the terms it was given in.
+fn token_fix(joined: bool, cluster: &str) -> String {
+    if joined {
+        format!(
+            "ask the broker's operator for a new publisher join string \
+             (`credstream-broker init --state-dir D --address HOST:PORT --cluster {cluster}` \
+             prints one) and pass it with --join-file"
+        )
+    } else {
+        format!(
+            "ask the broker's operator for a new publisher token \
+             (`credstream-broker token --token-key-file KEY --role publisher --cluster {cluster}`) \
+             and pass it with --token-file"
+        )
+    }
+}
+
 /// The fix for a status the broker answered with. Which codes a person
 /// must act on is the shared rule ([`credstream_proto::rules::retry`]);
 /// `UNAVAILABLE` is a broker that cannot be reached.
@@ -292,7 +306,11 @@ pub fn status_error(address: &BrokerAddress, status: &tonic::Status) -> BrokerEr
     let message = status.message().to_owned();
     let cluster = address.cluster_id.clone();
     match retry::final_reason(status.code()) {
-        Some(Final::Unauthenticated) => BrokerError::TokenRejected { cluster, message },
+        Some(Final::Unauthenticated) => BrokerError::TokenRejected {
+            cluster,
+            message,
+            joined: !address.pins.is_empty(),
+        },
         Some(Final::PermissionDenied) => BrokerError::WrongCluster { cluster, message },
         None if status.code() == Code::Unavailable => BrokerError::Unreachable {
             url: address.url.clone(),
@@ -412,6 +430,14 @@ mod tests {
                 .to_string()
                 .contains("--role publisher --cluster dev")
         );
+        assert!(rejected.to_string().contains("--token-file"));
+        // A token that came in a join string is replaced by a new join string.
+        let mut joined = address("https://10.0.0.1:50051");
+        joined.pins = vec![credstream_proto::join::SpkiPin([7; 32])];
+        let rejected = status_error(&joined, &tonic::Status::unauthenticated("token expired"));
+        let text = rejected.to_string();
+        assert!(text.contains("new publisher join string"), "{text}");
+        assert!(text.contains("--join-file") && !text.contains("--token-file"), "{text}");
         let denied = status_error(&https, &tonic::Status::permission_denied("other cluster"));
         assert!(
             matches!(denied, BrokerError::WrongCluster { .. }),
