@@ -60,6 +60,9 @@ PYO3_PYTHON="$CREDSTREAM_TEST_PYTHON" cargo clippy -p credstream-python --featur
 section "third_party/{h2,rustls} are their newest patch releases + credstream.patch"
 bash "$ROOT/scripts/vendored.sh" check
 
+section "known advisories (scripts/advisories.sh: cargo-audit, offline)"
+bash "$ROOT/scripts/advisories.sh"
+
 section "h2's own unit tests on the patched copy (scripts/vendored.sh test-upstream)"
 bash "$ROOT/scripts/vendored.sh" test-upstream
 
