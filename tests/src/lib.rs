@@ -24,6 +24,7 @@
 //! - [`pki`] — a throwaway CA for TLS and mutual-TLS tests.
 //! - [`gcp_key`] — a new RSA service account key, made in Rust.
 //! - [`wait`] — `eventually(what, check)`, the one poll-until-true wait.
+//! - [`doc_blocks`] — the shell blocks of a marked README section.
 //! - [`bins`] — paths of the workspace binaries, building them once if a test
 //!   runs before `cargo build`.
 
@@ -31,6 +32,7 @@ pub mod aws_login;
 pub mod bins;
 pub mod broker;
 pub mod child;
+pub mod doc_blocks;
 pub mod fake_http;
 pub mod gcp_key;
 pub mod hostile_relay;

@@ -27,6 +27,7 @@ use credstream_proto::v1::{CredentialKind, publish_request, publish_response};
 use credstream_tests::broker::{
     RawPublisher, TestBroker, aws_update, open_publisher, publisher_hello,
 };
+use credstream_tests::doc_blocks::{self, ShBlock};
 use credstream_tests::{bins, tools};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
@@ -669,47 +670,11 @@ async fn buf_lint_and_format_are_clean() {
 // README.md's API sections, run verbatim
 // ---------------------------------------------------------------------------
 
-/// One ```sh block of the doc.
-struct DocBlock {
-    script: String,
-    /// Preceded by `<!-- doc-test: background -->`: started, then left
-    /// running while the later blocks run.
-    background: bool,
-}
-
 /// The part of the README between `<!-- doc-test: begin` and
-/// `<!-- doc-test: end -->`: the "Use from another language" and "Inspect
-/// with grpcurl" sections.
-fn doc_section(readme: &str) -> &str {
-    let start = readme
-        .find("<!-- doc-test: begin")
-        .expect("README has a doc-test: begin marker");
-    let end = readme
-        .find("<!-- doc-test: end -->")
-        .expect("README has a doc-test: end marker");
-    &readme[start..end]
-}
-
-fn doc_blocks(doc: &str) -> Vec<DocBlock> {
-    let mut blocks = Vec::new();
-    let mut lines = doc.lines();
-    let mut background = false;
-    while let Some(line) = lines.next() {
-        let trimmed = line.trim();
-        if trimmed == "<!-- doc-test: background -->" {
-            background = true;
-        } else if trimmed == "```sh" {
-            let script: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
-            blocks.push(DocBlock {
-                script: script.join("\n"),
-                background,
-            });
-            background = false;
-        } else if !trimmed.is_empty() {
-            background = false;
-        }
-    }
-    blocks
+/// `<!-- doc-test: end -->` (the "Use from another language" and "Inspect
+/// with grpcurl" sections), as its sh blocks.
+fn doc_blocks(readme: &str) -> Vec<ShBlock> {
+    doc_blocks::sh_blocks(doc_blocks::section(readme, "doc-test"), "doc-test")
 }
 
 /// The dev broker binary's announcements: address and tokens.
@@ -772,7 +737,7 @@ async fn api_usage_doc_commands_run() {
     };
     let doc_path = tools::repo_root().join("README.md");
     let readme = std::fs::read_to_string(&doc_path).expect("read README.md");
-    let blocks = doc_blocks(doc_section(&readme));
+    let blocks = doc_blocks(&readme);
     assert!(
         blocks.len() >= 6,
         "README.md's doc-test section has too few ```sh blocks"
@@ -863,15 +828,4 @@ async fn api_usage_doc_commands_run() {
     let _ = tokio::time::timeout(WAIT, child.wait()).await;
     broker.child.start_kill().unwrap();
     let _ = tokio::time::timeout(WAIT, broker.child.wait()).await;
-}
-
-#[test]
-fn doc_blocks_are_found_with_their_background_marks() {
-    let doc = "text\n```sh\na\nb\n```\n<!-- doc-test: background -->\n```sh\nwatch\n```\n\n```console\n$ x\n```\n```sh\nc\n```\n";
-    let blocks = doc_blocks(doc);
-    let scripts: Vec<(&str, bool)> = blocks
-        .iter()
-        .map(|b| (b.script.as_str(), b.background))
-        .collect();
-    assert_eq!(scripts, [("a\nb", false), ("watch", true), ("c", false)]);
 }

@@ -17,46 +17,15 @@ use std::time::Duration;
 
 use credstream_tests::aws_login::{TemporaryCredentials, temporary_credentials};
 use credstream_tests::bins::binary;
+use credstream_tests::doc_blocks::{self, ShBlock};
 use credstream_tests::moto::{Moto, Seeded, laptop_env, seed, worker_env};
 use credstream_tests::processes::{Process, clean_command, free_low_port};
 use credstream_tests::tools;
 use tokio::process::Command;
 
-/// One ```sh block of the "Try it" section.
-#[derive(Debug, PartialEq)]
-struct Block {
-    script: String,
-    /// After a `<!-- try-it: background -->` comment: it keeps running.
-    background: bool,
-}
-
 /// The sh blocks between `<!-- try-it: begin` and `<!-- try-it: end -->`.
-fn try_it_blocks(readme: &str) -> Vec<Block> {
-    let start = readme
-        .find("<!-- try-it: begin")
-        .expect("README.md has a try-it: begin marker");
-    let end = readme
-        .find("<!-- try-it: end -->")
-        .expect("README.md has a try-it: end marker");
-    let mut blocks = Vec::new();
-    let mut lines = readme[start..end].lines();
-    let mut background = false;
-    while let Some(line) = lines.next() {
-        let trimmed = line.trim();
-        if trimmed == "<!-- try-it: background -->" {
-            background = true;
-        } else if trimmed == "```sh" {
-            let script: Vec<&str> = lines.by_ref().take_while(|l| l.trim() != "```").collect();
-            blocks.push(Block {
-                script: script.join("\n"),
-                background,
-            });
-            background = false;
-        } else if !trimmed.is_empty() {
-            background = false;
-        }
-    }
-    blocks
+fn try_it_blocks(readme: &str) -> Vec<ShBlock> {
+    doc_blocks::sh_blocks(doc_blocks::section(readme, "try-it"), "try-it")
 }
 
 /// The commands the `--dev` banner prints: its lines indented by exactly
@@ -193,11 +162,11 @@ fn blocks_and_banner_commands_are_found() {
     assert_eq!(
         try_it_blocks(doc),
         [
-            Block {
+            ShBlock {
                 script: "a\nb".into(),
                 background: true
             },
-            Block {
+            ShBlock {
                 script: "c".into(),
                 background: false
             }
@@ -244,7 +213,7 @@ async fn readme_try_it_runs_as_printed() {
     std::fs::set_permissions(&cargo, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let port = free_low_port();
     let addr = format!("127.0.0.1:{port}");
-    let script = |block: &Block| block.script.replace("127.0.0.1:50051", &addr);
+    let script = |block: &ShBlock| block.script.replace("127.0.0.1:50051", &addr);
 
     // Terminal 1: the broker, its banner also in broker.out.
     let broker_env = vec![
