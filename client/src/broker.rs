@@ -437,7 +437,10 @@ mod tests {
         let rejected = status_error(&joined, &tonic::Status::unauthenticated("token expired"));
         let text = rejected.to_string();
         assert!(text.contains("new publisher join string"), "{text}");
-        assert!(text.contains("--join-file") && !text.contains("--token-file"), "{text}");
+        assert!(
+            text.contains("--join-file") && !text.contains("--token-file"),
+            "{text}"
+        );
         let denied = status_error(&https, &tonic::Status::permission_denied("other cluster"));
         assert!(
             matches!(denied, BrokerError::WrongCluster { .. }),

@@ -225,7 +225,9 @@ impl NativePublisher {
     /// The session's seal key line (secret), for the Dask plugin only;
     /// `None` unless it was made with `session_seal_key`.
     fn session_seal_key(&self, py: Python<'_>) -> PyResult<Option<String>> {
-        self.with(py, |p| Ok(p.session_seal_key().map(|line| line.to_string())))
+        self.with(py, |p| {
+            Ok(p.session_seal_key().map(|line| line.to_string()))
+        })
     }
 
     /// The kinds being published.
