@@ -194,7 +194,6 @@ impl AgentState {
 #[derive(Clone, Debug)]
 pub struct CredentialStore {
     state: Arc<watch::Sender<AgentState>>,
-    snapshot_seen: Arc<watch::Sender<bool>>,
     /// Sealed delivery: what passes before anything is applied.
     gate: Arc<crate::seal::Gate>,
     /// Local requests served per version.
@@ -218,7 +217,6 @@ impl CredentialStore {
     pub fn with_gate(gate: crate::seal::Gate) -> Self {
         Self {
             state: Arc::new(watch::Sender::new(AgentState::default())),
-            snapshot_seen: Arc::new(watch::Sender::new(false)),
             gate: Arc::new(gate),
             served: Arc::new(ServedTally::default()),
         }
@@ -267,19 +265,12 @@ impl CredentialStore {
             .send_modify(|state| state.subscription_ended = Some(reason));
     }
 
-    /// Resolves once the first snapshot from any broker has been applied.
-    pub async fn first_snapshot(&self) {
-        let mut seen = self.snapshot_seen.subscribe();
-        let _ = seen.wait_for(|seen| *seen).await;
-    }
-
     /// Applies one message from the broker. Returns true if anything changed.
     pub fn apply(&self, message: subscribe_response::Message) -> bool {
         use subscribe_response::Message;
         let Some(message) = self.gate.admit(message) else {
             return false;
         };
-        let is_snapshot = matches!(message, Message::Snapshot(_));
         let before = self.state.borrow().served_versions();
         let changed = self.state.send_if_modified(|state| match message {
             Message::Snapshot(snapshot) => {
@@ -293,9 +284,6 @@ impl CredentialStore {
             // Not state: the subscription keeps it (the gate drops it).
             Message::TokenRenewal(_) => false,
         });
-        if is_snapshot {
-            self.snapshot_seen.send_replace(true);
-        }
         if changed {
             let after = self.state.borrow().served_versions();
             for ((item, old), (_, new)) in before.into_iter().zip(after) {

@@ -185,8 +185,6 @@ pub struct Observed {
     pub connected: bool,
     /// Why the stream was last lost, while disconnected.
     pub disconnected: Option<String>,
-    /// The last successful mint per kind: principal and expiry.
-    pub minted: BTreeMap<&'static str, (String, Option<SystemTime>)>,
     /// The last failed mint per kind, cleared by the next success.
     pub mint_failed: BTreeMap<&'static str, String>,
 }
@@ -376,7 +374,7 @@ fn unix(at: &prost_types::Timestamp) -> Option<f64> {
 impl Publisher {
     /// Checks the broker (URL, TLS, token) and the local identities as
     /// `credstream publish` does, then starts the session in the
-    /// background. `publisher_name` is what the broker shows for it.
+    /// background.
     pub fn start(options: PublisherOptions) -> Result<Self, PublisherError> {
         if options.no_seal && options.seal_key_file.is_some() {
             return Err(PublisherError::new(
@@ -1068,15 +1066,8 @@ async fn watch_events(
                 observed.connected = false;
                 observed.disconnected = Some(reason);
             }
-            SessionEvent::Minted {
-                kind,
-                principal,
-                expires_at,
-            } => {
+            SessionEvent::Minted { kind, .. } => {
                 observed.mint_failed.remove(kind.label());
-                observed
-                    .minted
-                    .insert(kind.label(), (principal, expires_at));
             }
             SessionEvent::MintFailed { kind, message } => {
                 observed.mint_failed.insert(kind.label(), message);
