@@ -593,8 +593,9 @@ fn until(shutdown: &watch::Sender<bool>) -> impl Future<Output = ()> + Send + 's
     }
 }
 
-/// `error` and its sources joined with ": ", as the binary prints errors.
-fn chain(error: &dyn std::error::Error) -> String {
+/// `error` and its sources joined with ": ", as the binary prints errors;
+/// the one rendering of an error chain in the agent's logs and statuses.
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -27,6 +27,7 @@ use credstream_proto::rules::private_file::{self, PrivateFileError};
 use credstream_proto::seal::{self, Refusal, SealKey, SealSlot};
 use credstream_proto::v1::{CredentialUpdate, PrivateEnv, subscribe_response::Message};
 
+use crate::agent::chain;
 use crate::refusals::Refusals;
 use crate::sequences::{Sequences, StateFile};
 
@@ -281,18 +282,6 @@ impl Gate {
         };
         self.settle(SealSlot::Env.label(), version, verdict)
     }
-}
-
-/// `error` and its sources joined with ": ".
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// How a credential is named in refusals.
